@@ -1,0 +1,86 @@
+"""Shared fixtures: tiny models built once per session, and Hydra configs composed with tiny overrides."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One cache folder for the whole session: the tiny SD and tiny LLM are written there once."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(cache_dir) -> str:
+    from sur_lightning.backbone import build_tiny_stable_diffusion
+
+    return build_tiny_stable_diffusion(cache_dir / "tiny-sd")
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(cache_dir) -> str:
+    from sur_lightning.llm import build_tiny_causal_lm
+
+    return build_tiny_causal_lm(cache_dir / "tiny-llm")
+
+
+@pytest.fixture(scope="session")
+def backbone(tiny_sd):
+    from sur_lightning.backbone import StableDiffusionBackbone
+
+    return StableDiffusionBackbone(tiny_sd)
+
+
+@pytest.fixture(scope="session")
+def llm(tiny_llm):
+    from sur_lightning.llm import CausalLMFeatures
+
+    return CausalLMFeatures(tiny_llm)
+
+
+def tiny_overrides(root: Path, cache: Path) -> list[str]:
+    """Overrides that make any experiment run offline in seconds on the CPU."""
+    return [
+        "backbone=tiny",
+        "llm=tiny",
+        "data=synthetic",
+        "trainer=cpu",
+        "logger=csv",
+        f"paths.root_dir={root}",
+        f"paths.cache_dir={cache}",
+        f"paths.output_dir={root}/run",
+        "data.num_workers=0",
+        "data.batch_size=2",
+        "data.root.num_images=12",
+        "data.val_size=2",
+        "connector.ff_dim=32",
+        "callbacks.sample_grid.num_inference_steps=2",
+        "callbacks.sample_grid.prompts=[two red circles,one blue square]",
+        "callbacks.sample_grid.seeds=[0,1]",
+    ]
+
+
+@pytest.fixture
+def compose(tmp_path, cache_dir, tiny_sd, tiny_llm):
+    """compose(*overrides) -> the train config with tiny overrides appended (later overrides win)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    def _compose(*overrides: str, tiny: bool = True):
+        extra = tiny_overrides(tmp_path, cache_dir) if tiny else []
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            return hydra_compose(config_name="train", overrides=[*overrides, *extra])
+
+    return _compose

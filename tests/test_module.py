@@ -1,0 +1,96 @@
+"""The training step: what receives gradients, and what one optimizer step changes."""
+
+import copy
+
+import lightning as L
+import pytest
+import torch
+from hydra.utils import instantiate
+
+
+def build(compose, *overrides):
+    cfg = compose(*overrides)
+    torch.manual_seed(0)
+    model = instantiate(cfg.model)
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    return cfg, model, batch
+
+
+def denoising_only(compose, experiment):
+    # Alignment losses off, so any gradient on the adapter comes from the denoising loss alone.
+    return build(compose, f"+experiment={experiment}", "model.prompt_loss=null", "model.llm_loss=null")
+
+
+def adapter_grad_norm(model) -> float:
+    return sum(p.grad.abs().sum().item() for p in model.connector.parameters() if p.grad is not None)
+
+
+def test_denoising_gradient_reaches_the_adapter_in_sur_paper(compose):
+    _, model, batch = denoising_only(compose, "sur_paper")
+    model.training_step(batch, 0).backward()
+    assert adapter_grad_norm(model) > 0
+    assert model.connector.fc.weight.grad.abs().sum() > 0
+
+
+def test_denoising_gradient_is_cut_in_sur_released(compose):
+    _, model, batch = denoising_only(compose, "sur_released")
+    loss = model.training_step(batch, 0)
+    assert not loss.requires_grad  # nothing trainable sees the denoising loss
+    _, model, batch = build(compose, "+experiment=sur_released")
+    model.training_step(batch, 0).backward()
+    # With the alignment terms on, only they move the adapter.
+    assert adapter_grad_norm(model) > 0
+
+
+def test_only_the_connector_is_trainable(compose):
+    _, model, _ = build(compose, "+experiment=cosine_eta_adaptive")
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(name.startswith("connector.") for name in trainable)
+    assert any(name.startswith("connector.eta.") for name in trainable)
+    assert "connector.llm_projection.weight" in trainable
+
+
+def test_one_optimizer_step_changes_only_trainable_parameters(compose, tmp_path):
+    cfg, model, _ = build(compose, "+experiment=cosine_eta_adaptive")
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainer = L.Trainer(
+        max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, limit_val_batches=0, default_root_dir=tmp_path,
+    )
+    trainer.fit(model, datamodule=instantiate(cfg.data))
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p.detach(), before[name])}
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert changed and changed <= trainable
+    for frozen in ("backbone.unet.", "backbone.vae.", "backbone.text_encoder.", "llm."):
+        names = [n for n in before if n.startswith(frozen)]
+        assert names, frozen
+        assert all(torch.equal(model.get_parameter(n).detach(), before[n]) for n in names), frozen
+
+
+def test_checkpoint_holds_only_the_connector(compose, tmp_path):
+    cfg, model, _ = build(compose, "+experiment=sur_paper")
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        limit_val_batches=0, default_root_dir=tmp_path, enable_checkpointing=False)
+    trainer.fit(model, datamodule=instantiate(cfg.data))
+    trainer.save_checkpoint(tmp_path / "x.ckpt")
+    state = torch.load(tmp_path / "x.ckpt", weights_only=False)["state_dict"]
+    assert state and all(k.startswith("connector.") for k in state)
+    fresh = instantiate(cfg.model)
+    fresh.load_state_dict(state, strict=False)
+    for name, p in model.connector.state_dict().items():
+        assert torch.equal(fresh.connector.state_dict()[name], p)
+
+
+def test_validation_loss_is_deterministic(compose):
+    _, model, batch = build(compose, "+experiment=sur_paper")
+    model.log = lambda *a, **k: None
+    assert model.validation_step(batch, 3).item() == model.validation_step(batch, 3).item()
+
+
+@pytest.mark.parametrize("kind", ["kl", "cosine", "mse"])
+def test_each_alignment_kind_trains(compose, kind):
+    _, model, batch = build(compose, "+experiment=sur_paper", f"loss.prompt.kind={kind}", f"loss.llm.kind={kind}")
+    loss = model.training_step(batch, 0)
+    assert torch.isfinite(loss)
