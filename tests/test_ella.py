@@ -14,8 +14,8 @@ from sur_lightning.connectors.ella import (
 )
 
 TINY = {
-    "in_dim": 12,
-    "width": 32,
+    "dim": 32,
+    "llm_dim": 12,
     "num_blocks": 2,
     "num_heads": 4,
     "num_latents": 8,
@@ -24,9 +24,9 @@ TINY = {
 }
 
 
-def official_shapes(in_dim, width, num_blocks, num_latents, time_channels, time_embed_dim, **_):
+def official_shapes(llm_dim, dim, num_blocks, num_latents, time_channels, time_embed_dim, **_):
     """Every parameter of the authors' ``ELLA`` (TencentQQGYLab/ELLA model.py) with its shape, written out."""
-    w, e = width, time_embed_dim
+    w, e = dim, time_embed_dim
     shapes = {
         "time_embedding.linear_1.weight": (e, time_channels),
         "time_embedding.linear_1.bias": (e,),
@@ -35,7 +35,7 @@ def official_shapes(in_dim, width, num_blocks, num_latents, time_channels, time_
         "connector.latents": (num_latents, w),
         "connector.time_aware_linear.weight": (w, e),
         "connector.time_aware_linear.bias": (w,),
-        "connector.proj_in.weight": (w, in_dim),
+        "connector.proj_in.weight": (w, llm_dim),
         "connector.proj_in.bias": (w,),
     }
     for i in range(num_blocks):
@@ -117,9 +117,9 @@ def tiny(seed=0, **overrides):
     return TimestepAwareSemanticConnector(**(TINY | overrides)).double()
 
 
-def features(batch=2, tokens=5, seed=1, in_dim=TINY["in_dim"]):
+def features(batch=2, tokens=5, seed=1, llm_dim=TINY["llm_dim"]):
     g = torch.Generator().manual_seed(seed)
-    llm = torch.randn(batch, tokens, in_dim, generator=g, dtype=torch.float64)
+    llm = torch.randn(batch, tokens, llm_dim, generator=g, dtype=torch.float64)
     return TextFeatures(llm=llm, llm_mask=torch.ones(batch, tokens, dtype=torch.bool))
 
 
@@ -128,7 +128,7 @@ def test_official_configuration_has_66_820_608_parameters():
         model = TimestepAwareSemanticConnector()
     assert sum(p.numel() for p in model.parameters()) == 66_820_608
     # The written-out official parameter table agrees, and maps one-to-one onto ours with the same shapes.
-    official = official_shapes(2048, 768, 6, 64, 320, 768)
+    official = official_shapes(llm_dim=2048, dim=768, num_blocks=6, num_latents=64, time_channels=320, time_embed_dim=768)
     assert sum(math.prod(s) for s in official.values()) == 66_820_608
     with torch.device("meta"):
         load_official_state_dict(model, {k: torch.empty(s) for k, s in official.items()})
@@ -145,7 +145,7 @@ def test_output_shape_and_timestep_dependence():
         first_alone = model(first, torch.tensor([10])).conditioning
         fresh = tiny().eval()(feats, torch.tensor([10, 900])).conditioning  # init: AdaLN zero, time only in latents
         fresh_late = tiny().eval()(feats, torch.tensor([900, 900])).conditioning
-    assert out.shape == (2, TINY["num_latents"], TINY["width"])
+    assert out.shape == (2, TINY["num_latents"], TINY["dim"])
     assert (out[1] - early[1]).abs().max() > 1e-2  # timestep 900 vs 10 changes sample 1 ...
     torch.testing.assert_close(out[0], early[0])  # ... and nothing else
     torch.testing.assert_close(scalar, early)  # a scalar timestep is broadcast over the batch
@@ -158,7 +158,7 @@ def test_adaln_is_plain_layer_norm_at_initialisation():
     norms = [m for m in model.modules() if isinstance(m, AdaLayerNorm)]
     assert len(norms) == 3 * TINY["num_blocks"]
     g = torch.Generator().manual_seed(0)
-    h = 5 * torch.randn(2, 7, TINY["width"], generator=g, dtype=torch.float64) + 3
+    h = 5 * torch.randn(2, 7, TINY["dim"], generator=g, dtype=torch.float64) + 3
     t_emb = torch.randn(2, TINY["time_embed_dim"], generator=g, dtype=torch.float64)
     plain = (h - h.mean(-1, keepdim=True)) / torch.sqrt(h.var(-1, unbiased=False, keepdim=True) + 1e-6)
     for norm in norms:
@@ -173,7 +173,7 @@ def test_key_padding_mask_ignores_pad_tokens():
     g = torch.Generator().manual_seed(2)
     feats = features(batch=2, tokens=9)
     lengths = [3, 9]  # sample 0: 6 pad tokens, sample 1: none
-    llm = 10 * torch.randn(2, 9, TINY["in_dim"], generator=g, dtype=torch.float64)  # pads: arbitrary values
+    llm = 10 * torch.randn(2, 9, TINY["llm_dim"], generator=g, dtype=torch.float64)  # pads: arbitrary values
     mask = torch.zeros(2, 9, dtype=torch.bool)
     for b, n in enumerate(lengths):
         llm[b, :n] = feats.llm[b, :n]
@@ -250,7 +250,7 @@ def test_gradients_reach_every_parameter():
     model = tiny()  # at initialisation: the zero AdaLN linears must still receive gradient
     feats = features()
     feats.llm_mask[1, 3:] = False
-    target = torch.randn(2, TINY["num_latents"], TINY["width"], generator=torch.Generator().manual_seed(3))
+    target = torch.randn(2, TINY["num_latents"], TINY["dim"], generator=torch.Generator().manual_seed(3))
     loss = (model(feats, torch.tensor([5, 500])).conditioning * target.double()).sum()
     loss.backward()
     for name, p in model.named_parameters():

@@ -4,10 +4,10 @@ Hu et al., "ELLA: Equip Diffusion Models with LLM for Enhanced Semantic Alignmen
 Re-implemented from the paper and the names and shapes of the authors' Apache-2.0 ``model.py``
 (github TencentQQGYLab/ELLA) so that their ``ella-sd1.5-tsc-t5xl.safetensors`` loads into it.
 
-Data flow (B batch, T tokens, N latents, W width)::
+Data flow (B batch, T tokens, N latents, W = ``dim`` the UNet's cross-attention width)::
 
     timesteps [B] -> sinusoid [B, 320] -> MLP(320->W, SiLU, W->W)          = t_emb [B, W]
-    llm [B, T, in_dim] -> proj_in                                            = x [B, T, W]
+    llm [B, T, llm_dim] -> proj_in                                           = x [B, T, W]
     latents [N, W] + time_aware_linear(SiLU(t_emb))                          -> [B, N, W]
     per block:  latents += MHA(q=ln_1(latents), kv=cat[ln_1(latents), ln_2(x)])
                 latents += c_proj(relu(c_fc(ln_ff(latents)))**2)           (W -> 4W -> W)
@@ -86,11 +86,14 @@ class PerceiverAttentionBlock(nn.Module):
 class TimestepAwareSemanticConnector(nn.Module):
     """ELLA's TSC (arXiv 2403.05135): LLM token states and the diffusion timestep -> UNet conditioning.
 
-    Input:  ``features.llm`` [B, T, in_dim] frozen LLM/T5 token states, ``features.llm_mask`` [B, T] bool
+    Input:  ``features.llm`` [B, T, llm_dim] frozen LLM/T5 token states, ``features.llm_mask`` [B, T] bool
             (True on real tokens, or None = all real), ``timesteps`` [B] (or a scalar, broadcast) integer or
             float diffusion timesteps on the UNet's scale (0..999).
-    Output: ``ConnectorOutput.conditioning`` [B, num_latents, width], the UNet's ``encoder_hidden_states``.
+    Output: ``ConnectorOutput.conditioning`` [B, num_latents, dim], the UNet's ``encoder_hidden_states``.
 
+    ``dim`` is the resampler width, which is the UNet's cross-attention width (the official ``width``);
+    ``llm_dim`` the width of the text features (the official ``input_dim``). Like every connector it is
+    built by ``ConnectorTrainingModule`` from a partial, which fills both in from the loaded models.
     The defaults are the official SD1.5 / flan-t5-xl sizes (66,820,608 parameters).
     ``use_key_padding_mask=True`` keeps the latents from attending pad tokens of ``llm``; ``False`` attends
     them as the official model does (needed to reproduce the released checkpoint exactly).
@@ -99,8 +102,8 @@ class TimestepAwareSemanticConnector(nn.Module):
 
     def __init__(
         self,
-        in_dim: int = 2048,
-        width: int = 768,
+        dim: int = 768,
+        llm_dim: int = 2048,
         num_blocks: int = 6,
         num_heads: int = 8,
         num_latents: int = 64,
@@ -109,10 +112,14 @@ class TimestepAwareSemanticConnector(nn.Module):
         use_key_padding_mask: bool = True,
     ) -> None:
         super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"connector.num_heads={num_heads} must divide the width dim={dim}")
+        if llm_dim is None:
+            raise ValueError("ELLA needs text token states: configure an `llm` (e.g. llm=flan_t5_xl)")
         self.config = {  # Hydra-instantiable, for save_connector / load_connector
             "_target_": f"{__name__}.{type(self).__name__}",
-            "in_dim": in_dim,
-            "width": width,
+            "dim": dim,
+            "llm_dim": llm_dim,
             "num_blocks": num_blocks,
             "num_heads": num_heads,
             "num_latents": num_latents,
@@ -123,11 +130,11 @@ class TimestepAwareSemanticConnector(nn.Module):
         self.use_key_padding_mask = use_key_padding_mask
         self.time_proj = Timesteps(time_channels, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embedding = TimestepEmbedding(time_channels, time_embed_dim, act_fn="silu")
-        self.latents = nn.Parameter(width**-0.5 * torch.randn(num_latents, width))
-        self.time_aware_linear = nn.Linear(time_embed_dim, width)
-        self.proj_in = nn.Linear(in_dim, width)
+        self.latents = nn.Parameter(dim**-0.5 * torch.randn(num_latents, dim))
+        self.time_aware_linear = nn.Linear(time_embed_dim, dim)
+        self.proj_in = nn.Linear(llm_dim, dim)
         self.blocks = nn.ModuleList(
-            PerceiverAttentionBlock(width, num_heads, time_embed_dim) for _ in range(num_blocks)
+            PerceiverAttentionBlock(dim, num_heads, time_embed_dim) for _ in range(num_blocks)
         )
 
     def forward(self, features: TextFeatures, timesteps: torch.Tensor) -> ConnectorOutput:
