@@ -74,13 +74,13 @@ def tiny_overrides(root: Path, cache: Path) -> list[str]:
 
 @pytest.fixture
 def compose(tmp_path, cache_dir, tiny_sd, tiny_llm):
-    """compose(*overrides) -> the train config with tiny overrides appended (later overrides win)."""
+    """compose(*overrides) -> the train config; tiny overrides first, so the given ones win."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     def _compose(*overrides: str, tiny: bool = True):
         extra = tiny_overrides(tmp_path, cache_dir) if tiny else []
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            return hydra_compose(config_name="train", overrides=[*overrides, *extra])
+            return hydra_compose(config_name="train", overrides=[*extra, *overrides])
 
     return _compose

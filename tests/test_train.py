@@ -1,0 +1,94 @@
+"""The real entry point: experiment configs compose and train; sweeps run; bad configs fail early."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException, InstantiationException
+from omegaconf.errors import MissingMandatoryValue
+
+from sur_lightning.backbone import ModelNotAvailableError
+from sur_lightning.train import train
+
+from conftest import tiny_overrides
+
+EXPERIMENTS = sorted(p.stem for p in (Path(__file__).parent.parent / "conf" / "experiment").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_untouched(compose, experiment):
+    cfg = compose(f"+experiment={experiment}", tiny=False)
+    assert cfg.model._target_.endswith("ConnectorTrainingModule")
+    assert cfg.task_name == experiment
+
+
+@pytest.mark.parametrize("experiment", ["demo", "sur_paper", "sur_released", "cosine_eta_adaptive"])
+def test_experiment_trains_fast_dev_run(compose, experiment, tmp_path):
+    cfg = compose(f"+experiment={experiment}", "+trainer.fast_dev_run=true")
+    metrics = train(cfg)
+    assert "train/loss" in metrics and "val/denoising" in metrics
+    output = Path(cfg.paths.output_dir)
+    assert (output / "adapter.safetensors").exists() and (output / "adapter.json").exists()
+    assert json.loads((output / "metrics.json").read_text())["global_step"] == 1
+    assert list((output / "samples").glob("*.png"))
+
+
+def test_demo_writes_checkpoint_adapter_grid_metrics_and_offline_wandb(compose):
+    cfg = compose("+experiment=demo", "trainer.max_steps=2", "trainer.val_check_interval=2",
+                  "callbacks.model_checkpoint.every_n_train_steps=2", "logger=wandb")
+    train(cfg)
+    output = Path(cfg.paths.output_dir)
+    assert (output / "checkpoints" / "last.ckpt").exists()
+    assert list((output / "wandb").glob("offline-run-*"))
+    assert (output / "samples" / "step000002.png").exists()
+    from sur_lightning.connectors import load_connector
+
+    assert load_connector(output / "adapter.safetensors").config["eta"]["_target_"].endswith("AdaptiveEta")
+
+
+def test_hub_models_fail_at_once_naming_the_id_and_the_key(compose, tmp_path):
+    cfg = compose("+experiment=sur_paper", "backbone=sd15", tiny=True)
+    with pytest.raises(InstantiationException) as info:
+        train(cfg)
+    cause = info.value.__cause__
+    assert isinstance(cause, ModelNotAvailableError)
+    assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in str(cause)
+    assert "backbone.pretrained=" in str(cause)
+
+
+def test_unknown_key_fails_at_composition_naming_it(compose):
+    with pytest.raises(ConfigCompositionException, match="connector.not_a_key"):
+        compose("+experiment=demo", "connector.not_a_key=1")
+
+
+def test_bad_value_fails_before_training_naming_the_key(compose):
+    with pytest.raises(InstantiationException, match="kind") as info:
+        train(compose("+experiment=demo", "loss.prompt.kind=l1"))
+    assert "loss" in str(info.value) or "prompt" in str(info.value)
+
+
+def test_missing_mandatory_value_is_named(compose):
+    with pytest.raises(MissingMandatoryValue, match="data.root"):
+        train(compose("+experiment=demo", "data.root=???"))
+
+
+def test_multirun_eta_by_loss_runs_to_the_end(tmp_path, cache_dir, tiny_sd, tiny_llm):
+    sweep = tmp_path / "multirun"
+    overrides = [o for o in tiny_overrides(tmp_path, cache_dir) if not o.startswith("paths.output_dir")]
+    command = [
+        sys.executable, "-m", "sur_lightning.train", "-m", "+experiment=demo",
+        "eta=fixed,adaptive", "loss=kl,cosine", "+trainer.fast_dev_run=true",
+        *overrides, f"hydra.sweep.dir={sweep}",
+    ]
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = sorted(sweep.glob("*/metrics.json"))
+    assert len(metrics) == 4, [p.parent.name for p in metrics]
+    jobs = {tuple(sorted(o for o in (p.parent / ".hydra" / "overrides.yaml").read_text().split() if o.startswith(("eta=", "loss="))))
+            for p in metrics}
+    assert jobs == {("eta=fixed", "loss=kl"), ("eta=fixed", "loss=cosine"), ("eta=adaptive", "loss=kl"), ("eta=adaptive", "loss=cosine")}
