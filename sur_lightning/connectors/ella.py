@@ -138,6 +138,10 @@ class TimestepAwareSemanticConnector(nn.Module):
         )
 
     def forward(self, features: TextFeatures, timesteps: torch.Tensor) -> ConnectorOutput:
+        if features.llm is None or features.llm.dim() != 3:
+            raise ValueError(
+                "ELLA needs LLM token states [B, T, D]: use a T5 (llm=flan_t5_xl) or an LLM with llm.pooling=none"
+            )
         dtype = self.latents.dtype
         llm = features.llm.to(dtype)
         batch_size = llm.shape[0]
