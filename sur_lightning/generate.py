@@ -1,21 +1,59 @@
-"""Prompts → images with the base model and with a trained connector, same seeds, side by side.
+"""Prompts → images with the base model and with trained connectors, same seeds, side by side.
 
-Built on diffusers' ``StableDiffusionPipeline`` through ``prompt_embeds``/``negative_prompt_embeds``:
-the connector conditions the prompt and the negative (empty) prompt separately, never mixing the two.
+    python -m sur_lightning.generate adapters=[outputs/demo/runs/<time>/adapter.safetensors]
+    python -m sur_lightning.generate adapters=[<adapter>] eta_sweep=[0.1,0.5,1.0]
+    python -m sur_lightning.generate backbone=sd15 llm=llama13b adapters=[<adapter>] prompts=counting
+
+writes, under the run folder: ``images/<column>/<prompt id>_seed<seed>.png``, ``grid.png`` (one column
+per base/adapter/η, one row per prompt and seed), ``strips/<adapter>/<prompt id>_seed<seed>.png`` when
+η is swept, and ``manifest.json`` saying what produced each image.
+
+How a connector conditions the UNet
+-----------------------------------
+Built on diffusers' ``StableDiffusionPipeline``; nothing of it is copied. Each column of images comes
+from a *conditioning* (``ClipConditioning`` for the base model, ``ConnectorConditioning`` for an
+adapter) in two parts: ``features(prompts)`` runs the frozen encoders once per batch (CLIP states,
+LLM states), ``apply(features, timesteps)`` maps them to the UNet's ``encoder_hidden_states`` [B,N,d].
+
+``conditioning_hook`` (a forward pre-hook on the UNet) calls ``apply`` with the timestep the UNet is
+actually called with, at every call. So a timestep-aware connector (ELLA) is recomputed at every
+sampling step, with every scheduler, by the same mechanism that serves SUR (whose output does not
+depend on t) and the base model. With classifier-free guidance the pipeline batches the UNet input as
+[negative; positive]: the hook conditions the negative (empty) prompts and the positive prompts in
+two separate connector calls, so neither sees the other (the released SUR's ``batch_first=False``
+would otherwise let them attend to each other).
 """
 
 from __future__ import annotations
 
+import json
+import re
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import hydra
 import torch
+from omegaconf import DictConfig
 from PIL import Image, ImageDraw
+from torch import nn
+
+from sur_lightning.connectors import TextFeatures
+from sur_lightning.metrics.prompt_suites import Prompt
+from sur_lightning.train import CONFIG_DIR, check_config
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
     "dpm++": "DPMSolverMultistepScheduler",
     "euler": "EulerDiscreteScheduler",
 }
+MODES = ("replace", "concat_clip")
+
+TextFeaturesFn = Callable[[list[str]], TextFeatures]
+
+
+# ------------------------------------------------------------------------------------ pipeline
 
 
 def build_pipeline(backbone, scheduler: str = "ddim"):
@@ -24,7 +62,10 @@ def build_pipeline(backbone, scheduler: str = "ddim"):
 
     if scheduler not in SCHEDULERS:
         raise ValueError(f"scheduler must be one of {sorted(SCHEDULERS)}, got {scheduler!r}")
-    sampler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(backbone.noise_scheduler.config)
+    config = backbone.noise_scheduler.config
+    # The training scheduler (DDPM) carries clip_sample=True, which SD's DDIM sampling must not use.
+    overrides = {"clip_sample": False} if scheduler == "ddim" else {}
+    sampler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(config, **overrides)
     pipeline = diffusers.StableDiffusionPipeline(
         vae=backbone.vae,
         text_encoder=backbone.text_encoder,
@@ -39,59 +80,210 @@ def build_pipeline(backbone, scheduler: str = "ddim"):
     return pipeline
 
 
+# ------------------------------------------------------------------------------------ conditioning
+
+
+def frozen_text_features(backbone, llm: nn.Module | None = None) -> TextFeaturesFn:
+    """prompts -> TextFeatures(clip [B,77,d], llm/llm_mask from ``llm`` when given), like the training module's."""
+
+    def text_features(prompts: list[str]) -> TextFeatures:
+        clip = backbone.encode_prompt(list(prompts))
+        if llm is None:
+            return TextFeatures(clip=clip)
+        states, mask = llm(list(prompts))
+        return TextFeatures(
+            clip=clip, llm=states.to(clip.device), llm_mask=None if mask is None else mask.to(clip.device)
+        )
+
+    return text_features
+
+
+@contextmanager
+def override_eta(connector: nn.Module, value: float | None):
+    """Within the block, the connector's η module is ``FixedEta(value)`` (SUR); ``None`` changes nothing."""
+    if value is None:
+        yield connector
+        return
+    from sur_lightning.eta import FixedEta
+
+    if not isinstance(getattr(connector, "eta", None), nn.Module):
+        raise ValueError(f"{type(connector).__name__} has no η module to override (η applies to SUR adapters)")
+    original = connector.eta
+    connector.eta = FixedEta(float(value))
+    try:
+        yield connector
+    finally:
+        connector.eta = original
+
+
+def _batch_timesteps(timesteps: torch.Tensor | float | int, batch: int, device) -> torch.Tensor:
+    timesteps = torch.as_tensor(timesteps, device=device)
+    return timesteps.reshape(-1).expand(batch) if timesteps.numel() == 1 else timesteps.reshape(batch)
+
+
+class ClipConditioning:
+    """The base model's conditioning: CLIP states of the prompt, whatever the timestep.
+
+    ``features(prompts) -> TextFeatures`` (frozen encoders, once per batch);
+    ``apply(features, timesteps [B] or scalar) -> [B, N, d]``;
+    ``conditioning(prompts, timesteps) -> [B, N, d]`` does both.
+    """
+
+    def __init__(self, text_features: TextFeaturesFn) -> None:
+        self.text_features = text_features
+
+    @torch.no_grad()
+    def features(self, prompts: Sequence[str]) -> TextFeatures:
+        return self.text_features(list(prompts))
+
+    def apply(self, features: TextFeatures, timesteps: torch.Tensor) -> torch.Tensor:
+        return features.clip
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str], timesteps: torch.Tensor | float | int) -> torch.Tensor:
+        return self.apply(self.features(prompts), timesteps)
+
+    conditioning = __call__
+
+    def describe(self) -> dict:
+        return {"kind": "base"}
+
+
+class ConnectorConditioning(ClipConditioning):
+    """A trained connector's conditioning: ``connector(features, t).conditioning`` [B, N, d].
+
+    mode="replace":     the connector's output alone (SUR: 77 tokens; ELLA: its latents, e.g. 64).
+    mode="concat_clip": CLIP states then the connector's output along tokens ("ELLA + CLIP": 77+64).
+    eta:                replaces the connector's η by ``FixedEta(eta)`` for these calls (SUR only).
+    """
+
+    def __init__(
+        self,
+        connector: nn.Module,
+        text_features: TextFeaturesFn,
+        mode: str = "replace",
+        eta: float | None = None,
+    ) -> None:
+        super().__init__(text_features)
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.connector = connector
+        self.mode = mode
+        self.eta = eta
+
+    @torch.no_grad()
+    def apply(self, features: TextFeatures, timesteps: torch.Tensor | float | int) -> torch.Tensor:
+        reference = features.clip if features.clip is not None else features.llm
+        timesteps = _batch_timesteps(timesteps, reference.shape[0], reference.device)
+        with override_eta(self.connector, self.eta):
+            conditioning = self.connector(features, timesteps).conditioning
+        if self.mode == "concat_clip":
+            conditioning = torch.cat([features.clip.to(conditioning.dtype), conditioning], dim=1)
+        return conditioning
+
+    def describe(self) -> dict:
+        return {"kind": type(self.connector).__name__, "mode": self.mode, "eta": self.eta}
+
+
+@contextmanager
+def conditioning_hook(unet: nn.Module, conditioning: ClipConditioning, features: TextFeatures, negative: TextFeatures):
+    """While active, every call of ``unet`` gets ``encoder_hidden_states`` recomputed by ``conditioning.apply``
+    at the timestep of that call: rows [negative; positive] under classifier-free guidance (two separate
+    connector calls), or the positive rows alone without it.
+    """
+    batch = (features.clip if features.clip is not None else features.llm).shape[0]
+
+    def hook(module, args, kwargs):
+        in_kwargs = "encoder_hidden_states" in kwargs
+        states = kwargs["encoder_hidden_states"] if in_kwargs else args[2]
+        timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
+        rows = states.shape[0]
+        t = torch.as_tensor(timestep, device=states.device).reshape(-1)
+        if rows == 2 * batch:
+            t_neg, t_pos = (t[:batch], t[batch:]) if t.numel() == rows else (t, t)
+            new = torch.cat([conditioning.apply(negative, t_neg), conditioning.apply(features, t_pos)])
+        elif rows == batch:
+            new = conditioning.apply(features, t)
+        else:
+            raise RuntimeError(f"UNet called with {rows} rows; expected {batch} prompts or {2 * batch} under CFG")
+        new = new.to(states.device, states.dtype)
+        if in_kwargs:
+            kwargs["encoder_hidden_states"] = new
+        else:
+            args = (*args[:2], new, *args[3:])
+        return args, kwargs
+
+    handle = unet.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 @torch.no_grad()
 def render(
     pipeline,
-    prompt_embeds: torch.Tensor,
-    negative_prompt_embeds: torch.Tensor,
-    seeds: list[int],
+    conditioning: ClipConditioning,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    negative_prompt: str = "",
     num_inference_steps: int = 30,
     guidance_scale: float = 7.5,
     height: int | None = None,
     width: int | None = None,
 ) -> list[Image.Image]:
-    """One image per row of ``prompt_embeds`` [B,N,d], row i seeded with ``seeds[i]``."""
+    """One image per prompt, prompt i seeded with ``seeds[i]``, conditioned by ``conditioning`` at every step."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
     device = pipeline.unet.device
     dtype = pipeline.unet.dtype
-    generators = [torch.Generator(device="cpu").manual_seed(int(seed)) for seed in seeds]
+    features = conditioning.features(prompts)
+    negative = conditioning.features([negative_prompt] * len(prompts))
+    # Placeholders of the right shape: the hook replaces them at every UNet call.
+    last_t = pipeline.scheduler.config.num_train_timesteps - 1
+    prompt_embeds = conditioning.apply(features, last_t)
+    negative_embeds = conditioning.apply(negative, last_t)
     # Draw the initial latents on the CPU so a seed gives the same image on every device.
     size = height or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
-    shape = (4, size // pipeline.vae_scale_factor, (width or size) // pipeline.vae_scale_factor)
-    latents = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device, dtype)
-    return pipeline(
-        prompt_embeds=prompt_embeds.to(device, dtype),
-        negative_prompt_embeds=negative_prompt_embeds.to(device, dtype),
-        latents=latents,
-        num_inference_steps=num_inference_steps,
-        guidance_scale=guidance_scale,
-        height=size,
-        width=width or size,
-        output_type="pil",
-    ).images
+    width = width or size
+    shape = (pipeline.unet.config.in_channels, size // pipeline.vae_scale_factor, width // pipeline.vae_scale_factor)
+    latents = torch.stack(
+        [torch.randn(shape, generator=torch.Generator().manual_seed(int(seed))) for seed in seeds]
+    ).to(device, dtype)
+    with conditioning_hook(pipeline.unet, conditioning, features, negative):
+        return pipeline(
+            prompt_embeds=prompt_embeds.to(device, dtype),
+            negative_prompt_embeds=negative_embeds.to(device, dtype),
+            latents=latents,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            height=size,
+            width=width,
+            output_type="pil",
+        ).images
 
 
 @torch.no_grad()
-def render_base_and_adapter(module, prompts: list[str], seeds: list[int], scheduler: str = "ddim", **kwargs):
+def render_base_and_adapter(
+    module, prompts: list[str], seeds: list[int], scheduler: str = "ddim", mode: str = "replace", **kwargs
+):
     """Images of ``prompts`` (one seed each) from the base model and through ``module.connector``.
 
-    Returns (base_images, adapter_images). The negative prompt is the empty prompt, conditioned by
-    the same path as the positive one but in its own call.
+    Returns (base_images, adapter_images). The adapter path uses ``module.text_features``, so what the
+    connector reads at sampling time is what it read in training.
     """
     pipeline = build_pipeline(module.backbone, scheduler)
-    empty = [""] * len(prompts)
-    base = render(pipeline, module.backbone.encode_prompt(prompts), module.backbone.encode_prompt(empty), seeds, **kwargs)
+    base = render(pipeline, ClipConditioning(frozen_text_features(module.backbone)), prompts, seeds, **kwargs)
     was_training = module.connector.training
     module.connector.eval()
-    timesteps = torch.zeros(len(prompts), dtype=torch.long, device=module.backbone.device)
-    adapted = render(
-        pipeline,
-        module.condition(prompts, timesteps).conditioning,
-        module.condition(empty, timesteps).conditioning,
-        seeds,
-        **kwargs,
-    )
-    module.connector.train(was_training)
+    try:
+        adapted = render(pipeline, ConnectorConditioning(module.connector, module.text_features, mode), prompts, seeds, **kwargs)
+    finally:
+        module.connector.train(was_training)
     return base, adapted
+
+
+# ------------------------------------------------------------------------------------ grids
 
 
 def labelled_grid(columns: dict[str, list[Image.Image]], row_labels: list[str], cell: int = 128) -> Image.Image:
@@ -101,7 +293,7 @@ def labelled_grid(columns: dict[str, list[Image.Image]], row_labels: list[str], 
     grid = Image.new("RGB", (label_width + cell * len(names), header + cell * len(row_labels)), "white")
     draw = ImageDraw.Draw(grid)
     for j, name in enumerate(names):
-        draw.text((label_width + j * cell + 4, 2), name, fill="black")
+        draw.text((label_width + j * cell + 4, 2), name[:22], fill="black")
         for i, image in enumerate(columns[name]):
             grid.paste(image.convert("RGB").resize((cell, cell)), (label_width + j * cell, header + i * cell))
     for i, label in enumerate(row_labels):
@@ -114,3 +306,322 @@ def save_grid(image: Image.Image, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
     return path
+
+
+# ------------------------------------------------------------------------------------ prompts and columns
+
+
+def load_prompt_list(source, num_prompts: int | None = None) -> list[Prompt]:
+    """Prompts from a list of strings, a built-in suite name (counting/color/action), a .txt/.jsonl file,
+    a DPG-Bench folder, a dataset folder in the SURD layout (its ``metadata.jsonl`` simple prompts), or
+    a dataset config (``_target_`` returning such a folder). ``num_prompts`` keeps the first N."""
+    from hydra.utils import instantiate
+    from omegaconf import DictConfig, ListConfig
+
+    from sur_lightning.metrics.prompt_suites import load_prompts
+
+    if isinstance(source, dict | DictConfig):
+        source = instantiate(source)
+    if isinstance(source, list | tuple | ListConfig):
+        prompts = [Prompt(f"prompt-{i:03d}", str(text), "custom") for i, text in enumerate(source)]
+    elif Path(str(source), "metadata.jsonl").is_file():
+        folder = Path(str(source))
+        prompts = []
+        for number, line in enumerate((folder / "metadata.jsonl").read_text(encoding="utf-8").splitlines(), 1):
+            row = json.loads(line) if line.strip() else None
+            if row is not None and not isinstance(row.get("text"), str):
+                raise ValueError(f"{folder / 'metadata.jsonl'}:{number}: no simple prompt in key 'text'")
+            if row is not None:
+                prompts.append(Prompt(Path(row.get("file_name", f"{number:06d}")).stem, row["text"], folder.parent.name))
+    else:
+        prompts = load_prompts(str(source))
+    if not prompts:
+        raise ValueError(f"prompts: nothing to render from {source!r}")
+    return prompts[:num_prompts] if num_prompts else prompts
+
+
+@dataclass
+class Column:
+    """One column of images: a label, a folder-safe slug, its conditioning, and what it came from."""
+
+    name: str
+    conditioning: ClipConditioning
+    source: dict = field(default_factory=dict)
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^A-Za-z0-9._-]+", "_", self.name.replace("eta=", "eta")).strip("_")
+
+
+def needs_llm(connector: nn.Module) -> bool:
+    """SUR reads the LLM only as a distillation target in training; every other connector reads it to condition."""
+    from sur_lightning.connectors.sur import SURAdapter
+
+    return not isinstance(connector, SURAdapter)
+
+
+def adapter_entries(adapters) -> list[tuple[str, dict]]:
+    """``adapters``: a list of paths, or a mapping name -> path or name -> {path, mode, eta}.
+    Returns (name, {path, mode?, eta?}) pairs; names from a list are the file stem, or its folder's name
+    when the stem is the default "adapter"."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(adapters, DictConfig):
+        adapters = OmegaConf.to_container(adapters, resolve=True)
+    if not adapters:
+        return []
+    if isinstance(adapters, dict):
+        items = [(str(k), v if isinstance(v, dict) else {"path": v}) for k, v in adapters.items()]
+    else:
+        items = []
+        for entry in adapters:
+            path = Path(str(entry))
+            items.append((path.stem if path.stem != "adapter" else path.parent.name or "adapter", {"path": str(path)}))
+    names = [name for name, _ in items]
+    return [(name if names.count(name) == 1 else f"{name}-{i}", spec) for i, (name, spec) in enumerate(items)]
+
+
+def build_columns(
+    backbone,
+    adapters=None,
+    llm: nn.Module | Callable[[], nn.Module] | None = None,
+    mode: str = "replace",
+    eta: float | None = None,
+    eta_sweep: Sequence[float] = (),
+    include_base: bool = True,
+) -> list[Column]:
+    """The base column, then per adapter one column (η overridden by ``eta`` when set) or one per η of
+    ``eta_sweep``. ``llm``: the LLM module, or a zero-argument function loading it only when a connector
+    needs it (ELLA), on the backbone's device. Each adapter is checked against the backbone and LLM on
+    an empty prompt, so a mismatch fails here naming the adapter file."""
+    from sur_lightning.connectors import load_connector
+
+    columns = [Column("base", ClipConditioning(frozen_text_features(backbone)), {"kind": "base"})] if include_base else []
+    loaded_llm = llm if isinstance(llm, nn.Module) or llm is None else None
+    for name, spec in adapter_entries(adapters):
+        path = spec["path"]
+        connector = load_connector(path).to(backbone.device)
+        uses_llm = needs_llm(connector)
+        if uses_llm and loaded_llm is None:
+            if llm is None:
+                raise ValueError(f"adapter {path} ({type(connector).__name__}) needs LLM features: set llm=<its LLM>")
+            loaded_llm = llm().to(backbone.device)
+        text_features = frozen_text_features(backbone, loaded_llm if uses_llm else None)
+        adapter_mode = spec.get("mode", mode)
+        etas = list(eta_sweep) if eta_sweep else [spec.get("eta", eta)]
+        for value in etas:
+            label = name if value is None else f"{name} eta={value:g}"
+            conditioning = ConnectorConditioning(connector, text_features, adapter_mode, value)
+            check_conditioning(conditioning, backbone, path)
+            columns.append(Column(label, conditioning, {"adapter": str(path), **conditioning.describe()}))
+    return columns
+
+
+def check_conditioning(conditioning: ClipConditioning, backbone, path) -> None:
+    """Run the conditioning on one empty prompt; a shape or width mismatch is an error naming the adapter."""
+    try:
+        out = conditioning([""], backbone.noise_scheduler.config.num_train_timesteps - 1)
+    except (RuntimeError, ValueError, AttributeError, TypeError) as error:
+        raise ValueError(
+            f"adapter {path} does not fit this backbone/LLM ({type(error).__name__}: {error}); "
+            "use the backbone= and llm= it was trained with"
+        ) from error
+    if out.ndim != 3 or out.shape[-1] != backbone.cross_attention_dim:
+        raise ValueError(
+            f"adapter {path} gives conditioning of shape {tuple(out.shape)}, but the UNet cross-attends to width "
+            f"{backbone.cross_attention_dim}: use the backbone= it was trained with"
+        )
+
+
+# ------------------------------------------------------------------------------------ rendering many columns
+
+
+@dataclass
+class Rendered:
+    """One generated image and what produced it."""
+
+    column: str
+    prompt: Prompt
+    seed: int
+    image: Image.Image
+    file: str | None = None
+
+
+def render_columns(
+    backbone,
+    columns: Sequence[Column],
+    prompts: Sequence[Prompt],
+    seeds: Sequence[int],
+    out_dir: str | Path | None = None,
+    scheduler: str = "ddim",
+    batch_size: int = 4,
+    negative_prompt: str = "",
+    progress: bool = True,
+    **kwargs,
+) -> list[Rendered]:
+    """Every (prompt, seed) through every column, same seeds for all; writes
+    ``<out_dir>/images/<column slug>/<prompt id>_seed<seed>.png`` when ``out_dir`` is given."""
+    from tqdm.auto import tqdm
+
+    pipeline = build_pipeline(backbone, scheduler)
+    jobs = [(prompt, int(seed)) for prompt in prompts for seed in seeds]
+    batches = [jobs[i : i + batch_size] for i in range(0, len(jobs), batch_size)]
+    results = []
+    with tqdm(total=len(columns) * len(jobs), desc="generating", unit="img", disable=not progress) as bar:
+        for column in columns:
+            for batch in batches:
+                images = render(
+                    pipeline,
+                    column.conditioning,
+                    [p.prompt for p, _ in batch],
+                    [s for _, s in batch],
+                    negative_prompt=negative_prompt,
+                    **kwargs,
+                )
+                for (prompt, seed), image in zip(batch, images):
+                    item = Rendered(column.name, prompt, seed, image)
+                    if out_dir is not None:
+                        relative = Path("images") / column.slug / f"{prompt.id}_seed{seed}.png"
+                        (Path(out_dir) / relative).parent.mkdir(parents=True, exist_ok=True)
+                        image.save(Path(out_dir) / relative)
+                        item.file = str(relative)
+                    results.append(item)
+                bar.update(len(batch))
+    return results
+
+
+def write_grids(rendered: Sequence[Rendered], columns: Sequence[Column], out_dir: str | Path, strips: bool) -> dict:
+    """``grid.png`` (columns × (prompt, seed) rows) and, when ``strips``, one strip per adapter, prompt and
+    seed (base plus every η of that adapter) under ``strips/<adapter>/``. Returns the written paths."""
+    out_dir = Path(out_dir)
+    by_key = {(r.column, r.prompt.id, r.seed): r.image for r in rendered}
+    rows = list(dict.fromkeys((r.prompt.id, r.prompt.prompt, r.seed) for r in rendered))
+    several_seeds = len({seed for _, _, seed in rows}) > 1
+    labels = [f"{text} ({seed})" if several_seeds else text for _, text, seed in rows]
+    grid = {c.name: [by_key[(c.name, pid, seed)] for pid, _, seed in rows] for c in columns}
+    written = {"grid": str(save_grid(labelled_grid(grid, labels), out_dir / "grid.png"))}
+    if strips:
+        adapters: dict[str, list[Column]] = {}
+        for column in columns:
+            if "adapter" in column.source:
+                adapters.setdefault(column.name.rsplit(" eta=", 1)[0], []).append(column)
+        base = [c for c in columns if c.name == "base"]
+        written["strips"] = []
+        for adapter, adapter_columns in adapters.items():
+            folder = out_dir / "strips" / re.sub(r"[^A-Za-z0-9._-]+", "_", adapter)
+            for (pid, text, seed), label in zip(rows, labels):
+                strip = {c.name.replace(adapter + " ", ""): [by_key[(c.name, pid, seed)]] for c in base + adapter_columns}
+                written["strips"].append(str(save_grid(labelled_grid(strip, [label]), folder / f"{pid}_seed{seed}.png")))
+    return written
+
+
+# ------------------------------------------------------------------------------------ the command
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def sampler_kwargs(sampler) -> dict:
+    """The pipeline knobs of the ``sampler`` config node."""
+    return {
+        "scheduler": sampler.scheduler,
+        "num_inference_steps": int(sampler.num_inference_steps),
+        "guidance_scale": float(sampler.guidance_scale),
+        "height": sampler.resolution,
+        "width": sampler.resolution,
+        "batch_size": int(sampler.batch_size),
+    }
+
+
+def prepare(cfg):
+    """Backbone, prompts and columns from a generate/evaluate config (the LLM loads only when needed)."""
+    from hydra.utils import instantiate
+
+    device = pick_device(cfg.device)
+    backbone = instantiate(cfg.backbone).to(device)
+    prompts = load_prompt_list(cfg.prompts, cfg.get("num_prompts"))
+    llm_cfg = cfg.get("llm")
+    columns = build_columns(
+        backbone,
+        adapters=cfg.adapters,
+        llm=(lambda: instantiate(llm_cfg)) if llm_cfg is not None else None,
+        mode=cfg.mode,
+        eta=cfg.eta,
+        eta_sweep=list(cfg.eta_sweep or []),
+        include_base=cfg.include_base,
+    )
+    if not columns:
+        raise ValueError("nothing to render: include_base=false and no adapters given")
+    return backbone, prompts, columns
+
+
+def generate(cfg) -> dict:
+    """Render ``cfg.prompts`` × ``cfg.seeds`` through the base model and every adapter; write images, grid,
+    η strips and ``manifest.json`` into ``cfg.paths.output_dir``. Returns the written paths."""
+    resolved = check_config(cfg)
+    torch.manual_seed(cfg.seed)
+    out_dir = Path(cfg.paths.output_dir)
+    backbone, prompts, columns = prepare(cfg)
+    kwargs = sampler_kwargs(cfg.sampler)
+    rendered = render_columns(
+        backbone, columns, prompts, list(cfg.seeds), out_dir, negative_prompt=cfg.negative_prompt, **kwargs
+    )
+    written = write_grids(rendered, columns, out_dir, strips=bool(cfg.eta_sweep))
+    written["manifest"] = str(write_manifest(out_dir, rendered, columns, resolved))
+    print(f"\nWrote {len(rendered)} images to {out_dir / 'images'}\n  grid:     {written['grid']}")
+    if written.get("strips"):
+        print(f"  η strips: {Path(written['strips'][0]).parent}")
+    print(f"  manifest: {written['manifest']}")
+    return written
+
+
+def write_manifest(out_dir: Path, rendered: Sequence[Rendered], columns: Sequence[Column], config: dict) -> Path:
+    sources = {c.name: c.source for c in columns}
+    images = [
+        {
+            "file": r.file,
+            "column": r.column,
+            "prompt_id": r.prompt.id,
+            "prompt": r.prompt.prompt,
+            "category": r.prompt.category,
+            "seed": r.seed,
+            **sources[r.column],
+        }
+        for r in rendered
+    ]
+    settings = {k: config.get(k) for k in ("backbone", "llm", "sampler", "negative_prompt", "mode", "device")}
+    path = out_dir / "manifest.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"settings": settings, "columns": sources, "images": images}, indent=2, default=str))
+    return path
+
+
+def read_manifest(folder: str | Path) -> list[Rendered]:
+    """The images a ``generate`` run wrote, with their prompts and seeds, from its ``manifest.json``."""
+    folder = Path(folder)
+    manifest = folder / "manifest.json"
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{manifest} not found: images_dir must be the output folder of a generate run")
+    rows = json.loads(manifest.read_text())["images"]
+    return [
+        Rendered(
+            row["column"],
+            Prompt(row["prompt_id"], row["prompt"], row["category"]),
+            int(row["seed"]),
+            Image.open(folder / row["file"]).convert("RGB"),
+            row["file"],
+        )
+        for row in rows
+    ]
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="generate")
+def main(cfg: DictConfig) -> None:
+    generate(cfg)
+
+
+if __name__ == "__main__":
+    main()

