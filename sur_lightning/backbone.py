@@ -8,9 +8,13 @@ very code path users take with hub ids.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
+import os
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -30,10 +34,36 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return TORCH_DTYPES[dtype]
 
 
-def load_pretrained(cls, pretrained: str, config_key: str, **kwargs):
-    """``cls.from_pretrained(pretrained, **kwargs)`` with an error that tells the user what to do offline."""
+@functools.cache
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection; checked once per process.
+
+    Without this, an unreachable hub costs minutes of retries per file before from_pretrained gives up.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
     try:
-        return cls.from_pretrained(pretrained, **kwargs)
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_pretrained(cls, pretrained: str, config_key: str, **kwargs):
+    """``cls.from_pretrained(pretrained, **kwargs)`` with an error that tells the user what to do offline.
+
+    A hub id is read from the local Hugging Face cache only when the hub cannot be reached, so a
+    machine without network fails at once instead of retrying.
+    """
+    if not Path(pretrained).exists() and not hub_reachable():
+        kwargs["local_files_only"] = True
+    try:
+        loaded = cls.from_pretrained(pretrained, **kwargs)
+        # transformers 5 builds an empty tokenizer when its files are missing instead of raising.
+        if hasattr(loaded, "get_vocab") and len(loaded) < 100:
+            raise OSError(f"no tokenizer files found (the tokenizer built has {len(loaded)} tokens)")
+        return loaded
     except (OSError, ValueError) as error:
         what = f"{pretrained!r}" + (f" (subfolder {kwargs['subfolder']!r})" if kwargs.get("subfolder") else "")
         raise ModelNotAvailableError(
