@@ -1,10 +1,13 @@
-"""Callbacks that write what a run leaves behind: the adapter file and the base-vs-adapter sample grid."""
+"""Callbacks that write what a run leaves behind: the adapter file, the base-vs-adapter sample grid, and
+(opt-in, ``callbacks=with_evaluation``) metrics of a small prompt suite every N steps."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from sur_lightning.connectors import save_connector
@@ -44,6 +47,7 @@ class SampleGrid(L.Callback):
     writes a labelled grid (``samples/step{N}.png``), also logged as an image to W&B / TensorBoard.
 
     Runs every ``every_n_steps`` optimizer steps (when set) and once at the end of training.
+    ``mode``: "replace" or "concat_clip" (ELLA + CLIP), as in ``sur_lightning.generate``.
     """
 
     def __init__(
@@ -56,6 +60,7 @@ class SampleGrid(L.Callback):
         guidance_scale: float = 7.5,
         scheduler: str = "ddim",
         resolution: int | None = None,
+        mode: str = "replace",
     ) -> None:
         self.dirpath = Path(dirpath)
         self.prompts = list(prompts)
@@ -65,6 +70,7 @@ class SampleGrid(L.Callback):
         self.every_n_steps = every_n_steps
         self.kwargs = {
             "scheduler": scheduler,
+            "mode": mode,
             "num_inference_steps": num_inference_steps,
             "guidance_scale": guidance_scale,
             "height": resolution,
@@ -96,3 +102,115 @@ class SampleGrid(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.sample(trainer, pl_module)
+
+
+class EvaluationCallback(L.Callback):
+    """Scores a small prompt suite every ``every_n_steps`` optimizer steps and at the end of training.
+
+    Renders ``prompts`` × ``seeds`` through the connector (and once through the base model, whose scores
+    cannot change), scores them with ``sur_lightning.evaluate.Evaluator`` (``metrics``: the same keys as
+    ``metrics`` in conf/evaluate.yaml), logs ``eval/adapter/<metric>`` and ``eval/base/<metric>`` to every
+    logger and to ``trainer.callback_metrics`` (so ``metrics.json`` and sweepers see them), and writes
+    ``<dirpath>/step{N}.json``. The metrics' weights load at ``setup``: a missing file fails before training.
+    """
+
+    def __init__(
+        self,
+        dirpath: str,
+        prompts,
+        metrics: dict,
+        seeds: list[int] | None = None,
+        num_prompts: int | None = None,
+        every_n_steps: int | None = None,
+        reference=None,
+        reference_size: int | None = None,
+        num_inference_steps: int = 30,
+        guidance_scale: float = 7.5,
+        scheduler: str = "ddim",
+        resolution: int | None = None,
+        batch_size: int = 8,
+        mode: str = "replace",
+    ) -> None:
+        from sur_lightning.generate import load_prompt_list
+
+        self.dirpath = Path(dirpath)
+        self.prompts = load_prompt_list(prompts, num_prompts)
+        self.seeds = list(seeds) if seeds is not None else [0]
+        self.metrics = dict(metrics)
+        self.every_n_steps = every_n_steps
+        self.reference = reference
+        self.reference_size = reference_size
+        self.mode = mode
+        self.kwargs = {
+            "scheduler": scheduler,
+            "num_inference_steps": num_inference_steps,
+            "guidance_scale": guidance_scale,
+            "height": resolution,
+            "width": resolution,
+            "batch_size": batch_size,
+        }
+        self.evaluator = None
+        self.base_scores: dict | None = None
+        self.last_metrics: dict[str, float] = {}
+        self.last_path: Path | None = None
+        self._last_step = -1
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.evaluator is None and trainer.is_global_zero:
+            from sur_lightning.evaluate import Evaluator
+
+            self.evaluator = Evaluator(
+                reference=self.reference,
+                reference_size=self.reference_size,
+                device=str(trainer.strategy.root_device),
+                **self.metrics,
+            )
+
+    @rank_zero_only
+    def evaluate(self, trainer, pl_module) -> dict[str, float]:
+        from sur_lightning.evaluate import score_columns
+        from sur_lightning.generate import (
+            ClipConditioning,
+            Column,
+            ConnectorConditioning,
+            frozen_text_features,
+            render_columns,
+        )
+
+        step = trainer.global_step
+        columns = [Column("adapter", ConnectorConditioning(pl_module.connector, pl_module.text_features, self.mode))]
+        if self.base_scores is None:
+            columns.insert(0, Column("base", ClipConditioning(frozen_text_features(pl_module.backbone))))
+        was_training = pl_module.connector.training
+        pl_module.connector.eval()
+        try:
+            with torch.no_grad():
+                rendered = render_columns(
+                    pl_module.backbone, columns, self.prompts, self.seeds, progress=False, **self.kwargs
+                )
+        finally:
+            pl_module.connector.train(was_training)
+        report = score_columns(self.evaluator, rendered)
+        if self.base_scores is None:
+            self.base_scores = report["columns"]["base"]
+        scores = {"base": self.base_scores, "adapter": report["columns"]["adapter"]}
+        metrics = {f"eval/{column}/{name}": float(v) for column, summary in scores.items() for name, v in summary.items()}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        self.last_path = self.dirpath / f"step{step:06d}.json"
+        self.last_path.write_text(json.dumps({"step": step, "columns": scores, "images": report["images"]}, indent=2))
+        self.last_metrics = metrics
+        return metrics
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step and step % self.every_n_steps == 0 and step != self._last_step:
+            self._last_step = step
+            self.evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.global_step != self._last_step:
+            self._last_step = trainer.global_step
+            self.evaluate(trainer, pl_module)

@@ -1,0 +1,225 @@
+"""Generation: per-step conditioning through the UNet hook, CFG branches kept apart, η override and sweep,
+ELLA + CLIP concatenation, and the `generate` command's files."""
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from sur_lightning.connectors import TextFeatures, save_connector
+from sur_lightning.connectors.ella import TimestepAwareSemanticConnector
+from sur_lightning.connectors.sur import SURAdapter
+from sur_lightning.eta import FixedEta
+from sur_lightning.generate import (
+    ClipConditioning,
+    ConnectorConditioning,
+    build_pipeline,
+    frozen_text_features,
+    generate,
+    load_prompt_list,
+    override_eta,
+    render,
+    render_base_and_adapter,
+)
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+PROMPTS_A = ["two red circles", "one blue square"]
+PROMPTS_B = ["five green circles", "a chef tossing pizza dough"]
+
+
+def tiny_ella(seed: int = 0) -> TimestepAwareSemanticConnector:
+    torch.manual_seed(seed)
+    return TimestepAwareSemanticConnector(
+        dim=32, llm_dim=32, num_blocks=1, num_heads=4, num_latents=8, time_channels=16, time_embed_dim=16
+    ).eval()
+
+
+def tiny_sur(batch_first: bool = True, eta: float = 0.5, seed: int = 0) -> SURAdapter:
+    """zero_init_output=False, so the adapter's output (not only its bias) reaches the conditioning."""
+    torch.manual_seed(seed)
+    return SURAdapter(
+        dim=32, llm_dim=32, eta=FixedEta(eta), num_heads=4, ff_dim=32, dropout=0.0,
+        batch_first=batch_first, zero_init_output=False,
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def token_llm(tiny_llm):
+    from sur_lightning.llm import CausalLMFeatures
+
+    return CausalLMFeatures(tiny_llm, pooling="none")
+
+
+@pytest.fixture(scope="module")
+def pipelines(backbone):
+    return {name: build_pipeline(backbone, name) for name in ("ddim", "dpm++", "euler")}
+
+
+@contextmanager
+def unet_inputs(unet):
+    """Record (timestep, encoder_hidden_states) of every UNet call, as the UNet received them."""
+    calls = []
+
+    def hook(module, args, kwargs, output):
+        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+        calls.append((torch.as_tensor(timestep).clone(), kwargs["encoder_hidden_states"].detach().clone()))
+
+    handle = unet.register_forward_hook(hook, with_kwargs=True)
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("kind", ["ella", "sur_released"])
+def test_unconditional_rows_do_not_depend_on_the_conditional_prompts(backbone, pipelines, token_llm, kind):
+    # The released SUR (batch_first=False) attends over the batch axis: conditioning [uncond; cond] in one
+    # call would let the empty prompt's rows see the real prompts. Each branch must get its own call.
+    connector = tiny_ella() if kind == "ella" else tiny_sur(batch_first=False)
+    conditioning = ConnectorConditioning(connector, frozen_text_features(backbone, token_llm))
+    runs = []
+    for prompts in (PROMPTS_A, PROMPTS_B):
+        with unet_inputs(backbone.unet) as calls:
+            render(pipelines["ddim"], conditioning, prompts, [0, 1], num_inference_steps=2, guidance_scale=5.0, height=32)
+        runs.append(calls)
+    assert len(runs[0]) == len(runs[1]) == 2
+    empty = conditioning.features(["", ""])
+    for (t, a), (_, b) in zip(*runs):
+        assert a.shape[0] == 4
+        assert torch.equal(a[:2], b[:2])  # the unconditional rows are the same whatever the prompts
+        assert not torch.allclose(a[2:], b[2:])  # the conditional rows follow the prompts
+        assert torch.allclose(a[:2], conditioning.apply(empty, t), atol=1e-6)
+    if kind == "sur_released":  # the test has teeth: one joint call would have changed the empty rows
+        joint = conditioning.features(["", "", *PROMPTS_A])
+        mixed = connector(joint, None).conditioning[:2]
+        assert not torch.allclose(mixed, runs[0][0][1][:2], atol=1e-4)
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpm++", "euler"])
+def test_timestep_aware_connector_is_recomputed_at_every_step(backbone, pipelines, token_llm, scheduler):
+    ella = tiny_ella()
+    conditioning = ConnectorConditioning(ella, frozen_text_features(backbone, token_llm))
+    pipeline = pipelines[scheduler]
+    with unet_inputs(backbone.unet) as calls:
+        render(pipeline, conditioning, PROMPTS_A, [0, 1], num_inference_steps=3, guidance_scale=5.0, height=32)
+    assert len(calls) == 3
+    assert torch.allclose(torch.stack([t.float().reshape(()) for t, _ in calls]), pipeline.scheduler.timesteps.float())
+    features = conditioning.features(PROMPTS_A)
+    for t, states in calls:
+        expected = ella(features, t.reshape(-1).expand(2)).conditioning
+        assert torch.allclose(states[2:], expected, atol=1e-5)
+    assert not torch.allclose(calls[0][1], calls[1][1])  # a different timestep, a different conditioning
+
+
+def test_concat_clip_mode_puts_clip_first_then_the_connector_tokens(backbone, pipelines, token_llm):
+    ella = tiny_ella()
+    text_features = frozen_text_features(backbone, token_llm)
+    both = ConnectorConditioning(ella, text_features, mode="concat_clip")
+    t = torch.tensor(500)
+    out = both(PROMPTS_A, t)
+    assert out.shape == (2, 77 + 8, 32)
+    assert torch.equal(out[:, :77], backbone.encode_prompt(PROMPTS_A))
+    assert torch.allclose(out[:, 77:], ConnectorConditioning(ella, text_features)(PROMPTS_A, t))
+    with unet_inputs(backbone.unet) as calls:
+        images = render(pipelines["ddim"], both, PROMPTS_A, [0, 1], num_inference_steps=2, height=32)
+    assert len(images) == 2 and calls[0][1].shape == (4, 85, 32)
+    with pytest.raises(ValueError, match="mode"):
+        ConnectorConditioning(ella, text_features, mode="ella_only")
+
+
+def test_eta_override_is_scoped_and_eta_zero_gives_the_base_image(backbone, pipelines):
+    sur = tiny_sur(eta=0.5)
+    text_features = frozen_text_features(backbone)
+    original = sur.eta
+    clip = ClipConditioning(text_features)
+    assert torch.equal(ConnectorConditioning(sur, text_features, eta=0.0)(PROMPTS_A, 0), clip(PROMPTS_A, 0))
+    assert sur.eta is original
+    half = ConnectorConditioning(sur, text_features)(PROMPTS_A, 0)
+    assert not torch.allclose(half, clip(PROMPTS_A, 0))
+    with override_eta(sur, 1.0):
+        assert sur.eta.value == 1.0
+    assert sur.eta is original
+    base = render(pipelines["ddim"], clip, PROMPTS_A, [0, 1], num_inference_steps=2, height=32)
+    zero_eta = ConnectorConditioning(sur, text_features, eta=0.0)
+    zero = render(pipelines["ddim"], zero_eta, PROMPTS_A, [0, 1], num_inference_steps=2, height=32)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(base, zero))
+    with pytest.raises(ValueError, match="η"):
+        with override_eta(tiny_ella(), 0.3):
+            pass
+
+
+def test_sample_grid_path_renders_base_and_adapter(backbone):
+    sur = tiny_sur().train()
+    module = SimpleNamespace(backbone=backbone, connector=sur, text_features=frozen_text_features(backbone))
+    base, adapted = render_base_and_adapter(module, PROMPTS_A, [0, 1], num_inference_steps=2, height=32)
+    assert len(base) == len(adapted) == 2 and sur.training  # train mode restored
+    assert not np.array_equal(np.asarray(base[0]), np.asarray(adapted[0]))
+
+
+def test_prompt_lists_from_strings_suites_and_dataset_folders(tmp_path):
+    assert [p.prompt for p in load_prompt_list(["a", "b"])] == ["a", "b"]
+    counting = load_prompt_list("counting", num_prompts=3)
+    assert len(counting) == 3 and counting[0].category == "counting"
+    folder = tmp_path / "set" / "train"
+    folder.mkdir(parents=True)
+    rows = [{"file_name": "000001.png", "text": "two red circles", "prompt": "long"}, {"file_name": "x.png", "text": "one blue square"}]
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    prompts = load_prompt_list(str(folder))
+    assert [(p.id, p.prompt) for p in prompts] == [("000001", "two red circles"), ("x", "one blue square")]
+
+
+# ------------------------------------------------------------------------------------ the command
+
+
+def compose_generate(tmp_path, cache_dir, *overrides, name="generate"):
+    base = [
+        f"paths.root_dir={tmp_path}", f"paths.cache_dir={cache_dir}", f"paths.output_dir={tmp_path}/run",
+        "backbone=tiny", "llm=tiny", "sampler.num_inference_steps=2", "sampler.resolution=32", "device=cpu",
+    ]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name=name, overrides=[*base, *overrides])
+
+
+def test_generate_writes_images_grid_eta_strips_and_manifest(tmp_path, cache_dir, tiny_sd, tiny_llm):
+    adapter, _ = save_connector(tiny_sur(), tmp_path / "runA" / "adapter.safetensors")
+    cfg = compose_generate(
+        tmp_path, cache_dir, f"adapters=[{adapter}]", "eta_sweep=[0.0,1.0]", "seeds=[0,1]",
+        "prompts=[two red circles,one blue square]",
+    )
+    written = generate(cfg)
+    run = Path(cfg.paths.output_dir)
+    folders = sorted(p.name for p in (run / "images").iterdir())
+    assert folders == ["base", "runA_eta0", "runA_eta1"]
+    for folder in folders:
+        assert sorted(p.name for p in (run / "images" / folder).iterdir()) == [
+            "prompt-000_seed0.png", "prompt-000_seed1.png", "prompt-001_seed0.png", "prompt-001_seed1.png"
+        ]
+    assert Image.open(run / "grid.png").size == (160 + 3 * 128, 16 + 4 * 128)
+    assert len(written["strips"]) == 4 and all(Path(p).exists() for p in written["strips"])
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert len(manifest["images"]) == 12
+    row = next(r for r in manifest["images"] if r["column"] == "runA eta=1")
+    assert row["adapter"] == str(adapter) and row["eta"] == 1.0 and row["seed"] in (0, 1) and row["prompt"]
+    # Same seeds everywhere: η = 0 reproduces the base model's images exactly.
+    for name in ("prompt-000_seed0.png", "prompt-001_seed1.png"):
+        assert np.array_equal(np.asarray(Image.open(run / "images/base" / name)), np.asarray(Image.open(run / "images/runA_eta0" / name)))
+
+
+def test_generate_with_an_ella_adapter_needs_token_states(tmp_path, cache_dir, tiny_sd, tiny_llm):
+    adapter, _ = save_connector(tiny_ella(), tmp_path / "ella.safetensors")
+    cfg = compose_generate(
+        tmp_path, cache_dir, f"adapters={{ella:{{path:{adapter},mode:concat_clip}}}}", "llm.pooling=none",
+        "include_base=false", "prompts=[two red circles]",
+    )
+    generate(cfg)
+    manifest = json.loads((Path(cfg.paths.output_dir) / "manifest.json").read_text())
+    assert [(r["column"], r["mode"], r["kind"]) for r in manifest["images"]] == [("ella", "concat_clip", "TimestepAwareSemanticConnector")]
+    pooled = compose_generate(tmp_path, cache_dir, f"adapters=[{adapter}]", "prompts=[two red circles]")
+    with pytest.raises(ValueError, match="ella.safetensors"):
+        generate(pooled)
