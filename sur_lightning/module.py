@@ -9,7 +9,7 @@ Only the connector's parameters (SUR: adapter, η net, W0) are trained.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import lightning as L
 import torch
@@ -19,6 +19,9 @@ from sur_lightning.backbone import StableDiffusionBackbone
 from sur_lightning.connectors import ConnectorOutput, TextFeatures
 from sur_lightning.llm import CausalLMFeatures
 from sur_lightning.losses import DenoisingLoss, FeatureAlignmentLoss
+
+if TYPE_CHECKING:
+    from sur_lightning.cache import FeatureCache
 
 
 class ConnectorTrainingModule(L.LightningModule):
@@ -41,12 +44,17 @@ class ConnectorTrainingModule(L.LightningModule):
         denoise_grad_to_connector: bool = True,
         caption_dropout: float = 0.0,
         eta_histogram_every_n_steps: int = 50,
+        feature_cache: FeatureCache | None = None,
+        llm_dim: int | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.llm = llm
         if not isinstance(connector, nn.Module):
-            connector = connector(dim=backbone.cross_attention_dim, llm_dim=llm.hidden_size if llm else None)
+            # With a complete feature cache there is no LLM: its width comes from the cached states.
+            connector = connector(dim=backbone.cross_attention_dim, llm_dim=llm.hidden_size if llm else llm_dim)
+        # Cached CLIP/LLM states by prompt (sur_lightning/cache.py); None encodes every step.
+        self.feature_cache = feature_cache
         self.connector = connector
         self.denoising_loss = denoising_loss
         self.prompt_loss = prompt_loss
@@ -65,16 +73,29 @@ class ConnectorTrainingModule(L.LightningModule):
     # ---------------------------------------------------------------- frozen encoders
 
     def text_features(self, prompts: list[str]) -> TextFeatures:
-        """CLIP states of the prompts and, when an LLM is configured, its features."""
+        """CLIP states of the prompts [B,77,d] and, when an LLM is configured, its features [B,D] or [B,T,D].
+
+        Read from the feature cache when there is one (then no text encoder or LLM runs).
+        """
+        if self.feature_cache is not None:
+            return self.feature_cache.text_features(prompts, device=self.device)
         clip = self.backbone.encode_prompt(prompts)
         if self.llm is None:
             return TextFeatures(clip=clip)
         llm_states, llm_mask = self.llm(prompts)
         return TextFeatures(clip=clip, llm=llm_states, llm_mask=llm_mask)
 
-    def latents(self, batch: dict) -> torch.Tensor:
-        """Scaled VAE latents of the batch's images, sampled from the encoder's distribution."""
-        return self.backbone.scale_latents(self.backbone.encode_images(batch["pixel_values"]).sample())
+    def latents(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Scaled VAE latents [B,4,h,w] sampled from the encoder's distribution: computed from
+        ``pixel_values``, or rebuilt from the cached ``latent_mean``/``latent_logvar`` (no encoder runs)."""
+        if "latent_mean" in batch:
+            from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+            moments = torch.cat([batch["latent_mean"], batch["latent_logvar"]], dim=1)
+            distribution = DiagonalGaussianDistribution(moments)
+        else:
+            distribution = self.backbone.encode_images(batch["pixel_values"])
+        return self.backbone.scale_latents(distribution.sample(generator=generator))
 
     def condition(self, prompts: list[str], timesteps: torch.Tensor) -> ConnectorOutput:
         return self.connector(self.text_features(prompts), timesteps)

@@ -15,6 +15,8 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from sur_lightning.cache import prepare_feature_cache
+
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
@@ -47,7 +49,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data)
-    model = instantiate(cfg.model)
+    # data.cache=auto|require: fill or check the feature cache; with it complete, no LLM is built.
+    model = instantiate(cfg.model, **prepare_feature_cache(cfg, datamodule))
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
