@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_DISABLE_TELEMETRY := 1
 export WANDB_SILENT := true
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench bench-data clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest tests
+
+# Dataloader samples/s and training steps/s, feature cache warm vs data.cache=off (tiny backbone).
+bench-data: install
+	$(PY) experiments/bench_data/bench.py
 
 lint: install
 	$(PY) -m ruff check sur_lightning tests
