@@ -92,3 +92,19 @@ def test_multirun_eta_by_loss_runs_to_the_end(tmp_path, cache_dir, tiny_sd, tiny
     jobs = {tuple(sorted(o for o in (p.parent / ".hydra" / "overrides.yaml").read_text().split() if o.startswith(("eta=", "loss="))))
             for p in metrics}
     assert jobs == {("eta=fixed", "loss=kl"), ("eta=fixed", "loss=cosine"), ("eta=adaptive", "loss=kl"), ("eta=adaptive", "loss=cosine")}
+
+
+def test_optuna_search_runs_trials_and_reports_the_best(tmp_path, cache_dir, tiny_sd, tiny_llm):
+    sweep = tmp_path / "optuna"
+    overrides = [o for o in tiny_overrides(tmp_path, cache_dir) if not o.startswith("paths.output_dir")]
+    command = [
+        sys.executable, "-m", "sur_lightning.train", "-m", "+experiment=cosine_eta_adaptive", "+hparams_search=eta_optuna",
+        "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=1", "+trainer.fast_dev_run=true",
+        *overrides, f"hydra.sweep.dir={sweep}",
+    ]
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list(sweep.glob("*/metrics.json"))) == 2
+    best = (sweep / "optimization_results.yaml").read_text()
+    assert "best_value" in best and "eta.init" in best

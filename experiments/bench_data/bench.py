@@ -44,8 +44,6 @@ def config(root: Path, cache: str, args) -> object:
         f"data.cache_dir={root}/features",
         f"trainer.max_steps={args.steps}",
         "+trainer.limit_val_batches=0",
-        "trainer.enable_checkpointing=false",
-        "trainer.enable_progress_bar=false",
     ]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose(config_name="train", overrides=overrides)
@@ -86,12 +84,15 @@ def measure(root: Path, cache: str, args) -> dict:
     L.seed_everything(0)
     datamodule = instantiate(cfg.data)
     started = time.perf_counter()
+    datamodule.setup("fit")
     model_kwargs = prepare_feature_cache(cfg, datamodule)
     setup_s = time.perf_counter() - started
     samples_per_s = loader_rate(datamodule, args.loader_batches)
     model = instantiate(cfg.model, **model_kwargs)
     timer = StepTimer()
-    trainer = instantiate(cfg.trainer, callbacks=[timer], logger=False)
+    trainer = instantiate(
+        cfg.trainer, callbacks=[timer], logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
     trainer.fit(model=model, datamodule=datamodule)
     return {
         "data.cache": cache,
