@@ -66,7 +66,7 @@ class CausalLMFeatures(nn.Module):
         self.requires_grad_(False)
         self.eval()
 
-    def train(self, mode: bool = True) -> "CausalLMFeatures":
+    def train(self, mode: bool = True) -> CausalLMFeatures:
         return super().train(False)
 
     @property
@@ -94,7 +94,6 @@ class CausalLMFeatures(nn.Module):
             return states, mask
         weights = mask.unsqueeze(-1).float()
         return (states * weights).sum(1) / weights.sum(1).clamp(min=1.0), None
-
 
 
 class T5EncoderFeatures(nn.Module):
@@ -132,7 +131,7 @@ class T5EncoderFeatures(nn.Module):
         self.requires_grad_(False)
         self.eval()
 
-    def train(self, mode: bool = True) -> "T5EncoderFeatures":
+    def train(self, mode: bool = True) -> T5EncoderFeatures:
         return super().train(False)
 
     @property
@@ -233,7 +232,6 @@ def build_tiny_causal_lm(root: str | Path, hidden_size: int = 32, num_layers: in
     CLIPTokenizer(str(src / "vocab.json"), str(src / "merges.txt"), pad_token="<|endoftext|>").save_pretrained(root)
     spec_file.write_text(json.dumps(spec))
     return str(root)
-
 
 
 def build_tiny_t5_encoder(root: str | Path, d_model: int = 32, num_layers: int = 2, seed: int = 0) -> str:

@@ -133,9 +133,7 @@ class TimestepAwareSemanticConnector(nn.Module):
         self.latents = nn.Parameter(dim**-0.5 * torch.randn(num_latents, dim))
         self.time_aware_linear = nn.Linear(time_embed_dim, dim)
         self.proj_in = nn.Linear(llm_dim, dim)
-        self.blocks = nn.ModuleList(
-            PerceiverAttentionBlock(dim, num_heads, time_embed_dim) for _ in range(num_blocks)
-        )
+        self.blocks = nn.ModuleList(PerceiverAttentionBlock(dim, num_heads, time_embed_dim) for _ in range(num_blocks))
 
     def forward(self, features: TextFeatures, timesteps: torch.Tensor) -> ConnectorOutput:
         if features.llm is None or features.llm.dim() != 3:
