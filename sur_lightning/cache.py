@@ -179,7 +179,7 @@ class FeatureCache:
         self.llm = llm
 
     @classmethod
-    def from_config(cls, cfg: DictConfig) -> "FeatureCache":
+    def from_config(cls, cfg: DictConfig) -> FeatureCache:
         root = cfg.data.cache_dir
         data = cfg.data
         latents = FeatureStore(

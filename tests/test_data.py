@@ -68,7 +68,7 @@ def write_copies(folder: Path, out: Path) -> dict[str, Path]:
 
 
 def test_every_format_round_trips_to_identical_batches(shapes, tmp_path):
-    common = dict(resolution=32, batch_size=2, val_size=0, image_key="file_name")
+    common = {"resolution": 32, "batch_size": 2, "val_size": 0, "image_key": "file_name"}
     reference = ImageTextDataModule(str(shapes), **common)
     reference.setup("fit")
     expected = examples_by_id(reference)
@@ -118,7 +118,7 @@ def build_bad_corpus(root: Path) -> dict[str, str]:
         "rgba.png": png_bytes(photo.convert("RGBA")),
         "palette.png": png_bytes(photo.convert("P")),
         "gray.png": png_bytes(photo.convert("L")),
-        "sixteen.png": png_bytes(Image.fromarray((np.asarray(photo.convert("L")).astype(np.uint16) * 257))),
+        "sixteen.png": png_bytes(Image.fromarray(np.asarray(photo.convert("L")).astype(np.uint16) * 257)),
         "truncated.png": png_bytes(photo)[:300],
         "not_an_image.png": b"this is a text file, not a picture\n",
         "one_pixel.png": png_bytes(Image.new("RGB", (1, 1), (255, 0, 0))),
@@ -193,7 +193,7 @@ def test_bad_input_corpus_is_skipped_repaired_and_reported(tmp_path, tiny_sd):
     assert dataset[index]["pixel_values"].std() > 0.1
     from sur_lightning.data.images import load_rgb
 
-    image, repairs = load_rgb((tmp_path / "bad" / "exif_rotated.jpg").read_bytes())
+    image, _repairs = load_rgb((tmp_path / "bad" / "exif_rotated.jpg").read_bytes())
     assert image.size == (40, 48) and image.mode == "RGB"
 
 
@@ -296,7 +296,7 @@ def test_pokemon_llava_parquet_with_each_simple_prompt_source(tmp_path, shapes):
     (blip / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"b{i}.png", "text": f"blip {i}"}) + "\n" for i in range(len(names))))
     pairing = write_pairing(str(blip), str(tmp_path / "pairs.jsonl"), image_key="file_name")
 
-    common = dict(root=str(tmp_path / "0000.parquet"), image_key="image", simple_key=None, complex_key="text", resolution=32, val_size=0)
+    common = {"root": str(tmp_path / "0000.parquet"), "image_key": "image", "simple_key": None, "complex_key": "text", "resolution": 32, "val_size": 0}
     by_clause = ImageTextDataModule(simple_prompt=FirstClause(), **common)
     by_clause.setup("fit")
     assert {r.simple for r in by_clause.all_rows()} == {f"a {i} small creature" for i in range(len(names))}

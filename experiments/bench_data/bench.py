@@ -18,13 +18,13 @@ from pathlib import Path
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import lightning as L  # noqa: E402
-import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
-from hydra.utils import instantiate  # noqa: E402
+import lightning as L
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 
-from sur_lightning.cache import build_cache, prepare_feature_cache  # noqa: E402
-from sur_lightning.train import CONFIG_DIR  # noqa: E402
+from sur_lightning.cache import build_cache, prepare_feature_cache
+from sur_lightning.train import CONFIG_DIR
 
 
 def config(root: Path, cache: str, args) -> object:

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import lightning as L
 import torch
@@ -452,14 +452,14 @@ class ImageTextDataModule(L.LightningDataModule):
         random.Random(self.seed).shuffle(good)
         if self.val_size >= len(good):
             raise ValueError(f"data.val_size={self.val_size} leaves no training rows out of {len(good)} usable")
-        common = dict(
-            root=root,
-            table=table,
-            image_key=self.image_key,
-            resolution=self.resolution,
-            max_image_pixels=self.max_image_pixels,
-            min_image_side=self.min_image_side,
-        )
+        common = {
+            "root": root,
+            "table": table,
+            "image_key": self.image_key,
+            "resolution": self.resolution,
+            "max_image_pixels": self.max_image_pixels,
+            "min_image_side": self.min_image_side,
+        }
         self.val_set = ImageTextDataset(good[: self.val_size], center_crop=True, random_flip=False, **common) if self.val_size else None
         self.train_set = ImageTextDataset(
             good[self.val_size :], center_crop=self.center_crop, random_flip=self.random_flip, cache=self.cache, **common
@@ -472,17 +472,17 @@ class ImageTextDataModule(L.LightningDataModule):
             raise ValueError("data.cache is for map-style data; WebDataset shards are streamed: set data.cache=off")
         limit = PromptLimit(self.tokenizer)
         urls = webdataset_urls(self.root)
-        common = dict(
-            urls=urls,
-            image_key=None if self.image_key == "file_name" else self.image_key,
-            simple_key=self.simple_key,
-            complex_key=self.complex_key,
-            limit=limit,
-            resolution=self.resolution,
-            simple_prompt=self.simple_prompt,
-            max_image_pixels=self.max_image_pixels,
-            min_image_side=self.min_image_side,
-        )
+        common = {
+            "urls": urls,
+            "image_key": None if self.image_key == "file_name" else self.image_key,
+            "simple_key": self.simple_key,
+            "complex_key": self.complex_key,
+            "limit": limit,
+            "resolution": self.resolution,
+            "simple_prompt": self.simple_prompt,
+            "max_image_pixels": self.max_image_pixels,
+            "min_image_side": self.min_image_side,
+        }
         val_keys: list = []
         if self.val_size:
             val = StreamingImageTextDataset(center_crop=True, random_flip=False, **common)

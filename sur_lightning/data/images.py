@@ -48,7 +48,7 @@ def repairs_needed(image: Image.Image) -> list[str]:
     try:
         # PNG keeps EXIF after the pixel data: reading it walks the whole file.
         orientation = image.getexif().get(EXIF_ORIENTATION, 1)
-    except Exception as error:  # noqa: BLE001 - Pillow raises many types for corrupt data
+    except Exception as error:
         raise BadImage(f"truncated or corrupt image data ({error})") from error
     if orientation not in (1, None):
         repairs.append(f"applied EXIF orientation {orientation}")
@@ -66,7 +66,7 @@ def check_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int =
     try:
         # PNG: walks every chunk and checks its CRC, so a truncated file fails here. JPEG: a no-op.
         image.verify()
-    except Exception as error:  # noqa: BLE001 - Pillow raises many types for corrupt data
+    except Exception as error:
         raise BadImage(f"truncated or corrupt image data ({error})") from error
     return repairs
 
@@ -98,5 +98,5 @@ def load_rgb(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int = 8)
     try:
         image.load()
         return to_rgb(image), repairs
-    except Exception as error:  # noqa: BLE001 - truncated and corrupt streams raise OSError, SyntaxError, ...
+    except Exception as error:
         raise BadImage(f"truncated or corrupt image data ({error})") from error
