@@ -1,0 +1,200 @@
+"""Evaluation: the offline default runs end to end (shape accuracy, FID/KID, CLIP score on a tiny local CLIP),
+a generate run's folder scores the same, missing weights stop the run naming the config key, and the
+evaluation callback logs its metrics during training."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from sur_lightning.connectors import save_connector
+from sur_lightning.connectors.sur import SURAdapter
+from sur_lightning.eta import FixedEta
+from sur_lightning.evaluate import evaluate, log_report, markdown_table
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+class PooledPixels(torch.nn.Module):
+    """A cheap stand-in for the FID Inception (48-d pooled colours), so FID's matrix square root stays small.
+    The real bundled Inception is what the offline default uses (see test_offline_default_uses_the_bundled_inception)."""
+
+    num_features = 48
+
+    def __init__(self, path=None):
+        super().__init__()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+        return F.adaptive_avg_pool2d(x, 4).flatten(1)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_checkpoint(tmp_path_factory) -> tuple[str, str]:
+    """A tiny random open_clip model registered under a name, saved as a local checkpoint file."""
+    import open_clip
+
+    folder = tmp_path_factory.mktemp("clip")
+    config = {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }
+    (folder / "sur-eval-tiny-clip.json").write_text(json.dumps(config))
+    open_clip.add_model_config(folder)
+    torch.manual_seed(0)
+    model = open_clip.create_model("sur-eval-tiny-clip")
+    torch.save(model.state_dict(), folder / "tiny-clip.pt")
+    return "sur-eval-tiny-clip", str(folder / "tiny-clip.pt")
+
+
+@pytest.fixture(scope="module")
+def sur_adapter(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    sur = SURAdapter(dim=32, llm_dim=32, eta=FixedEta(0.5), num_heads=4, ff_dim=32, dropout=0.0, zero_init_output=False)
+    path, _ = save_connector(sur, tmp_path_factory.mktemp("adapter") / "sur.safetensors")
+    return path
+
+
+def compose_evaluate(root: Path, cache_dir: Path, *overrides: str):
+    base = [
+        f"paths.root_dir={root}", f"paths.cache_dir={cache_dir}", f"paths.output_dir={root}/run",
+        "backbone=tiny", "llm=tiny", "device=cpu", "sampler.num_inference_steps=2", "sampler.resolution=32",
+        "sampler.batch_size=8", "num_prompts=2", "seeds=[0,1]", "reference.num_images=6",
+    ]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="evaluate", overrides=[*base, *overrides])
+
+
+@pytest.fixture(scope="module")
+def offline_run(tmp_path_factory, cache_dir, tiny_sd, tiny_llm, tiny_clip_checkpoint, sur_adapter):
+    name, checkpoint = tiny_clip_checkpoint
+    root = tmp_path_factory.mktemp("evaluate")
+    cfg = compose_evaluate(
+        root, cache_dir, f"adapters=[{sur_adapter}]", "metrics.compute=[shapes,fid,clip]",
+        f"metrics.clip.model={name}", f"metrics.clip.pretrained={checkpoint}",
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("sur_lightning.metrics.fid.InceptionFeatures", PooledPixels)
+        return cfg, evaluate(cfg)
+
+
+def test_offline_default_uses_the_bundled_inception(tmp_path, cache_dir):
+    from sur_lightning.evaluate import evaluator_from_config
+    from sur_lightning.metrics.fid import InceptionFeatures
+
+    cfg = compose_evaluate(tmp_path, cache_dir, "reference.num_images=2")
+    assert list(cfg.metrics.compute) == ["shapes", "fid"] and cfg.metrics.fid.inception is None
+    evaluator = evaluator_from_config(cfg)
+    assert isinstance(evaluator.distribution.feature, InceptionFeatures)
+    assert evaluator.reference_features.shape == (2, 2048)
+
+
+def test_offline_default_scores_base_and_adapter(offline_run):
+    cfg, report = offline_run
+    assert list(report["columns"]) == ["base", "sur"]
+    for summary in report["columns"].values():
+        assert set(summary) == {
+            "count_accuracy", "color_accuracy", "shape_accuracy", "shape_exact",
+            "fid", "kid_mean", "kid_std", "clip_score", "clip_truncated",
+        }
+        assert all(0 <= summary[k] <= 1 for k in ("count_accuracy", "color_accuracy", "shape_accuracy", "shape_exact"))
+        assert 0 <= summary["clip_score"] <= 100 and summary["clip_truncated"] == 0
+        assert math.isfinite(summary["fid"]) and summary["fid"] > 0 and math.isfinite(summary["kid_mean"])
+    # Noise from a random UNet is far from drawn shapes: KID is clearly positive.
+    assert report["columns"]["base"]["kid_mean"] > 0.01
+    run = Path(cfg.paths.output_dir)
+    saved = json.loads((run / "report.json").read_text())
+    assert saved["columns"] == report["columns"] and len(saved["images"]) == 2 * 2 * 2
+    assert saved["images"][0]["prompt"] and "clip_score" in saved["images"][0]
+    table = (run / "report.md").read_text()
+    assert "| base |" in table and "| sur |" in table and "kid_mean" in table
+    assert (run / "manifest.json").exists() and (run / "grid.png").exists()
+
+
+def test_scores_of_a_generate_folder_match(offline_run, tmp_path, cache_dir, tiny_clip_checkpoint, monkeypatch):
+    monkeypatch.setattr("sur_lightning.metrics.fid.InceptionFeatures", PooledPixels)
+    cfg, report = offline_run
+    name, checkpoint = tiny_clip_checkpoint
+    again = compose_evaluate(
+        tmp_path, cache_dir, f"images_dir={cfg.paths.output_dir}", "metrics.compute=[shapes,fid,clip]",
+        f"metrics.clip.model={name}", f"metrics.clip.pretrained={checkpoint}",
+    )
+    columns = evaluate(again)["columns"]
+    assert list(columns) == list(report["columns"])
+    for name, summary in columns.items():
+        assert summary == pytest.approx(report["columns"][name], rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["metrics.compute=[clip]", "metrics.clip.pretrained=/nowhere/clip.safetensors"], "metrics.clip.pretrained"),
+        (["metrics.compute=[diversity]", "metrics.lpips.backbone_weights=/nowhere/alexnet.pth"], "metrics.lpips.backbone_weights"),
+        (["metrics.compute=[fid]", "metrics.fid.inception=/nowhere/default_1.pt"], "metrics.fid.inception"),
+        (["metrics.compute=[captions]", "metrics.captioner.model=/nowhere/blip"], "metrics.captioner.model"),
+    ],
+)
+def test_missing_weights_stop_the_run_before_generating(tmp_path, cache_dir, overrides, key):
+    cfg = compose_evaluate(tmp_path, cache_dir, *overrides)
+    with pytest.raises(RuntimeError, match=key.replace(".", r"\.")):
+        evaluate(cfg)
+    assert not (tmp_path / "run" / "images").exists()
+
+
+def test_bad_metric_requests_are_config_errors(tmp_path, cache_dir):
+    with pytest.raises(ValueError, match="unknown metric"):
+        evaluate(compose_evaluate(tmp_path, cache_dir, "metrics.compute=[fidd]"))
+    with pytest.raises(ValueError, match="2 seeds"):
+        evaluate(compose_evaluate(tmp_path, cache_dir, "metrics.compute=[diversity]", "seeds=[0]"))
+
+
+def test_report_goes_to_loggers_with_an_image_table():
+    from sur_lightning.generate import Rendered
+    from sur_lightning.metrics.prompt_suites import Prompt
+
+    class TableLogger:
+        def __init__(self):
+            self.metrics, self.tables = [], []
+
+        def log_metrics(self, metrics, step):
+            self.metrics.append((metrics, step))
+
+        def log_table(self, key, columns, data):
+            self.tables.append((key, columns, data))
+
+    prompt = Prompt("p0", "two red circles", "shapes")
+    rendered = [Rendered("base", prompt, 0, Image.new("RGB", (8, 8)), "images/base/p0_seed0.png")]
+    report = {
+        "columns": {"base": {"kid_mean": 0.5}},
+        "images": [{"column": "base", "prompt_id": "p0", "prompt": prompt.prompt, "category": "shapes", "seed": 0,
+                    "file": "images/base/p0_seed0.png", "shape_exact": 0.0}],
+    }
+    logger = TableLogger()
+    log_report([logger], report, rendered, step=3)
+    assert logger.metrics == [({"eval/base/kid_mean": 0.5}, 3)]
+    key, columns, data = logger.tables[0]
+    assert key == "eval/images" and columns[0] == "image" and "shape_exact" in columns and len(data) == 1
+    assert markdown_table(report["columns"]).splitlines()[2] == "| base | 0.5000 |"
+
+
+def test_evaluation_callback_logs_metrics_during_training(compose, monkeypatch):
+    from sur_lightning.train import train
+
+    monkeypatch.setattr("sur_lightning.metrics.fid.InceptionFeatures", PooledPixels)
+    cfg = compose(
+        "+experiment=demo", "callbacks=with_evaluation", "+trainer.fast_dev_run=true",
+        "callbacks.evaluation.num_prompts=2", "callbacks.evaluation.num_inference_steps=2",
+        "callbacks.evaluation.resolution=32", "callbacks.evaluation.reference_size=6",
+    )
+    metrics = train(cfg)
+    assert {"eval/base/kid_mean", "eval/adapter/kid_mean", "eval/adapter/shape_exact"} <= set(metrics)
+    output = Path(cfg.paths.output_dir)
+    step = json.loads((output / "evaluation" / "step000001.json").read_text())
+    assert set(step["columns"]) == {"base", "adapter"} and len(step["images"]) == 2 * 2 * 2
+    assert "eval/adapter/kid_mean" in json.loads((output / "metrics.json").read_text())
