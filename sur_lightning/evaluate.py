@@ -287,6 +287,8 @@ def evaluate(cfg: DictConfig) -> dict:
     json_path, md_path = write_report(out_dir, report, settings)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     log_report(loggers, report, rendered)
+    for logger in loggers:
+        logger.finalize("success")
     if any(type(logger).__name__ == "WandbLogger" for logger in loggers):
         import wandb
 

@@ -107,7 +107,7 @@ def override_eta(connector: nn.Module, value: float | None):
     from sur_lightning.eta import FixedEta
 
     if not isinstance(getattr(connector, "eta", None), nn.Module):
-        raise ValueError(f"{type(connector).__name__} has no η module to override (η applies to SUR adapters)")
+        raise TypeError(f"{type(connector).__name__} has no η module to override (η applies to SUR adapters)")
     original = connector.eta
     connector.eta = FixedEta(float(value))
     try:
@@ -116,7 +116,7 @@ def override_eta(connector: nn.Module, value: float | None):
         connector.eta = original
 
 
-def _batch_timesteps(timesteps: torch.Tensor | float | int, batch: int, device) -> torch.Tensor:
+def _batch_timesteps(timesteps: torch.Tensor | float, batch: int, device) -> torch.Tensor:
     timesteps = torch.as_tensor(timesteps, device=device)
     return timesteps.reshape(-1).expand(batch) if timesteps.numel() == 1 else timesteps.reshape(batch)
 
@@ -140,7 +140,7 @@ class ClipConditioning:
         return features.clip
 
     @torch.no_grad()
-    def __call__(self, prompts: Sequence[str], timesteps: torch.Tensor | float | int) -> torch.Tensor:
+    def __call__(self, prompts: Sequence[str], timesteps: torch.Tensor | float) -> torch.Tensor:
         return self.apply(self.features(prompts), timesteps)
 
     conditioning = __call__
@@ -172,7 +172,7 @@ class ConnectorConditioning(ClipConditioning):
         self.eta = eta
 
     @torch.no_grad()
-    def apply(self, features: TextFeatures, timesteps: torch.Tensor | float | int) -> torch.Tensor:
+    def apply(self, features: TextFeatures, timesteps: torch.Tensor | float) -> torch.Tensor:
         reference = features.clip if features.clip is not None else features.llm
         timesteps = _batch_timesteps(timesteps, reference.shape[0], reference.device)
         with override_eta(self.connector, self.eta):
