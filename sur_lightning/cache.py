@@ -203,8 +203,11 @@ class FeatureCache:
             return None
         return int(self.llm.get(next(iter(self.llm.index)))["states"].shape[-1])
 
+    def clip_states(self, prompts: list[str], device: torch.device | str = "cpu") -> torch.Tensor:
+        return torch.stack([self.lookup(self.clip, p)["states"] for p in prompts]).float().to(device)
+
     def text_features(self, prompts: list[str], device: torch.device | str = "cpu") -> TextFeatures:
-        clip = torch.stack([self.lookup(self.clip, p)["states"] for p in prompts]).float().to(device)
+        clip = self.clip_states(prompts, device)
         if self.llm is None:
             return TextFeatures(clip=clip)
         states = [self.lookup(self.llm, p)["states"].float() for p in prompts]
@@ -246,16 +249,19 @@ def unique(items) -> list:
 
 def missing_entries(cache: FeatureCache, datamodule, prompts_extra: list[str]) -> dict[str, list]:
     """What is not cached yet: {"latents": [(key, row, variant, bytes hash)], "clip": [prompt], "llm": [(prompt, row)]}."""
-    rows = datamodule.train_set.rows
+    # Training rows need every flip variant they may be drawn with; validation rows only the plain one.
+    jobs = [(row, image_variants(datamodule.random_flip)) for row in datamodule.train_set.rows]
+    if datamodule.val_set is not None:
+        jobs += [(row, image_variants(False)) for row in datamodule.val_set.rows]
     missing: dict[str, list] = {"latents": [], "clip": [], "llm": []}
     known_bad = {}
-    for row in rows:
+    for row, variants in jobs:
         try:
             data_hash = content_hash(datamodule.train_set.image_bytes(row))
         except BadImage as error:  # deleted since the scan
             known_bad[row.where] = str(error)
             continue
-        for variant in image_variants(datamodule.random_flip):
+        for variant in variants:
             key = cache.latents.key(data_hash, variant)
             if key in cache.latents.bad:
                 known_bad[row.where] = cache.latents.bad[key]
@@ -382,20 +388,18 @@ def build_cache(cfg: DictConfig, datamodule, mode: str = "auto", backbone=None) 
 def prepare_feature_cache(cfg: DictConfig, datamodule) -> dict:
     """For ``train``: with ``data.cache`` on, fill (auto) or check (require) the cache, point the datamodule at it,
     and return the model's constructor arguments that replace the frozen encoders: no LLM, the backbone
-    without its VAE encoder (when validation does not need it), the cache and the LLM width.
+    without its VAE encoder, the cache and the LLM width.
     """
     mode = cfg.data.get("cache", "off")
     if mode == "off":
         return {}
     cache, backbone = build_cache(cfg, datamodule, mode)
-    # A fresh backbone when building loaded none; its VAE encoder is dropped below when validation is off.
+    # A fresh backbone when building loaded none. Training and validation read cached latents only,
+    # so the VAE encoder is dropped (the decoder stays for sampling).
     backbone = backbone if backbone is not None else instantiate(cfg.backbone)
     datamodule.use_latent_store(cache.latents)
-    validates = datamodule.val_set is not None and cfg.trainer.get("limit_val_batches", 1.0) != 0
-    if not validates:
-        # validation_step encodes its own images (fixed noise); training reads cached latents only.
-        backbone.vae.encoder = None
-        backbone.vae.quant_conv = None
+    backbone.vae.encoder = None
+    backbone.vae.quant_conv = None
     return {"backbone": backbone, "llm": None, "llm_dim": cache.llm_dim, "feature_cache": cache}
 
 

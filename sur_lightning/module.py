@@ -85,6 +85,12 @@ class ConnectorTrainingModule(L.LightningModule):
         llm_states, llm_mask = self.llm(prompts)
         return TextFeatures(clip=clip, llm=llm_states, llm_mask=llm_mask)
 
+    def clip_states(self, prompts: list[str]) -> torch.Tensor:
+        """CLIP states [B,77,d] of the prompts, from the feature cache when there is one."""
+        if self.feature_cache is not None:
+            return self.feature_cache.clip_states(prompts, device=self.device)
+        return self.backbone.encode_prompt(prompts)
+
     def latents(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
         """Scaled VAE latents [B,4,h,w] sampled from the encoder's distribution: computed from
         ``pixel_values``, or rebuilt from the cached ``latent_mean``/``latent_logvar`` (no encoder runs)."""
@@ -126,7 +132,7 @@ class ConnectorTrainingModule(L.LightningModule):
 
         # 5. Alignment to CLIP(complex prompt) and distillation of the LLM state through W0.
         if self.prompt_loss is not None:
-            clip_complex = self.backbone.encode_prompt(batch["complex_prompt"])
+            clip_complex = self.clip_states(batch["complex_prompt"])
             losses["prompt"] = self.prompt_loss(out.conditioning, clip_complex)
             loss = loss + self.prompt_loss.weight * losses["prompt"]
         if self.llm_loss is not None:
@@ -162,9 +168,7 @@ class ConnectorTrainingModule(L.LightningModule):
         """Denoising loss on held-out rows, with noise and timesteps fixed by the batch index."""
         scheduler = self.backbone.noise_scheduler
         generator = torch.Generator(device=self.device).manual_seed(batch_idx)
-        latents = self.backbone.scale_latents(
-            self.backbone.encode_images(batch["pixel_values"]).sample(generator=generator)
-        )
+        latents = self.latents(batch, generator=generator)
         noise = self.denoising_loss.sample_noise(latents, generator=generator)
         timesteps = torch.randint(
             0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=self.device, generator=generator

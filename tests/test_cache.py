@@ -70,10 +70,12 @@ def test_a_changed_fingerprint_triggers_recomputation(compose, tmp_path, backbon
     assert other.llm.folder != cache.llm.folder and other.clip.folder == cache.clip.folder
     missing = missing_entries(other, datamodule, cache_module.extra_prompts(changed))
     rows = len(datamodule.train_set.rows)
-    # A new LLM layer: every LLM entry again; a flip variant: one more latent per image; CLIP is reused.
+    val_rows = len(datamodule.val_set.rows) if datamodule.val_set else 0
+    # A new LLM layer: every LLM entry again; a flip variant: one more latent per training image
+    # (validation images are never flipped); CLIP is reused.
     assert len(missing["llm"]) == len(cache.llm) and len(missing["latents"]) == rows and not missing["clip"]
     build_cache(changed, datamodule, backbone=backbone)
-    assert len(FeatureCache.from_config(changed).latents) == 2 * rows
+    assert len(FeatureCache.from_config(changed).latents) == 2 * rows + val_rows
 
 
 def test_require_fails_on_a_missing_entry_naming_its_key(compose, tmp_path):
@@ -108,12 +110,13 @@ def test_an_interrupted_build_resumes_and_half_written_files_are_ignored(compose
     partial = FeatureCache.from_config(cfg)
     assert len(partial.latents) == 2  # the one shard written before the kill; the .tmp file is not read
     missing = missing_entries(partial, datamodule, cache_module.extra_prompts(cfg))
-    assert len(missing["latents"]) == len(datamodule.train_set.rows) - 2 and not missing["clip"] and not missing["llm"]
+    images = len(datamodule.all_rows())  # training and validation images, one plain variant each
+    assert len(missing["latents"]) == images - 2 and not missing["clip"] and not missing["llm"]
     encoded = []
     monkeypatch.setattr(backbone, "encode_images", lambda x: encoded.append(len(x)) or type(backbone).encode_images(backbone, x))
     build_cache(cfg, datamodule, backbone=backbone)
-    assert sum(encoded) == len(datamodule.train_set.rows) - 2
-    assert len(FeatureCache.from_config(cfg).latents) == len(datamodule.train_set.rows)
+    assert sum(encoded) == images - 2
+    assert len(FeatureCache.from_config(cfg).latents) == images
 
 
 def test_with_a_complete_cache_no_llm_is_built_and_no_vae_encoder_runs(compose, tmp_path, backbone, monkeypatch):

@@ -519,10 +519,11 @@ class ImageTextDataModule(L.LightningDataModule):
         return list(self.train_set.rows) + (list(self.val_set.rows) if self.val_set else [])
 
     def use_latent_store(self, store) -> None:
-        """Read training latents from ``store`` (a ``cache.FeatureStore``) instead of decoding and encoding images."""
+        """Read training and validation latents from ``store`` (a ``cache.FeatureStore``) instead of decoding and encoding images."""
         self.latent_store = store
-        if self.train_set is not None:
-            self.train_set.latent_store = store
+        for dataset in (self.train_set, self.val_set):
+            if dataset is not None:
+                dataset.latent_store = store
 
     # ---------------------------------------------------------------- the report
 
