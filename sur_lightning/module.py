@@ -9,7 +9,8 @@ Only the connector's parameters (SUR: adapter, η net, W0) are trained.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import lightning as L
 import torch

@@ -1,6 +1,5 @@
 """The training step: what receives gradients, and what one optimizer step changes."""
 
-import copy
 
 import lightning as L
 import pytest

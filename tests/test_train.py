@@ -7,13 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import tiny_overrides
 from hydra.errors import ConfigCompositionException, InstantiationException
 from omegaconf.errors import MissingMandatoryValue
 
 from sur_lightning.backbone import ModelNotAvailableError
 from sur_lightning.train import train
-
-from conftest import tiny_overrides
 
 EXPERIMENTS = sorted(p.stem for p in (Path(__file__).parent.parent / "conf" / "experiment").glob("*.yaml"))
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,7 +84,7 @@ def test_multirun_eta_by_loss_runs_to_the_end(tmp_path, cache_dir, tiny_sd, tiny
         *overrides, f"hydra.sweep.dir={sweep}",
     ]
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = sorted(sweep.glob("*/metrics.json"))
     assert len(metrics) == 4, [p.parent.name for p in metrics]
@@ -103,7 +102,7 @@ def test_optuna_search_runs_trials_and_reports_the_best(tmp_path, cache_dir, tin
         *overrides, f"hydra.sweep.dir={sweep}",
     ]
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(list(sweep.glob("*/metrics.json"))) == 2
     best = (sweep / "optimization_results.yaml").read_text()
