@@ -76,6 +76,8 @@ def report_outputs(cfg, trainer, callbacks, loggers, metrics: dict[str, float]) 
     metrics_path = output_dir / "metrics.json"
     metrics_path.write_text(json.dumps({"global_step": trainer.global_step, **metrics}, indent=2, sort_keys=True))
     lines = [f"metrics:    {metrics_path}"]
+    if (output_dir / "data_report.json").exists():
+        lines.append(f"data:       {output_dir / 'data_report.json'} (skipped, repaired and truncated rows)")
     for callback in callbacks:
         name = type(callback).__name__
         if name == "AdapterExport" and callback.last_path:
