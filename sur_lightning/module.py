@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import lightning as L
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 import torch
 from torch import nn
 
@@ -67,6 +68,12 @@ class ConnectorTrainingModule(L.LightningModule):
         # Probability that a training prompt becomes the empty prompt, so classifier-free guidance has
         # an unconditional branch to use (ELLA: 0.1). Rows are drawn from the seeded global RNG.
         self.caption_dropout = caption_dropout
+        if caption_dropout and (prompt_loss is not None or llm_loss is not None):
+            # A dropped caption would be aligned to the complex prompt / LLM state of the caption it replaced.
+            raise ValueError(
+                f"model.caption_dropout={caption_dropout} cannot be combined with the alignment losses "
+                "(model.prompt_loss / model.llm_loss): use loss=denoising, or caption_dropout=0"
+            )
         self.eta_histogram_every_n_steps = eta_histogram_every_n_steps
         # Checkpoints hold only the connector; the frozen models come back from their configs.
         self.strict_loading = False
@@ -158,11 +165,11 @@ class ConnectorTrainingModule(L.LightningModule):
         self.log("train/eta_mean", out.eta.mean(), batch_size=batch_size)
         if self.global_step % self.eta_histogram_every_n_steps == 0:
             for logger in self.loggers:
-                if hasattr(logger.experiment, "log") and type(logger).__name__ == "WandbLogger":
+                if isinstance(logger, WandbLogger):
                     import wandb
 
                     logger.experiment.log({"train/eta": wandb.Histogram(out.eta.detach().float().cpu().numpy())})
-                elif hasattr(logger.experiment, "add_histogram"):
+                elif isinstance(logger, TensorBoardLogger):
                     logger.experiment.add_histogram("train/eta", out.eta.detach().float(), self.global_step)
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

@@ -93,3 +93,23 @@ def test_each_alignment_kind_trains(compose, kind):
     _, model, batch = build(compose, "+experiment=sur_paper", f"loss.prompt.kind={kind}", f"loss.llm.kind={kind}")
     loss = model.training_step(batch, 0)
     assert torch.isfinite(loss)
+
+
+def test_caption_dropout_with_alignment_losses_is_refused_naming_the_keys(compose):
+    cfg = compose("+experiment=sur_paper", "model.caption_dropout=0.1")
+    with pytest.raises(Exception, match="model.caption_dropout=0.1 cannot be combined"):
+        instantiate(cfg.model)
+
+
+def test_eta_histogram_reaches_tensorboard(compose, tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    cfg, model, _ = build(compose, "+experiment=cosine_eta_adaptive", "model.eta_histogram_every_n_steps=1")
+    logger = TensorBoardLogger(tmp_path / "tb", name="")
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=logger, enable_checkpointing=False,
+                        enable_progress_bar=False, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=instantiate(cfg.data))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(logger.log_dir)).Reload()
+    assert "train/eta" in events.Tags()["histograms"]
