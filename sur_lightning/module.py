@@ -13,8 +13,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import lightning as L
-from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from torch import nn
 
 from sur_lightning.backbone import StableDiffusionBackbone
