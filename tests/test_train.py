@@ -107,3 +107,20 @@ def test_optuna_search_runs_trials_and_reports_the_best(tmp_path, cache_dir, tin
     assert len(list(sweep.glob("*/metrics.json"))) == 2
     best = (sweep / "optimization_results.yaml").read_text()
     assert "best_value" in best and "eta.init" in best
+
+
+def test_training_resumes_from_a_connector_only_checkpoint(compose):
+    common = ("+experiment=demo", "trainer.val_check_interval=2", "callbacks.model_checkpoint.every_n_train_steps=2")
+    first = compose(*common, "trainer.max_steps=2")
+    train(first)
+    checkpoint = Path(first.paths.output_dir) / "checkpoints" / "last.ckpt"
+    resumed = compose(*common, "trainer.max_steps=4", f"ckpt_path={checkpoint}")
+    train(resumed)
+    assert json.loads((Path(resumed.paths.output_dir) / "metrics.json").read_text())["global_step"] == 4
+    # The resumed run validated only after step 4 (logged as step 3): it continued from the checkpoint.
+    import csv
+
+    with open(Path(resumed.paths.output_dir) / "csv" / "version_1" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    steps = {int(r["step"]) for r in rows if r.get("val/denoising")}
+    assert steps and min(steps) >= 2, steps
