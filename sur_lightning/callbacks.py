@@ -14,16 +14,32 @@ from sur_lightning.connectors import save_connector
 from sur_lightning.generate import labelled_grid, render_base_and_adapter, save_grid
 
 
-class AdapterExport(L.Callback):
+class EveryNSteps(L.Callback):
+    """Base of the callbacks below: ``due(step)`` is true every ``every_n_steps`` optimizer steps, and with
+    ``at_end`` at the end of training, but only once per step — with gradient accumulation several batches
+    end on the same step."""
+
+    def __init__(self, every_n_steps: int | None) -> None:
+        self.every_n_steps = every_n_steps
+        self._last_step = -1
+
+    def due(self, step: int, at_end: bool = False) -> bool:
+        periodic = bool(self.every_n_steps) and step > 0 and step % self.every_n_steps == 0
+        if step == self._last_step or not (periodic or at_end):
+            return False
+        self._last_step = step
+        return True
+
+
+class AdapterExport(EveryNSteps):
     """Writes the connector alone (``adapter.safetensors`` + ``adapter.json``) at the end of training,
     and every ``every_n_steps`` optimizer steps when set (``adapter-step{N}.safetensors``)."""
 
     def __init__(self, dirpath: str, filename: str = "adapter", every_n_steps: int | None = None) -> None:
+        super().__init__(every_n_steps)
         self.dirpath = Path(dirpath)
         self.filename = filename
-        self.every_n_steps = every_n_steps
         self.last_path: Path | None = None
-        self._last_step = -1
 
     @rank_zero_only
     def export(self, pl_module, name: str) -> Path:
@@ -32,17 +48,14 @@ class AdapterExport(L.Callback):
         return path
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        # With gradient accumulation several batches end on the same step: export once.
-        if self.every_n_steps and step and step % self.every_n_steps == 0 and step != self._last_step:
-            self._last_step = step
-            self.export(pl_module, f"{self.filename}-step{step}")
+        if self.due(trainer.global_step):
+            self.export(pl_module, f"{self.filename}-step{trainer.global_step}")
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.export(pl_module, self.filename)
 
 
-class SampleGrid(L.Callback):
+class SampleGrid(EveryNSteps):
     """Renders fixed prompts with fixed seeds through the base model and through the adapter, and
     writes a labelled grid (``samples/step{N}.png``), also logged as an image to W&B / TensorBoard.
 
@@ -62,12 +75,12 @@ class SampleGrid(L.Callback):
         resolution: int | None = None,
         mode: str = "replace",
     ) -> None:
+        super().__init__(every_n_steps)
         self.dirpath = Path(dirpath)
         self.prompts = list(prompts)
         self.seeds = list(seeds) if seeds is not None else list(range(len(self.prompts)))
         if len(self.seeds) != len(self.prompts):
             raise ValueError(f"callbacks.sample_grid: {len(self.prompts)} prompts but {len(self.seeds)} seeds")
-        self.every_n_steps = every_n_steps
         self.kwargs = {
             "scheduler": scheduler,
             "mode": mode,
@@ -77,7 +90,6 @@ class SampleGrid(L.Callback):
             "width": resolution,
         }
         self.last_path: Path | None = None
-        self._last_step = -1
 
     @rank_zero_only
     def sample(self, trainer, pl_module) -> Path:
@@ -95,16 +107,15 @@ class SampleGrid(L.Callback):
         return path
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if self.every_n_steps and step and step % self.every_n_steps == 0 and step != self._last_step:
-            self._last_step = step
+        if self.due(trainer.global_step):
             self.sample(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self.sample(trainer, pl_module)
+        if self.due(trainer.global_step, at_end=True):
+            self.sample(trainer, pl_module)
 
 
-class EvaluationCallback(L.Callback):
+class EvaluationCallback(EveryNSteps):
     """Scores a small prompt suite every ``every_n_steps`` optimizer steps and at the end of training.
 
     Renders ``prompts`` × ``seeds`` through the connector (and once through the base model, whose scores
@@ -133,11 +144,11 @@ class EvaluationCallback(L.Callback):
     ) -> None:
         from sur_lightning.generate import load_prompt_list
 
+        super().__init__(every_n_steps)
         self.dirpath = Path(dirpath)
         self.prompts = load_prompt_list(prompts, num_prompts)
         self.seeds = list(seeds) if seeds is not None else [0]
         self.metrics = dict(metrics)
-        self.every_n_steps = every_n_steps
         self.reference = reference
         self.reference_size = reference_size
         self.mode = mode
@@ -153,7 +164,6 @@ class EvaluationCallback(L.Callback):
         self.base_scores: dict | None = None
         self.last_metrics: dict[str, float] = {}
         self.last_path: Path | None = None
-        self._last_step = -1
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if self.evaluator is None and trainer.is_global_zero:
@@ -205,12 +215,9 @@ class EvaluationCallback(L.Callback):
         return metrics
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if self.every_n_steps and step and step % self.every_n_steps == 0 and step != self._last_step:
-            self._last_step = step
+        if self.due(trainer.global_step):
             self.evaluate(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if trainer.global_step != self._last_step:
-            self._last_step = trainer.global_step
+        if self.due(trainer.global_step, at_end=True):
             self.evaluate(trainer, pl_module)
