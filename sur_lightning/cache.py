@@ -238,9 +238,17 @@ class FeatureCache:
 
 
 def extra_prompts(cfg: DictConfig) -> list[str]:
-    """Prompts training needs beyond the dataset's: the sample grid's, and the empty prompt of classifier-free guidance."""
-    grid = (cfg.get("callbacks") or {}).get("sample_grid") or {}
-    return [""] + list(grid.get("prompts") or [])
+    """Prompts training needs beyond the dataset's: the empty prompt of classifier-free guidance, and the
+    prompts the sample grid and the evaluation callback render (with their complex prompts, if any)."""
+    from sur_lightning.generate import load_prompt_list
+
+    texts = [""]
+    for name in ("sample_grid", "evaluation"):
+        node = (cfg.get("callbacks") or {}).get(name) or {}
+        if node.get("prompts"):
+            for prompt in load_prompt_list(node["prompts"], node.get("num_prompts")):
+                texts += [prompt.prompt] + ([prompt.complex] if prompt.complex else [])
+    return unique(texts)
 
 
 def unique(items) -> list:

@@ -59,6 +59,9 @@ class SampleGrid(EveryNSteps):
     """Renders fixed prompts with fixed seeds through the base model and through the adapter, and
     writes a labelled grid (``samples/step{N}.png``), also logged as an image to W&B / TensorBoard.
 
+    ``prompts``: a list of strings, or anything ``generate.load_prompt_list`` reads (a toy-world suite).
+    When the prompts carry a ``complex`` prompt, a third column shows the base model given that one:
+    base + simple | adapter + simple | base + complex, the lower bound, the method and the upper bound.
     Runs every ``every_n_steps`` optimizer steps (when set) and once at the end of training.
     ``mode``: "replace" or "concat_clip" (ELLA + CLIP), as in ``sur_lightning.generate``.
     """
@@ -66,7 +69,7 @@ class SampleGrid(EveryNSteps):
     def __init__(
         self,
         dirpath: str,
-        prompts: list[str],
+        prompts,
         seeds: list[int] | None = None,
         every_n_steps: int | None = None,
         num_inference_steps: int = 30,
@@ -75,9 +78,13 @@ class SampleGrid(EveryNSteps):
         resolution: int | None = None,
         mode: str = "replace",
     ) -> None:
+        from sur_lightning.generate import load_prompt_list
+
         super().__init__(every_n_steps)
         self.dirpath = Path(dirpath)
-        self.prompts = list(prompts)
+        loaded = load_prompt_list(prompts)
+        self.prompts = [p.prompt for p in loaded]
+        self.complex_prompts = [p.complex for p in loaded] if all(p.complex for p in loaded) else None
         self.seeds = list(seeds) if seeds is not None else list(range(len(self.prompts)))
         if len(self.seeds) != len(self.prompts):
             raise ValueError(f"callbacks.sample_grid: {len(self.prompts)} prompts but {len(self.seeds)} seeds")
@@ -94,12 +101,17 @@ class SampleGrid(EveryNSteps):
     @rank_zero_only
     def sample(self, trainer, pl_module) -> Path:
         base, adapted = render_base_and_adapter(pl_module, self.prompts, self.seeds, **self.kwargs)
-        grid = labelled_grid({"base": base, "adapter": adapted}, self.prompts)
+        if self.complex_prompts is None:
+            columns = {"base": base, "adapter": adapted}
+        else:
+            upper, _ = render_base_and_adapter(pl_module, self.complex_prompts, self.seeds, adapter=False, **self.kwargs)
+            columns = {"base + simple": base, "adapter + simple": adapted, "base + complex": upper}
+        grid = labelled_grid(columns, self.prompts)
         path = save_grid(grid, self.dirpath / f"step{trainer.global_step:06d}.png")
         self.last_path = path
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):
-                logger.log_image(key="samples", images=[grid], caption=["base | adapter"], step=trainer.global_step)
+                logger.log_image(key="samples", images=[grid], caption=[" | ".join(columns)], step=trainer.global_step)
             elif hasattr(logger.experiment, "add_image"):
                 import numpy as np
 
@@ -123,6 +135,11 @@ class EvaluationCallback(EveryNSteps):
     ``metrics`` in conf/evaluate.yaml), logs ``eval/adapter/<metric>`` and ``eval/base/<metric>`` to every
     logger and to ``trainer.callback_metrics`` (so ``metrics.json`` and sweepers see them), and writes
     ``<dirpath>/step{N}.json``. The metrics' weights load at ``setup``: a missing file fails before training.
+
+    With a toy-world suite (prompts that carry a ``complex`` prompt and a target) the base model also
+    renders the complex prompts ("base+complex", the upper bound), and the share of the base's
+    simple-vs-complex gap the adapter closes is logged per split as ``eval/gap_closed/<split>/<metric>``;
+    ``print_table`` prints the accuracy table at the end of training.
     """
 
     def __init__(
@@ -141,6 +158,7 @@ class EvaluationCallback(EveryNSteps):
         resolution: int | None = None,
         batch_size: int = 8,
         mode: str = "replace",
+        print_table: bool = False,
     ) -> None:
         from sur_lightning.generate import load_prompt_list
 
@@ -160,8 +178,11 @@ class EvaluationCallback(EveryNSteps):
             "width": resolution,
             "batch_size": batch_size,
         }
+        self.print_table = print_table
         self.evaluator = None
         self.base_scores: dict | None = None
+        self.base_rows: list[dict] = []
+        self.last_report: dict | None = None
         self.last_metrics: dict[str, float] = {}
         self.last_path: Path | None = None
 
@@ -178,19 +199,22 @@ class EvaluationCallback(EveryNSteps):
 
     @rank_zero_only
     def evaluate(self, trainer, pl_module) -> dict[str, float]:
-        from sur_lightning.evaluate import score_columns
+        from sur_lightning.evaluate import gap_closed, score_columns
         from sur_lightning.generate import (
             ClipConditioning,
             Column,
             ConnectorConditioning,
+            complex_prompt_column,
             frozen_text_features,
             render_columns,
         )
 
         step = trainer.global_step
         columns = [Column("adapter", ConnectorConditioning(pl_module.connector, pl_module.text_features, self.mode))]
-        if self.base_scores is None:
-            columns.insert(0, Column("base", ClipConditioning(frozen_text_features(pl_module.backbone))))
+        if self.base_scores is None:  # the frozen base's images cannot change: render them once
+            upper = complex_prompt_column(pl_module.backbone, self.prompts)
+            columns[:0] = [Column("base", ClipConditioning(frozen_text_features(pl_module.backbone)))]
+            columns[1:1] = [upper] if upper is not None else []
         was_training = pl_module.connector.training
         pl_module.connector.eval()
         try:
@@ -202,15 +226,22 @@ class EvaluationCallback(EveryNSteps):
             pl_module.connector.train(was_training)
         report = score_columns(self.evaluator, rendered)
         if self.base_scores is None:
-            self.base_scores = report["columns"]["base"]
-        scores = {"base": self.base_scores, "adapter": report["columns"]["adapter"]}
+            self.base_scores = {k: v for k, v in report["columns"].items() if k != "adapter"}
+            self.base_rows = [row for row in report["images"] if row["column"] != "adapter"]
+        scores = {**self.base_scores, "adapter": report["columns"]["adapter"]}
         metrics = {f"eval/{column}/{name}": float(v) for column, summary in scores.items() for name, v in summary.items()}
+        report = {"columns": scores, "images": self.base_rows + [r for r in report["images"] if r["column"] == "adapter"]}
+        if "base+complex" in scores:
+            report["gap_closed"] = gap_closed(report)
+            for split, closed in report["gap_closed"]["adapter"].items():
+                metrics |= {f"eval/gap_closed/{split}/{k}": float(v) for k, v in closed.items() if v is not None}
+        self.last_report = report
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
         self.dirpath.mkdir(parents=True, exist_ok=True)
         self.last_path = self.dirpath / f"step{step:06d}.json"
-        self.last_path.write_text(json.dumps({"step": step, "columns": scores, "images": report["images"]}, indent=2))
+        self.last_path.write_text(json.dumps({"step": step, **report}, indent=2))
         self.last_metrics = metrics
         return metrics
 
@@ -221,3 +252,7 @@ class EvaluationCallback(EveryNSteps):
     def on_train_end(self, trainer, pl_module) -> None:
         if self.due(trainer.global_step, at_end=True):
             self.evaluate(trainer, pl_module)
+        if self.print_table and trainer.is_global_zero and self.last_report and "gap_closed" in self.last_report:
+            from sur_lightning.evaluate import toyworld_table
+
+            print("\nToy world, step", trainer.global_step, "\n" + toyworld_table(self.last_report) + "\n")

@@ -137,8 +137,13 @@ class Evaluator:
             self.lpips = lpips_distance(lpips.get("net_type", "alex"), lpips.get("backbone_weights"))
 
     @torch.no_grad()
-    def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> tuple[dict[str, float], dict[str, list]]:
-        """(summary {metric: value}, per_image {metric: [value per image]}) for ``images`` and their ``prompts``."""
+    def score(
+        self, images: Sequence[Image.Image], prompts: Sequence[str], targets: Sequence[tuple | None] | None = None
+    ) -> tuple[dict[str, float], dict[str, list]]:
+        """(summary {metric: value}, per_image {metric: [value per image]}) for ``images`` and their ``prompts``.
+
+        ``targets``: per image the (count, colour, shape) it must show, for prompts that do not spell
+        it out ("a pair of tomatoes"); None reads it from the prompt ("two red circles")."""
         if len(images) != len(prompts):
             raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
         summary: dict[str, float] = {}
@@ -147,7 +152,11 @@ class Evaluator:
         if "shapes" in self.compute:
             from sur_lightning.metrics import shapes
 
-            checks = [shapes.check(image, prompt, **self.shapes_kwargs) for image, prompt in zip(images, prompts)]
+            targets = list(targets) if targets is not None else [None] * len(images)
+            checks = [
+                shapes.check(image, prompt, target, **self.shapes_kwargs)
+                for image, prompt, target in zip(images, prompts, targets)
+            ]
             for key, name in (("count", "count_accuracy"), ("color", "color_accuracy"), ("shape", "shape_accuracy"), ("exact", "shape_exact")):
                 per_image[name] = [float(c[key]) for c in checks]
                 summary[name] = float(np.mean(per_image[name]))
@@ -194,7 +203,8 @@ def score_columns(evaluator: Evaluator, rendered: Sequence[Rendered]) -> dict:
     report: dict = {"columns": {}, "categories": {}, "images": []}
     for column in dict.fromkeys(r.column for r in rendered):
         items = [r for r in rendered if r.column == column]
-        summary, per_image = evaluator.score([r.image for r in items], [r.prompt.prompt for r in items])
+        targets = [r.prompt.target for r in items]
+        summary, per_image = evaluator.score([r.image for r in items], [r.prompt.prompt for r in items], targets)
         report["columns"][column] = summary
         categories = sorted({r.prompt.category for r in items})
         if len(categories) > 1:
@@ -210,7 +220,77 @@ def score_columns(evaluator: Evaluator, rendered: Sequence[Rendered]) -> dict:
             row = {"column": column, "prompt_id": item.prompt.id, "prompt": item.prompt.prompt}
             row |= {"category": item.prompt.category, "seed": item.seed, "file": item.file}
             report["images"].append(row | {name: values[index] for name, values in per_image.items()})
+    if "base+complex" in report["columns"]:
+        report["gap_closed"] = gap_closed(report)
     return report
+
+
+ACCURACIES = ("color_accuracy", "shape_accuracy", "count_accuracy")
+
+
+def split_scores(report: dict) -> dict[str, dict[str, dict[str, float]]]:
+    """{column: {split: {accuracy: value, accuracy_ci95: half-width, n: images}}} from the per-image rows;
+    the split is the prompt's category. The 95% interval is the normal approximation to the binomial."""
+    out: dict = {}
+    for row in report["images"]:
+        out.setdefault(row["column"], {}).setdefault(row["category"], []).append(row)
+    scores: dict = {}
+    for column, splits in out.items():
+        for split, rows in splits.items():
+            entry = {"n": len(rows)}
+            for name in ACCURACIES:
+                if name in rows[0]:
+                    p = float(np.mean([r[name] for r in rows]))
+                    entry[name] = p
+                    entry[f"{name}_ci95"] = 1.96 * float(np.sqrt(p * (1 - p) / len(rows)))
+            scores.setdefault(column, {})[split] = entry
+    return scores
+
+
+def gap_closed(report: dict) -> dict[str, dict[str, dict[str, float | None]]]:
+    """{column: {split: {accuracy: (column − base) / (base+complex − base)}}} for every adapter column.
+
+    "base" is the base model on the simple prompts (the lower bound), "base+complex" the base model on
+    the complex prompts (the upper bound). None where the bounds are equal (no gap to close)."""
+    scores = split_scores(report)
+    low, high = scores["base"], scores["base+complex"]
+    closed: dict = {}
+    for column, splits in scores.items():
+        if column in ("base", "base+complex"):
+            continue
+        for split, entry in splits.items():
+            closed.setdefault(column, {})[split] = {
+                name: (entry[name] - low[split][name]) / (high[split][name] - low[split][name])
+                if name in entry and abs(high[split][name] - low[split][name]) > 1e-9
+                else None
+                for name in ACCURACIES
+                if name in entry
+            }
+    return closed
+
+
+def toyworld_table(report: dict, splits: Sequence[str] | None = None) -> str:
+    """Markdown: one row per (split, column) with colour / shape / count accuracy ± 95% CI, and the share
+    of the base's simple-vs-complex gap each adapter closes."""
+    scores = split_scores(report)
+    closed = report.get("gap_closed") or gap_closed(report)
+    splits = list(splits or dict.fromkeys(s for column in scores.values() for s in column))
+    lines = [
+        "| split | column | n | colour | shape | count | gap closed (colour / shape / count) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    names = {"base": "base + simple", "base+complex": "base + complex"}
+    for split in splits:
+        for column, by_split in scores.items():
+            if split not in by_split:
+                continue
+            entry = by_split[split]
+            cells = [f"{entry[n]:.2f} ± {entry[n + '_ci95']:.2f}" for n in ACCURACIES]
+            gap = closed.get(column, {}).get(split)
+            gap_cell = " / ".join("–" if gap[n] is None else f"{gap[n]:.2f}" for n in ACCURACIES) if gap else ""
+            label = names.get(column, f"{column} + simple")
+            lines.append(f"| {split} | {label} | {entry['n']} | " + " | ".join(cells) + f" | {gap_cell} |")
+    return "\n".join(lines)
 
 
 def markdown_table(columns: dict[str, dict[str, float]]) -> str:
@@ -235,6 +315,8 @@ def write_report(out_dir: Path, report: dict, settings: dict) -> tuple[Path, Pat
     json_path = out_dir / "report.json"
     json_path.write_text(json.dumps({"settings": settings, **report}, indent=2, default=str))
     lines = ["# Evaluation", "", markdown_table(report["columns"]), ""]
+    if "gap_closed" in report:
+        lines += ["## Toy world: accuracy by split, and the gap each adapter closes", "", toyworld_table(report), ""]
     for column, categories in report["categories"].items():
         lines += [f"## {column} by category", "", markdown_table(categories), ""]
     md_path = out_dir / "report.md"
@@ -294,6 +376,8 @@ def evaluate(cfg: DictConfig) -> dict:
 
         wandb.finish()
     print("\n" + markdown_table(report["columns"]))
+    if "gap_closed" in report:
+        print("\n" + toyworld_table(report))
     print(f"\nreport: {json_path}\n        {md_path}")
     return report
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import re
+import textwrap
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -265,15 +266,24 @@ def render(
 
 @torch.no_grad()
 def render_base_and_adapter(
-    module, prompts: list[str], seeds: list[int], scheduler: str = "ddim", mode: str = "replace", **kwargs
+    module,
+    prompts: list[str],
+    seeds: list[int],
+    scheduler: str = "ddim",
+    mode: str = "replace",
+    adapter: bool = True,
+    **kwargs,
 ):
     """Images of ``prompts`` (one seed each) from the base model and through ``module.connector``.
 
-    Returns (base_images, adapter_images). The adapter path uses ``module.text_features``, so what the
-    connector reads at sampling time is what it read in training.
+    Returns (base_images, adapter_images); adapter_images is None with ``adapter=False``. The adapter
+    path uses ``module.text_features``, so what the connector reads at sampling time is what it read
+    in training.
     """
     pipeline = build_pipeline(module.backbone, scheduler)
     base = render(pipeline, ClipConditioning(frozen_text_features(module.backbone)), prompts, seeds, **kwargs)
+    if not adapter:
+        return base, None
     was_training = module.connector.training
     module.connector.eval()
     try:
@@ -297,7 +307,10 @@ def labelled_grid(columns: dict[str, list[Image.Image]], row_labels: list[str], 
         for i, image in enumerate(columns[name]):
             grid.paste(image.convert("RGB").resize((cell, cell)), (label_width + j * cell, header + i * cell))
     for i, label in enumerate(row_labels):
-        draw.text((4, header + i * cell + cell // 2 - 6), label[:26], fill="black")
+        lines = textwrap.wrap(label, 24)[:5]  # whole prompts, wrapped: the row's prompt must be readable
+        top = header + i * cell + cell // 2 - 6 * len(lines)
+        for k, line in enumerate(lines):
+            draw.text((4, top + 12 * k), line, fill="black")
     return grid
 
 
@@ -322,7 +335,9 @@ def load_prompt_list(source, num_prompts: int | None = None) -> list[Prompt]:
 
     if isinstance(source, dict | DictConfig):
         source = instantiate(source)
-    if isinstance(source, list | tuple | ListConfig):
+    if isinstance(source, list | tuple) and source and all(isinstance(p, Prompt) for p in source):
+        prompts = list(source)
+    elif isinstance(source, list | tuple | ListConfig):
         prompts = [Prompt(f"prompt-{i:03d}", str(text), "custom") for i, text in enumerate(source)]
     elif Path(str(source), "metadata.jsonl").is_file():
         folder = Path(str(source))
@@ -415,6 +430,21 @@ def build_columns(
             check_conditioning(conditioning, backbone, path)
             columns.append(Column(label, conditioning, {"adapter": str(path), **conditioning.describe()}))
     return columns
+
+
+def complex_prompt_column(backbone, prompts: Sequence[Prompt]) -> Column | None:
+    """"base+complex": the base model given each prompt's ``complex`` prompt instead (the upper bound a
+    connector is measured against), or None when no prompt has one. Any other text (the empty negative
+    prompt) is encoded as it is."""
+    complex_of = {p.prompt: p.complex for p in prompts if p.complex}
+    if not complex_of:
+        return None
+    encode = frozen_text_features(backbone)
+
+    def text_features(texts: list[str]) -> TextFeatures:
+        return encode([complex_of.get(text, text) for text in texts])
+
+    return Column("base+complex", ClipConditioning(text_features), {"kind": "base", "prompt": "complex"})
 
 
 def check_conditioning(conditioning: ClipConditioning, backbone, path) -> None:
@@ -553,6 +583,9 @@ def prepare(cfg):
         eta_sweep=list(cfg.eta_sweep or []),
         include_base=cfg.include_base,
     )
+    complex_column = complex_prompt_column(backbone, prompts) if cfg.include_base else None
+    if complex_column is not None:
+        columns.insert(1, complex_column)
     if not columns:
         raise ValueError("nothing to render: include_base=false and no adapters given")
     return backbone, prompts, columns
@@ -587,6 +620,8 @@ def write_manifest(out_dir: Path, rendered: Sequence[Rendered], columns: Sequenc
             "prompt_id": r.prompt.id,
             "prompt": r.prompt.prompt,
             "category": r.prompt.category,
+            "complex": r.prompt.complex,
+            "target": r.prompt.target,
             "seed": r.seed,
             **sources[r.column],
         }
@@ -609,7 +644,13 @@ def read_manifest(folder: str | Path) -> list[Rendered]:
     return [
         Rendered(
             row["column"],
-            Prompt(row["prompt_id"], row["prompt"], row["category"]),
+            Prompt(
+                row["prompt_id"],
+                row["prompt"],
+                row["category"],
+                row.get("complex"),
+                tuple(row["target"]) if row.get("target") else None,
+            ),
             int(row["seed"]),
             Image.open(folder / row["file"]).convert("RGB"),
             row["file"],

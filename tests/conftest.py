@@ -58,6 +58,8 @@ def tiny_overrides(root: Path, cache: Path) -> list[str]:
         "data=synthetic",
         "trainer=cpu",
         "logger=csv",
+        # The toy-world callbacks (a 64-prompt evaluation) have their own tests in test_toyworld.py.
+        "callbacks=default",
         f"paths.root_dir={root}",
         f"paths.cache_dir={cache}",
         f"paths.output_dir={root}/run",

@@ -22,11 +22,18 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class Prompt:
-    """One evaluation prompt: a stable ``id`` (used for file names), the text, and its suite/category."""
+    """One evaluation prompt: a stable ``id`` (used for file names), the text, and its suite/category.
+
+    Optional, for suites whose images can be checked (the toy world): ``complex``, a detailed prompt
+    for the same image (rendered by the base model as the upper bound), and ``target``, the
+    (count, colour, shape) the image must show.
+    """
 
     id: str
     prompt: str
     category: str
+    complex: str | None = None
+    target: tuple[int, str, str] | None = None
 
 
 SUITES: dict[str, tuple[str, ...]] = {
@@ -127,7 +134,9 @@ def load_txt(path: str | Path, category: str | None = None) -> list[Prompt]:
 
 
 def load_jsonl(path: str | Path, category: str | None = None) -> list[Prompt]:
-    """Rows ``{"prompt": str, "id"?: str, "category"?: str}``; ids default to ``"<stem>-<line number>"``.
+    """Rows ``{"prompt": str, "id"?: str, "category"?: str, "complex"?: str, "count"?: int, "color"?: str,
+    "shape"?: str}``; ids default to ``"<stem>-<line number>"``. ``count``, ``color`` and ``shape`` come
+    together or not at all (they make the row's ``target``).
 
     Raises ``ValueError`` listing every malformed row as ``file:line: reason``.
     """
@@ -146,7 +155,19 @@ def load_jsonl(path: str | Path, category: str | None = None) -> list[Prompt]:
             errors.append(f'{path}:{number}: expected an object with a non-empty string "prompt"')
             continue
         prompt_id = str(row.get("id", f"{path.stem}-{number:04d}"))
-        prompts.append(Prompt(prompt_id, row["prompt"].strip(), str(row.get("category", category))))
+        target_keys = [key for key in ("count", "color", "shape") if key in row]
+        if target_keys and len(target_keys) < 3:
+            errors.append(f"{path}:{number}: a target needs all of count, color, shape; got only {target_keys}")
+            continue
+        if target_keys and not (isinstance(row["count"], int) and isinstance(row["color"], str) and isinstance(row["shape"], str)):
+            errors.append(f"{path}:{number}: target count must be an integer, color and shape strings")
+            continue
+        if "complex" in row and not isinstance(row["complex"], str):
+            errors.append(f'{path}:{number}: "complex" must be a string')
+            continue
+        target = (row["count"], row["color"], row["shape"]) if target_keys else None
+        category_name = str(row.get("category", category))
+        prompts.append(Prompt(prompt_id, row["prompt"].strip(), category_name, row.get("complex"), target))
     if errors:
         raise ValueError("malformed prompt rows:\n" + "\n".join(errors))
     if not prompts:

@@ -1,0 +1,52 @@
+"""The toy world: generated shapes whose content is known exactly, a lexicon of narrative object words,
+deterministic splits (``world``), and a small text-to-image base model this project trains on it
+(``pretrain``) and ships in ``base/``, in Stable Diffusion's folder layout (``backbone=toy``)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+BASE_DIR = Path(__file__).resolve().parent / "base"
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_base(folder: str | Path = BASE_DIR) -> dict:
+    """Check every weight file of a base folder against the SHA-256 its ``base.json`` records; returns
+    that record. A missing or changed file is an error naming it."""
+    folder = Path(folder)
+    record_file = folder / "base.json"
+    if not record_file.is_file():
+        raise FileNotFoundError(
+            f"{record_file} not found: {folder} is not a toy-world base "
+            "(make one with `python -m sur_lightning.toyworld.pretrain`)"
+        )
+    record = json.loads(record_file.read_text())
+    for name, expected in record["sha256"].items():
+        path = folder / name
+        if not path.is_file():
+            raise FileNotFoundError(f"toy-world base: {path} is missing (recorded in {record_file})")
+        actual = file_sha256(path)
+        if actual != expected:
+            raise ValueError(
+                f"toy-world base: {path} has SHA-256 {actual}, but {record_file} records {expected}; "
+                "the file is damaged or was replaced (git checkout it, or retrain with the recorded command)"
+            )
+    return record
+
+
+def shipped_base(folder: str | Path | None = None, verify: bool = True) -> str:
+    """The folder of the toy-world base model (SD layout), checked against its recorded hashes.
+    ``folder``: a base made by ``sur_lightning.toyworld.pretrain``; None is the shipped one."""
+    folder = BASE_DIR if folder is None else Path(folder)
+    if verify:
+        verify_base(folder)
+    return str(folder)

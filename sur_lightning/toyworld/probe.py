@@ -1,0 +1,95 @@
+"""How much does an LLM know about the toy world's objects? A linear probe on its pooled hidden state.
+
+SUR distils an LLM's pooled hidden state into the adapter. If that state does not say what colour a
+tomato is, the distillation cannot teach it. The probe: for every object, the LLM's features of its
+narrative prompts (every quantity × template) are classified by a multinomial logistic regression
+trained on the *other* objects' prompts (leave-one-object-out), so an object's colour must be
+read from what the LLM knows about the word, not memorised from its own examples.
+
+    python -m sur_lightning.toyworld.probe            # SmolLM2-135M-Instruct, offline
+
+Returns per object the share of its prompts given the right colour, the mean over objects, and
+the leave-one-object-out majority-colour baseline (what a probe that ignores the features gets).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+
+from sur_lightning.toyworld.world import COUNTS, OBJECTS, TEMPLATES, narrative_prompt
+
+
+def object_prompts() -> list[tuple[str, str]]:
+    """(object name, prompt) for every object × quantity × template."""
+    return [(obj.name, narrative_prompt(obj, count, t)) for obj in OBJECTS for count in COUNTS for t in range(len(TEMPLATES))]
+
+
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float = 1e-2, steps: int = 200) -> torch.nn.Linear:
+    """Multinomial logistic regression on standardised features, L-BFGS, deterministic."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(x.shape[1], classes)
+    optimizer = torch.optim.LBFGS(model.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x), y) + l2 * model.weight.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return model
+
+
+def linear_probe(features: torch.Tensor, names: list[str], colors: dict[str, str]) -> dict:
+    """Leave-one-object-out colour probe. ``features`` [N, D] of prompts naming ``names[i]``."""
+    palette = sorted(set(colors.values()))
+    labels = torch.tensor([palette.index(colors[n]) for n in names])
+    per_object, baseline = {}, {}
+    for held in dict.fromkeys(names):
+        test = torch.tensor([n == held for n in names])
+        train = ~test
+        mean, std = features[train].mean(0), features[train].std(0) + 1e-6
+        model = fit_logistic((features[train] - mean) / std, labels[train], len(palette))
+        with torch.no_grad():
+            predicted = model((features[test] - mean) / std).argmax(-1)
+        per_object[held] = float((predicted == labels[test]).float().mean())
+        majority = Counter(colors[n] for n in dict.fromkeys(names) if n != held).most_common(1)[0][0]
+        baseline[held] = float(colors[held] == majority)
+    return {
+        "accuracy": sum(per_object.values()) / len(per_object),
+        "majority_baseline": sum(baseline.values()) / len(baseline),
+        "chance": 1 / len(palette),
+        "per_object": per_object,
+    }
+
+
+@torch.no_grad()
+def probe_llm(llm, batch_size: int = 32) -> dict:
+    """The colour probe on ``llm``'s pooled features (a ``CausalLMFeatures`` with ``pooling="mean"``)."""
+    pairs = object_prompts()
+    states = []
+    for i in range(0, len(pairs), batch_size):
+        out, _ = llm([p for _, p in pairs[i : i + batch_size]])
+        states.append(out.float())
+    names = [n for n, _ in pairs]
+    return linear_probe(torch.cat(states), names, {obj.name: obj.color for obj in OBJECTS})
+
+
+def main() -> None:
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from sur_lightning.train import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["llm=smollm2", "paths.root_dir=."])
+    result = probe_llm(instantiate(cfg.llm))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
