@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from sur_lightning.toyworld.world import SPLITS  # noqa: E402
+from sur_lightning.toyworld.world import SPLITS
 
 # name -> (preset, overrides). Presets: the SUR demo (cosine alignment, adaptive η) or the ELLA demo.
 ROWS: dict[str, tuple[str, list[str]]] = {
@@ -56,7 +56,7 @@ DESCRIPTIONS = {
 METRICS = ("color_accuracy", "shape_accuracy", "count_accuracy")
 
 
-def compose(preset: str, overrides: list[str], out: Path, cache: Path, seed: int, steps: int):
+def compose(preset: str, overrides: list[str], out: Path, cache: Path, seed: int, steps: int, base: Path | None = None):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
@@ -74,7 +74,7 @@ def compose(preset: str, overrides: list[str], out: Path, cache: Path, seed: int
         f"paths.root_dir={ROOT}",
         f"paths.cache_dir={cache}",
         f"paths.output_dir={out}",
-    ]
+    ] + ([f"backbone.pretrained.folder={base}"] if base else [])
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return hydra_compose(config_name="train", overrides=common + overrides)
 
@@ -87,7 +87,7 @@ def train_row(name: str, seed: int, args) -> Path:
     adapter = out / "adapter.safetensors"
     if not adapter.exists():
         preset, overrides = ROWS[name]
-        train(compose(preset, overrides, out, args.cache, seed, args.steps))
+        train(compose(preset, overrides, out, args.cache, seed, args.steps, args.base))
     return adapter
 
 
@@ -99,7 +99,7 @@ class Renderer:
 
         from sur_lightning.toyworld import world
 
-        cfg = compose("demo", [], args.out / "eval", args.cache, 0, 1)
+        cfg = compose("demo", [], args.out / "eval", args.cache, 0, 1, args.base)
         self.backbone = instantiate(cfg.backbone)
         self.llm_cfg = cfg.llm
         self.llm_tokens = compose("ella_demo", [], args.out / "eval", args.cache, 0, 1).llm
@@ -166,10 +166,13 @@ def fmt(value) -> str:
 
 
 def markdown(summary: dict, base: dict, probe: dict | None, args) -> str:
+    sizes = "/".join(str(base["base"][split]["n"]) for split in SPLITS)
     lines = [
-        f"Seeds {list(args.seeds)}, {args.steps} training steps per run; each split scored on "
-        f"{base['base'][SPLITS[0]]['n']}/{base['base'][SPLITS[1]]['n']}/{base['base'][SPLITS[2]]['n']} images "
-        f"(adapter-train / held-out combinations / held-out objects), DDIM {args.eval_steps} steps, CFG {args.guidance_scale}.",
+        (
+            f"Seeds {list(args.seeds)}, {args.steps} training steps per run; each split scored on {sizes} images "
+            f"(adapter-train / held-out combinations / held-out objects), DDIM {args.eval_steps} steps, "
+            f"CFG {args.guidance_scale}."
+        ),
         "",
     ]
     for split in SPLITS:
@@ -186,9 +189,11 @@ def markdown(summary: dict, base: dict, probe: dict | None, args) -> str:
     lines += ["Rows:", ""] + [f"- `{name}`: {DESCRIPTIONS[name]}" for name in summary] + [""]
     if probe:
         lines += [
-            f"**What SmolLM2 knows.** A leave-one-object-out linear probe of its pooled last-block state (the "
-            f"feature SUR distils) predicts an object's colour for {probe['accuracy']:.0%} of prompts "
-            f"(majority-colour baseline {probe['majority_baseline']:.0%}, chance {probe['chance']:.0%}).",
+            (
+                "**What SmolLM2 knows.** A leave-one-object-out linear probe of its pooled last-block state (the "
+                f"feature SUR distils) predicts an object's colour for {probe['accuracy']:.0%} of prompts "
+                f"(majority-colour baseline {probe['majority_baseline']:.0%}, chance {probe['chance']:.0%})."
+            ),
             "",
             "| object | probe accuracy |",
             "|---|---|",
@@ -234,6 +239,7 @@ def main() -> None:
     parser.add_argument("--no-probe", action="store_true")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--cache", type=Path, default=ROOT / ".cache")
+    parser.add_argument("--base", type=Path, default=None, help="a base from toyworld.pretrain (default: the shipped one)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(torch.get_num_threads())

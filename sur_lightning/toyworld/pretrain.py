@@ -311,7 +311,6 @@ def train_unet(cfg: DictConfig, work: Path, vae, latents: dict):
         ema.load_state_dict(state["ema"])
         torch.set_rng_state(state["torch_rng"])
         start = state["step"]
-    rng = random.Random(f"unet-{cfg.seed}-{start}")
     vocabulary = sorted(set(latents["prompts"]))
     token_ids = tokenizer(vocabulary + [""], padding="max_length", max_length=77, return_tensors="pt").input_ids
     index_of = {p: i for i, p in enumerate(vocabulary)}
