@@ -247,11 +247,12 @@ def split_scores(report: dict) -> dict[str, dict[str, dict[str, float]]]:
     return scores
 
 
-def gap_closed(report: dict) -> dict[str, dict[str, dict[str, float | None]]]:
+def gap_closed(report: dict, min_gap: float = 0.05) -> dict[str, dict[str, dict[str, float | None]]]:
     """{column: {split: {accuracy: (column − base) / (base+complex − base)}}} for every adapter column.
 
     "base" is the base model on the simple prompts (the lower bound), "base+complex" the base model on
-    the complex prompts (the upper bound). None where the bounds are equal (no gap to close)."""
+    the complex prompts (the upper bound). None where the bounds differ by less than ``min_gap`` (no gap
+    worth closing: the ratio of two near-equal accuracies is noise)."""
     scores = split_scores(report)
     low, high = scores["base"], scores["base+complex"]
     closed: dict = {}
@@ -261,7 +262,7 @@ def gap_closed(report: dict) -> dict[str, dict[str, dict[str, float | None]]]:
         for split, entry in splits.items():
             closed.setdefault(column, {})[split] = {
                 name: (entry[name] - low[split][name]) / (high[split][name] - low[split][name])
-                if name in entry and abs(high[split][name] - low[split][name]) > 1e-9
+                if name in entry and abs(high[split][name] - low[split][name]) >= min_gap
                 else None
                 for name in ACCURACIES
                 if name in entry

@@ -59,15 +59,21 @@ class FeatureAlignmentLoss:
       kl:     SUR's official distillation: KL(softmax(student/τ) ‖ softmax(teacher/τ)) over d,
               summed over tokens, averaged over the batch, times τ² — i.e.
               ``F.kl_div(log_softmax(teacher/τ), softmax(student/τ), reduction="batchmean")·τ²``.
-      cosine: 1 − cos between the token means, L2-normalised, averaged over the batch.
+      cosine: 1 − cos, averaged over the batch: between the token means (``pooling="mean"``), or
+              per token and then averaged over the tokens (``pooling="tokens"``). Prompts that differ in
+              one word have nearly the same token mean, so only the per-token form tells them apart.
       mse:    mean squared error, element-wise.
     """
 
     KINDS = ("kl", "cosine", "mse")
+    POOLINGS = ("mean", "tokens")
 
-    def __init__(self, kind: str = "kl", weight: float = 1e-5, temperature: float = 1.0) -> None:
+    def __init__(self, kind: str = "kl", weight: float = 1e-5, temperature: float = 1.0, pooling: str = "mean") -> None:
         if kind not in self.KINDS:
             raise ValueError(f"alignment loss kind must be one of {self.KINDS}, got {kind!r}")
+        if pooling not in self.POOLINGS:
+            raise ValueError(f"alignment loss pooling must be one of {self.POOLINGS}, got {pooling!r}")
+        self.pooling = pooling
         if temperature <= 0:
             raise ValueError(f"alignment loss temperature must be positive, got {temperature}")
         self.kind = kind
@@ -86,6 +92,8 @@ class FeatureAlignmentLoss:
                 F.log_softmax(teacher / tau, dim=-1), F.softmax(student / tau, dim=-1), reduction="batchmean"
             )
             return kl * tau * tau
+        if self.kind == "cosine" and self.pooling == "tokens":
+            return (1.0 - F.cosine_similarity(student, teacher, dim=-1)).mean()
         if self.kind == "cosine":
             s = F.normalize(student.reshape(student.shape[0], -1, student.shape[-1]).mean(1), dim=-1)
             t = F.normalize(teacher.reshape(teacher.shape[0], -1, teacher.shape[-1]).mean(1), dim=-1)

@@ -107,3 +107,16 @@ def test_noise_offset_shifts_channel_means():
     plain_std = plain.mean(dim=(2, 3)).std()
     offset_std = offset.mean(dim=(2, 3)).std()
     assert offset_std > 5 * plain_std
+
+
+def test_per_token_cosine_tells_apart_prompts_with_the_same_token_mean():
+    from sur_lightning.losses import FeatureAlignmentLoss
+
+    # Two "prompts" whose tokens are a permutation of each other: the same token mean, different tokens.
+    a = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    b = torch.tensor([[[0.0, 1.0], [1.0, 0.0]]])
+    assert FeatureAlignmentLoss("cosine")(a, b).item() == pytest.approx(0.0, abs=1e-6)
+    assert FeatureAlignmentLoss("cosine", pooling="tokens")(a, b).item() == pytest.approx(1.0)
+    assert FeatureAlignmentLoss("cosine", pooling="tokens")(a, a).item() == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        FeatureAlignmentLoss("cosine", pooling="max")
