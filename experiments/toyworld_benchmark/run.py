@@ -46,7 +46,7 @@ DESCRIPTIONS = {
     "sur_paper": "SUR as the paper: KL alignment (λ=1e-5), fixed η=0.1",
     "sur_released": "SUR as released: + denoising grad cut, batch-axis attention, frozen W0",
     "kl_adaptive_eta": "KL alignment (λ=1e-5), adaptive η",
-    "cosine_fixed_eta": "cosine alignment (λ=0.1), fixed η=0.1",
+    "cosine_fixed_eta": "cosine alignment (per token, λ=1), fixed η=0.1",
     "cosine_learnable_eta": "cosine alignment, learnable η",
     "cosine_adaptive_eta": "cosine alignment, adaptive η (the demo)",
     "cosine_no_llm_loss": "cosine prompt alignment only, no LLM distillation",
