@@ -251,24 +251,30 @@ def all_targets() -> list[tuple[int, str, str]]:
     return [(count, color, shape) for count in COUNTS for color in sorted(COLORS) for shape in SHAPES]
 
 
-@torch.no_grad()
-def sample_accuracy(pipeline_parts, seeds, guidance_scale: float, steps: int, batch_size: int = 54) -> dict:
-    """Sample every (count, colour, shape) once per seed with DDIM + CFG; the checker's accuracies."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+def assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler):
+    """A ``StableDiffusionPipeline`` over the parts being trained (no safety checker, as the toy world needs none)."""
+    from diffusers import StableDiffusionPipeline
 
-    from sur_lightning.metrics import shapes
-
-    vae, text_encoder, tokenizer, unet = pipeline_parts
-    pipeline = StableDiffusionPipeline(
+    return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=DDIMScheduler.from_config(SD15_SCHEDULER),
+        scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+@torch.no_grad()
+def sample_accuracy(pipeline_parts, seeds, guidance_scale: float, steps: int, batch_size: int = 54) -> dict:
+    """Sample every (count, colour, shape) once per seed with DDIM + CFG; the checker's accuracies."""
+    from diffusers import DDIMScheduler
+
+    from sur_lightning.metrics import shapes
+
+    pipeline = assemble_pipeline(*pipeline_parts, DDIMScheduler.from_config(SD15_SCHEDULER))
     pipeline.set_progress_bar_config(disable=True)
     jobs = [(target, seed) for seed in seeds for target in all_targets()]
     checks = []
@@ -383,20 +389,12 @@ def train_unet(cfg: DictConfig, work: Path, vae, latents: dict):
 
 def export(cfg: DictConfig, export_dir: Path, vae, tokenizer, text_encoder, unet, scaling_factor: float) -> dict:
     """Save in SD1.5's folder layout with fp16 weights, and ``base.json`` with the recipe, accuracies and hashes."""
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    from diffusers import PNDMScheduler
 
     vae.config.scaling_factor = scaling_factor
     vae.register_to_config(scaling_factor=scaling_factor)
-    pipeline = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=PNDMScheduler.from_config(SD15_SCHEDULER),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    # SD1.5 ships a PNDM scheduler config; the same file serves DDPM training and DDIM sampling.
+    pipeline = assemble_pipeline(vae, text_encoder, tokenizer, unet, PNDMScheduler.from_config(SD15_SCHEDULER))
     accuracy = sample_accuracy((vae, text_encoder, tokenizer, unet), list(cfg.eval.final_seeds), cfg.eval.guidance_scale, cfg.eval.steps)
     pipeline.to(torch.float16).save_pretrained(export_dir, safe_serialization=True)
     scheduler_file = export_dir / "scheduler" / "scheduler_config.json"
