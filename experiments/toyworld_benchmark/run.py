@@ -39,6 +39,7 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "cosine_learnable_eta": ("demo", ["eta=learnable"]),
     "cosine_adaptive_eta": ("demo", []),
     "cosine_no_llm_loss": ("demo", ["model.llm_loss=null"]),
+    "mse_eta_one": ("demo", ["loss=mse", "loss.prompt.weight=1.0", "eta=fixed", "eta.value=1.0"]),
     "denoising_only": ("demo", ["loss=denoising"]),
     "ella_smollm2_tokens": ("ella_demo", []),
 }
@@ -50,6 +51,7 @@ DESCRIPTIONS = {
     "cosine_learnable_eta": "cosine alignment, learnable η",
     "cosine_adaptive_eta": "cosine alignment, adaptive η (the demo)",
     "cosine_no_llm_loss": "cosine prompt alignment only, no LLM distillation",
+    "mse_eta_one": "per-token MSE alignment (λ=1), η=1: the adapter's output replaces the CLIP states",
     "denoising_only": "denoising loss only: no alignment, no LLM (control)",
     "ella_smollm2_tokens": "ELLA TSC on SmolLM2 token states (denoising loss)",
 }
