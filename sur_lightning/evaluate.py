@@ -23,6 +23,8 @@ with the metric's own message naming the weights and the config key. Nothing is 
 from __future__ import annotations
 
 import json
+import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -383,6 +385,49 @@ def evaluate(cfg: DictConfig) -> dict:
     return report
 
 
+def latest_adapter(log_dir: Path, experiment: str) -> Path:
+    """The newest ``adapter.safetensors`` of a training preset's runs and multirun jobs under ``log_dir``."""
+    adapters = sorted((log_dir / experiment).glob("*runs/**/adapter.safetensors"), key=lambda p: p.stat().st_mtime)
+    if not adapters:
+        raise SystemExit(
+            f"evaluate +experiment={experiment}: no trained adapter under {log_dir / experiment}. Train one "
+            f"(python -m sur_lightning.train +experiment={experiment}) or pass adapters=[path/to/adapter.safetensors]"
+        )
+    return adapters[-1]
+
+
+def preset_overrides(args: list[str], log_dir: Path) -> list[str]:
+    """``+experiment=NAME`` names a training preset, which is not an evaluate config: it becomes the
+    overrides that evaluate NAME's latest adapter with the backbone and LLM it was trained with (and the
+    toy-world suite for a toy-world run). The user's other overrides come after, so they still win."""
+    presets = [a.partition("=")[2] for a in args if a.partition("=")[0].lstrip("+~") == "experiment"]
+    rest = [a for a in args if a.partition("=")[0].lstrip("+~") != "experiment"]
+    if not presets:
+        return args
+    if len(presets) > 1:
+        raise SystemExit(f"evaluate: one +experiment at a time, got {presets}")
+    import yaml
+
+    adapter = latest_adapter(log_dir, presets[0])
+    hydra_file = adapter.parent / ".hydra" / "hydra.yaml"
+    choices = yaml.safe_load(hydra_file.read_text())["hydra"]["runtime"]["choices"] if hydra_file.exists() else {}
+    overrides = [f"adapters=['{adapter}']"]
+    overrides += [f"{group}={choices[group]}" for group in ("backbone", "llm") if choices.get(group)]
+    if choices.get("data") == "toyworld":
+        overrides.append("+suite=toyworld")
+    print(f"evaluate +experiment={presets[0]}: {' '.join(overrides)}", flush=True)
+    return overrides + rest
+
+
+def log_dir_from(args: list[str]) -> Path:
+    """Where training runs are (``paths.log_dir``), as train.py's config resolves it from the command line."""
+    values = dict(a.split("=", 1) for a in args if "=" in a)
+    if "paths.log_dir" in values:
+        return Path(values["paths.log_dir"])
+    root = values.get("paths.root_dir") or os.environ.get("SUR_LIGHTNING_ROOT") or os.getcwd()
+    return Path(root) / "outputs"
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
 def main(cfg: DictConfig) -> float | None:
     report = evaluate(cfg)
@@ -395,4 +440,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    sys.argv[1:] = preset_overrides(sys.argv[1:], log_dir_from(sys.argv[1:]))
     main()

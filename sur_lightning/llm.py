@@ -24,8 +24,11 @@ class CausalLMFeatures(FrozenModule):
       pooling="mean": states [B, D]    mean over real tokens (padding masked), mask None
       pooling="none": states [B, T, D] token states,                          mask [B, T] bool
 
-    ``layer`` indexes ``hidden_states`` as transformers returns them: 0 is the embedding output,
-    ``L`` the output of block L, and -1 the last block.
+    ``layer`` is a 0-based transformer block index (negative counts from the end, -1 is the last block);
+    the feature is that block's output, read by a forward hook before any final norm. The forward pass
+    stops after that block, so a 13B model runs only the blocks it needs. In transformers' terms,
+    block k's output is ``hidden_states[k + 1]`` for every block but the last, whose ``hidden_states``
+    entry has the final norm applied. SUR's ``prompt2vec/13B/39.pt`` is LLaMA-13B's ``layer=39`` (= -1).
     """
 
     def __init__(
@@ -59,9 +62,14 @@ class CausalLMFeatures(FrozenModule):
         )
         # The LM head is never used: keep only the decoder stack.
         self.model = model.get_decoder() if hasattr(model, "get_decoder") else model
-        num_states = self.model.config.num_hidden_layers + 1
-        if not -num_states <= layer < num_states:
-            raise ValueError(f"llm.layer={layer} is out of range for {self.pretrained} ({num_states} hidden states)")
+        self.blocks = decoder_blocks(self.model, self.pretrained)
+        num_blocks = len(self.blocks)
+        if not -num_blocks <= layer < num_blocks:
+            raise ValueError(
+                f"llm.layer={layer} is out of range for {self.pretrained}: it has {num_blocks} blocks "
+                f"(0..{num_blocks - 1}, or -{num_blocks}..-1 from the end)"
+            )
+        self.block_index = layer % num_blocks
         self.freeze()
 
     @property
@@ -79,13 +87,45 @@ class CausalLMFeatures(FrozenModule):
             tokens["input_ids"] = torch.full((len(prompts), 1), self.tokenizer.pad_token_id)
             tokens["attention_mask"] = torch.zeros((len(prompts), 1), dtype=torch.long)
         tokens = tokens.to(self.device)
-        output = self.model(**tokens, output_hidden_states=True)
-        states = output.hidden_states[self.layer].float()
+        states = self.block_output(tokens).float()
         mask = tokens.attention_mask.bool()
         if self.pooling == "none":
             return states, mask
         weights = mask.unsqueeze(-1).float()
         return (states * weights).sum(1) / weights.sum(1).clamp(min=1.0), None
+
+
+    def block_output(self, tokens) -> torch.Tensor:
+        """[B, T, D]: the output of block ``block_index``; the blocks after it do not run."""
+        captured = {}
+
+        def hook(module, args, output):
+            captured["states"] = output[0] if isinstance(output, tuple) else output
+            raise _StopForward
+
+        handle = self.blocks[self.block_index].register_forward_hook(hook)
+        try:
+            self.model(**tokens, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        return captured["states"]
+
+
+class _StopForward(Exception):
+    """Raised by the block hook once the feature is read, to skip the remaining blocks and the final norm."""
+
+
+def decoder_blocks(model: torch.nn.Module, name: str = "the LLM") -> torch.nn.ModuleList:
+    """The transformer blocks of a decoder stack, in order (LLaMA/Qwen/Mistral ``layers``, GPT-2 ``h``, OPT ``decoder.layers``)."""
+    for path in ("layers", "h", "decoder.layers", "blocks"):
+        module = model
+        for part in path.split("."):
+            module = getattr(module, part, None)
+        if isinstance(module, torch.nn.ModuleList) and len(module):
+            return module
+    raise ValueError(f"cannot find the transformer blocks of {name} ({type(model).__name__}): expected .layers or .h")
 
 
 class T5EncoderFeatures(FrozenModule):

@@ -336,3 +336,47 @@ def test_precomputed_llm_features_match_the_llm_and_name_missing_rows(tmp_path, 
     skipped = datamodule.report.events["skipped"]
     assert skipped and all("not in" in e["reason"] and e["row"].startswith("metadata.jsonl:") for e in skipped)
     assert {r.simple for r in datamodule.all_rows()} == set(prompts[1:])
+
+
+def surd_as_downloaded(shapes: Path, root: Path) -> Path:
+    """SURD's layout: the dataset root holds ``train/`` with the images and metadata.jsonl; two rows name
+    their image without its extension, as the authors' sample rows do."""
+    train = root / "train"
+    train.mkdir(parents=True)
+    rows = [json.loads(line) for line in (shapes / "metadata.jsonl").read_text().splitlines()]
+    for i, row in enumerate(rows):
+        (train / row["file_name"]).write_bytes((shapes / row["file_name"]).read_bytes())
+        if i < 2:
+            row["file_name"] = Path(row["file_name"]).stem
+    (train / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return root
+
+
+def test_surd_dataset_root_reads_its_train_folder_and_resolves_extensionless_file_names(shapes, tmp_path, capsys):
+    root = surd_as_downloaded(shapes, tmp_path / "SURD")
+    stems = [json.loads(line)["file_name"] for line in (root / "train" / "metadata.jsonl").read_text().splitlines()[:2]]
+    datamodule = ImageTextDataModule(str(root), resolution=32, val_size=0, report_dir=str(tmp_path / "run"))
+    datamodule.setup("fit")
+    assert f"reading the 'train' split folder {root / 'train'}" in capsys.readouterr().out
+    report = json.loads((tmp_path / "run" / "data_report.json").read_text())
+    assert report["folder"] == str(root / "train")
+    assert report["counts"]["used"] == 6 and not report["skipped"]
+    repaired = {e["id"]: e["reason"] for e in report["repaired"]}
+    assert {stem: repaired[stem] for stem in stems} == {
+        stem: f"file_name {stem!r} has no extension: using {stem}.png" for stem in stems
+    }
+    # The repaired rows load the right image.
+    dataset = datamodule.train_set
+    for stem in stems:
+        example = dataset[[r.id for r in dataset.rows].index(stem)]
+        from sur_lightning.data.datamodule import preprocess
+
+        expected = preprocess(Image.open(shapes / f"{stem}.png"), 32, True, False)
+        assert torch.equal(example["pixel_values"], expected)
+
+
+def test_a_folder_without_metadata_names_both_places_it_looked(tmp_path):
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    (tmp_path / "empty" / "x.png").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"has no metadata.jsonl or metadata.csv, and neither has .*empty/train"):
+        ImageTextDataModule(str(tmp_path / "empty"), format="folder", resolution=32, val_size=0).setup("fit")

@@ -198,3 +198,53 @@ def test_evaluation_callback_logs_metrics_during_training(compose, monkeypatch):
     step = json.loads((output / "evaluation" / "step000001.json").read_text())
     assert set(step["columns"]) == {"base", "adapter"} and len(step["images"]) == 2 * 2 * 2
     assert "eval/adapter/kid_mean" in json.loads((output / "metrics.json").read_text())
+
+
+def fake_run(log_dir: Path, task: str, stamp: str, connector: torch.nn.Module, choices: dict) -> Path:
+    """A training run folder as train.py leaves it: adapter files and Hydra's .hydra/{config,hydra}.yaml."""
+    import yaml
+
+    run = log_dir / task / "runs" / stamp
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"task_name": task}))
+    (run / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": {"choices": choices}}}))
+    path, _ = save_connector(connector, run / "adapter.safetensors")
+    return path
+
+
+def test_adapter_columns_are_named_by_connector_and_experiment_not_by_timestamp(tmp_path):
+    from sur_lightning.connectors.ella import TimestepAwareSemanticConnector
+    from sur_lightning.generate import adapter_entries
+
+    sur = SURAdapter(dim=16, llm_dim=8, eta=FixedEta(0.1), num_heads=2, ff_dim=16)
+    ella = TimestepAwareSemanticConnector(dim=16, llm_dim=8, num_blocks=1, num_heads=2, num_latents=4,
+                                          time_channels=8, time_embed_dim=16)
+    first = fake_run(tmp_path, "demo", "2026-11-24_00-10-04", sur, {})
+    second = fake_run(tmp_path, "demo", "2026-11-25_09-00-00", sur, {})
+    tsc = fake_run(tmp_path, "ella_demo", "2026-11-24_00-10-04", ella, {})
+    assert [name for name, _ in adapter_entries([str(tsc), str(first)])] == ["ella_demo", "sur-demo"]
+    # The run folder tells two runs of one experiment apart; the user's own keys are kept as given.
+    assert [name for name, _ in adapter_entries([str(first), str(second)])] == [
+        "sur-demo (2026-11-24_00-10-04)", "sur-demo (2026-11-25_09-00-00)"]
+    assert [name for name, _ in adapter_entries({"mine": str(first)})] == ["mine"]
+
+
+def test_evaluate_accepts_a_training_preset_and_picks_its_latest_adapter(tmp_path, capsys):
+    import os
+
+    from sur_lightning.evaluate import preset_overrides
+
+    sur = SURAdapter(dim=16, llm_dim=8, eta=FixedEta(0.1), num_heads=2, ff_dim=16)
+    choices = {"backbone": "toy", "llm": "smollm2", "data": "toyworld", "connector": "sur"}
+    old = fake_run(tmp_path, "demo", "2026-11-24_00-10-04", sur, choices)
+    new = fake_run(tmp_path, "demo", "2026-11-25_09-00-00", sur, choices)
+    os.utime(old, (1, 1))
+    args = preset_overrides(["+experiment=demo", "seeds=[0]"], tmp_path)
+    assert args == [f"adapters=['{new}']", "backbone=toy", "llm=smollm2", "+suite=toyworld", "seeds=[0]"]
+    # The overrides compose into a toy-world evaluation of that adapter.
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="evaluate", overrides=args)
+    assert list(cfg.adapters) == [str(new)] and cfg.toyworld_suite.splits[0] == "adapter_train"
+    assert "toyworld" in str(cfg.backbone.pretrained._target_)
+    with pytest.raises(SystemExit, match=r"no trained adapter under .*sur_paper.*adapters=\["):
+        preset_overrides(["+experiment=sur_paper"], tmp_path)

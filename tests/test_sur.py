@@ -1,5 +1,7 @@
 """SUR-adapter, η and the adapter export, on tiny widths."""
 
+import pickle
+
 import pytest
 import torch
 
@@ -110,3 +112,78 @@ def test_export_reloads_and_reproduces_conditioning(tmp_path):
 def test_load_connector_names_the_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing.safetensors"):
         load_connector(tmp_path / "nothing.safetensors")
+
+
+# ----------------------------------------------------------------------------- the authors' checkpoint
+
+
+def official_state_dict(adapter: SURAdapter) -> dict[str, torch.Tensor]:
+    """``adapter``'s weights under the names of the released ``adapter_checkpoint*.pt``, with its unused tensors."""
+    from sur_lightning.connectors.sur import OFFICIAL_KEY_PREFIXES
+
+    ours_to_official = [(ours, official) for official, ours in OFFICIAL_KEY_PREFIXES]
+    state = {}
+    for key, value in adapter.state_dict().items():
+        if key.startswith("llm_projection."):
+            continue  # W0 is not in the released file
+        ours, official = next(p for p in ours_to_official if key.startswith(p[0]))
+        state[official + key[len(ours) :]] = value.clone()
+    dim = adapter.dim
+    state["encoder_layer.linear1.weight"] = torch.randn(adapter.encoder.layers[0].linear1.weight.shape)
+    state["attention.value_layer.weight"] = torch.randn(dim, dim)
+    state["attention.value_layer.bias"] = torch.randn(dim)
+    return state
+
+
+def released(dim=16, num_heads=4, **kwargs) -> SURAdapter:
+    torch.manual_seed(1)
+    adapter = SURAdapter(dim=dim, llm_dim=24, eta=FixedEta(0.1), num_heads=num_heads, ff_dim=32, batch_first=False,
+                         zero_init_output=False, train_llm_projection=False, **kwargs)
+    return adapter.eval()
+
+
+def test_official_checkpoint_loads_under_the_released_names_and_reproduces_the_output():
+    from sur_lightning.connectors.sur import load_official_state_dict
+
+    source = released()
+    torch.manual_seed(2)
+    target = SURAdapter(dim=16, llm_dim=24, eta=FixedEta(0.1), num_heads=4, ff_dim=32, batch_first=False).eval()
+    features = TextFeatures(clip=torch.randn(2, 7, 16))
+    assert not torch.allclose(target(features).conditioning, source(features).conditioning)
+    load_official_state_dict(target, official_state_dict(source))
+    torch.testing.assert_close(target(features).conditioning, source(features).conditioning, rtol=0, atol=0)
+
+
+def test_official_checkpoint_is_strict_about_unknown_missing_and_mis_shaped_keys():
+    from sur_lightning.connectors.sur import load_official_state_dict
+
+    state = official_state_dict(released())
+    with pytest.raises(KeyError, match="unknown keys.*attention.gate"):
+        load_official_state_dict(released(), {**state, "attention.gate.weight": torch.zeros(1)})
+    with pytest.raises(KeyError, match="missing.*fc.bias"):
+        load_official_state_dict(released(), {k: v for k, v in state.items() if k != "fc.bias"})
+    adaptive = SURAdapter(dim=16, llm_dim=24, eta=AdaptiveEta(), num_heads=4, ff_dim=32)
+    with pytest.raises(KeyError, match="eta=fixed"):
+        load_official_state_dict(adaptive, state)
+    with pytest.raises(ValueError, match="shapes differ.*fc.weight"):
+        load_official_state_dict(released(), {**state, "fc.weight": torch.zeros(16, 8)})
+
+
+def test_official_file_builds_the_released_module_with_weights_only_load(tmp_path, capsys):
+    from sur_lightning.generate import load_adapter
+
+    source = released(num_heads=8, num_layers=3)  # the file does not store the head count: 8 as released
+    path = tmp_path / "adapter_checkpoint5000.pt"
+    torch.save(official_state_dict(source), path)
+    adapter = load_adapter(path, "official")
+    assert "skipped 3 unused official tensors" in capsys.readouterr().out
+    assert adapter.batch_first is False and len(adapter.encoder.layers) == 3 and adapter.config["ff_dim"] == 32
+    assert isinstance(adapter.eta, FixedEta) and adapter.eta.value == 0.1
+    features = TextFeatures(clip=torch.randn(2, 7, 16))
+    torch.testing.assert_close(adapter(features).conditioning, source(features).conditioning, rtol=0, atol=0)
+    # weights_only=True: a pickle that would run code is refused.
+    torch.save({"fc.weight": torch.zeros(1), "hook": print}, tmp_path / "evil.pt")
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        load_adapter(tmp_path / "evil.pt", "official")
+    with pytest.raises(ValueError, match="format must be one of"):
+        load_adapter(path, "diffusers")

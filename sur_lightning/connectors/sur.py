@@ -15,6 +15,7 @@ Large Language Models", arXiv 2305.05189), as in the authors' released module, w
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -86,3 +87,91 @@ class SURAdapter(nn.Module):
         if features.llm is not None:
             internals["llm_projected"] = self.llm_projection(features.llm)
         return ConnectorOutput(conditioning=conditioning, eta=eta, internals=internals)
+
+
+# The authors' adapter_checkpoint*.pt names -> ours. Our encoder is the same nn.TransformerEncoder, so
+# everything after the prefix is identical.
+OFFICIAL_KEY_PREFIXES = (
+    ("transformer_encoder.", "encoder."),
+    ("attention.query_layer.", "query."),
+    ("attention.key_layer.", "key."),
+    ("attention.output_layer.0.", "mlp.0."),
+    ("attention.output_layer.2.", "mlp.2."),
+    ("fc.", "fc."),
+)
+# In the released module these exist but never touch the output: ``encoder_layer`` is the template layer
+# handed to nn.TransformerEncoder (which trains deep copies of it), and the value of the attention is V
+# itself, so ``value_layer`` is unused.
+OFFICIAL_UNUSED_PREFIXES = ("encoder_layer.", "attention.value_layer.")
+# Not in the released checkpoint: W0 lives in the training script (a frozen random matrix) and η is fixed.
+NOT_IN_OFFICIAL = ("llm_projection.",)
+
+
+def read_official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of an ``adapter_checkpoint*.pt`` (``torch.load(weights_only=True)``: no code runs)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"official SUR checkpoint not found: {path}")
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} is not a state dict of tensors (expected the authors' adapter_checkpoint*.pt)")
+    return state
+
+
+def load_official_state_dict(adapter: SURAdapter, state_dict: dict[str, torch.Tensor] | str | Path) -> SURAdapter:
+    """Load the authors' weights (a state dict, or the path of an ``adapter_checkpoint*.pt``) into ``adapter``.
+
+    Keys are renamed by ``OFFICIAL_KEY_PREFIXES``; the unused ``encoder_layer.*`` and
+    ``attention.value_layer.*`` are skipped (and reported); anything else unknown, missing or of another
+    shape is an error. The released checkpoint has no W0 and no η parameters: build ``adapter`` with
+    ``eta=FixedEta(0.1)`` (what the authors trained) and ``batch_first=False`` to reproduce their module.
+    """
+    source = "the state dict"
+    if not isinstance(state_dict, dict):
+        source = str(state_dict)
+        state_dict = read_official_state_dict(state_dict)
+    mapped, unused, unknown = {}, [], []
+    for key, value in state_dict.items():
+        if key.startswith(OFFICIAL_UNUSED_PREFIXES):
+            unused.append(key)
+            continue
+        prefix = next((p for p in OFFICIAL_KEY_PREFIXES if key.startswith(p[0])), None)
+        if prefix is None:
+            unknown.append(key)
+            continue
+        mapped[prefix[1] + key[len(prefix[0]) :]] = value
+    expected = {k: v for k, v in adapter.state_dict().items() if not k.startswith(NOT_IN_OFFICIAL)}
+    missing = sorted(set(expected) - set(mapped))
+    unknown += sorted(k for k in mapped if k not in expected)
+    if unknown or missing:
+        raise KeyError(
+            f"{source} does not match the official SUR-adapter: unknown keys {unknown[:8]}, missing {missing[:8]}"
+            + (" (η has parameters: build the adapter with eta=fixed)" if any(k.startswith("eta.") for k in missing) else "")
+        )
+    shapes = [f"{k}: {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in mapped.items() if v.shape != expected[k].shape]
+    if shapes:
+        raise ValueError(f"{source}: shapes differ from the adapter built here: {shapes[:4]}")
+    adapter.load_state_dict(mapped, strict=False)
+    if unused:
+        print(f"{source}: skipped {len(unused)} unused official tensors (encoder_layer.*, attention.value_layer.*)")
+    return adapter
+
+
+def official_adapter(path: str | Path, eta: float = 0.1, num_heads: int = 8, llm_dim: int = 5120) -> SURAdapter:
+    """The authors' released module rebuilt around their checkpoint: widths and depth read from the tensors
+    (the head count is not stored: 8, as released),
+    ``batch_first=False``, fixed η (0.1), frozen W0 (not in the file; never used at inference). Eval mode."""
+    from sur_lightning.eta import FixedEta
+
+    state = read_official_state_dict(path)
+    try:
+        dim = state["fc.weight"].shape[0]
+        ff_dim = state["transformer_encoder.layers.0.linear1.weight"].shape[0]
+    except KeyError as err:
+        raise KeyError(f"{path} is not an official SUR-adapter checkpoint: no {err.args[0]}") from None
+    num_layers = len({k.split(".")[2] for k in state if k.startswith("transformer_encoder.layers.")})
+    adapter = SURAdapter(
+        dim=dim, llm_dim=llm_dim, eta=FixedEta(eta), num_layers=num_layers, num_heads=num_heads, ff_dim=ff_dim,
+        batch_first=False, train_llm_projection=False,
+    )
+    return load_official_state_dict(adapter, path).eval()

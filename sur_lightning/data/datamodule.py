@@ -32,6 +32,7 @@ from torchvision.transforms import functional as TF
 from sur_lightning.data.formats import (
     Row,
     detect_format,
+    folder_root,
     load_table,
     read_folder,
     read_table,
@@ -378,7 +379,7 @@ class ImageTextDataModule(L.LightningDataModule):
         if cache != "off" and not center_crop:
             raise ValueError("data.cache stores one latent per crop: it needs data.center_crop=true (random_flip is fine)")
         self.root = str(root)
-        self.format = detect_format(self.root) if format == "auto" else format
+        self.format = detect_format(self.root, split) if format == "auto" else format
         self.resolution = resolution
         self.batch_size = batch_size
         self.val_size = val_size
@@ -423,7 +424,10 @@ class ImageTextDataModule(L.LightningDataModule):
         limit = PromptLimit(self.tokenizer)
         root, table = None, None
         if self.format == "folder":
-            root = Path(self.root)
+            root = folder_root(self.root, self.split)
+            self.report.folder = str(root)
+            if root != Path(self.root):
+                print(f"data.root={self.root}: reading the {self.split!r} split folder {root}", flush=True)
             rows = read_folder(root, self.image_key, self.simple_key, self.complex_key, self.report)
         else:
             table = load_table(self.root, self.format, self.split, self.revision)

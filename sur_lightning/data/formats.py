@@ -45,12 +45,27 @@ class Row:
     extra: dict
 
 
-def detect_format(root: str) -> str:
+def has_metadata(folder: Path) -> bool:
+    return (folder / "metadata.jsonl").exists() or (folder / "metadata.csv").exists()
+
+
+def folder_root(root: str | Path, split: str = "train") -> Path:
+    """The folder whose metadata to read: ``root`` itself, or, as Hugging Face ``imagefolder`` does for a
+    dataset root, its ``split`` folder (``SURD/`` -> ``SURD/train/``)."""
+    path = Path(root)
+    if has_metadata(path):
+        return path
+    if has_metadata(path / split):
+        return path / split
+    raise FileNotFoundError(f"data.root={root} has no metadata.jsonl or metadata.csv, and neither has {path / split}")
+
+
+def detect_format(root: str, split: str = "train") -> str:
     path = Path(root)
     if "{" in root or path.suffix == ".tar":
         return "webdataset"
     if path.is_dir():
-        if (path / "metadata.jsonl").exists() or (path / "metadata.csv").exists():
+        if has_metadata(path) or has_metadata(path / split):
             return "folder"
         if (path / "dataset_info.json").exists() or (path / "state.json").exists() or any(path.glob("*.arrow")):
             return "arrow"
@@ -85,7 +100,8 @@ def as_prompt(value) -> str | None:
 
 
 def read_folder(root: str | Path, image_key: str, simple_key: str | None, complex_key: str, report: DataReport) -> list[Row]:
-    """Rows of ``metadata.jsonl`` (preferred) or ``metadata.csv`` in ``root``; images are paths under ``root``."""
+    """Rows of ``metadata.jsonl`` (preferred) or ``metadata.csv`` in ``root``; images are paths under ``root``
+    (a ``file_name`` without extension is resolved by ``resolve_extension``)."""
     root = Path(root)
     rows: list[Row] = []
     jsonl, table = root / "metadata.jsonl", root / "metadata.csv"
@@ -113,7 +129,23 @@ def read_folder(root: str | Path, image_key: str, simple_key: str | None, comple
                 rows.append(folder_row(where, dict(zip(fields, values)), image_key, simple_key, complex_key))
     else:
         raise FileNotFoundError(f"data.root={root} has no metadata.jsonl or metadata.csv")
+    for row in rows:
+        resolve_extension(root, row, report)
     return rows
+
+
+def resolve_extension(root: Path, row: Row, report: DataReport) -> None:
+    """A ``file_name`` without an image extension ("00011", as in the SUR authors' sample rows) that names
+    no file is pointed at the image beside it ("00011.png"), and the row is listed as repaired."""
+    name = Path(row.image)
+    if not row.image or name.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS or (root / name).exists():
+        return
+    for extension in IMAGE_EXTENSIONS:
+        for candidate in (f"{name.name}.{extension}", f"{name.name}.{extension.upper()}"):
+            if (root / name.parent / candidate).is_file():
+                row.image = str(name.parent / candidate)
+                report.repair(row.where, row.id, f"file_name {str(name)!r} has no extension: using {row.image}")
+                return
 
 
 def folder_row(where: str, record: dict, image_key: str, simple_key: str | None, complex_key: str) -> Row:

@@ -26,6 +26,7 @@ class DataReport:
         self.events: dict[str, list[dict]] = {kind: [] for kind in KINDS}
         self.seen: set[tuple[str, str, str]] = set()
         self.rows = 0
+        self.folder: str | None = None  # the folder whose metadata was read, when the data is a folder
 
     def add(self, kind: str, row: str, id: str, reason: str) -> None:
         if kind not in KINDS:
@@ -56,7 +57,8 @@ class DataReport:
         skipped = len(self.skipped_rows())
         counts = {"rows": self.rows, "used": max(self.rows - skipped, 0)}
         counts.update({kind: len({e["row"] for e in self.events[kind]}) for kind in KINDS})
-        return {"counts": counts, **{kind: list(self.events[kind]) for kind in KINDS}}
+        folder = {"folder": self.folder} if self.folder else {}
+        return {**folder, "counts": counts, **{kind: list(self.events[kind]) for kind in KINDS}}
 
     def write(self, path: str | Path) -> Path:
         """Write the report atomically (a reader never sees half a file)."""
@@ -84,7 +86,7 @@ class DataReport:
     def __str__(self) -> str:
         counts = self.to_dict()["counts"]
         text = ", ".join(f"{name} {value}" for name, value in counts.items())
-        lines = [f"data: {text}"]
+        lines = [f"data: {text}" + (f" (from {self.folder})" if self.folder else "")]
         for event in self.events["skipped"][:20]:
             lines.append(f"  skipped {event['row']} ({event['id']}): {event['reason']}")
         if len(self.events["skipped"]) > 20:

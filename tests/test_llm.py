@@ -1,0 +1,59 @@
+"""The LLM feature: ``llm.layer`` is a 0-based block index, read before the final norm, and the blocks after it never run."""
+
+import pytest
+import torch
+
+from sur_lightning.llm import CausalLMFeatures, build_tiny_causal_lm
+
+PROMPTS = ["a pair of tomatoes on a table", "a lemon"]
+
+
+@pytest.fixture(scope="module")
+def three_block_llm(tmp_path_factory) -> str:
+    return build_tiny_causal_lm(tmp_path_factory.mktemp("llm3"), num_layers=3)
+
+
+def reference_hidden_states(features: CausalLMFeatures) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    tokens = features.tokenizer(PROMPTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = features.model(**tokens, output_hidden_states=True)
+    return out.hidden_states, tokens.attention_mask.bool()
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2, -1, -3])
+def test_block_output_matches_transformers_hidden_states(three_block_llm, layer):
+    features = CausalLMFeatures(three_block_llm, layer=layer, pooling="none")
+    states, mask = features(PROMPTS)
+    hidden, ref_mask = reference_hidden_states(features)
+    block = layer % 3
+    assert torch.equal(mask, ref_mask)
+    if block < 2:
+        # hidden_states[k + 1] is block k's output for every block but the last.
+        torch.testing.assert_close(states, hidden[block + 1])
+    else:
+        # The last entry of hidden_states has the final RMSNorm applied; the feature is the block's own output.
+        assert not torch.allclose(states, hidden[3])
+        torch.testing.assert_close(features.model.norm(states), hidden[3])
+
+
+def test_blocks_after_the_layer_do_not_run(three_block_llm):
+    features = CausalLMFeatures(three_block_llm, layer=0)
+    ran = []
+    hooks = [b.register_forward_hook(lambda m, a, o, i=i: ran.append(i)) for i, b in enumerate(features.blocks)]
+    hooks.append(features.model.norm.register_forward_hook(lambda m, a, o: ran.append("norm")))
+    pooled, _ = features(PROMPTS)
+    for hook in hooks:
+        hook.remove()
+    assert ran == [0] and pooled.shape == (2, 32)
+
+
+def test_mean_pooling_ignores_padding(three_block_llm):
+    features = CausalLMFeatures(three_block_llm, layer=-1)
+    pooled, _ = features(PROMPTS)
+    alone, _ = features(PROMPTS[1:])
+    torch.testing.assert_close(pooled[1:], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_an_out_of_range_layer_names_the_block_count(three_block_llm):
+    with pytest.raises(ValueError, match=r"llm.layer=3 is out of range .* 3 blocks"):
+        CausalLMFeatures(three_block_llm, layer=3)
