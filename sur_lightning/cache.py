@@ -161,10 +161,14 @@ def backbone_fingerprint(backbone_cfg, subfolders: tuple[str, ...]) -> dict:
     return {**producer, "files": files_hash(str(config["pretrained"]), subfolders)}
 
 
+# Bumped when what a config's LLM features mean changes (2: ``layer`` is a block index read before the final norm).
+LLM_FEATURES_VERSION = 2
+
+
 def llm_fingerprint(llm_cfg) -> dict:
     config = resolved(llm_cfg)
     source = config.get("pretrained") or config.get("path")
-    return {**config, "files": files_hash(str(source)) if source else None}
+    return {**config, "files": files_hash(str(source)) if source else None, "features_version": LLM_FEATURES_VERSION}
 
 
 class FeatureCache:
@@ -393,15 +397,50 @@ def build_cache(cfg: DictConfig, datamodule, mode: str = "auto", backbone=None) 
     return cache, backbone
 
 
-def prepare_feature_cache(cfg: DictConfig, datamodule) -> dict:
+def process_rank() -> int:
+    """This process's rank before torch.distributed starts: ``RANK`` (torchrun, Lightning), ``SLURM_PROCID``, or
+    for Lightning's own launcher ``NODE_RANK``/``LOCAL_RANK`` (any non-zero one means "not the first process")."""
+    for name in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return int(os.environ.get("NODE_RANK", "0") or 0) + int(os.environ.get("LOCAL_RANK", "0") or 0)
+
+
+def wait_for_cache(cfg: DictConfig, datamodule, rank: int, poll_s: float = 5.0, timeout_s: float = 7200.0):
+    """For every rank but 0: wait until rank 0 has filled the cache (computing nothing here), then open it."""
+    started = time.monotonic()
+    announced = False
+    while True:
+        try:
+            cache, _ = build_cache(cfg, datamodule, "require")
+            return cache
+        except CacheMissError as error:
+            if time.monotonic() - started > timeout_s:
+                raise CacheMissError(
+                    f"rank {rank}: the feature cache is still incomplete after {timeout_s:.0f} s of waiting for rank 0 "
+                    f"(cache_wait_s): {error}"
+                ) from None
+            if not announced:
+                print(f"rank {rank}: waiting for rank 0 to build the feature cache ...", flush=True)
+                announced = True
+            time.sleep(poll_s)
+
+
+def prepare_feature_cache(cfg: DictConfig, datamodule, rank: int | None = None, poll_s: float = 5.0) -> dict:
     """For ``train``: with ``data.cache`` on, fill (auto) or check (require) the cache, point the datamodule at it,
     and return the model's constructor arguments that replace the frozen encoders: no LLM, the backbone
     without its VAE encoder, the cache and the LLM width.
+
+    Under multi-GPU training only rank 0 builds; the other ranks wait for it and compute nothing.
     """
     mode = cfg.data.get("cache", "off")
     if mode == "off":
         return {}
-    cache, backbone = build_cache(cfg, datamodule, mode)
+    rank = process_rank() if rank is None else rank
+    if rank != 0 and mode == "auto":
+        cache, backbone = wait_for_cache(cfg, datamodule, rank, poll_s, float(cfg.get("cache_wait_s") or 7200)), None
+    else:
+        cache, backbone = build_cache(cfg, datamodule, mode)
     # A fresh backbone when building loaded none. Training and validation read cached latents only,
     # so the VAE encoder is dropped (the decoder stays for sampling).
     backbone = backbone if backbone is not None else instantiate(cfg.backbone)

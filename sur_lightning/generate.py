@@ -240,10 +240,11 @@ def render(
     dtype = pipeline.unet.dtype
     features = conditioning.features(prompts)
     negative = conditioning.features([negative_prompt] * len(prompts))
-    # Placeholders of the right shape: the hook replaces them at every UNet call.
-    last_t = pipeline.scheduler.config.num_train_timesteps - 1
-    prompt_embeds = conditioning.apply(features, last_t)
-    negative_embeds = conditioning.apply(negative, last_t)
+    # The hook computes the real conditioning at every UNet call; the pipeline only needs the batch size,
+    # device and dtype from these, so one zero token each is enough (running the connector here would
+    # cost two calls whose output is thrown away).
+    placeholder = torch.zeros(len(prompts), 1, pipeline.unet.config.cross_attention_dim)
+    prompt_embeds, negative_embeds = placeholder, placeholder.clone()
     # Draw the initial latents on the CPU so a seed gives the same image on every device.
     size = height or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
     width = width or size
@@ -376,10 +377,12 @@ def needs_llm(connector: nn.Module) -> bool:
 
 
 def adapter_entries(adapters) -> list[tuple[str, dict]]:
-    """``adapters``: a list of paths, or a mapping name -> path or name -> {path, mode, eta}.
-    Returns (name, {path, mode?, eta?}) pairs; names from a list are the file stem, or its folder's name
-    when the stem is the default "adapter"."""
+    """``adapters``: a list of paths, or a mapping name -> path or name -> {path, mode, eta, format}.
+    Returns (name, {path, mode?, eta?, format?}) pairs. A mapping's keys are the names; a list's names come
+    from each adapter (``adapter_label``: ``sur-demo``), with the run folder added only to tell two apart."""
     from omegaconf import DictConfig, OmegaConf
+
+    from sur_lightning.connectors import adapter_label
 
     if isinstance(adapters, DictConfig):
         adapters = OmegaConf.to_container(adapters, resolve=True)
@@ -388,12 +391,27 @@ def adapter_entries(adapters) -> list[tuple[str, dict]]:
     if isinstance(adapters, dict):
         items = [(str(k), v if isinstance(v, dict) else {"path": v}) for k, v in adapters.items()]
     else:
-        items = []
-        for entry in adapters:
-            path = Path(str(entry))
-            items.append((path.stem if path.stem != "adapter" else path.parent.name or "adapter", {"path": str(path)}))
+        items = [(adapter_label(entry), {"path": str(entry)}) for entry in adapters]
+        labels = [name for name, _ in items]
+        items = [
+            (name if labels.count(name) == 1 else f"{name} ({Path(spec['path']).parent.name})", spec) for name, spec in items
+        ]
     names = [name for name, _ in items]
     return [(name if names.count(name) == 1 else f"{name}-{i}", spec) for i, (name, spec) in enumerate(items)]
+
+
+ADAPTER_FORMATS = ("sur_lightning", "official")
+
+
+def load_adapter(path, file_format: str = "sur_lightning") -> nn.Module:
+    """A connector from a file this project wrote (``adapter.safetensors`` + config), or from the SUR
+    authors' ``adapter_checkpoint*.pt`` (``format: official``: their released module, η = 0.1)."""
+    from sur_lightning.connectors import load_connector
+    from sur_lightning.connectors.sur import official_adapter
+
+    if file_format not in ADAPTER_FORMATS:
+        raise ValueError(f"adapter {path}: format must be one of {ADAPTER_FORMATS}, got {file_format!r}")
+    return official_adapter(path) if file_format == "official" else load_connector(path)
 
 
 def build_columns(
@@ -409,13 +427,12 @@ def build_columns(
     ``eta_sweep``. ``llm``: the LLM module, or a zero-argument function loading it only when a connector
     needs it (ELLA), on the backbone's device. Each adapter is checked against the backbone and LLM on
     an empty prompt, so a mismatch fails here naming the adapter file."""
-    from sur_lightning.connectors import load_connector
 
     columns = [Column("base", ClipConditioning(frozen_text_features(backbone)), {"kind": "base"})] if include_base else []
     loaded_llm = llm if isinstance(llm, nn.Module) or llm is None else None
     for name, spec in adapter_entries(adapters):
         path = spec["path"]
-        connector = load_connector(path).to(backbone.device)
+        connector = load_adapter(path, spec.get("format", "sur_lightning")).to(backbone.device)
         uses_llm = needs_llm(connector)
         if uses_llm and loaded_llm is None:
             if llm is None:
@@ -577,7 +594,8 @@ def prepare(cfg):
     columns = build_columns(
         backbone,
         adapters=cfg.adapters,
-        llm=(lambda: instantiate(llm_cfg)) if llm_cfg is not None else None,
+        # Only connectors that read token states (ELLA) load the LLM here; SUR does not use it at inference.
+        llm=(lambda: instantiate(llm_cfg, **({"pooling": "none"} if "pooling" in llm_cfg else {}))) if llm_cfg is not None else None,
         mode=cfg.mode,
         eta=cfg.eta,
         eta_sweep=list(cfg.eta_sweep or []),

@@ -48,6 +48,7 @@ class ConnectorTrainingModule(L.LightningModule):
         eta_histogram_every_n_steps: int = 50,
         feature_cache: FeatureCache | None = None,
         llm_dim: int | None = None,
+        max_nonfinite_in_a_row: int = 10,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -75,6 +76,12 @@ class ConnectorTrainingModule(L.LightningModule):
                 "(model.prompt_loss / model.llm_loss): use loss=denoising, or caption_dropout=0"
             )
         self.eta_histogram_every_n_steps = eta_histogram_every_n_steps
+        # A NaN/inf loss skips its step (no backward, no optimizer step); this many in a row stop training.
+        if max_nonfinite_in_a_row < 1:
+            raise ValueError(f"model.max_nonfinite_in_a_row must be >= 1, got {max_nonfinite_in_a_row}")
+        self.max_nonfinite_in_a_row = max_nonfinite_in_a_row
+        self.nonfinite_skipped = 0
+        self.nonfinite_in_a_row = 0
         # Checkpoints hold only the connector; the frozen models come back from their configs.
         self.strict_loading = False
 
@@ -147,8 +154,25 @@ class ConnectorTrainingModule(L.LightningModule):
             losses["llm"] = self.llm_loss(out.internals["encoder"], out.internals["llm_projected"])
             loss = loss + self.llm_loss.weight * losses["llm"]
 
+        if not torch.isfinite(loss):
+            return self.skip_nonfinite(losses)
+        self.nonfinite_in_a_row = 0
         self.log_training(loss, losses, out, batch_size=latents.shape[0])
         return loss
+
+    def skip_nonfinite(self, losses: dict[str, torch.Tensor]) -> None:
+        """Skip this step: for ``None`` Lightning runs no backward, so the optimizer finds no gradients and changes
+        no weight (AdamW's decay included); Lightning still counts the step. Count and log it."""
+        self.nonfinite_skipped += 1
+        self.nonfinite_in_a_row += 1
+        bad = ", ".join(f"{name}={float(value)}" for name, value in losses.items() if not torch.isfinite(value))
+        self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), batch_size=1)
+        if self.nonfinite_in_a_row >= self.max_nonfinite_in_a_row:
+            raise RuntimeError(
+                f"{self.nonfinite_in_a_row} non-finite losses in a row (step {self.global_step}: {bad}); stopping. "
+                "Lower model.optimizer.lr, check the data, or raise model.max_nonfinite_in_a_row"
+            )
+        print(f"step {self.global_step}: skipped, non-finite loss ({bad}); {self.nonfinite_skipped} skipped so far", flush=True)
 
     def drop_captions(self, prompts: list[str]) -> list[str]:
         """Each prompt replaced by the empty prompt with probability ``caption_dropout``."""

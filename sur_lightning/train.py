@@ -13,9 +13,11 @@ from pathlib import Path
 import hydra
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from sur_lightning.cache import prepare_feature_cache
+from sur_lightning.sweep import check_combination
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -44,6 +46,7 @@ def check_config(cfg: DictConfig) -> dict:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
+    check_combination(cfg)
     resolved = check_config(cfg)
     use_wandb_offline_without_key()
     L.seed_everything(cfg.seed, workers=True)
@@ -57,7 +60,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for logger in loggers:
         logger.log_hyperparams(resolved)
 
-    trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    except SIGTERMException:
+        # OnExceptionCheckpoint has written checkpoints/on_exception.ckpt; exit as a terminated process does.
+        print(f"\nSIGTERM at step {trainer.global_step}: checkpoint in {Path(cfg.paths.output_dir) / 'checkpoints'}; "
+              "resume with ckpt_path=last", flush=True)
+        raise SystemExit(143) from None
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.is_global_zero:
@@ -89,7 +98,8 @@ def report_outputs(cfg, trainer, callbacks, loggers, metrics: dict[str, float]) 
     for logger in loggers:
         if type(logger).__name__ == "WandbLogger":
             mode = os.environ.get("WANDB_MODE", "online")
-            lines.append(f"wandb:      {Path(logger.experiment.dir).parent} ({mode})")
+            run = logger.experiment
+            lines.append(f"wandb:      {Path(run.dir).parent} ({mode}): run {run.name!r}, group {run.group!r}, job_type {run.job_type!r}")
         elif getattr(logger, "log_dir", None):
             lines.append(f"{type(logger).__name__}: {logger.log_dir}")
     print("\n".join(["", f"Run finished at step {trainer.global_step}. Outputs:"] + ["  " + x for x in lines]))

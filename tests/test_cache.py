@@ -139,3 +139,38 @@ def test_with_a_complete_cache_no_llm_is_built_and_no_vae_encoder_runs(compose, 
     assert kwargs["llm"] is None and kwargs["llm_dim"] == 32 and kwargs["backbone"].vae.encoder is None
     metrics = train(cfg)
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+
+
+def test_under_ddp_only_rank_0_builds_and_the_other_ranks_wait(compose, tmp_path, monkeypatch):
+    import threading
+
+    from sur_lightning.llm import CausalLMFeatures
+
+    cfg = cached_config(compose, tmp_path)
+    loaded_by = []
+    real_init = CausalLMFeatures.__init__
+
+    def recording_init(self, *args, **kwargs):
+        loaded_by.append(threading.current_thread().name)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(CausalLMFeatures, "__init__", recording_init)
+    result = {}
+
+    def rank_1():
+        result["rank1"] = prepare_feature_cache(cfg, instantiate(cfg.data), rank=1, poll_s=0.05)
+
+    waiter = threading.Thread(target=rank_1, name="rank1")
+    waiter.start()
+    waiter.join(timeout=1.0)
+    assert waiter.is_alive()  # nothing cached yet: rank 1 waits rather than building
+    rank0 = prepare_feature_cache(cfg, instantiate(cfg.data), rank=0)
+    waiter.join(timeout=60)
+    assert not waiter.is_alive() and loaded_by == ["MainThread"]  # only rank 0 ran the LLM
+    assert len(result["rank1"]["feature_cache"].latents) == len(rank0["feature_cache"].latents) > 0
+
+
+def test_a_waiting_rank_gives_up_after_cache_wait_s_naming_the_key(compose, tmp_path):
+    cfg = cached_config(compose, tmp_path, "cache_wait_s=0.2")
+    with pytest.raises(CacheMissError, match=r"rank 3: the feature cache is still incomplete after 0 s .*cache_wait_s"):
+        prepare_feature_cache(cfg, instantiate(cfg.data), rank=3, poll_s=0.05)

@@ -117,6 +117,21 @@ def test_timestep_aware_connector_is_recomputed_at_every_step(backbone, pipeline
     assert not torch.allclose(calls[0][1], calls[1][1])  # a different timestep, a different conditioning
 
 
+@pytest.mark.parametrize("guidance_scale", [5.0, 1.0])
+def test_the_connector_runs_once_per_branch_per_step_and_never_for_placeholders(backbone, pipelines, token_llm, guidance_scale):
+    ella = tiny_ella()
+    conditioning = ConnectorConditioning(ella, frozen_text_features(backbone, token_llm))
+    timesteps = []
+    handle = ella.register_forward_hook(lambda module, args, output: timesteps.append(args[1].reshape(-1)[0].item()))
+    try:
+        render(pipelines["ddim"], conditioning, PROMPTS_A, [0, 1], num_inference_steps=3, guidance_scale=guidance_scale, height=32)
+    finally:
+        handle.remove()
+    branches = 2 if guidance_scale > 1 else 1
+    expected = [t for t in pipelines["ddim"].scheduler.timesteps.tolist() for _ in range(branches)]
+    assert timesteps == expected  # no extra calls at t = 999
+
+
 def test_concat_clip_mode_puts_clip_first_then_the_connector_tokens(backbone, pipelines, token_llm):
     ella = tiny_ella()
     text_features = frozen_text_features(backbone, token_llm)
@@ -194,7 +209,7 @@ def test_generate_writes_images_grid_eta_strips_and_manifest(tmp_path, cache_dir
     written = generate(cfg)
     run = Path(cfg.paths.output_dir)
     folders = sorted(p.name for p in (run / "images").iterdir())
-    assert folders == ["base", "runA_eta0", "runA_eta1"]
+    assert folders == ["base", "sur_eta0", "sur_eta1"]  # named by its connector (no run config beside it)
     for folder in folders:
         assert sorted(p.name for p in (run / "images" / folder).iterdir()) == [
             "prompt-000_seed0.png", "prompt-000_seed1.png", "prompt-001_seed0.png", "prompt-001_seed1.png"
@@ -203,14 +218,14 @@ def test_generate_writes_images_grid_eta_strips_and_manifest(tmp_path, cache_dir
     assert len(written["strips"]) == 4 and all(Path(p).exists() for p in written["strips"])
     manifest = json.loads((run / "manifest.json").read_text())
     assert len(manifest["images"]) == 12
-    row = next(r for r in manifest["images"] if r["column"] == "runA eta=1")
+    row = next(r for r in manifest["images"] if r["column"] == "sur eta=1")
     assert row["adapter"] == str(adapter) and row["eta"] == 1.0 and row["seed"] in (0, 1) and row["prompt"]
     # Same seeds everywhere: η = 0 reproduces the base model's images exactly.
     for name in ("prompt-000_seed0.png", "prompt-001_seed1.png"):
-        assert np.array_equal(np.asarray(Image.open(run / "images/base" / name)), np.asarray(Image.open(run / "images/runA_eta0" / name)))
+        assert np.array_equal(np.asarray(Image.open(run / "images/base" / name)), np.asarray(Image.open(run / "images/sur_eta0" / name)))
 
 
-def test_generate_with_an_ella_adapter_needs_token_states(tmp_path, cache_dir, tiny_sd, tiny_llm):
+def test_generate_with_an_ella_adapter_reads_token_states(tmp_path, cache_dir, tiny_sd, tiny_llm):
     adapter, _ = save_connector(tiny_ella(), tmp_path / "ella.safetensors")
     cfg = compose_generate(
         tmp_path, cache_dir, f"adapters={{ella:{{path:{adapter},mode:concat_clip}}}}", "llm.pooling=none",
@@ -219,6 +234,9 @@ def test_generate_with_an_ella_adapter_needs_token_states(tmp_path, cache_dir, t
     generate(cfg)
     manifest = json.loads((Path(cfg.paths.output_dir) / "manifest.json").read_text())
     assert [(r["column"], r["mode"], r["kind"]) for r in manifest["images"]] == [("ella", "concat_clip", "TimestepAwareSemanticConnector")]
-    pooled = compose_generate(tmp_path, cache_dir, f"adapters=[{adapter}]", "prompts=[two red circles]")
-    with pytest.raises(ValueError, match="ella.safetensors"):
-        generate(pooled)
+    # Without llm.pooling=none: generation loads the LLM only for connectors that read token states, and asks for them.
+    default = compose_generate(tmp_path, cache_dir, f"adapters=[{adapter}]", "prompts=[two red circles]",
+                               f"paths.output_dir={tmp_path}/default")
+    assert default.llm.pooling == "mean"
+    generate(default)
+    assert (tmp_path / "default" / "images" / "ella").is_dir()

@@ -113,3 +113,59 @@ def test_eta_histogram_reaches_tensorboard(compose, tmp_path):
 
     events = EventAccumulator(str(logger.log_dir)).Reload()
     assert "train/eta" in events.Tags()["histograms"]
+
+
+def nan_on_calls(monkeypatch, bad_calls):
+    """Make the denoising loss NaN on the given (1-based) calls."""
+    from sur_lightning.losses import DenoisingLoss
+
+    real, calls = DenoisingLoss.__call__, []
+
+    def flaky(self, *args, **kwargs):
+        calls.append(1)
+        value = real(self, *args, **kwargs)
+        return value * float("nan") if bad_calls(len(calls)) else value
+
+    monkeypatch.setattr(DenoisingLoss, "__call__", flaky)
+
+
+def fit(cfg, model, max_steps, callbacks=()):
+    import lightning as L
+
+    trainer = L.Trainer(max_steps=max_steps, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks))
+    trainer.fit(model, datamodule=instantiate(cfg.data))
+    return trainer
+
+
+def test_a_nonfinite_loss_skips_its_step_without_touching_the_weights(compose, monkeypatch):
+    import lightning as L
+
+    cfg, model, _ = build(compose, "+experiment=demo", "model.lr_scheduler.num_warmup_steps=0")
+    snapshots = []
+
+    class Snapshot(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            snapshots.append({k: v.clone() for k, v in pl_module.connector.state_dict().items()})
+
+    initial = {k: v.clone() for k, v in model.connector.state_dict().items()}
+    nan_on_calls(monkeypatch, lambda call: call in (2, 3))
+    trainer = fit(cfg, model, max_steps=4, callbacks=[Snapshot()])
+
+    def same(a, b):
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    # Lightning still counts a skipped step (its optimizer call finds no gradients), so 4 batches, 4 steps.
+    assert trainer.global_step == 4 and len(snapshots) == 4
+    assert not same(snapshots[0], initial)
+    assert same(snapshots[1], snapshots[0]) and same(snapshots[2], snapshots[0])  # no update, no weight decay
+    assert not same(snapshots[3], snapshots[2])
+    assert model.nonfinite_skipped == 2 and model.nonfinite_in_a_row == 0
+    assert trainer.callback_metrics["train/nonfinite_skipped"] == 2
+
+
+def test_too_many_nonfinite_losses_in_a_row_stop_training(compose, monkeypatch):
+    cfg, model, _ = build(compose, "+experiment=demo", "model.max_nonfinite_in_a_row=3")
+    nan_on_calls(monkeypatch, lambda call: call >= 2)
+    with pytest.raises(RuntimeError, match=r"3 non-finite losses in a row \(step 3: denoising=nan"):
+        fit(cfg, model, max_steps=10)

@@ -124,3 +124,51 @@ def test_training_resumes_from_a_connector_only_checkpoint(compose):
         rows = list(csv.DictReader(f))
     steps = {int(r["step"]) for r in rows if r.get("val/denoising")}
     assert steps and min(steps) >= 2, steps
+
+
+def test_sur_presets_flip_like_the_authors_and_released_trains_on_every_row(compose):
+    paper, released = (compose(f"+experiment={name}", tiny=False) for name in ("sur_paper", "sur_released"))
+    assert paper.data.random_flip and released.data.random_flip  # run.sh passes --random_flip
+    assert paper.data.val_size > 0 and released.data.val_size == 0
+
+
+def test_sur_released_trains_with_flips_from_the_cache_and_no_validation_rows(compose):
+    cfg = compose("+experiment=sur_released", "data.val_size=0", "data.cache=auto", "trainer.max_steps=2",
+                  "callbacks.sample_grid=null")
+    metrics = train(cfg)
+    assert "train/loss" in metrics and "val/denoising" not in metrics
+    from sur_lightning.cache import FeatureCache
+
+    # Both flips of every training image were cached: 12 images, 24 latents.
+    assert len(FeatureCache.from_config(cfg).latents) == 24
+
+
+def test_sigterm_writes_a_checkpoint_that_ckpt_path_last_resumes(tmp_path, cache_dir, tiny_sd, tiny_llm, compose):
+    import signal
+    import time
+
+    import torch
+
+    output = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "sur_lightning.train", "+experiment=demo", *tiny_overrides(tmp_path, cache_dir),
+        "trainer.max_steps=100000", "trainer.val_check_interval=100000", "callbacks.sample_grid=null",
+        "callbacks.model_checkpoint.every_n_train_steps=3", f"hydra.run.dir={output}",
+    ]
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not (output / "checkpoints" / "step000003.ckpt").exists():
+        assert process.poll() is None and time.monotonic() < deadline, "training did not reach step 3"
+        time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    log, _ = process.communicate(timeout=120)
+    assert process.returncode == 143, log[-2000:]
+    saved = output / "checkpoints" / "on_exception.ckpt"
+    step = torch.load(saved, map_location="cpu", weights_only=False)["global_step"]
+    assert step >= 3 and f"SIGTERM at step {step}" in log
+
+    resumed = compose("+experiment=demo", "callbacks.sample_grid=null", f"paths.output_dir={output}",
+                      f"trainer.max_steps={step + 2}", "trainer.val_check_interval=100000", "ckpt_path=last")
+    train(resumed)
+    assert json.loads((output / "metrics.json").read_text())["global_step"] == step + 2

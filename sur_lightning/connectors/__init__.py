@@ -64,24 +64,53 @@ def save_connector(connector: torch.nn.Module, path: str | Path) -> tuple[Path, 
     return path, config_path
 
 
-def load_connector(path: str | Path) -> torch.nn.Module:
-    """Rebuild a connector written by ``save_connector`` and load its weights strictly (eval mode)."""
-    from hydra.utils import instantiate
+def connector_config(path: str | Path) -> dict:
+    """The constructor config of an adapter written by ``save_connector``: from its .json, else its header."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"adapter file not found: {path}")
     config_path = path.with_suffix(".json")
     if config_path.exists():
-        config = json.loads(config_path.read_text())
-    else:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-        if "config" not in metadata:
-            raise ValueError(f"{path} has no connector config: expected {config_path} or a 'config' header entry")
-        config = json.loads(metadata["config"])
-    connector = instantiate(config)
+        return json.loads(config_path.read_text())
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    if "config" not in metadata:
+        raise ValueError(f"{path} has no connector config: expected {config_path} or a 'config' header entry")
+    return json.loads(metadata["config"])
+
+
+# What a reader calls each connector class, for labels.
+CONNECTOR_NAMES = {"SURAdapter": "sur", "TimestepAwareSemanticConnector": "ella"}
+
+
+def adapter_label(path: str | Path) -> str:
+    """A name for an adapter file: its stem, or for a run's ``adapter.safetensors`` the connector and the
+    run's experiment (``sur-demo``, ``ella_demo``, ``sur_paper``), read from its config and ``.hydra/config.yaml``."""
+    import yaml
+
+    path = Path(path)
+    if path.stem != "adapter":
+        return path.stem
+    try:
+        target = connector_config(path).get("_target_", "")
+    except (OSError, ValueError):
+        target = ""
+    kind = CONNECTOR_NAMES.get(target.rpartition(".")[2], target.rpartition(".")[2].lower() or "adapter")
+    run_config = path.parent / ".hydra" / "config.yaml"
+    task = yaml.safe_load(run_config.read_text()).get("task_name") if run_config.exists() else None
+    if not task:
+        return kind
+    return str(task) if kind in str(task) else f"{kind}-{task}"
+
+
+def load_connector(path: str | Path) -> torch.nn.Module:
+    """Rebuild a connector written by ``save_connector`` and load its weights strictly (eval mode)."""
+    from hydra.utils import instantiate
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    connector = instantiate(connector_config(path))
     connector.load_state_dict(load_file(str(path)), strict=True)
     return connector.eval()

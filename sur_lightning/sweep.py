@@ -1,0 +1,181 @@
+"""What makes one Hydra multirun compare connectors, LLMs and losses: configs that follow the connector,
+a check of every job's combination before the first job starts, and W&B names per job and sweep.
+
+- ``${llm_pooling:${connector._target_}}`` (the LLM configs' ``pooling``): SUR distils one pooled state,
+  ELLA reads token states, so ``llm=smollm2`` serves both connectors of ``connector=sur,ella``.
+- ``check_combination(cfg)``: raises ``IncompatibleConfigError`` naming the pair of choices that cannot
+  train together (ELLA with an alignment loss, SUR with token states, caption dropout with alignment).
+  ``train`` calls it first; ``PreflightCheck`` (a Hydra callback) calls it for every job of a
+  multirun before the first one starts.
+- ``${wandb_run_name:${task_name}}``, ``${wandb_group:${task_name}}``, ``${connector_name:...}``: the
+  W&B run is named from its overrides, grouped per sweep, and its ``job_type`` is the connector.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from sur_lightning.connectors import CONNECTOR_NAMES
+
+# Connectors that read the LLM's token states [B, T, D] (the others distil one pooled state [B, D]).
+TOKEN_STATE_CONNECTORS = ("TimestepAwareSemanticConnector",)
+
+
+class IncompatibleConfigError(ValueError):
+    """Two config choices that cannot train together; the message names both and what to use instead."""
+
+
+def connector_name(target: str | None) -> str:
+    """``sur_lightning.connectors.sur.SURAdapter`` -> ``sur``; ``...ella.TimestepAwareSemanticConnector`` -> ``ella``."""
+    cls = str(target or "").rpartition(".")[2]
+    return CONNECTOR_NAMES.get(cls, cls.lower() or "none")
+
+
+def llm_pooling(target: str | None) -> str:
+    """The LLM pooling the connector reads: ``none`` (token states) for ELLA, ``mean`` for SUR."""
+    return "none" if str(target or "").rpartition(".")[2] in TOKEN_STATE_CONNECTORS else "mean"
+
+
+def _hydra():
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get() if HydraConfig.initialized() else None
+
+
+def wandb_run_name(task_name: str) -> str:
+    """The task name plus the job's overrides (``demo connector=ella,loss=kl``); the task name alone outside Hydra."""
+    hydra = _hydra()
+    overrides = hydra.job.override_dirname if hydra is not None else ""
+    return f"{task_name} {overrides}".strip()
+
+
+def wandb_group(task_name: str) -> str:
+    """One W&B group per multirun (``demo-2026-12-01_23-50-00``, the sweep folder's name); the task name otherwise."""
+    hydra = _hydra()
+    if hydra is not None and str(hydra.mode) == "RunMode.MULTIRUN":
+        return f"{task_name}-{Path(hydra.sweep.dir).name}"
+    return task_name
+
+
+def register_resolvers() -> None:
+    for name, function in {
+        "llm_pooling": llm_pooling,
+        "connector_name": connector_name,
+        "wandb_run_name": wandb_run_name,
+        "wandb_group": wandb_group,
+    }.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, function)
+
+
+# ------------------------------------------------------------------------------------------ checks
+
+
+def _choice(choices: dict, group: str, fallback: str) -> str:
+    return f"{group}={choices[group]}" if choices.get(group) else fallback
+
+
+def check_combination(cfg: DictConfig, choices: dict | None = None) -> None:
+    """Raise ``IncompatibleConfigError`` when the connector, LLM and losses of ``cfg`` cannot train together.
+
+    ``choices``: group -> option as the user picked them (Hydra's ``runtime.choices``), for the message.
+    """
+    if choices is None:
+        hydra = _hydra()
+        choices = dict(hydra.runtime.choices) if hydra is not None else {}
+    target = str(OmegaConf.select(cfg, "connector._target_") or "")
+    kind = connector_name(target)
+    connector = _choice(choices, "connector", f"connector={kind}")
+    llm_cfg = OmegaConf.select(cfg, "llm")
+    llm_target = str(OmegaConf.select(cfg, "llm._target_") or "")
+    llm = _choice(choices, "llm", f"llm={llm_target.rpartition('.')[2] or 'null'}")
+    has_alignment = OmegaConf.select(cfg, "model.prompt_loss") is not None or OmegaConf.select(cfg, "model.llm_loss") is not None
+    loss = _choice(choices, "loss", "an alignment loss")
+    reads_tokens = target.rpartition(".")[2] in TOKEN_STATE_CONNECTORS
+    gives_tokens = None
+    if llm_cfg is not None:
+        gives_tokens = llm_target.endswith("T5EncoderFeatures") or OmegaConf.select(cfg, "llm.pooling") == "none"
+
+    if reads_tokens and has_alignment:
+        raise IncompatibleConfigError(
+            f"{connector} and {loss} are incompatible: the alignment terms compare SUR's 77-token output with "
+            f"CLIP(complex prompt) and distil the LLM into SUR's encoder; ELLA has neither (it reads the LLM "
+            f"directly). Train ELLA with loss=denoising."
+        )
+    if reads_tokens and llm_cfg is None and OmegaConf.select(cfg, "model.llm_dim") is None:
+        raise IncompatibleConfigError(f"{connector} needs LLM token states, but llm is null: pick an llm")
+    if reads_tokens and gives_tokens is False:
+        raise IncompatibleConfigError(
+            f"{connector} and {llm} with llm.pooling=mean are incompatible: ELLA reads token states. "
+            f"Leave llm.pooling at its default (it follows the connector) or set llm.pooling=none."
+        )
+    if not reads_tokens and gives_tokens:
+        raise IncompatibleConfigError(
+            f"{connector} and {llm} are incompatible: SUR distils one pooled LLM state per prompt, and {llm} "
+            f"gives token states. Use a causal LM with llm.pooling=mean (its default under connector=sur)."
+        )
+    unknown = unknown_connector_keys(cfg)
+    if unknown:
+        raise IncompatibleConfigError(
+            f"{connector} does not take {', '.join(unknown)}: these keys belong to another connector "
+            f"(set by a preset or an override); drop them or pick that connector"
+        )
+    dropout = OmegaConf.select(cfg, "model.caption_dropout") or 0.0
+    if dropout and has_alignment:
+        raise IncompatibleConfigError(
+            f"model.caption_dropout={dropout} and {loss} are incompatible: a dropped caption would be aligned to "
+            f"the complex prompt of the caption it replaced. Use loss=denoising, or model.caption_dropout=0."
+        )
+
+
+def unknown_connector_keys(cfg: DictConfig) -> list[str]:
+    """Keys of ``cfg.connector`` that its class's constructor does not take (``dim``/``llm_dim`` are filled in later)."""
+    import inspect
+
+    from hydra.utils import get_class
+
+    node = OmegaConf.select(cfg, "connector")
+    if node is None or "_target_" not in node:
+        return []
+    try:
+        parameters = inspect.signature(get_class(node._target_)).parameters
+    except (ImportError, AttributeError, ValueError, TypeError):  # fails with its own message at instantiation
+        return []
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return []
+    return sorted(k for k in node if not k.startswith("_") and k not in parameters)
+
+
+class PreflightCheck(Callback):
+    """A Hydra callback: before a multirun's first job, compose every job's config and check its combination,
+    so an incompatible pair stops the sweep at once instead of failing in job 7 of 8."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        from hydra import compose
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        if "basic_sweeper" not in str(OmegaConf.select(config, "hydra.sweeper._target_") or ""):
+            return  # other sweepers draw their jobs as they go: each job checks itself in train()
+        overrides = list(OmegaConf.select(config, "hydra.overrides.task") or [])
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+        config_name = OmegaConf.select(config, "hydra.job.config_name") or "train"
+        problems = []
+        for job in jobs:
+            job_cfg = compose(config_name=config_name, overrides=list(job), return_hydra_config=True)
+            choices = dict(job_cfg.hydra.runtime.choices)
+            try:
+                check_combination(job_cfg, choices)
+            except IncompatibleConfigError as error:
+                problems.append(f"  job {' '.join(job)}:\n    {error}")
+        if problems:
+            # SystemExit, not an exception: Hydra turns a callback's exceptions into warnings and carries on.
+            raise SystemExit(
+                f"IncompatibleConfigError: {len(problems)} of {len(jobs)} jobs of this sweep cannot train; "
+                "none was started:\n" + "\n".join(problems)
+            )
+        print(f"sweep pre-flight: all {len(jobs)} jobs are compatible", flush=True)
