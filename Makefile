@@ -23,6 +23,10 @@ demo: install
 test: install
 	$(PY) -m pytest tests
 
+# A training step against the floor (frozen UNet fwd + bwd to its conditioning), cache on/off, generation overhead.
+bench: install
+	$(PY) -m sur_lightning.bench
+
 # Dataloader samples/s and training steps/s, feature cache warm vs data.cache=off (tiny backbone).
 bench-data: install
 	$(PY) experiments/bench_data/bench.py

@@ -1,0 +1,273 @@
+"""How much a training step costs above the floor, and what a connector adds to generation.
+
+    python -m sur_lightning.bench                          # tiny backbone, well under a minute on a CPU
+    python -m sur_lightning.bench backbone=toy data=toyworld bench.steps=30
+    python -m sur_lightning.bench +experiment=sur_paper backbone=sd15 ...   (any training config)
+
+**The floor** is the least a connector's training step can cost once every frozen encoder is cached: one
+forward pass of the frozen UNet and the backward pass that carries the gradient to its conditioning
+input. The benchmark measures it alone, then the real training step (``ConnectorTrainingModule.training_step``
++ backward + optimizer, from the real dataloader) with a warm feature cache and with ``data.cache=off``,
+split into data / connector / UNet forward / rest of the forward / backward / optimizer; peak memory;
+and pipeline latency for one prompt with and without the connector. It prints JSON and a table and
+writes ``bench.json``. It measures; nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from sur_lightning.cache import prepare_feature_cache
+from sur_lightning.train import CONFIG_DIR, use_wandb_offline_without_key
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Stopwatch:
+    """Wall-clock seconds per named phase, summed over the timed steps (synchronising the device)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.totals: dict[str, float] = {}
+        self.active = True
+
+    @contextmanager
+    def phase(self, name: str):
+        synchronize(self.device)
+        started = time.perf_counter()
+        yield
+        synchronize(self.device)
+        if self.active:
+            self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - started
+
+
+def forward_timer(module: torch.nn.Module, stopwatch: Stopwatch, name: str):
+    """Hooks that add ``module``'s forward time to ``name``; returns the handles."""
+    state = {}
+
+    def before(*_):
+        synchronize(stopwatch.device)
+        state["t"] = time.perf_counter()
+
+    def after(*_):
+        synchronize(stopwatch.device)
+        if stopwatch.active:
+            stopwatch.totals[name] = stopwatch.totals.get(name, 0.0) + time.perf_counter() - state["t"]
+
+    return [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+
+
+def machine() -> dict:
+    import diffusers
+    import lightning
+
+    info = {
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "lightning": lightning.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return info
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def build(cfg: DictConfig, cache: str, device: torch.device):
+    """Datamodule, module (frozen encoders replaced by the cache when it is on) and optimizer, as train.py builds them."""
+    cfg = cfg.copy()
+    OmegaConf.set_struct(cfg, False)
+    cfg.data.cache = cache
+    datamodule = instantiate(cfg.data)
+    module = instantiate(cfg.model, **prepare_feature_cache(cfg, datamodule)).to(device)
+    datamodule.setup("fit")
+    optimizer = module.configure_optimizers()
+    optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
+    return datamodule, module, optimizer
+
+
+def batches(datamodule, device):
+    while True:
+        for batch in datamodule.train_dataloader():
+            batch = datamodule.on_before_batch_transfer(batch, 0)
+            yield {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def training_step_time(cfg, cache: str, device, steps: int, warmup: int) -> dict:
+    """Seconds per full step and per phase, over ``steps`` steps after ``warmup``."""
+    torch.manual_seed(0)
+    datamodule, module, optimizer = build(cfg, cache, device)
+    stopwatch = Stopwatch(device)
+    hooks = forward_timer(module.connector, stopwatch, "connector") + forward_timer(module.backbone.unet, stopwatch, "unet_forward")
+    data = batches(datamodule, device)
+    rss = []
+    for step in range(warmup + steps):
+        stopwatch.active = step >= warmup
+        with stopwatch.phase("data"):
+            batch = next(data)
+        with stopwatch.phase("forward"):
+            loss = module.training_step(batch, step)
+        with stopwatch.phase("backward"):
+            loss.backward()
+        with stopwatch.phase("optimizer"):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        rss.append(peak_rss_mb())
+    for hook in hooks:
+        hook.remove()
+    totals = {k: v / steps for k, v in stopwatch.totals.items()}
+    # The forward phase includes the connector and UNet forwards; report what is left of it on its own.
+    totals["other_forward"] = totals.pop("forward") - totals.get("connector", 0.0) - totals.get("unet_forward", 0.0)
+    totals["step"] = sum(totals[k] for k in ("data", "connector", "unet_forward", "other_forward", "backward", "optimizer"))
+    first, last = rss[warmup] if len(rss) > warmup else rss[0], rss[-1]
+    return {"seconds": totals, "batch_size": int(cfg.data.batch_size), "rss_growth_mb": last - first, "module": module,
+            "batch": batch}
+
+
+def floor_time(module, batch, device, steps: int, warmup: int) -> float:
+    """Seconds for the frozen UNet's forward plus the backward to its conditioning input, alone."""
+    scheduler = module.backbone.noise_scheduler
+    with torch.no_grad():
+        latents = module.latents(batch)
+        conditioning = module.condition(batch["simple_prompt"], torch.zeros(latents.shape[0], device=device)).conditioning
+    noise = torch.randn_like(latents)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    times = []
+    for step in range(warmup + steps):
+        leaf = conditioning.detach().requires_grad_(True)
+        synchronize(device)
+        started = time.perf_counter()
+        prediction = module.backbone.predict(noisy, timesteps, leaf)
+        torch.nn.functional.mse_loss(prediction.float(), noise.float()).backward()
+        synchronize(device)
+        if step >= warmup:
+            times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def inference_latency(module, device, prompt: str, steps: int, repeats: int) -> dict:
+    """Seconds for one prompt through the pipeline, base vs connector, median of ``repeats``."""
+    from sur_lightning.generate import (
+        ClipConditioning,
+        ConnectorConditioning,
+        build_pipeline,
+        frozen_text_features,
+        render,
+    )
+
+    pipeline = build_pipeline(module.backbone)
+    pipeline.set_progress_bar_config(disable=True)
+    module.connector.eval()
+    columns = {
+        "base": ClipConditioning(frozen_text_features(module.backbone)),
+        "connector": ConnectorConditioning(module.connector, module.text_features),
+    }
+    result = {}
+    for name, conditioning in columns.items():
+        times = []
+        for _ in range(repeats + 1):  # the first call warms up
+            synchronize(device)
+            started = time.perf_counter()
+            with torch.no_grad():
+                render(pipeline, conditioning, [prompt], [0], num_inference_steps=steps, guidance_scale=4.0)
+            synchronize(device)
+            times.append(time.perf_counter() - started)
+        result[name] = statistics.median(times[1:])
+    result["ratio"] = result["connector"] / result["base"]
+    return result
+
+
+def run(cfg: DictConfig) -> dict:
+    use_wandb_offline_without_key()
+    settings = cfg.bench
+    device = torch.device("cuda" if torch.cuda.is_available() and settings.device != "cpu" else "cpu")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    warm = training_step_time(cfg, "auto", device, settings.steps, settings.warmup)
+    module, batch = warm.pop("module"), warm.pop("batch")
+    floor = floor_time(module, batch, device, settings.steps, settings.warmup)
+    result = {
+        "machine": machine(),
+        "config": {"backbone": OmegaConf.to_container(cfg.backbone, resolve=True).get("pretrained"),
+                   "connector": cfg.connector._target_,
+                   "batch_size": warm["batch_size"], "steps": settings.steps, "warmup": settings.warmup},
+        "floor_s": floor,
+        "warm_cache": warm["seconds"],
+        "warm_cache_ratio_to_floor": warm["seconds"]["step"] / floor,
+        "rss_growth_mb_over_steps": warm["rss_growth_mb"],
+    }
+    if settings.cache_off:
+        cold = training_step_time(cfg, "off", device, settings.steps, settings.warmup)
+        # Generation encodes its prompts itself: time it on the module without the cache.
+        module = cold.pop("module")
+        cold.pop("batch")
+        result["cache_off"] = cold["seconds"]
+        result["cache_speedup"] = cold["seconds"]["step"] / warm["seconds"]["step"]
+    if settings.inference_steps:
+        # A training prompt: with the cache on, the module reads its text features from the cache.
+        prompt = batch["simple_prompt"][0]
+        result["inference"] = inference_latency(module, device, prompt, settings.inference_steps, settings.inference_repeats)
+    result["peak_rss_mb"] = peak_rss_mb()
+    if device.type == "cuda":
+        result["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return result
+
+
+def table(result: dict) -> str:
+    ms = lambda s: f"{1000 * s:.1f}"
+    lines = ["| phase | warm cache (ms/step) | cache off (ms/step) |", "|---|---|---|"]
+    cold = result.get("cache_off", {})
+    for phase in ("data", "connector", "unet_forward", "other_forward", "backward", "optimizer", "step"):
+        lines.append(f"| {phase} | {ms(result['warm_cache'][phase])} | {ms(cold[phase]) if phase in cold else '–'} |")
+    lines.append(f"| floor (UNet fwd + bwd to conditioning) | {ms(result['floor_s'])} | |")
+    lines.append(f"\nwarm step / floor: {result['warm_cache_ratio_to_floor']:.2f}×"
+                 + (f"; cache speed-up: {result['cache_speedup']:.2f}×" if "cache_speedup" in result else ""))
+    if "inference" in result:
+        inf = result["inference"]
+        lines.append(f"pipeline, one prompt: base {ms(inf['base'])} ms, with connector {ms(inf['connector'])} ms "
+                     f"(×{inf['ratio']:.3f})")
+    lines.append(f"peak RSS {result['peak_rss_mb']:.0f} MB; RSS growth over the timed steps {result['rss_growth_mb_over_steps']:.1f} MB")
+    machine_info = result["machine"]
+    lines.append(f"machine: {machine_info['cpu']}, {machine_info['threads']} threads, GPU {machine_info['gpu']}; "
+                 f"torch {machine_info['torch']}, diffusers {machine_info['diffusers']}, lightning {machine_info['lightning']}")
+    return "\n".join(lines)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="bench")
+def main(cfg: DictConfig) -> None:
+    result = run(cfg)
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    print("\n" + table(result))
+    print(f"\nwrote {out / 'bench.json'}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("WANDB_MODE", "offline")
+    main()

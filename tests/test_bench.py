@@ -1,0 +1,25 @@
+"""The benchmark runs on the tiny backbone and reports every figure it promises (values are measured, not asserted)."""
+
+from hydra import compose, initialize_config_dir
+
+from sur_lightning.bench import run, table
+from sur_lightning.train import CONFIG_DIR
+
+
+def test_bench_reports_floor_phases_cache_and_inference(tmp_path, cache_dir, tiny_sd, tiny_llm):
+    from conftest import tiny_overrides
+
+    overrides = [o for o in tiny_overrides(tmp_path, cache_dir) if not o.startswith(("callbacks.", "data.val_size"))]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="bench", overrides=[*overrides, "bench.steps=2", "bench.warmup=1",
+                                                      "bench.inference_steps=2", "bench.inference_repeats=1"])
+    result = run(cfg)
+    phases = ("data", "connector", "unet_forward", "other_forward", "backward", "optimizer")
+    for key in ("warm_cache", "cache_off"):
+        assert all(result[key][p] >= 0 for p in phases)
+        assert abs(result[key]["step"] - sum(result[key][p] for p in phases)) < 1e-9
+    assert result["floor_s"] > 0 and result["warm_cache_ratio_to_floor"] > 0 and result["cache_speedup"] > 0
+    assert result["inference"]["base"] > 0 and result["inference"]["ratio"] > 0
+    assert result["machine"]["torch"] and result["config"]["batch_size"] == 2
+    text = table(result)
+    assert "warm step / floor" in text and "pipeline, one prompt" in text
