@@ -171,9 +171,23 @@ class ConnectorConditioning(ClipConditioning):
         self.connector = connector
         self.mode = mode
         self.eta = eta
+        # A connector that ignores the timestep (SUR) runs once per prompt batch, not at every sampling step.
+        self.timestep_aware = getattr(connector, "timestep_aware", True)
+        self._recent: list[tuple[TextFeatures, torch.Tensor]] = []
 
     @torch.no_grad()
     def apply(self, features: TextFeatures, timesteps: torch.Tensor | float) -> torch.Tensor:
+        if self.timestep_aware:
+            return self._apply(features, timesteps)
+        # The same features object comes back at every sampling step (prompt and negative): reuse its output.
+        for seen, conditioning in self._recent:
+            if seen is features:
+                return conditioning
+        conditioning = self._apply(features, timesteps)
+        self._recent = [*self._recent, (features, conditioning)][-2:]
+        return conditioning
+
+    def _apply(self, features: TextFeatures, timesteps: torch.Tensor | float) -> torch.Tensor:
         reference = features.clip if features.clip is not None else features.llm
         timesteps = _batch_timesteps(timesteps, reference.shape[0], reference.device)
         with override_eta(self.connector, self.eta):

@@ -132,6 +132,22 @@ def test_the_connector_runs_once_per_branch_per_step_and_never_for_placeholders(
     assert timesteps == expected  # no extra calls at t = 999
 
 
+def test_a_timestep_independent_connector_runs_once_per_branch_per_render(backbone, pipelines, token_llm):
+    sur = tiny_sur()
+    conditioning = ConnectorConditioning(sur, frozen_text_features(backbone, token_llm))
+    calls = []
+    handle = sur.register_forward_hook(lambda module, args, output: calls.append(1))
+    try:
+        with unet_inputs(backbone.unet) as unet_calls:
+            render(pipelines["ddim"], conditioning, PROMPTS_A, [0, 1], num_inference_steps=3, guidance_scale=5.0, height=32)
+    finally:
+        handle.remove()
+    assert len(calls) == 2 and len(unet_calls) == 3  # prompt and negative once each, for three steps
+    features = conditioning.features(PROMPTS_A)
+    for _, states in unet_calls:
+        assert torch.allclose(states[2:], sur(features, None).conditioning, atol=1e-6)
+
+
 def test_concat_clip_mode_puts_clip_first_then_the_connector_tokens(backbone, pipelines, token_llm):
     ella = tiny_ella()
     text_features = frozen_text_features(backbone, token_llm)

@@ -28,6 +28,9 @@ class SURAdapter(nn.Module):
     conditioning [B,77,d], eta [B], internals {"encoder": [B,77,d], "llm_projected": [B,d] (when llm given)}.
     """
 
+    # The output does not depend on the diffusion timestep: generation computes it once per prompt batch.
+    timestep_aware = False
+
     def __init__(
         self,
         dim: int,
