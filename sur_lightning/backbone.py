@@ -194,8 +194,8 @@ def build_tiny_stable_diffusion(
     text_encoder/, tokenizer/ (real CLIP vocabulary), scheduler/ (SD1.5's DDPM settings).
     The VAE downsamples by 4, so 64 px images give 16x16 latents.
     """
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     root = Path(root)
     spec = {"width": width, "text_dim": text_dim, "text_layers": text_layers, "sample_size": sample_size, "seed": seed}
@@ -241,6 +241,16 @@ def build_tiny_stable_diffusion(
             pad_token_id=49407,
         )
     )
+    save_stable_diffusion(root, unet, vae, text_encoder)
+    spec_file.write_text(json.dumps(spec))
+    return str(root)
+
+
+def save_stable_diffusion(root: Path, unet, vae, text_encoder) -> None:
+    """Save models in SD1.5's folder layout, with the real CLIP tokenizer and SD1.5's scheduler config."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
     tokenizer_dir = write_clip_tokenizer_files(root / "_tokenizer_src")
     tokenizer = CLIPTokenizer(
         str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt"), model_max_length=77, pad_token="<|endoftext|>"
@@ -267,5 +277,56 @@ def build_tiny_stable_diffusion(
         requires_safety_checker=False,
     )
     pipeline.save_pretrained(root)
+
+
+def build_random_stable_diffusion(root: str | Path, shape: str = "sd15", sample_size: int = 32, seed: int = 0) -> str:
+    """Write a random Stable Diffusion of real proportions into ``root`` (once, fp16); return its path. For
+    benchmarks, which need the cost of the real architecture, not its weights (none ship offline):
+
+    ``sd15``: SD1.5's UNet (320-640-1280-1280, 860 M), VAE (83 M) and CLIP ViT-L/14 text encoder (123 M);
+    ``mid``:  the same design at (64, 128, 256), 2 blocks, a 256-wide 4-layer text encoder.
+    ``sample_size`` is the latent side (32: 256 px images).
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    shapes = {
+        "sd15": {"blocks": (320, 640, 1280, 1280), "text": (768, 12, 12, 3072), "vae": (128, 256, 512, 512), "heads": 8},
+        "mid": {"blocks": (64, 128, 256), "text": (256, 4, 4, 1024), "vae": (32, 64, 128), "heads": 4},
+    }
+    if shape not in shapes:
+        raise ValueError(f"backbone shape must be one of {sorted(shapes)}, got {shape!r}")
+    root = Path(root)
+    spec = {"shape": shape, "sample_size": sample_size, "seed": seed}
+    spec_file = root / "random_spec.json"
+    if spec_file.exists() and json.loads(spec_file.read_text()) == spec:
+        return str(root)
+    size = shapes[shape]
+    blocks, (text_dim, text_layers, text_heads, text_ff) = size["blocks"], size["text"]
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size,
+        block_out_channels=blocks,
+        down_block_types=("CrossAttnDownBlock2D",) * (len(blocks) - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (len(blocks) - 1),
+        cross_attention_dim=text_dim,
+        attention_head_dim=size["heads"],
+    )
+    vae = AutoencoderKL(
+        block_out_channels=size["vae"],
+        down_block_types=("DownEncoderBlock2D",) * len(size["vae"]),
+        up_block_types=("UpDecoderBlock2D",) * len(size["vae"]),
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=sample_size * 2 ** (len(size["vae"]) - 1),
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408, hidden_size=text_dim, intermediate_size=text_ff, num_hidden_layers=text_layers,
+            num_attention_heads=text_heads, max_position_embeddings=77, projection_dim=text_dim,
+            bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+        )
+    )
+    save_stable_diffusion(root, unet.half(), vae.half(), text_encoder.half())
     spec_file.write_text(json.dumps(spec))
     return str(root)
