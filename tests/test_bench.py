@@ -23,3 +23,19 @@ def test_bench_reports_floor_phases_cache_and_inference(tmp_path, cache_dir, tin
     assert result["machine"]["torch"] and result["config"]["batch_size"] == 2
     text = table(result)
     assert "warm step / floor" in text and "pipeline, one prompt" in text
+
+
+def test_random_backbones_of_real_proportions_load_like_the_hub_model(tmp_path):
+    import pytest
+
+    from sur_lightning.backbone import StableDiffusionBackbone, build_random_stable_diffusion
+
+    folder = build_random_stable_diffusion(tmp_path / "mid", shape="mid", sample_size=8)
+    assert sorted(p.name for p in (tmp_path / "mid").iterdir() if p.is_dir() and not p.name.startswith("_")) == [
+        "scheduler", "text_encoder", "tokenizer", "unet", "vae"]
+    backbone = StableDiffusionBackbone(folder)
+    assert tuple(backbone.unet.config.block_out_channels) == (64, 128, 256)
+    assert backbone.cross_attention_dim == 256 == backbone.text_encoder.config.hidden_size
+    assert build_random_stable_diffusion(tmp_path / "mid", shape="mid", sample_size=8) == folder  # built once
+    with pytest.raises(ValueError, match="shape must be one of"):
+        build_random_stable_diffusion(tmp_path / "x", shape="sdxl")
