@@ -172,3 +172,20 @@ def test_sigterm_writes_a_checkpoint_that_ckpt_path_last_resumes(tmp_path, cache
                       f"trainer.max_steps={step + 2}", "trainer.val_check_interval=100000", "ckpt_path=last")
     train(resumed)
     assert json.loads((output / "metrics.json").read_text())["global_step"] == step + 2
+
+
+def test_ddp_cpu_trains_two_gloo_processes_and_builds_the_cache_once(tmp_path, cache_dir, tiny_sd, tiny_llm):
+    output = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "sur_lightning.train", "+experiment=demo", *tiny_overrides(tmp_path, cache_dir),
+        "trainer=ddp_cpu", "data.cache=auto", f"data.cache_dir={tmp_path / 'features'}", "trainer.max_steps=2",
+        "trainer.val_check_interval=2", "callbacks.sample_grid=null", f"hydra.run.dir={output}",
+    ]
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((output / "metrics.json").read_text())["global_step"] == 2
+    log = result.stdout + result.stderr
+    assert "distributed_backend=gloo" in log and "All distributed processes registered. Starting with 2 processes" in log
+    # Rank 0 filled the cache before launching rank 1, which found it complete and encoded nothing.
+    assert log.count("LLM states: 100%") == 1 and log.count("CLIP states: 100%") == 1
