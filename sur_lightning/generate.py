@@ -50,6 +50,7 @@ SCHEDULERS = {
     "euler": "EulerDiscreteScheduler",
 }
 MODES = ("replace", "concat_clip")
+NEGATIVES = ("connector", "base")
 
 TextFeaturesFn = Callable[[list[str]], TextFeatures]
 
@@ -140,6 +141,10 @@ class ClipConditioning:
     def apply(self, features: TextFeatures, timesteps: torch.Tensor) -> torch.Tensor:
         return features.clip
 
+    def apply_negative(self, features: TextFeatures, timesteps: torch.Tensor) -> torch.Tensor:
+        """The negative (unconditional) branch under classifier-free guidance."""
+        return self.apply(features, timesteps)
+
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], timesteps: torch.Tensor | float) -> torch.Tensor:
         return self.apply(self.features(prompts), timesteps)
@@ -156,6 +161,8 @@ class ConnectorConditioning(ClipConditioning):
     mode="replace":     the connector's output alone (SUR: 77 tokens; ELLA: its latents, e.g. 64).
     mode="concat_clip": CLIP states then the connector's output along tokens ("ELLA + CLIP": 77+64).
     eta:                replaces the connector's η by ``FixedEta(eta)`` for these calls (SUR only).
+    negative="connector": the negative prompt goes through the connector too (as the SUR authors' pipeline);
+    negative="base":    it keeps the base's own CLIP states (for connectors with CLIP's token count, e.g. SUR).
     """
 
     def __init__(
@@ -164,10 +171,14 @@ class ConnectorConditioning(ClipConditioning):
         text_features: TextFeaturesFn,
         mode: str = "replace",
         eta: float | None = None,
+        negative: str = "connector",
     ) -> None:
         super().__init__(text_features)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if negative not in NEGATIVES:
+            raise ValueError(f"negative must be one of {NEGATIVES}, got {negative!r}")
+        self.negative = negative
         self.connector = connector
         self.mode = mode
         self.eta = eta
@@ -187,6 +198,11 @@ class ConnectorConditioning(ClipConditioning):
         self._recent = [*self._recent, (features, conditioning)][-2:]
         return conditioning
 
+    def apply_negative(self, features: TextFeatures, timesteps: torch.Tensor | float) -> torch.Tensor:
+        if self.negative == "connector":
+            return self.apply(features, timesteps)
+        return features.clip
+
     def _apply(self, features: TextFeatures, timesteps: torch.Tensor | float) -> torch.Tensor:
         reference = features.clip if features.clip is not None else features.llm
         timesteps = _batch_timesteps(timesteps, reference.shape[0], reference.device)
@@ -197,7 +213,7 @@ class ConnectorConditioning(ClipConditioning):
         return conditioning
 
     def describe(self) -> dict:
-        return {"kind": type(self.connector).__name__, "mode": self.mode, "eta": self.eta}
+        return {"kind": type(self.connector).__name__, "mode": self.mode, "eta": self.eta, "negative": self.negative}
 
 
 @contextmanager
@@ -216,7 +232,13 @@ def conditioning_hook(unet: nn.Module, conditioning: ClipConditioning, features:
         t = torch.as_tensor(timestep, device=states.device).reshape(-1)
         if rows == 2 * batch:
             t_neg, t_pos = (t[:batch], t[batch:]) if t.numel() == rows else (t, t)
-            new = torch.cat([conditioning.apply(negative, t_neg), conditioning.apply(features, t_pos)])
+            uncond, cond = conditioning.apply_negative(negative, t_neg), conditioning.apply(features, t_pos)
+            if uncond.shape[1:] != cond.shape[1:]:
+                raise ValueError(
+                    f"negative={getattr(conditioning, 'negative', '?')}: the negative branch has {uncond.shape[1]} tokens and "
+                    f"the prompt {cond.shape[1]}; negative=base needs a connector with CLIP's token count (SUR)"
+                )
+            new = torch.cat([uncond, cond])
         elif rows == batch:
             new = conditioning.apply(features, t)
         else:
@@ -436,6 +458,7 @@ def build_columns(
     eta: float | None = None,
     eta_sweep: Sequence[float] = (),
     include_base: bool = True,
+    negative: str = "connector",
 ) -> list[Column]:
     """The base column, then per adapter one column (η overridden by ``eta`` when set) or one per η of
     ``eta_sweep``. ``llm``: the LLM module, or a zero-argument function loading it only when a connector
@@ -457,7 +480,7 @@ def build_columns(
         etas = list(eta_sweep) if eta_sweep else [spec.get("eta", eta)]
         for value in etas:
             label = name if value is None else f"{name} eta={value:g}"
-            conditioning = ConnectorConditioning(connector, text_features, adapter_mode, value)
+            conditioning = ConnectorConditioning(connector, text_features, adapter_mode, value, spec.get("negative", negative))
             check_conditioning(conditioning, backbone, path)
             columns.append(Column(label, conditioning, {"adapter": str(path), **conditioning.describe()}))
     return columns
@@ -614,6 +637,7 @@ def prepare(cfg):
         eta=cfg.eta,
         eta_sweep=list(cfg.eta_sweep or []),
         include_base=cfg.include_base,
+        negative=cfg.get("negative", "connector"),
     )
     complex_column = complex_prompt_column(backbone, prompts) if cfg.include_base else None
     if complex_column is not None:

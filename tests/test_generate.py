@@ -148,6 +148,20 @@ def test_a_timestep_independent_connector_runs_once_per_branch_per_render(backbo
         assert torch.allclose(states[2:], sur(features, None).conditioning, atol=1e-6)
 
 
+def test_negative_base_keeps_the_base_states_for_the_unconditional_branch(backbone, pipelines, token_llm):
+    sur = tiny_sur()
+    conditioning = ConnectorConditioning(sur, frozen_text_features(backbone, token_llm), negative="base")
+    with unet_inputs(backbone.unet) as calls:
+        render(pipelines["ddim"], conditioning, PROMPTS_A, [0, 1], num_inference_steps=2, guidance_scale=5.0, height=32)
+    empty, features = conditioning.features(["", ""]), conditioning.features(PROMPTS_A)
+    for _, states in calls:
+        assert torch.allclose(states[:2], empty.clip, atol=1e-6)  # CLIP(""), not the adapter's output for it
+        assert torch.allclose(states[2:], sur(features, None).conditioning, atol=1e-6)
+    ella = ConnectorConditioning(tiny_ella(), frozen_text_features(backbone, token_llm), negative="base")
+    with pytest.raises(ValueError, match="negative=base needs a connector with CLIP's token count"):
+        render(pipelines["ddim"], ella, PROMPTS_A, [0, 1], num_inference_steps=1, guidance_scale=5.0, height=32)
+
+
 def test_concat_clip_mode_puts_clip_first_then_the_connector_tokens(backbone, pipelines, token_llm):
     ella = tiny_ella()
     text_features = frozen_text_features(backbone, token_llm)
