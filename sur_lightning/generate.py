@@ -406,10 +406,9 @@ class Column:
 
 
 def needs_llm(connector: nn.Module) -> bool:
-    """SUR reads the LLM only as a distillation target in training; every other connector reads it to condition."""
-    from sur_lightning.connectors.sur import SURAdapter
-
-    return not isinstance(connector, SURAdapter)
+    """SUR reads the LLM only as a distillation target in training; a connector that reads its token states
+    (ELLA; unknown connectors are assumed to) needs it to condition."""
+    return getattr(connector, "reads_token_states", True)
 
 
 def adapter_entries(adapters) -> list[tuple[str, dict]]:

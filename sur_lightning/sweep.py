@@ -18,25 +18,16 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from sur_lightning.connectors import CONNECTOR_NAMES
-
-# Connectors that read the LLM's token states [B, T, D] (the others distil one pooled state [B, D]).
-TOKEN_STATE_CONNECTORS = ("TimestepAwareSemanticConnector",)
+from sur_lightning.connectors import connector_name, reads_token_states
 
 
 class IncompatibleConfigError(ValueError):
     """Two config choices that cannot train together; the message names both and what to use instead."""
 
 
-def connector_name(target: str | None) -> str:
-    """``sur_lightning.connectors.sur.SURAdapter`` -> ``sur``; ``...ella.TimestepAwareSemanticConnector`` -> ``ella``."""
-    cls = str(target or "").rpartition(".")[2]
-    return CONNECTOR_NAMES.get(cls, cls.lower() or "none")
-
-
 def llm_pooling(target: str | None) -> str:
     """The LLM pooling the connector reads: ``none`` (token states) for ELLA, ``mean`` for SUR."""
-    return "none" if str(target or "").rpartition(".")[2] in TOKEN_STATE_CONNECTORS else "mean"
+    return "none" if reads_token_states(target) else "mean"
 
 
 def _hydra():
@@ -94,7 +85,10 @@ def check_combination(cfg: DictConfig, choices: dict | None = None) -> None:
     llm = _choice(choices, "llm", f"llm={llm_target.rpartition('.')[2] or 'null'}")
     has_alignment = OmegaConf.select(cfg, "model.prompt_loss") is not None or OmegaConf.select(cfg, "model.llm_loss") is not None
     loss = _choice(choices, "loss", "an alignment loss")
-    reads_tokens = target.rpartition(".")[2] in TOKEN_STATE_CONNECTORS
+    try:
+        reads_tokens = reads_token_states(target)
+    except (ImportError, AttributeError, ValueError):  # an unimportable target fails with its own message later
+        reads_tokens = False
     gives_tokens = None
     if llm_cfg is not None:
         gives_tokens = llm_target.endswith("T5EncoderFeatures") or OmegaConf.select(cfg, "llm.pooling") == "none"

@@ -85,6 +85,22 @@ def connector_config(path: str | Path) -> dict:
 CONNECTOR_NAMES = {"SURAdapter": "sur", "TimestepAwareSemanticConnector": "ella"}
 
 
+def connector_name(target: str | None) -> str:
+    """``sur_lightning.connectors.sur.SURAdapter`` -> ``sur``; ``...ella.TimestepAwareSemanticConnector`` -> ``ella``."""
+    cls = str(target or "").rpartition(".")[2]
+    return CONNECTOR_NAMES.get(cls, cls.lower() or "none")
+
+
+def reads_token_states(target: str | None) -> bool:
+    """Whether the connector class named by ``target`` reads LLM token states [B, T, D] (the ``reads_token_states``
+    class attribute: ELLA) rather than one pooled state [B, D] (SUR)."""
+    from hydra.utils import get_class
+
+    if not target:
+        return False
+    return bool(getattr(get_class(str(target)), "reads_token_states", False))
+
+
 def adapter_label(path: str | Path) -> str:
     """A name for an adapter file: its stem, or for a run's ``adapter.safetensors`` the connector and the
     run's experiment (``sur-demo``, ``ella_demo``, ``sur_paper``), read from its config and ``.hydra/config.yaml``."""
@@ -97,7 +113,7 @@ def adapter_label(path: str | Path) -> str:
         target = connector_config(path).get("_target_", "")
     except (OSError, ValueError):
         target = ""
-    kind = CONNECTOR_NAMES.get(target.rpartition(".")[2], target.rpartition(".")[2].lower() or "adapter")
+    kind = connector_name(target) if target else "adapter"
     run_config = path.parent / ".hydra" / "config.yaml"
     task = yaml.safe_load(run_config.read_text()).get("task_name") if run_config.exists() else None
     if not task:

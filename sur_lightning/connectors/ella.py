@@ -100,6 +100,10 @@ class TimestepAwareSemanticConnector(nn.Module):
     Parameters and submodules carry the official names, flattened: see ``load_official_state_dict``.
     """
 
+    # Reads the LLM's token states at inference, and its output changes with the timestep.
+    reads_token_states = True
+    timestep_aware = True
+
     def __init__(
         self,
         dim: int = 768,

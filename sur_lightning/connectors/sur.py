@@ -28,7 +28,9 @@ class SURAdapter(nn.Module):
     conditioning [B,77,d], eta [B], internals {"encoder": [B,77,d], "llm_projected": [B,d] (when llm given)}.
     """
 
-    # The output does not depend on the diffusion timestep: generation computes it once per prompt batch.
+    # Distils one pooled LLM state in training and never reads the LLM at inference; the output does not
+    # depend on the diffusion timestep, so generation computes it once per prompt batch.
+    reads_token_states = False
     timestep_aware = False
 
     def __init__(
@@ -121,7 +123,9 @@ def read_official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_official_state_dict(adapter: SURAdapter, state_dict: dict[str, torch.Tensor] | str | Path) -> SURAdapter:
+def load_official_state_dict(
+    adapter: SURAdapter, state_dict: dict[str, torch.Tensor] | str | Path, source: str | None = None
+) -> SURAdapter:
     """Load the authors' weights (a state dict, or the path of an ``adapter_checkpoint*.pt``) into ``adapter``.
 
     Keys are renamed by ``OFFICIAL_KEY_PREFIXES``; the unused ``encoder_layer.*`` and
@@ -129,10 +133,10 @@ def load_official_state_dict(adapter: SURAdapter, state_dict: dict[str, torch.Te
     shape is an error. The released checkpoint has no W0 and no η parameters: build ``adapter`` with
     ``eta=FixedEta(0.1)`` (what the authors trained) and ``batch_first=False`` to reproduce their module.
     """
-    source = "the state dict"
     if not isinstance(state_dict, dict):
         source = str(state_dict)
         state_dict = read_official_state_dict(state_dict)
+    source = source or "the state dict"
     mapped, unused, unknown = {}, [], []
     for key, value in state_dict.items():
         if key.startswith(OFFICIAL_UNUSED_PREFIXES):
@@ -177,4 +181,4 @@ def official_adapter(path: str | Path, eta: float = 0.1, num_heads: int = 8, llm
         dim=dim, llm_dim=llm_dim, eta=FixedEta(eta), num_layers=num_layers, num_heads=num_heads, ff_dim=ff_dim,
         batch_first=False, train_llm_projection=False,
     )
-    return load_official_state_dict(adapter, path).eval()
+    return load_official_state_dict(adapter, state, source=str(path)).eval()
