@@ -30,6 +30,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from sur_lightning.cache import prepare_feature_cache
+from sur_lightning.rewrite import datamodule_arguments
 from sur_lightning.train import CONFIG_DIR, use_wandb_offline_without_key
 
 
@@ -101,7 +102,7 @@ def build(cfg: DictConfig, cache: str, device: torch.device):
     cfg = cfg.copy()
     OmegaConf.set_struct(cfg, False)
     cfg.data.cache = cache
-    datamodule = instantiate(cfg.data)
+    datamodule = instantiate(cfg.data, **datamodule_arguments(cfg))
     module = instantiate(cfg.model, **prepare_feature_cache(cfg, datamodule)).to(device)
     datamodule.setup("fit")
     optimizer = module.configure_optimizers()

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from sur_lightning.connectors import TextFeatures
 from sur_lightning.data.datamodule import CacheMissError, content_hash, image_variants, preprocess
 from sur_lightning.data.images import BadImage, load_rgb
+from sur_lightning.rewrite import datamodule_arguments
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 SHARD_ENTRIES = 512
@@ -283,7 +284,9 @@ def missing_entries(cache: FeatureCache, datamodule, prompts_extra: list[str]) -
     datamodule.skip_rows(known_bad)
     missing["latents"] = [job for job in missing["latents"] if job[1].where not in known_bad]
     all_rows = datamodule.all_rows()
-    prompts = unique([r.simple for r in all_rows] + [r.complex for r in all_rows] + prompts_extra)
+    # The LLM's rewrites too, when the alignment loss targets them (loss.align_target=rewrite|both).
+    rewrites = [r.rewrite for r in all_rows if r.rewrite is not None]
+    prompts = unique([r.simple for r in all_rows] + [r.complex for r in all_rows] + rewrites + prompts_extra)
     missing["clip"] = [p for p in prompts if cache.clip.key(content_hash(p)) not in cache.clip]
     if cache.llm is not None:
         simple = {}
@@ -452,7 +455,7 @@ def prepare_feature_cache(cfg: DictConfig, datamodule, rank: int | None = None, 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> None:
-    datamodule = instantiate(cfg.data)
+    datamodule = instantiate(cfg.data, **datamodule_arguments(cfg))
     mode = "require" if cfg.data.get("cache") == "require" else "auto"
     started = time.perf_counter()
     cache, _ = build_cache(cfg, datamodule, mode)

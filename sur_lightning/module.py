@@ -3,7 +3,7 @@
 batch → frozen encoders (VAE latent, CLIP(simple), CLIP(complex), LLM(simple))
       → connector → conditioning
       → noise + timestep → frozen UNet → denoising loss
-      → + λ_prompt · align(conditioning, CLIP(complex)) + λ_llm · align(encoder output, W0·h_LLM)
+      → + λ_prompt · align(conditioning, CLIP(complex) and/or CLIP(LLM rewrite)) + λ_llm · align(encoder output, W0·h_LLM)
 Only the connector's parameters (SUR: adapter, η net, W0) are trained.
 """
 
@@ -49,6 +49,7 @@ class ConnectorTrainingModule(L.LightningModule):
         feature_cache: FeatureCache | None = None,
         llm_dim: int | None = None,
         max_nonfinite_in_a_row: int = 10,
+        align_target: str = "complex",
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -75,6 +76,11 @@ class ConnectorTrainingModule(L.LightningModule):
                 f"model.caption_dropout={caption_dropout} cannot be combined with the alignment losses "
                 "(model.prompt_loss / model.llm_loss): use loss=denoising, or caption_dropout=0"
             )
+        # The prompt loss's target: the complex prompt, the LLM's rewrite of the simple one (batch key
+        # rewrite_prompt, sur_lightning/rewrite.py), or both, each term weighted ½.
+        if align_target not in ("complex", "rewrite", "both"):
+            raise ValueError(f"loss.align_target must be complex, rewrite or both, got {align_target!r}")
+        self.align_target = align_target
         self.eta_histogram_every_n_steps = eta_histogram_every_n_steps
         # A NaN/inf loss skips its step (no backward, no optimizer step); this many in a row stop training.
         if max_nonfinite_in_a_row < 1:
@@ -145,10 +151,10 @@ class ConnectorTrainingModule(L.LightningModule):
         losses = {"denoising": self.denoising_loss(prediction, target, timesteps, scheduler)}
         loss = losses["denoising"]
 
-        # 5. Alignment to CLIP(complex prompt) and distillation of the LLM state through W0.
+        # 5. Alignment to CLIP(complex prompt) and/or CLIP(the LLM's rewrite), and distillation of the LLM
+        #    state through W0.
         if self.prompt_loss is not None:
-            clip_complex = self.clip_states(batch["complex_prompt"])
-            losses["prompt"] = self.prompt_loss(out.conditioning, clip_complex)
+            losses.update(self.prompt_alignment(out.conditioning, batch))
             loss = loss + self.prompt_loss.weight * losses["prompt"]
         if self.llm_loss is not None:
             losses["llm"] = self.llm_loss(out.internals["encoder"], out.internals["llm_projected"])
@@ -159,6 +165,22 @@ class ConnectorTrainingModule(L.LightningModule):
         self.nonfinite_in_a_row = 0
         self.log_training(loss, losses, out, batch_size=latents.shape[0])
         return loss
+
+    def prompt_alignment(self, conditioning: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
+        """{"prompt": the term that enters the loss} plus, for ``both``, its two halves for logging."""
+        if self.align_target != "complex" and "rewrite_prompt" not in batch:
+            raise KeyError(
+                f"loss.align_target={self.align_target} needs the LLM's rewrites in the batch (rewrite_prompt): "
+                "build the datamodule with sur_lightning.rewrite.datamodule_arguments(cfg), as train.py does"
+            )
+        terms = {}
+        if self.align_target in ("complex", "both"):
+            terms["prompt_complex"] = self.prompt_loss(conditioning, self.clip_states(batch["complex_prompt"]))
+        if self.align_target in ("rewrite", "both"):
+            terms["prompt_rewrite"] = self.prompt_loss(conditioning, self.clip_states(batch["rewrite_prompt"]))
+        if len(terms) == 1:
+            return {"prompt": next(iter(terms.values()))}
+        return {"prompt": (terms["prompt_complex"] + terms["prompt_rewrite"]) / 2, **terms}
 
     def skip_nonfinite(self, losses: dict[str, torch.Tensor]) -> None:
         """Skip this step: for ``None`` Lightning runs no backward, so the optimizer finds no gradients and changes

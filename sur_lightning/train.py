@@ -17,6 +17,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from sur_lightning.cache import prepare_feature_cache
+from sur_lightning.rewrite import datamodule_arguments
 from sur_lightning.sweep import check_combination
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -51,7 +52,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     use_wandb_offline_without_key()
     L.seed_everything(cfg.seed, workers=True)
 
-    datamodule = instantiate(cfg.data)
+    datamodule = instantiate(cfg.data, **datamodule_arguments(cfg))
     # data.cache=auto|require: fill or check the feature cache; with it complete, no LLM is built.
     model = instantiate(cfg.model, **prepare_feature_cache(cfg, datamodule))
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]

@@ -193,6 +193,8 @@ class ImageTextDataset(Dataset):
         data = self.image_bytes(row)
         flip = self.random_flip and random.random() < 0.5
         example = {"simple_prompt": row.simple, "complex_prompt": row.complex, "id": row.id}
+        if row.rewrite is not None:
+            example["rewrite_prompt"] = row.rewrite
         if self.latent_store is not None:
             variant = image_variants(True)[int(flip)]
             key = self.latent_store.key(content_hash(data), variant)
@@ -324,6 +326,8 @@ def collate(examples: list[dict]) -> dict:
         "id": [e["id"] for e in examples],
         "data_events": [event for e in examples for event in e.get("data_events", [])],
     }
+    if "rewrite_prompt" in examples[0]:
+        batch["rewrite_prompt"] = [e["rewrite_prompt"] for e in examples]
     cached = ["latent_mean" in e for e in examples]
     if all(cached):
         batch["latent_mean"] = torch.stack([e["latent_mean"] for e in examples])
@@ -343,6 +347,11 @@ class ImageTextDataModule(L.LightningDataModule):
     image_key:     the column (or metadata field) holding the image or its file name.
     simple_key, complex_key: the prompt columns; ``simple_key: null`` takes the simple prompt from
                    ``simple_prompt``, a callable ``(row, image_bytes) -> str | None`` (see ``pokemon.py``).
+    simple_from:   ``llm``: the rewriter writes every row's simple prompt from its complex one (its
+                   ``simplify`` template), for datasets with detailed captions only; null: ``simple_key``/``simple_prompt``.
+    rewriter:      a ``sur_lightning.rewrite.PromptRewriter``, for ``simple_from=llm`` and ``rewrite``.
+    rewrite:       attach the rewriter's detailed rewrite of every simple prompt (batch key ``rewrite_prompt``),
+                   the alignment target of ``loss.align_target=rewrite|both``.
     tokenizer:     a Stable Diffusion folder or hub id; prompts over its ``tokenizer/`` limit are cut and counted.
     cache:         auto | require | off, with ``cache_dir``: see ``sur_lightning/cache.py``.
     report_dir:    where ``data_report.json`` is written (the run's folder).
@@ -362,6 +371,9 @@ class ImageTextDataModule(L.LightningDataModule):
         simple_key: str | None = "text",
         complex_key: str = "prompt",
         simple_prompt: Callable | None = None,
+        simple_from: str | None = None,
+        rewriter=None,
+        rewrite: bool = False,
         split: str = "train",
         revision: str | None = None,
         tokenizer: str | None = None,
@@ -390,6 +402,18 @@ class ImageTextDataModule(L.LightningDataModule):
         self.simple_key = simple_key
         self.complex_key = complex_key
         self.simple_prompt = simple_prompt
+        if simple_from not in (None, "llm"):
+            raise ValueError(f"data.simple_from must be null or 'llm', got {simple_from!r}")
+        if (simple_from == "llm" or rewrite) and rewriter is None:
+            raise ValueError("data.simple_from=llm and loss.align_target=rewrite|both need a rewriter (conf/rewriter): got none")
+        if (simple_from == "llm" or rewrite) and self.format == "webdataset":
+            raise ValueError(
+                "data.format=webdataset streams its rows, but LLM-written prompts (data.simple_from=llm, "
+                "loss.align_target=rewrite|both) are written for all rows up front: use a folder/parquet/arrow copy"
+            )
+        self.simple_from = simple_from
+        self.rewriter = rewriter
+        self.rewrite = rewrite
         self.split = split
         self.revision = revision
         self.tokenizer = tokenizer
@@ -433,6 +457,8 @@ class ImageTextDataModule(L.LightningDataModule):
             table = load_table(self.root, self.format, self.split, self.revision)
             rows, table = read_table(table, Path(self.root).name, self.image_key, self.simple_key, self.complex_key)
         self.report.rows = len(rows) + len(self.report.skipped_rows())
+        if self.simple_from == "llm":
+            self.write_simple_prompts(rows)
         loader = ImageTextDataset(rows, root, table, self.image_key, self.resolution, True, False)
         good, seen = [], {}
         for row in rows:
@@ -453,6 +479,9 @@ class ImageTextDataModule(L.LightningDataModule):
                 good.append(row)
         if not good:
             raise ValueError(f"data.root={self.root}: no usable rows out of {self.report.rows}\n{self.report}")
+        if self.rewrite:
+            for row, rewrite in zip(good, self.rewriter.rewrite([r.simple for r in good], task="expand")):
+                row.rewrite = rewrite
         random.Random(self.seed).shuffle(good)
         if self.val_size >= len(good):
             raise ValueError(f"data.val_size={self.val_size} leaves no training rows out of {len(good)} usable")
@@ -470,6 +499,14 @@ class ImageTextDataModule(L.LightningDataModule):
         )
         if self.latent_store is not None:
             self.train_set.latent_store = self.latent_store
+
+    def write_simple_prompts(self, rows: list[Row]) -> None:
+        """``simple_from=llm``: the rewriter shortens each row's complex prompt (rows without one are left to
+        ``check_prompts``, which skips and reports them)."""
+        with_caption = [row for row in rows if isinstance(row.complex, str) and row.complex.strip()]
+        for row, simple in zip(with_caption, self.rewriter.rewrite([r.complex for r in with_caption], task="simplify")):
+            row.simple = simple
+        print(f"data.simple_from=llm: {len(with_caption)} simple prompts written by {self.rewriter.pretrained}", flush=True)
 
     def setup_streaming(self) -> None:
         if self.cache != "off":

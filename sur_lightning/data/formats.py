@@ -35,6 +35,7 @@ class Row:
     image:   a file path (folders) or a row index into the table (parquet, arrow, hub)
     simple, complex: the prompts; None when the row lacks one
     extra:   the row's other columns (for a configurable simple-prompt source)
+    rewrite: the LLM's detailed rewrite of ``simple`` (``sur_lightning.rewrite``), when the loss aligns to it
     """
 
     where: str
@@ -43,6 +44,7 @@ class Row:
     simple: str | None
     complex: str | None
     extra: dict
+    rewrite: str | None = None
 
 
 def has_metadata(folder: Path) -> bool:
