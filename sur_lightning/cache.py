@@ -167,9 +167,18 @@ LLM_FEATURES_VERSION = 2
 
 
 def llm_fingerprint(llm_cfg) -> dict:
+    if llm_cfg.get("teachers"):  # llm=multi: each teacher's own fingerprint
+        config = OmegaConf.to_container(llm_cfg, resolve=True)
+        return {**config, "teachers": {name: llm_fingerprint(llm_cfg.teachers[name]) for name in llm_cfg.teachers}}
     config = resolved(llm_cfg)
     source = config.get("pretrained") or config.get("path")
     return {**config, "files": files_hash(str(source)) if source else None, "features_version": LLM_FEATURES_VERSION}
+
+
+def llm_entry_names(llm_cfg) -> tuple[str, ...]:
+    """What one LLM cache entry holds: ``states``, or one pooled vector per teacher for ``llm=multi``."""
+    teachers = llm_cfg.get("teachers")
+    return tuple(teachers) if teachers else ("states",)
 
 
 class FeatureCache:
@@ -199,14 +208,18 @@ class FeatureCache:
             ("mean", "logvar"),
         )
         clip = FeatureStore(root, "clip", {"text_encoder": backbone_fingerprint(cfg.backbone, ("text_encoder", "tokenizer"))}, ("states",))
-        llm = FeatureStore(root, "llm", llm_fingerprint(cfg.llm), ("states",)) if cfg.get("llm") else None
+        llm = FeatureStore(root, "llm", llm_fingerprint(cfg.llm), llm_entry_names(cfg.llm)) if cfg.get("llm") else None
         return cls(latents, clip, llm)
 
     @property
-    def llm_dim(self) -> int | None:
+    def llm_dim(self) -> int | dict[str, int] | None:
+        """The cached LLM width, or {teacher: width} for ``llm=multi``."""
         if self.llm is None or not len(self.llm):
             return None
-        return int(self.llm.get(next(iter(self.llm.index)))["states"].shape[-1])
+        entry = self.llm.get(next(iter(self.llm.index)))
+        if self.llm.names != ("states",):
+            return {name: int(t.shape[-1]) for name, t in entry.items()}
+        return int(entry["states"].shape[-1])
 
     def clip_states(self, prompts: list[str], device: torch.device | str = "cpu") -> torch.Tensor:
         return torch.stack([self.lookup(self.clip, p)["states"] for p in prompts]).float().to(device)
@@ -215,6 +228,10 @@ class FeatureCache:
         clip = self.clip_states(prompts, device)
         if self.llm is None:
             return TextFeatures(clip=clip)
+        if self.llm.names != ("states",):
+            entries = [self.lookup(self.llm, p) for p in prompts]
+            teachers = {name: torch.stack([e[name] for e in entries]).float().to(device) for name in self.llm.names}
+            return TextFeatures(clip=clip, llm=teachers)
         states = [self.lookup(self.llm, p)["states"].float() for p in prompts]
         if states[0].dim() == 1:
             return TextFeatures(clip=clip, llm=torch.stack(states).to(device))
@@ -323,8 +340,11 @@ def fill_text(store: FeatureStore, prompts: list[str], encode, batch_size: int, 
     for batch in tqdm(list(in_batches(prompts, batch_size)), desc=desc, unit="batch"):
         states, mask = encode(batch)
         for i, prompt in enumerate(batch):
-            value = states[i] if mask is None else states[i][mask[i]]
-            pending[store.key(content_hash(prompt))] = {"states": value.to(dtype)}
+            if isinstance(states, dict):  # llm=multi: {teacher: [B, D]}
+                entry = {name: teacher_states[i].to(dtype) for name, teacher_states in states.items()}
+            else:
+                entry = {"states": (states[i] if mask is None else states[i][mask[i]]).to(dtype)}
+            pending[store.key(content_hash(prompt))] = entry
         if len(pending) >= SHARD_ENTRIES:
             store.write(pending)
             pending = {}

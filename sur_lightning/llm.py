@@ -128,6 +128,53 @@ def decoder_blocks(model: torch.nn.Module, name: str = "the LLM") -> torch.nn.Mo
     raise ValueError(f"cannot find the transformer blocks of {name} ({type(model).__name__}): expected .layers or .h")
 
 
+class MultiTeacherFeatures(FrozenModule):
+    """Several frozen text models distilled at once (``llm=multi``), each read by its own config.
+
+    forward(list[str]) -> ({name: states [B, D_name]}, None)   one pooled vector per teacher
+
+    teachers:      {name: a pooled feature module} (``CausalLMFeatures``, ``SentenceEncoderFeatures``, ...),
+                   each with its own pretrained model, layer and pooling. The SUR adapter gives each its own W0.
+    weights:       {name: weight} of each teacher's distillation term; normalised to sum to 1.
+    learn_weights: learn the weights as a softmax over logits that start at log(weights) (the training
+                   module holds them; see ``sur_lightning.losses.TeacherWeights``).
+    """
+
+    def __init__(self, teachers: dict, weights: dict | None = None, learn_weights: bool = False) -> None:
+        super().__init__()
+        if not teachers:
+            raise ValueError("llm.teachers is empty: llm=multi needs at least one teacher")
+        for name, teacher in teachers.items():
+            if getattr(teacher, "pooling", "mean") != "mean":
+                raise ValueError(
+                    f"llm.teachers.{name}.pooling={teacher.pooling!r}: multi-teacher distillation reads one pooled "
+                    "vector per teacher (pooling: mean); ELLA's token states take a single llm"
+                )
+        self.teachers = torch.nn.ModuleDict(dict(teachers))
+        self.weights = teacher_weights(list(teachers), weights)
+        self.learn_weights = learn_weights
+        self.freeze()
+
+    @property
+    def hidden_size(self) -> dict[str, int]:
+        return {name: teacher.hidden_size for name, teacher in self.teachers.items()}
+
+    @torch.no_grad()
+    def forward(self, prompts: list[str]) -> tuple[dict[str, torch.Tensor], None]:
+        return {name: teacher(prompts)[0] for name, teacher in self.teachers.items()}, None
+
+
+def teacher_weights(names: list[str], weights: dict | None) -> dict[str, float]:
+    """Each teacher's weight, normalised to sum to 1 (equal when none are given); names must match."""
+    weights = dict(weights) if weights else dict.fromkeys(names, 1.0)
+    if set(weights) != set(names):
+        raise ValueError(f"llm.weights names {sorted(weights)} must be the teachers' names {sorted(names)}")
+    if any(float(w) <= 0 for w in weights.values()):
+        raise ValueError(f"llm.weights must be positive, got {weights}")
+    total = sum(float(w) for w in weights.values())
+    return {name: float(weights[name]) / total for name in names}
+
+
 class T5EncoderFeatures(FrozenModule):
     """Token states of a frozen T5 encoder, as ELLA conditions on them (flan-t5-xl, 2048-d).
 

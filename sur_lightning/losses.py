@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 class DenoisingLoss:
@@ -99,3 +100,27 @@ class FeatureAlignmentLoss:
             t = F.normalize(teacher.reshape(teacher.shape[0], -1, teacher.shape[-1]).mean(1), dim=-1)
             return (1.0 - (s * t).sum(-1)).mean()
         return F.mse_loss(student, teacher)
+
+
+class TeacherWeights(nn.Module):
+    """The weight of each teacher's distillation term (``llm=multi``): fixed, or a softmax over learned logits.
+
+    forward() -> {name: weight [] (0-d)}, summing to 1.
+
+    Learned weights minimise the weighted sum, so they drift toward the teacher whose term is smallest;
+    ``train/teacher_weight/<name>`` shows where they went.
+    """
+
+    def __init__(self, weights: dict[str, float], learn: bool = False) -> None:
+        super().__init__()
+        self.names = list(weights)
+        initial = torch.tensor([float(weights[n]) for n in self.names])
+        logits = (initial / initial.sum()).log()
+        self.learn = learn
+        if learn:
+            self.logits = nn.Parameter(logits)
+        else:
+            self.register_buffer("logits", logits)
+
+    def forward(self) -> dict[str, torch.Tensor]:
+        return dict(zip(self.names, self.logits.softmax(dim=0)))

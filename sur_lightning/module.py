@@ -20,7 +20,8 @@ from torch import nn
 from sur_lightning.backbone import StableDiffusionBackbone
 from sur_lightning.connectors import ConnectorOutput, TextFeatures
 from sur_lightning.llm import CausalLMFeatures
-from sur_lightning.losses import DenoisingLoss, FeatureAlignmentLoss
+from sur_lightning.llm import teacher_weights as normalised_teacher_weights
+from sur_lightning.losses import DenoisingLoss, FeatureAlignmentLoss, TeacherWeights
 
 if TYPE_CHECKING:
     from sur_lightning.cache import FeatureCache
@@ -50,6 +51,8 @@ class ConnectorTrainingModule(L.LightningModule):
         llm_dim: int | None = None,
         max_nonfinite_in_a_row: int = 10,
         align_target: str = "complex",
+        teacher_weights: dict[str, float] | None = None,
+        learn_teacher_weights: bool = False,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -81,6 +84,12 @@ class ConnectorTrainingModule(L.LightningModule):
         if align_target not in ("complex", "rewrite", "both"):
             raise ValueError(f"loss.align_target must be complex, rewrite or both, got {align_target!r}")
         self.align_target = align_target
+        # llm=multi: the weight of each teacher's distillation term, fixed or learned (a softmax over logits).
+        self.teacher_weights = (
+            TeacherWeights(normalised_teacher_weights(list(teacher_weights), teacher_weights), learn_teacher_weights)
+            if teacher_weights
+            else None
+        )
         self.eta_histogram_every_n_steps = eta_histogram_every_n_steps
         # A NaN/inf loss skips its step (no backward, no optimizer step); this many in a row stop training.
         if max_nonfinite_in_a_row < 1:
@@ -157,7 +166,7 @@ class ConnectorTrainingModule(L.LightningModule):
             losses.update(self.prompt_alignment(out.conditioning, batch))
             loss = loss + self.prompt_loss.weight * losses["prompt"]
         if self.llm_loss is not None:
-            losses["llm"] = self.llm_loss(out.internals["encoder"], out.internals["llm_projected"])
+            losses.update(self.llm_distillation(out.internals["encoder"], out.internals["llm_projected"]))
             loss = loss + self.llm_loss.weight * losses["llm"]
 
         if not torch.isfinite(loss):
@@ -181,6 +190,25 @@ class ConnectorTrainingModule(L.LightningModule):
         if len(terms) == 1:
             return {"prompt": next(iter(terms.values()))}
         return {"prompt": (terms["prompt_complex"] + terms["prompt_rewrite"]) / 2, **terms}
+
+    def llm_distillation(self, encoded: torch.Tensor, projected) -> dict[str, torch.Tensor]:
+        """{"llm": the term that enters the loss}. With several teachers (``projected`` a dict, ``llm=multi``) it is
+        Σ_t w_t · align(encoded, W0_t h_t), logged beside each teacher's term and weight."""
+        if not isinstance(projected, dict):
+            return {"llm": self.llm_loss(encoded, projected)}
+        if self.teacher_weights is None or set(self.teacher_weights.names) != set(projected):
+            raise ValueError(
+                f"the LLM features come from teachers {sorted(projected)}, but model.teacher_weights is "
+                f"{self.teacher_weights.names if self.teacher_weights else None}: set llm.weights for every teacher"
+            )
+        weights = self.teacher_weights()
+        terms = {name: self.llm_loss(encoded, states) for name, states in projected.items()}
+        total = sum(weights[name] * term for name, term in terms.items())
+        return {
+            "llm": total,
+            **{f"llm/{name}": term for name, term in terms.items()},
+            **{f"teacher_weight/{name}": weight.detach() for name, weight in weights.items()},
+        }
 
     def skip_nonfinite(self, losses: dict[str, torch.Tensor]) -> None:
         """Skip this step: for ``None`` Lightning runs no backward, so the optimizer finds no gradients and changes
@@ -238,7 +266,10 @@ class ConnectorTrainingModule(L.LightningModule):
     # ---------------------------------------------------------------- optimisation and checkpoints
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.connector.parameters() if p.requires_grad]
+        trained = list(self.connector.parameters())
+        if self.teacher_weights is not None:
+            trained += list(self.teacher_weights.parameters())
+        return [p for p in trained if p.requires_grad]
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.trainable_parameters())
@@ -248,4 +279,6 @@ class ConnectorTrainingModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("connector.")}
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if k.startswith(("connector.", "teacher_weights."))
+        }

@@ -93,6 +93,11 @@ def check_combination(cfg: DictConfig, choices: dict | None = None) -> None:
     if llm_cfg is not None:
         gives_tokens = llm_target.endswith("T5EncoderFeatures") or OmegaConf.select(cfg, "llm.pooling") == "none"
 
+    if reads_tokens and llm_target.endswith("MultiTeacherFeatures"):
+        raise IncompatibleConfigError(
+            f"{connector} and {llm} are incompatible: several teachers are distilled into SUR's encoder through one "
+            f"W0 each; ELLA reads one LLM's token states. Use connector=sur, or one llm."
+        )
     if reads_tokens and has_alignment:
         raise IncompatibleConfigError(
             f"{connector} and {loss} are incompatible: the alignment terms compare SUR's 77-token output with "

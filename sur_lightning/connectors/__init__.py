@@ -22,7 +22,8 @@ class TextFeatures:
     """Frozen text features of one batch of prompts.
 
     clip:        [B, 77, d]  CLIP text-encoder states of the (simple) prompt.
-    llm:         [B, D] pooled LLM state, or [B, T, D] token states (ELLA), or None.
+    llm:         [B, D] pooled LLM state, or [B, T, D] token states (ELLA), or {teacher: [B, D_teacher]}
+                 (``llm=multi``), or None.
     llm_mask:    [B, T] bool, True on real tokens (None when ``llm`` is pooled).
     """
 

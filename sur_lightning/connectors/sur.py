@@ -7,6 +7,7 @@ Large Language Models", arXiv 2305.05189), as in the authors' released module, w
     o   = MLP(w) + w                               [B, 77, d]
     c'  = η · fc(o) + (1 − η) · V                  [B, 77, d]   fc's weight starts at zero
     W0·h_LLM                                       [B, d]       the LLM state projected for distillation
+                                                                (llm=multi: one W0 per teacher)
 
 ``batch_first=False`` reproduces the released code, whose encoder attends over the batch axis.
 ``train_llm_projection=False`` reproduces its frozen random W0.
@@ -26,6 +27,9 @@ from sur_lightning.connectors import ConnectorOutput, TextFeatures
 class SURAdapter(nn.Module):
     """forward(TextFeatures(clip [B,77,d], llm [B,D] pooled), timesteps ignored) -> ConnectorOutput:
     conditioning [B,77,d], eta [B], internals {"encoder": [B,77,d], "llm_projected": [B,d] (when llm given)}.
+
+    ``llm_dim`` a dict {teacher: width} (``llm=multi``): one W0 per teacher, ``features.llm`` and
+    ``llm_projected`` are then dicts {teacher: [B, ·]}.
     """
 
     # Distils one pooled LLM state in training and never reads the LLM at inference; the output does not
@@ -36,7 +40,7 @@ class SURAdapter(nn.Module):
     def __init__(
         self,
         dim: int,
-        llm_dim: int,
+        llm_dim: int | dict[str, int],
         eta: nn.Module,
         num_layers: int = 2,
         num_heads: int = 8,
@@ -64,7 +68,11 @@ class SURAdapter(nn.Module):
         if hasattr(eta, "build") and getattr(eta, "mlp", None) is None:
             eta.build(dim)
         self.eta = eta
-        self.llm_projection = nn.Linear(llm_dim, dim)
+        if isinstance(llm_dim, dict):
+            llm_dim = {name: int(width) for name, width in llm_dim.items()}
+            self.llm_projection = nn.ModuleDict({name: nn.Linear(width, dim) for name, width in llm_dim.items()})
+        else:
+            self.llm_projection = nn.Linear(llm_dim, dim)
         self.llm_projection.requires_grad_(train_llm_projection)
         self.config = {
             "_target_": f"{__name__}.SURAdapter",
@@ -89,7 +97,9 @@ class SURAdapter(nn.Module):
         eta = self.eta(clip.mean(dim=1))
         conditioning = eta[:, None, None] * self.fc(out) + (1.0 - eta[:, None, None]) * clip
         internals = {"encoder": encoded}
-        if features.llm is not None:
+        if isinstance(features.llm, dict):
+            internals["llm_projected"] = {name: self.llm_projection[name](h) for name, h in features.llm.items()}
+        elif features.llm is not None:
             internals["llm_projected"] = self.llm_projection(features.llm)
         return ConnectorOutput(conditioning=conditioning, eta=eta, internals=internals)
 
