@@ -41,6 +41,13 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "cosine_no_llm_loss": ("demo", ["model.llm_loss=null"]),
     "mse_eta_one": ("demo", ["loss=mse", "loss.prompt.weight=1.0", "eta=fixed", "eta.value=1.0"]),
     "denoising_only": ("demo", ["loss=denoising"]),
+    # LLM knowledge beyond one hidden state (issue 10): what the LLM writes, retrieved facts, several teachers.
+    "cosine_align_rewrite": ("demo", ["loss.align_target=rewrite", "rewriter=toyworld"]),
+    "cosine_align_both": ("demo", ["loss.align_target=both", "rewriter=toyworld"]),
+    "cosine_rag": ("demo", ["+llm/rag=toyworld"]),
+    "cosine_align_rewrite_rag": ("demo", ["loss.align_target=rewrite", "rewriter=toyworld", "+llm/rag=toyworld"]),
+    "cosine_multi_teacher": ("demo", ["llm=multi"]),
+    "cosine_multi_teacher_learned": ("demo", ["llm=multi", "llm.learn_weights=true"]),
     "ella_smollm2_tokens": ("ella_demo", []),
 }
 DESCRIPTIONS = {
@@ -53,6 +60,12 @@ DESCRIPTIONS = {
     "cosine_no_llm_loss": "cosine prompt alignment only, no LLM distillation",
     "mse_eta_one": "per-token MSE alignment (λ=1), η=1: the adapter's output replaces the CLIP states",
     "denoising_only": "denoising loss only: no alignment, no LLM (control)",
+    "cosine_align_rewrite": "the demo, prompt term aligned to CLIP(SmolLM2's rewrite) instead of CLIP(complex)",
+    "cosine_align_both": "the demo, prompt term the mean of CLIP(complex) and CLIP(rewrite) alignments",
+    "cosine_rag": "the demo, SmolLM2 reads retrieved toy-world facts before the prompt (distilled state)",
+    "cosine_align_rewrite_rag": "aligned to CLIP(rewrite), the rewriter reading retrieved facts",
+    "cosine_multi_teacher": "the demo, two teachers (SmolLM2 + MiniLM, ½ each), one W0 each",
+    "cosine_multi_teacher_learned": "two teachers, weights a learned softmax",
     "ella_smollm2_tokens": "ELLA TSC on SmolLM2 token states (denoising loss)",
 }
 METRICS = ("color_accuracy", "shape_accuracy", "count_accuracy")
