@@ -104,6 +104,9 @@ class StableDiffusionBackbone(FrozenModule):
         revision: str | None = None,
         variant: str | None = None,
         dtype: str = "float32",
+        channels_last: bool = False,
+        gradient_checkpointing: bool = False,
+        compile_unet: bool = False,
     ) -> None:
         super().__init__()
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -120,6 +123,17 @@ class StableDiffusionBackbone(FrozenModule):
         self.vae = load_pretrained(AutoencoderKL, self.pretrained, key, subfolder="vae", **weights)
         self.unet = load_pretrained(UNet2DConditionModel, self.pretrained, key, subfolder="unet", **weights)
         self.freeze()
+        # Speed and memory options for the frozen UNet (benchmarked by `python -m sur_lightning.bench`):
+        # channels-last convolutions are faster on tensor-core GPUs; checkpointing trades a second forward
+        # for the activations the backward to the conditioning would keep; compile fuses the UNet's kernels
+        # once (minutes) for every later step.
+        self.channels_last = channels_last
+        if channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        if compile_unet:
+            self.unet.compile()
 
     @property
     def cross_attention_dim(self) -> int:
@@ -148,6 +162,8 @@ class StableDiffusionBackbone(FrozenModule):
 
     def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditioning: torch.Tensor) -> torch.Tensor:
         """UNet prediction; gradients flow to ``conditioning`` (the frozen weights get none)."""
+        if self.channels_last:
+            noisy_latents = noisy_latents.to(memory_format=torch.channels_last)
         return self.unet(
             noisy_latents.to(self.dtype), timesteps, encoder_hidden_states=conditioning.to(self.dtype)
         ).sample.float()

@@ -39,3 +39,30 @@ def test_random_backbones_of_real_proportions_load_like_the_hub_model(tmp_path):
     assert build_random_stable_diffusion(tmp_path / "mid", shape="mid", sample_size=8) == folder  # built once
     with pytest.raises(ValueError, match="shape must be one of"):
         build_random_stable_diffusion(tmp_path / "x", shape="sdxl")
+
+
+def test_unet_speed_options_keep_the_prediction_and_its_gradient(tiny_sd, monkeypatch):
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from sur_lightning.backbone import StableDiffusionBackbone
+
+    def step(backbone):
+        torch.manual_seed(0)
+        latents, conditioning = torch.randn(2, 4, 16, 16), torch.randn(2, 77, 32, requires_grad=True)
+        prediction = backbone.predict(latents, torch.tensor([10, 500]), conditioning)
+        prediction.square().mean().backward()
+        return prediction.detach(), conditioning.grad
+
+    plain = step(StableDiffusionBackbone(tiny_sd))
+    options = StableDiffusionBackbone(tiny_sd, channels_last=True, gradient_checkpointing=True)
+    assert options.unet.is_gradient_checkpointing
+    assert options.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    fast = step(options)
+    torch.testing.assert_close(fast[0], plain[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fast[1], plain[1], rtol=1e-4, atol=1e-6)
+
+    compiled = []
+    monkeypatch.setattr(UNet2DConditionModel, "compile", lambda self, *a, **k: compiled.append(self))
+    backbone = StableDiffusionBackbone(tiny_sd, compile_unet=True)
+    assert compiled == [backbone.unet]
