@@ -149,10 +149,11 @@ def files_hash(path: str, subfolders: tuple[str, ...] = ()) -> str | None:
     return digest.hexdigest()
 
 
-def resolved(node) -> dict:
-    """A component's config with nested builders (the tiny models' ``_target_``) run, so paths are concrete."""
+def resolved(node, skip: tuple[str, ...] = ()) -> dict:
+    """A component's config with nested builders (the tiny models' ``_target_``) run, so paths are concrete;
+    the keys in ``skip`` are left out."""
     config = OmegaConf.to_container(node, resolve=True)
-    return {k: instantiate(v) if isinstance(v, dict) and "_target_" in v else v for k, v in config.items()}
+    return {k: instantiate(v) if isinstance(v, dict) and "_target_" in v else v for k, v in config.items() if k not in skip}
 
 
 def backbone_fingerprint(backbone_cfg, subfolders: tuple[str, ...]) -> dict:
@@ -166,9 +167,17 @@ LLM_FEATURES_VERSION = 2
 
 
 def llm_fingerprint(llm_cfg) -> dict:
-    config = resolved(llm_cfg)
+    """The LLM's resolved config and a hash of its files; with ``llm.rag``, the retriever's fingerprint (its
+    knowledge base's content, encoder, top-k, threshold, template) instead of its config, so states computed
+    with other facts, or none, are never reused."""
+    rag = llm_cfg.get("rag")
+    config = resolved(llm_cfg, skip=("rag",))
     source = config.get("pretrained") or config.get("path")
-    return {**config, "files": files_hash(str(source)) if source else None, "features_version": LLM_FEATURES_VERSION}
+    fingerprint = {**config, "files": files_hash(str(source)) if source else None, "features_version": LLM_FEATURES_VERSION}
+    if rag is not None:
+        # Building a Retriever reads and hashes the knowledge base; it loads no encoder.
+        fingerprint["rag"] = instantiate(rag).fingerprint()
+    return fingerprint
 
 
 class FeatureCache:
