@@ -150,10 +150,11 @@ def files_hash(path: str, subfolders: tuple[str, ...] = ()) -> str | None:
     return digest.hexdigest()
 
 
-def resolved(node) -> dict:
-    """A component's config with nested builders (the tiny models' ``_target_``) run, so paths are concrete."""
+def resolved(node, skip: tuple[str, ...] = ()) -> dict:
+    """A component's config with nested builders (the tiny models' ``_target_``) run, so paths are concrete;
+    the keys in ``skip`` are left out."""
     config = OmegaConf.to_container(node, resolve=True)
-    return {k: instantiate(v) if isinstance(v, dict) and "_target_" in v else v for k, v in config.items()}
+    return {k: instantiate(v) if isinstance(v, dict) and "_target_" in v else v for k, v in config.items() if k not in skip}
 
 
 def backbone_fingerprint(backbone_cfg, subfolders: tuple[str, ...]) -> dict:
@@ -167,12 +168,20 @@ LLM_FEATURES_VERSION = 2
 
 
 def llm_fingerprint(llm_cfg) -> dict:
-    if llm_cfg.get("teachers"):  # llm=multi: each teacher's own fingerprint
+    """The LLM's resolved config and a hash of its files; with ``llm.rag``, the retriever's fingerprint (its
+    knowledge base's content, encoder, top-k, threshold, template) instead of its config, so states computed
+    with other facts, or none, are never reused. ``llm=multi``: each teacher's own fingerprint."""
+    if llm_cfg.get("teachers"):
         config = OmegaConf.to_container(llm_cfg, resolve=True)
         return {**config, "teachers": {name: llm_fingerprint(llm_cfg.teachers[name]) for name in llm_cfg.teachers}}
-    config = resolved(llm_cfg)
+    rag = llm_cfg.get("rag")
+    config = resolved(llm_cfg, skip=("rag",))
     source = config.get("pretrained") or config.get("path")
-    return {**config, "files": files_hash(str(source)) if source else None, "features_version": LLM_FEATURES_VERSION}
+    fingerprint = {**config, "files": files_hash(str(source)) if source else None, "features_version": LLM_FEATURES_VERSION}
+    if rag is not None:
+        # Building a Retriever reads and hashes the knowledge base; it loads no encoder.
+        fingerprint["rag"] = instantiate(rag).fingerprint()
+    return fingerprint
 
 
 def llm_entry_names(llm_cfg) -> tuple[str, ...]:

@@ -29,6 +29,17 @@ class CausalLMFeatures(FrozenModule):
     stops after that block, so a 13B model runs only the blocks it needs. In transformers' terms,
     block k's output is ``hidden_states[k + 1]`` for every block but the last, whose ``hidden_states``
     entry has the final norm applied. SUR's ``prompt2vec/13B/39.pt`` is LLaMA-13B's ``layer=39`` (= -1).
+
+    ``rag`` (a ``sur_lightning.rag.Retriever``, ``+llm/rag=toyworld``): each prompt is read with the facts
+    retrieved for it in front (``rag.augment``). ``rag_pooling`` says which tokens the features cover:
+      "prompt" (default): the prompt's own tokens (and the special tokens), read after the facts. The
+               facts reach them only through causal attention, so the feature stays a description
+               of *this prompt*: the same tokens as without RAG, a prompt that retrieves nothing
+               gives exactly the feature it has without RAG, and a long fact cannot outweigh the
+               prompt in SUR's mean or lengthen ELLA's token sequence.
+      "all":   every token of the augmented input, facts included: the fact's words enter the mean
+               directly, which tells whether the LLM uses the facts or merely carries them.
+    With RAG on, inputs longer than ``max_length`` lose tokens from the left (facts), never the prompt.
     """
 
     def __init__(
@@ -40,12 +51,18 @@ class CausalLMFeatures(FrozenModule):
         dtype: str = "float32",
         revision: str | None = None,
         gguf_file: str | None = None,
+        rag=None,
+        rag_pooling: str = "prompt",
     ) -> None:
         super().__init__()
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if pooling not in ("mean", "none"):
             raise ValueError(f"llm.pooling must be 'mean' or 'none', got {pooling!r}")
+        if rag_pooling not in ("prompt", "all"):
+            raise ValueError(f"llm.rag_pooling must be 'prompt' or 'all', got {rag_pooling!r}")
+        self.rag = rag
+        self.rag_pooling = rag_pooling
         self.pretrained = str(pretrained)
         self.layer = layer
         self.pooling = pooling
@@ -57,6 +74,8 @@ class CausalLMFeatures(FrozenModule):
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "right"
+        if rag is not None:
+            self.tokenizer.truncation_side = "left"  # cut the facts, not the prompt that follows them
         model = load_pretrained(
             AutoModelForCausalLM, self.pretrained, "llm.pretrained", dtype=resolve_dtype(dtype), **kwargs
         )
@@ -79,16 +98,35 @@ class CausalLMFeatures(FrozenModule):
 
     @torch.no_grad()
     def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        inputs, prompt_starts = list(prompts), None
+        if self.rag is not None:
+            spans = self.rag.augment_spans(inputs)
+            inputs, prompt_starts = [text for text, _ in spans], [start for _, start in spans]
         tokens = self.tokenizer(
-            list(prompts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            inputs,
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+            return_offsets_mapping=prompt_starts is not None,
         )
+        facts = None
+        if prompt_starts is not None:
+            # A fact token is a real (non-empty) character span that ends before the prompt starts;
+            # special tokens have the empty span (0, 0) and stay, as they do without RAG.
+            offsets = tokens.pop("offset_mapping")
+            starts, ends = offsets[..., 0], offsets[..., 1]
+            facts = (ends > starts) & (ends <= torch.tensor(prompt_starts).unsqueeze(1))
         if tokens.input_ids.shape[1] == 0:
             # Every prompt is empty and the tokenizer adds no BOS: one masked pad token keeps shapes valid.
             tokens["input_ids"] = torch.full((len(prompts), 1), self.tokenizer.pad_token_id)
             tokens["attention_mask"] = torch.zeros((len(prompts), 1), dtype=torch.long)
+            facts = None
         tokens = tokens.to(self.device)
         states = self.block_output(tokens).float()
         mask = tokens.attention_mask.bool()
+        if facts is not None and self.rag_pooling == "prompt":
+            mask = mask & ~facts.to(mask.device)
         if self.pooling == "none":
             return states, mask
         weights = mask.unsqueeze(-1).float()

@@ -6,7 +6,11 @@ narrative prompts (every quantity × template) are classified by a multinomial l
 trained on the *other* objects' prompts (leave-one-object-out), so an object's colour must be
 read from what the LLM knows about the word, not memorised from its own examples.
 
-    python -m sur_lightning.toyworld.probe            # SmolLM2-135M-Instruct, offline
+    python -m sur_lightning.toyworld.probe                         # SmolLM2-135M-Instruct, offline
+    python -m sur_lightning.toyworld.probe +llm/rag=toyworld       # the same, with retrieved facts in its input
+    python -m sur_lightning.toyworld.probe +llm/rag=toyworld llm.rag_pooling=all   # pooled over the facts too
+
+Arguments are Hydra overrides of the training config (``llm=smollm2`` unless one names another ``llm``).
 
 Returns per object the share of its prompts given the right colour, the mean over objects, and
 the leave-one-object-out majority-colour baseline (what a probe that ignores the features gets).
@@ -79,16 +83,21 @@ def probe_llm(llm, batch_size: int = 32) -> dict:
     return linear_probe(torch.cat(states), names, {obj.name: obj.color for obj in OBJECTS})
 
 
-def main() -> None:
+def main(overrides: list[str] | None = None) -> dict:
+    import sys
+
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
     from sur_lightning.train import CONFIG_DIR
 
+    overrides = sys.argv[1:] if overrides is None else overrides
+    defaults = ["paths.root_dir=."] + ([] if any(o.startswith("llm=") for o in overrides) else ["llm=smollm2"])
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=["llm=smollm2", "paths.root_dir=."])
+        cfg = compose(config_name="train", overrides=[*defaults, *overrides])
     result = probe_llm(instantiate(cfg.llm))
-    print(json.dumps(result, indent=2))
+    print(json.dumps({"overrides": overrides, **result}, indent=2))
+    return result
 
 
 if __name__ == "__main__":
