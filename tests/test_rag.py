@@ -148,3 +148,15 @@ def test_the_llm_cache_fingerprint_changes_with_rag_and_with_the_knowledge_base(
     features = instantiate(on.llm)
     assert isinstance(features.rag, Retriever) and features.rag_pooling == "prompt"
     assert features.rag.index_dir == Path(cache_dir) / "rag"
+
+
+def test_the_probe_takes_hydra_overrides_and_builds_the_llm_with_rag(tiny_llm, cache_dir, monkeypatch):
+    from sur_lightning.toyworld import probe
+
+    seen = []
+    # The probe itself (20 logistic fits) is tested in test_toyworld.py; here only what main builds from the overrides.
+    monkeypatch.setattr(probe, "probe_llm", lambda llm: seen.append(llm) or {"accuracy": 0.5})
+    result = probe.main(["llm=tiny", f"paths.cache_dir={cache_dir}", "+llm/rag=toyworld", "llm.rag_pooling=all"])
+    assert result == {"accuracy": 0.5} and isinstance(seen[0].rag, Retriever) and seen[0].rag_pooling == "all"
+    probe.main(["llm=tiny", f"paths.cache_dir={cache_dir}"])
+    assert seen[1].rag is None

@@ -38,7 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from sur_lightning.losses import FeatureAlignmentLoss  # noqa: E402
+from sur_lightning.losses import FeatureAlignmentLoss
 
 HERE = Path(__file__).resolve().parent
 KINDS = ("paraphrase", "near_miss", "unrelated")
