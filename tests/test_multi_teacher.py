@@ -93,3 +93,26 @@ def test_bad_multi_teacher_configs_are_named(backbone, teachers, tiny_llm):
     out = m.connector(TextFeatures(clip=backbone.encode_prompt(PROMPTS), llm=states))
     with pytest.raises(ValueError, match="set llm.weights"):
         m.llm_distillation(out.internals["encoder"], out.internals["llm_projected"])
+
+
+def test_smollm2_and_minilm_train_together_each_with_its_own_w0_and_logged_term(compose):
+    """The two real offline teachers (SmolLM2-135M, all-MiniLM-L6-v2), through the feature cache."""
+    from sur_lightning.cache import FeatureCache
+    from sur_lightning.connectors import load_connector
+    from sur_lightning.train import train
+
+    cfg = compose("llm=multi", "loss=cosine", "data.cache=auto", "trainer.max_steps=2", "trainer.val_check_interval=2",
+                  "llm.weights.smollm2=3", "llm.weights.minilm=1")
+    metrics = train(cfg)
+    assert {"train/llm/smollm2", "train/llm/minilm"} <= set(metrics)
+    assert metrics["train/teacher_weight/smollm2"] == pytest.approx(0.75)
+    adapter = load_connector(f"{cfg.paths.output_dir}/adapter.safetensors")
+    assert adapter.llm_projection["smollm2"].in_features == 576 and adapter.llm_projection["minilm"].in_features == 384
+    assert FeatureCache.from_config(cfg).llm_dim == {"smollm2": 576, "minilm": 384}
+
+
+def test_ella_with_several_teachers_is_refused_before_training(compose):
+    from sur_lightning.sweep import IncompatibleConfigError, check_combination
+
+    with pytest.raises(IncompatibleConfigError, match="one W0 each"):
+        check_combination(compose("connector=ella", "loss=denoising", "llm=multi", tiny=False))

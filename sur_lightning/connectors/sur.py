@@ -16,6 +16,7 @@ Large Language Models", arXiv 2305.05189), as in the authors' released module, w
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -68,8 +69,8 @@ class SURAdapter(nn.Module):
         if hasattr(eta, "build") and getattr(eta, "mlp", None) is None:
             eta.build(dim)
         self.eta = eta
-        if isinstance(llm_dim, dict):
-            llm_dim = {name: int(width) for name, width in llm_dim.items()}
+        if isinstance(llm_dim, Mapping):  # a dict, or a DictConfig when Hydra passes it on
+            llm_dim = {str(name): int(width) for name, width in llm_dim.items()}
             self.llm_projection = nn.ModuleDict({name: nn.Linear(width, dim) for name, width in llm_dim.items()})
         else:
             self.llm_projection = nn.Linear(llm_dim, dim)
