@@ -45,7 +45,7 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "cosine_align_rewrite": ("demo", ["loss.align_target=rewrite", "rewriter=toyworld"]),
     "cosine_align_both": ("demo", ["loss.align_target=both", "rewriter=toyworld"]),
     "cosine_rag": ("demo", ["+llm/rag=toyworld"]),
-    "cosine_align_rewrite_rag": ("demo", ["loss.align_target=rewrite", "rewriter=toyworld", "+llm/rag=toyworld"]),
+    "cosine_align_rewrite_rag": ("demo", ["loss.align_target=rewrite", "rewriter=toyworld_rag", "+llm/rag=toyworld"]),
     "cosine_multi_teacher": ("demo", ["llm=multi"]),
     "cosine_multi_teacher_learned": ("demo", ["llm=multi", "llm.learn_weights=true"]),
     "ella_smollm2_tokens": ("ella_demo", []),
