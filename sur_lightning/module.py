@@ -37,11 +37,13 @@ def sample_generators(seed: int, epoch: int, step: int, sample_ids: Sequence[str
     resumed run draws what the uninterrupted run drew. The epoch is in the key so that with gradient
     accumulation across an epoch boundary a sample seen twice in one optimizer step gets fresh draws.
     """
-    generators = []
-    for sample_id in sample_ids:
-        digest = hashlib.sha256(f"{seed}:{epoch}:{step}:{sample_id}".encode()).digest()
-        generators.append(torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1)))
-    return generators
+    return [torch.Generator().manual_seed(keyed_seed(seed, epoch, step, sample_id)) for sample_id in sample_ids]
+
+
+def keyed_seed(*key) -> int:
+    """A 63-bit seed from sha256 of the key's parts: unrelated seeds for neighbouring keys."""
+    digest = hashlib.sha256(":".join(str(part) for part in key).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 class ConnectorTrainingModule(L.LightningModule):
@@ -151,6 +153,15 @@ class ConnectorTrainingModule(L.LightningModule):
     # ---------------------------------------------------------------- training
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        # The connector's dropout draws from the global RNG: fork it and seed it from (seed, epoch, step, rank)
+        # for this step's forward pass, so a resumed run draws the same masks without any RNG state in the
+        # checkpoint. The global RNG is left as it was; backward needs no random numbers.
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(keyed_seed(self.seed, self.current_epoch, self.global_step, f"rank{self.global_rank}"))
+            return self.training_forward(batch)
+
+    def training_forward(self, batch: dict) -> torch.Tensor | None:
         scheduler = self.backbone.noise_scheduler
 
         # Every random draw below comes from its sample's own generator, in this order.

@@ -189,3 +189,59 @@ def test_ddp_cpu_trains_two_gloo_processes_and_builds_the_cache_once(tmp_path, c
     assert "distributed_backend=gloo" in log and "All distributed processes registered. Starting with 2 processes" in log
     # Rank 0 filled the cache before launching rank 1, which found it complete and encoded nothing.
     assert log.count("LLM states: 100%") == 1 and log.count("CLIP states: 100%") == 1
+
+
+def step_losses(csv_dir: Path) -> dict[int, float]:
+    """train/loss by logged step from a CSV logger folder (log_every_n_steps=1)."""
+    import csv
+
+    with open(csv_dir / "metrics.csv") as f:
+        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+
+
+def test_sigkill_mid_epoch_then_ckpt_path_last_continues_with_the_uninterrupted_losses(
+    tmp_path, cache_dir, tiny_sd, tiny_llm, compose
+):
+    """10 training rows in batches of 2: 5 steps an epoch, a checkpoint every 3 steps, so the kill lands
+    mid-epoch. After the resume every step's loss equals the uninterrupted run's, exactly: weights,
+    AdamW moments, the warmup schedule and the position in the epoch's order come from the checkpoint,
+    and the noise, timesteps and the connector's dropout masks are keyed by (seed, epoch, step, sample)."""
+    import signal
+    import time
+
+    import torch
+
+    common = ["callbacks.sample_grid=null", "trainer.val_check_interval=4", "trainer.log_every_n_steps=1",
+              "callbacks.model_checkpoint.every_n_train_steps=3"]
+    reference = compose("+experiment=demo", *common, "trainer.max_steps=9", f"paths.output_dir={tmp_path / 'reference'}")
+    train(reference)
+    expected = step_losses(tmp_path / "reference" / "csv" / "version_0")
+    assert len(expected) == 9
+
+    output = tmp_path / "killed"
+    command = [
+        sys.executable, "-m", "sur_lightning.train", "+experiment=demo", *tiny_overrides(tmp_path, cache_dir), *common,
+        "trainer.max_steps=100000", f"paths.output_dir={output}", f"hydra.run.dir={output}",
+    ]
+    # Two threads, as conftest gives this process: the same float reduction order on both sides.
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        # Lightning writes checkpoints atomically (temporary file, then rename): once last.ckpt exists it is whole.
+        while not (output / "checkpoints" / "last.ckpt").exists():
+            assert process.poll() is None and time.monotonic() < deadline, "training did not write a checkpoint"
+            time.sleep(0.2)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    saved = torch.load(output / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    step = saved["global_step"]
+    assert step in (3, 6) and step % 5 != 0  # mid-epoch
+
+    resumed = compose("+experiment=demo", *common, "trainer.max_steps=9", f"paths.output_dir={output}", "ckpt_path=last")
+    train(resumed)
+    after = step_losses(max((output / "csv").glob("version_*")))
+    assert sorted(after) == [s for s in sorted(expected) if s >= step]
+    assert {s: after[s] for s in after} == {s: expected[s] for s in after}

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from torchvision.transforms import functional as TF
 
 from sur_lightning.data.formats import (
@@ -335,6 +335,80 @@ def collate(examples: list[dict]) -> dict:
     return batch
 
 
+class EpochSampler(Sampler[int]):
+    """One rank's share of a seeded permutation per epoch, resumable mid-epoch.
+
+    Epoch e's order is ``randperm(num_samples)`` seeded with ``seed + e`` (without ``shuffle``: 0..n-1),
+    the same for every world size, cut to a multiple of ``world_size``; rank r reads ``order[r::world_size]``
+    as DistributedSampler does. So batch k of size B on each of W ranks holds exactly the samples of
+    batch k of size W·B in one process — what makes a DDP run equal to one process with the doubled
+    batch. (Lightning's own DistributedSampler would shuffle with another generator than the one-process
+    RandomSampler, so the two would see different data.)
+
+    ``consumed``: samples of this epoch that reached the training step (counted by the datamodule, not
+    by ``__iter__``, because Lightning fetches a batch ahead). ``state_dict`` is (epoch, consumed); after
+    ``load_state_dict`` the next ``__iter__`` starts at the first sample not yet trained on.
+    """
+
+    def __init__(self, num_samples: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"EpochSampler: rank {rank} is outside world_size {world_size}")
+        if num_samples < world_size:
+            raise ValueError(f"EpochSampler: {num_samples} training rows cannot be shared by {world_size} processes")
+        self.num_samples = num_samples
+        self.seed = seed
+        self.shuffle = shuffle
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self.consumed = 0
+
+    def __len__(self) -> int:
+        return self.num_samples // self.world_size
+
+    def order(self, epoch: int) -> list[int]:
+        """This rank's indices for ``epoch``, in training order."""
+        if self.shuffle:
+            order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + epoch))
+        else:
+            order = torch.arange(self.num_samples)
+        return order[: len(self) * self.world_size][self.rank :: self.world_size].tolist()
+
+    def __iter__(self):
+        yield from self.order(self.epoch)[self.consumed :]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by Lightning before each epoch; a new epoch starts from its first sample."""
+        if epoch != self.epoch:
+            self.epoch, self.consumed = epoch, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "consumed": self.consumed, "num_samples": self.num_samples, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        if (state["num_samples"], state["world_size"]) != (self.num_samples, self.world_size):
+            raise ValueError(
+                f"ckpt_path: the checkpoint was written with {state['num_samples']} training rows on {state['world_size']} "
+                f"process(es), this run has {self.num_samples} on {self.world_size}: the data order cannot be resumed mid-epoch"
+            )
+        self.epoch, self.consumed = state["epoch"], state["consumed"]
+        if self.consumed >= len(self):
+            # Saved after the epoch's last batch: Lightning resumes with the next epoch.
+            self.epoch, self.consumed = self.epoch + 1, 0
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader over an ``EpochSampler`` with its ``state_dict``: Lightning saves it in every checkpoint
+    (the fit loop's ``combined_loader`` state) and loads it back on ``ckpt_path=...``, before the first
+    batch, so a run resumed mid-epoch goes on with the next batch of the same order."""
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
+
+
 class ImageTextDataModule(L.LightningDataModule):
     """Train/validation split of one dataset; ``val_size`` rows are held out (deterministic by ``seed``).
 
@@ -404,6 +478,7 @@ class ImageTextDataModule(L.LightningDataModule):
         self.train_set = None
         self.val_set = None
         self.latent_store = None
+        self.train_sampler: EpochSampler | None = None
 
     # ---------------------------------------------------------------- reading and checking rows
 
@@ -539,6 +614,9 @@ class ImageTextDataModule(L.LightningDataModule):
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         # Rows that failed in a dataloader worker reach the report here, in the main process.
         self.report.extend(batch.pop("data_events", []))
+        if self.train_sampler is not None and self.trainer is not None and self.trainer.training:
+            # This batch reaches the training step now (the loader itself runs a batch ahead).
+            self.train_sampler.consumed += len(batch["id"])
         return batch
 
     def teardown(self, stage: str | None = None) -> None:
@@ -551,20 +629,28 @@ class ImageTextDataModule(L.LightningDataModule):
     # ---------------------------------------------------------------- loaders
 
     def train_dataloader(self) -> DataLoader:
-        streaming = isinstance(self.train_set, IterableDataset)
-        return DataLoader(
-            self.train_set,
-            batch_size=self.batch_size,
-            shuffle=not streaming,
-            num_workers=self.num_workers,
-            collate_fn=collate,
-            drop_last=True,
-            persistent_workers=self.num_workers > 0,
-        )
+        common = {
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+            "collate_fn": collate,
+            "drop_last": True,
+            "persistent_workers": self.num_workers > 0,
+        }
+        if isinstance(self.train_set, IterableDataset):
+            return DataLoader(self.train_set, **common)
+        # Each rank reads its share of one seeded order itself (the trainer runs with
+        # use_distributed_sampler=false), and the order resumes mid-epoch: see EpochSampler.
+        rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        self.train_sampler = EpochSampler(len(self.train_set), seed=self.seed, rank=rank, world_size=world_size)
+        # Its own generator for the workers' base seed, so creating an iterator (as a resume does) leaves
+        # the global RNG alone.
+        generator = torch.Generator().manual_seed(self.seed)
+        return ResumableDataLoader(self.train_set, sampler=self.train_sampler, generator=generator, **common)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None:
             return []
         return DataLoader(
-            self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers, collate_fn=collate
+            self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers, collate_fn=collate,
+            generator=torch.Generator().manual_seed(self.seed),
         )
