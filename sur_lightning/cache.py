@@ -166,7 +166,9 @@ LLM_FEATURES_VERSION = 2
 
 
 def llm_fingerprint(llm_cfg) -> dict:
-    config = resolved(llm_cfg)
+    # Keys that do not change the features stay out, so adding them kept existing caches valid;
+    # llm.quantization does change them (int8/nf4 weights) and is in whenever it is set.
+    config = {k: v for k, v in resolved(llm_cfg).items() if k != "trust_remote_code" and not (k == "quantization" and v is None)}
     source = config.get("pretrained") or config.get("path")
     return {**config, "files": files_hash(str(source)) if source else None, "features_version": LLM_FEATURES_VERSION}
 
