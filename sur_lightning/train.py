@@ -61,7 +61,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         logger.log_hyperparams(resolved)
 
     try:
-        trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"),
+                    weights_only=cfg.get("ckpt_weights_only", True))
     except SIGTERMException:
         # OnExceptionCheckpoint has written checkpoints/on_exception.ckpt; exit as a terminated process does.
         print(f"\nSIGTERM at step {trainer.global_step}: checkpoint in {Path(cfg.paths.output_dir) / 'checkpoints'}; "

@@ -292,3 +292,28 @@ def test_two_gloo_processes_match_one_process_with_the_doubled_batch(tmp_path, c
     other_noise = max((one[k] - three[k]).abs().max().item() for k in one)
     print(f"max |w_1proc - w_1proc(other noise)|: {other_noise:.3g}")
     assert other_noise > 0.3 * lr_budget
+
+
+class Pickled:
+    """Not a tensor or a plain container: torch.load(weights_only=True) refuses to build it."""
+
+
+def test_keeps_the_k_newest_checkpoints_and_loads_them_weights_only(compose, tmp_path):
+    import pickle
+
+    import torch
+
+    cfg = compose("+experiment=demo", "trainer.max_steps=5", "trainer.val_check_interval=100000", "callbacks.sample_grid=null",
+                  "callbacks.model_checkpoint.every_n_train_steps=1", "callbacks.model_checkpoint.save_top_k=2")
+    train(cfg)
+    folder = Path(cfg.paths.output_dir) / "checkpoints"
+    assert sorted(p.name for p in folder.glob("*.ckpt")) == ["last.ckpt", "step000004.ckpt", "step000005.ckpt"]
+
+    # A checkpoint carrying an arbitrary pickled object is refused by the default ckpt_weights_only=true.
+    tampered = torch.load(folder / "last.ckpt", weights_only=True)
+    tampered["extra"] = Pickled()
+    torch.save(tampered, tmp_path / "tampered.ckpt")
+    resumed = compose("+experiment=demo", "trainer.max_steps=6", "callbacks.sample_grid=null",
+                      f"ckpt_path={tmp_path / 'tampered.ckpt'}", f"paths.output_dir={tmp_path / 'resumed'}")
+    with pytest.raises(pickle.UnpicklingError, match="weights_only"):
+        train(resumed)
