@@ -387,7 +387,7 @@ def test_epoch_sampler_ranks_split_the_one_process_batches_exactly():
     from sur_lightning.data.datamodule import EpochSampler
 
     def batches(sampler, size):
-        order = list(sampler)
+        order = [index for _, index in sampler]
         return [order[i : i + size] for i in range(0, len(order) - size + 1, size)]
 
     for epoch in (0, 3):
@@ -399,6 +399,28 @@ def test_epoch_sampler_ranks_split_the_one_process_batches_exactly():
         assert len(one) == len(two[0]) == len(two[1]) == 2  # 11 rows: 5 per rank, two whole batches
         assert all(sorted(one[k]) == sorted(two[0][k] + two[1][k]) for k in range(2))
     assert list(EpochSampler(11, seed=5)) != list(EpochSampler(11, seed=6))
+    assert {epoch for epoch, _ in single} == {3}  # the dataset keys flips and crops by it
+
+
+def test_flips_and_crops_are_keyed_by_epoch_and_row_not_by_the_global_rng(tmp_path):
+    import random
+
+    from sur_lightning.data.datamodule import ImageTextDataModule
+    from sur_lightning.data.synthetic import generate_dataset
+
+    root = generate_dataset(tmp_path / "shapes", num_images=12, image_size=64)
+    datamodule = ImageTextDataModule(str(root), resolution=48, val_size=0, center_crop=False, random_flip=True)
+    datamodule.setup("fit")
+    dataset = datamodule.train_set
+
+    def pixels(epoch):
+        return torch.stack([dataset[(epoch, i)]["pixel_values"] for i in range(len(dataset))])
+
+    random.seed(0)
+    first = pixels(0)
+    random.seed(1)
+    assert torch.equal(pixels(0), first)
+    assert not torch.equal(pixels(1), first)  # another epoch, other flips and crops
 
 
 def test_epoch_sampler_resumes_mid_epoch_and_refuses_another_layout():

@@ -60,14 +60,16 @@ def image_variants(random_flip: bool) -> tuple[str, ...]:
     return ("center", "center_flip") if random_flip else ("center",)
 
 
-def preprocess(image, resolution: int, center_crop: bool, flip: bool) -> torch.Tensor:
-    """diffusers' text-to-image preprocessing: resize the short side, crop, flip, scale to [-1, 1]. [3, R, R]"""
+def preprocess(image, resolution: int, center_crop: bool, flip: bool, rng=random) -> torch.Tensor:
+    """diffusers' text-to-image preprocessing: resize the short side, crop, flip, scale to [-1, 1]. [3, R, R]
+
+    ``rng`` (a ``random.Random``, or the module) places a random crop."""
     image = TF.resize(image, resolution, interpolation=TF.InterpolationMode.BILINEAR)
     if center_crop:
         image = TF.center_crop(image, resolution)
     else:
-        top = random.randint(0, image.height - resolution)
-        left = random.randint(0, image.width - resolution)
+        top = rng.randint(0, image.height - resolution)
+        left = rng.randint(0, image.width - resolution)
         image = TF.crop(image, top, left, resolution, resolution)
     if flip:
         image = TF.hflip(image)
@@ -133,6 +135,8 @@ class ImageTextDataset(Dataset):
     """Map-style rows; ``image_bytes`` reads a file under ``root`` or a cell of ``table``.
 
     With a latent store (``data.cache`` on), an image whose latents are cached is not decoded at all.
+    Indexed by ``EpochSampler`` with (epoch, index), a row's flip and crop are drawn from a generator keyed
+    by (seed, epoch, row id), so a resumed run, or another number of workers or ranks, draws the same ones.
     """
 
     def __init__(
@@ -148,8 +152,10 @@ class ImageTextDataset(Dataset):
         min_image_side: int = 8,
         latent_store=None,
         cache: str = "off",
+        seed: int = 0,
     ) -> None:
         self.rows = rows
+        self.seed = seed
         self.root = root
         self.table = table
         self.image_key = image_key
@@ -175,13 +181,15 @@ class ImageTextDataset(Dataset):
             raise BadImage(f"file not found: {path}")
         return path.read_bytes()
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        epoch, index = key if isinstance(key, tuple) else (None, key)
         events: list[dict] = []
         # A row that fails only when decoded (a truncated JPEG) is replaced by the next one, and reported.
         for offset in range(len(self.rows)):
             row = self.rows[(index + offset) % len(self.rows)]
+            rng = random if epoch is None else random.Random(f"{self.seed}:{epoch}:{row.id}")
             try:
-                example = self.example(row, events)
+                example = self.example(row, events, rng)
             except BadImage as error:
                 events.append({"kind": "skipped", "row": row.where, "id": row.id, "reason": str(error)})
                 continue
@@ -189,9 +197,9 @@ class ImageTextDataset(Dataset):
             return example
         raise RuntimeError(f"none of the {len(self.rows)} rows has a loadable image: {events[:3]}")
 
-    def example(self, row: Row, events: list[dict]) -> dict:
+    def example(self, row: Row, events: list[dict], rng=random) -> dict:
         data = self.image_bytes(row)
-        flip = self.random_flip and random.random() < 0.5
+        flip = self.random_flip and rng.random() < 0.5
         example = {"simple_prompt": row.simple, "complex_prompt": row.complex, "id": row.id}
         if self.latent_store is not None:
             variant = image_variants(True)[int(flip)]
@@ -209,7 +217,7 @@ class ImageTextDataset(Dataset):
                 )
         image, repairs = load_rgb(data, self.max_image_pixels, self.min_image_side)
         events.extend({"kind": "repaired", "row": row.where, "id": row.id, "reason": r} for r in repairs)
-        example["pixel_values"] = preprocess(image, self.resolution, self.center_crop, flip)
+        example["pixel_values"] = preprocess(image, self.resolution, self.center_crop, flip, rng)
         return example
 
 
@@ -335,7 +343,7 @@ def collate(examples: list[dict]) -> dict:
     return batch
 
 
-class EpochSampler(Sampler[int]):
+class EpochSampler(Sampler[tuple[int, int]]):
     """One rank's share of a seeded permutation per epoch, resumable mid-epoch.
 
     Epoch e's order is ``randperm(num_samples)`` seeded with ``seed + e`` (without ``shuffle``: 0..n-1),
@@ -345,6 +353,7 @@ class EpochSampler(Sampler[int]):
     batch. (Lightning's own DistributedSampler would shuffle with another generator than the one-process
     RandomSampler, so the two would see different data.)
 
+    Yields (epoch, index): ``ImageTextDataset`` keys a row's flip and crop by the epoch.
     ``consumed``: samples of this epoch that reached the training step (counted by the datamodule, not
     by ``__iter__``, because Lightning fetches a batch ahead). ``state_dict`` is (epoch, consumed); after
     ``load_state_dict`` the next ``__iter__`` starts at the first sample not yet trained on.
@@ -375,7 +384,9 @@ class EpochSampler(Sampler[int]):
         return order[: len(self) * self.world_size][self.rank :: self.world_size].tolist()
 
     def __iter__(self):
-        yield from self.order(self.epoch)[self.consumed :]
+        epoch = self.epoch
+        for index in self.order(epoch)[self.consumed :]:
+            yield epoch, index
 
     def set_epoch(self, epoch: int) -> None:
         """Called by Lightning before each epoch; a new epoch starts from its first sample."""
@@ -541,7 +552,8 @@ class ImageTextDataModule(L.LightningDataModule):
         }
         self.val_set = ImageTextDataset(good[: self.val_size], center_crop=True, random_flip=False, **common) if self.val_size else None
         self.train_set = ImageTextDataset(
-            good[self.val_size :], center_crop=self.center_crop, random_flip=self.random_flip, cache=self.cache, **common
+            good[self.val_size :], center_crop=self.center_crop, random_flip=self.random_flip, cache=self.cache,
+            seed=self.seed, **common,
         )
         if self.latent_store is not None:
             self.train_set.latent_store = self.latent_store
