@@ -46,10 +46,19 @@ def test_exported_adapter_and_sample_grid_use_the_ema_average_not_the_raw_weight
     model, datamodule = instantiate(cfg.model), instantiate(cfg.data)
     snapshots = Snapshots()
     grid = callbacks.SampleGrid(tmp_path / "samples", prompts=["a", "b"], seeds=[0, 1])
-    trainer = L.Trainer(max_steps=2, limit_val_batches=0, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[ConnectorEMA(decay=0.5, warmup=False), AdapterExport(tmp_path), grid, snapshots])
+    ema = ConnectorEMA(decay=0.5, warmup=False)
+    validated_with_average = []
+
+    class Validation(L.Callback):
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            params = ConnectorEMA.parameters(pl_module)
+            validated_with_average.append(all(torch.equal(p, ema.averages[n]) for n, p in params.items()))
+
+    trainer = L.Trainer(max_steps=2, limit_val_batches=1, val_check_interval=2, num_sanity_val_steps=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[ema, AdapterExport(tmp_path), grid, snapshots, Validation()])
     trainer.fit(model, datamodule=datamodule)
+    assert validated_with_average == [True]
 
     exported = load_file(tmp_path / "adapter.safetensors")
     theta0, theta1, theta2 = snapshots.weights

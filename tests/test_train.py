@@ -70,6 +70,11 @@ def test_bad_value_fails_before_training_naming_the_key(compose):
     assert "loss" in str(info.value) or "prompt" in str(info.value)
 
 
+def test_lightnings_distributed_sampler_is_refused_naming_the_key(compose):
+    with pytest.raises(ValueError, match="trainer.use_distributed_sampler must be false"):
+        train(compose("+experiment=demo", "trainer=ddp_cpu", "trainer.use_distributed_sampler=true"))
+
+
 def test_missing_mandatory_value_is_named(compose):
     with pytest.raises(MissingMandatoryValue, match="data.root"):
         train(compose("+experiment=demo", "data.root=???"))
