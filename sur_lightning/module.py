@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from diffusers.utils.torch_utils import randn_tensor
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from torch import nn
 
 from sur_lightning.backbone import StableDiffusionBackbone
