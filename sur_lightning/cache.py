@@ -175,7 +175,13 @@ def llm_fingerprint(llm_cfg) -> dict:
         config = OmegaConf.to_container(llm_cfg, resolve=True)
         return {**config, "teachers": {name: llm_fingerprint(llm_cfg.teachers[name]) for name in llm_cfg.teachers}}
     rag = llm_cfg.get("rag")
-    config = resolved(llm_cfg, skip=("rag",))
+    # Keys that do not change the features stay out, so adding them kept existing caches valid;
+    # llm.quantization does change them (int8/nf4 weights) and is in whenever it is set.
+    config = {
+        k: v
+        for k, v in resolved(llm_cfg, skip=("rag",)).items()
+        if k != "trust_remote_code" and not (k == "quantization" and v is None)
+    }
     source = config.get("pretrained") or config.get("path")
     fingerprint = {**config, "files": files_hash(str(source)) if source else None, "features_version": LLM_FEATURES_VERSION}
     if rag is not None:

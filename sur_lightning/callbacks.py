@@ -1,8 +1,10 @@
 """Callbacks that write what a run leaves behind: the adapter file, the base-vs-adapter sample grid, and
-(opt-in, ``callbacks=with_evaluation``) metrics of a small prompt suite every N steps."""
+(opt-in, ``callbacks=with_evaluation``) metrics of a small prompt suite every N steps; and (opt-in,
+``callbacks/ema=on``) an exponential moving average of the connector weights, which the others then use."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -31,6 +33,97 @@ class EveryNSteps(L.Callback):
         return True
 
 
+class ConnectorEMA(L.Callback):
+    """Exponential moving average of the connector's trainable parameters, as diffusers' ``--use_ema``.
+
+    After every optimizer step: ema ← d·ema + (1 − d)·θ, starting from θ before the first step, with
+    d = ``decay``, or with ``warmup`` diffusers' ``EMAModel`` default d_t = min(decay, (1 + t)/(10 + t))
+    for the t-th update (t = 0, 1, ...), so early averages are not stuck near the initial weights.
+    Training goes on with the raw weights; validation, the sample grid, the evaluation and the exported
+    adapter see the averaged ones (``averaged``). Lightning's ``EMAWeightAveraging`` would deep-copy the
+    whole LightningModule, frozen UNet and LLM included; this keeps one copy of the connector's trainable
+    tensors. The averages and the update count are part of the checkpoint, so they survive a resume.
+    """
+
+    def __init__(self, decay: float = 0.9999, warmup: bool = True) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"callbacks.ema.decay must be in [0, 1), got {decay}")
+        self.decay = decay
+        self.warmup = warmup
+        self.averages: dict[str, torch.Tensor] | None = None
+        self.updates = 0
+        self._last_step = -1
+        self._validating = contextlib.nullcontext()
+
+    @staticmethod
+    def parameters(pl_module) -> dict[str, torch.nn.Parameter]:
+        return {name: p for name, p in pl_module.connector.named_parameters() if p.requires_grad}
+
+    def decay_at(self, update: int) -> float:
+        """d for the ``update``-th update (0-based)."""
+        return min(self.decay, (1 + update) / (10 + update)) if self.warmup else self.decay
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        params = self.parameters(pl_module)
+        if self.averages is None:
+            self.averages = {name: p.detach().clone() for name, p in params.items()}
+        elif self.averages.keys() != params.keys():
+            raise ValueError("callbacks.ema: the checkpoint's averages do not match the connector's trainable parameters")
+        else:  # loaded from a checkpoint (on the CPU)
+            self.averages = {name: v.to(params[name].device, params[name].dtype) for name, v in self.averages.items()}
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # With gradient accumulation several batches end on the same optimizer step: update once.
+        if trainer.global_step == self._last_step:
+            return
+        self._last_step = trainer.global_step
+        weight = 1.0 - self.decay_at(self.updates)
+        for name, p in self.parameters(pl_module).items():
+            self.averages[name].lerp_(p.detach(), weight)
+        self.updates += 1
+
+    @contextlib.contextmanager
+    def averaged(self, pl_module):
+        """Within the block the connector holds the averaged weights; afterwards its raw weights again."""
+        if self.averages is None:
+            yield
+            return
+        params = self.parameters(pl_module)
+        raw = {name: p.detach().clone() for name, p in params.items()}
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(self.averages[name])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(raw[name])
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._validating = self.averaged(pl_module)
+        self._validating.__enter__()
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        self._validating.__exit__(None, None, None)
+
+    def state_dict(self) -> dict:
+        averages = {name: v.detach().cpu() for name, v in (self.averages or {}).items()}
+        return {"decay": self.decay, "warmup": self.warmup, "updates": self.updates, "averages": averages}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.updates = state["updates"]
+        self.averages = dict(state["averages"]) or None
+
+
+def averaged_weights(pl_module):
+    """A context in which the connector holds its EMA weights when a ``ConnectorEMA`` callback is on, else nothing."""
+    trainer = pl_module._trainer
+    ema = next((c for c in trainer.callbacks if isinstance(c, ConnectorEMA)), None) if trainer is not None else None
+    return ema.averaged(pl_module) if ema is not None else contextlib.nullcontext()
+
+
 class AdapterExport(EveryNSteps):
     """Writes the connector alone (``adapter.safetensors`` + ``adapter.json``) at the end of training,
     and every ``every_n_steps`` optimizer steps when set (``adapter-step{N}.safetensors``)."""
@@ -43,7 +136,8 @@ class AdapterExport(EveryNSteps):
 
     @rank_zero_only
     def export(self, pl_module, name: str) -> Path:
-        path, _ = save_connector(pl_module.connector, self.dirpath / f"{name}.safetensors")
+        with averaged_weights(pl_module):
+            path, _ = save_connector(pl_module.connector, self.dirpath / f"{name}.safetensors")
         self.last_path = path
         return path
 
@@ -100,7 +194,8 @@ class SampleGrid(EveryNSteps):
 
     @rank_zero_only
     def sample(self, trainer, pl_module) -> Path:
-        base, adapted = render_base_and_adapter(pl_module, self.prompts, self.seeds, **self.kwargs)
+        with averaged_weights(pl_module):
+            base, adapted = render_base_and_adapter(pl_module, self.prompts, self.seeds, **self.kwargs)
         if self.complex_prompts is None:
             columns = {"base": base, "adapter": adapted}
         else:
@@ -218,7 +313,7 @@ class EvaluationCallback(EveryNSteps):
         was_training = pl_module.connector.training
         pl_module.connector.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), averaged_weights(pl_module):
                 rendered = render_columns(
                     pl_module.backbone, columns, self.prompts, self.seeds, progress=False, **self.kwargs
                 )

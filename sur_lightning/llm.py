@@ -53,6 +53,8 @@ class CausalLMFeatures(FrozenModule):
         gguf_file: str | None = None,
         rag=None,
         rag_pooling: str = "prompt",
+        trust_remote_code: bool = False,
+        quantization: str | None = None,
     ) -> None:
         super().__init__()
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -63,11 +65,14 @@ class CausalLMFeatures(FrozenModule):
             raise ValueError(f"llm.rag_pooling must be 'prompt' or 'all', got {rag_pooling!r}")
         self.rag = rag
         self.rag_pooling = rag_pooling
+        # Checked before anything loads: a 13B download must not precede the error.
+        quantized = quantization_kwargs(quantization)
         self.pretrained = str(pretrained)
         self.layer = layer
         self.pooling = pooling
         self.max_length = max_length
-        kwargs = {"revision": revision}
+        # Passed explicitly, so a model repository's own Python code runs only when the config says so.
+        kwargs = {"revision": revision, "trust_remote_code": bool(trust_remote_code)}
         if gguf_file:
             kwargs["gguf_file"] = gguf_file
         self.tokenizer = load_pretrained(AutoTokenizer, self.pretrained, "llm.pretrained", **kwargs)
@@ -77,7 +82,7 @@ class CausalLMFeatures(FrozenModule):
         if rag is not None:
             self.tokenizer.truncation_side = "left"  # cut the facts, not the prompt that follows them
         model = load_pretrained(
-            AutoModelForCausalLM, self.pretrained, "llm.pretrained", dtype=resolve_dtype(dtype), **kwargs
+            AutoModelForCausalLM, self.pretrained, "llm.pretrained", dtype=resolve_dtype(dtype), **kwargs, **quantized
         )
         # The LM head is never used: keep only the decoder stack.
         self.model = model.get_decoder() if hasattr(model, "get_decoder") else model
@@ -149,6 +154,40 @@ class CausalLMFeatures(FrozenModule):
         finally:
             handle.remove()
         return captured["states"]
+
+
+QUANTIZATIONS = ("8bit", "4bit")
+
+
+def quantization_kwargs(quantization: str | None) -> dict:
+    """``from_pretrained`` arguments that load the LLM in 8 or 4 bit with bitsandbytes; ``{}`` for None.
+
+    bitsandbytes' int8/nf4 kernels run on CUDA GPUs only, so a CPU run fails here with the key to change.
+    The weights are placed while loading, on this process's GPU (``LOCAL_RANK`` under DDP).
+    """
+    if quantization is None:
+        return {}
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"llm.quantization must be null, '8bit' or '4bit', got {quantization!r}")
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            f"llm.quantization={quantization} loads the LLM with bitsandbytes, which needs a CUDA GPU, and none is "
+            "visible. On a CPU set llm.quantization=null, or cache the LLM features on a GPU machine first "
+            "(python -m sur_lightning.cache) and train from the cache without the LLM"
+        )
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModuleNotFoundError(f"llm.quantization={quantization} needs bitsandbytes: `pip install bitsandbytes`")
+    import os
+
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    return {"quantization_config": config, "device_map": {"": int(os.environ.get("LOCAL_RANK", "0"))}}
 
 
 class _StopForward(Exception):
@@ -231,6 +270,7 @@ class T5EncoderFeatures(FrozenModule):
         padding: str = "max_length",
         dtype: str = "float16",
         revision: str | None = None,
+        trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
         from transformers import AutoTokenizer, T5EncoderModel
@@ -240,11 +280,10 @@ class T5EncoderFeatures(FrozenModule):
         self.pretrained = str(pretrained)
         self.max_length = max_length
         self.padding = padding
-        self.tokenizer = load_pretrained(AutoTokenizer, self.pretrained, "llm.pretrained", revision=revision)
+        kwargs = {"revision": revision, "trust_remote_code": bool(trust_remote_code)}
+        self.tokenizer = load_pretrained(AutoTokenizer, self.pretrained, "llm.pretrained", **kwargs)
         self.tokenizer.padding_side = "right"
-        self.model = load_pretrained(
-            T5EncoderModel, self.pretrained, "llm.pretrained", revision=revision, dtype=resolve_dtype(dtype)
-        )
+        self.model = load_pretrained(T5EncoderModel, self.pretrained, "llm.pretrained", dtype=resolve_dtype(dtype), **kwargs)
         self.freeze()
 
     @property

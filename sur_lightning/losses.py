@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 
@@ -23,11 +24,15 @@ class DenoisingLoss:
         self.snr_gamma = snr_gamma
         self.noise_offset = noise_offset
 
-    def sample_noise(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    def sample_noise(
+        self, latents: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None = None
+    ) -> torch.Tensor:
+        """Noise shaped like ``latents`` [B,C,H,W]; ``generator``: one for the batch, or one per sample
+        (diffusers' ``randn_tensor`` then draws row i from generator i, on that generator's device)."""
+        noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
         if self.noise_offset:
             # Offset noise (crosslabs.org/blog/diffusion-with-offset-noise): lets the model shift mean brightness.
-            offset = torch.randn(latents.shape[:2] + (1, 1), generator=generator, device=latents.device)
+            offset = randn_tensor(latents.shape[:2] + (1, 1), generator=generator, device=latents.device)
             noise = noise + self.noise_offset * offset.to(latents.dtype)
         return noise
 

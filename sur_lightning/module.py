@@ -9,11 +9,13 @@ Only the connector's parameters (SUR: adapter, η net, W0) are trained.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import lightning as L
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from torch import nn
 
@@ -27,11 +29,31 @@ if TYPE_CHECKING:
     from sur_lightning.cache import FeatureCache
 
 
+def sample_generators(seed: int, epoch: int, step: int, sample_ids: Sequence[str]) -> list[torch.Generator]:
+    """One CPU generator per sample, seeded from sha256 of (seed, epoch, step, sample id).
+
+    A training sample's random draws (caption dropout, VAE latent sample, noise, timestep) then depend only
+    on which sample it is and when it is seen, not on the batch it shares, the number of processes, or
+    the global RNG's state: two gloo ranks draw exactly what one process with their union draws, and a
+    resumed run draws what the uninterrupted run drew. The epoch is in the key so that with gradient
+    accumulation across an epoch boundary a sample seen twice in one optimizer step gets fresh draws.
+    """
+    return [torch.Generator().manual_seed(keyed_seed(seed, epoch, step, sample_id)) for sample_id in sample_ids]
+
+
+def keyed_seed(*key) -> int:
+    """A 63-bit seed from sha256 of the key's parts: unrelated seeds for neighbouring keys."""
+    digest = hashlib.sha256(":".join(str(part) for part in key).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
 class ConnectorTrainingModule(L.LightningModule):
     """Trains a connector between frozen text encoders and a frozen Stable Diffusion UNet.
 
     connector: an ``nn.Module`` or a partial that takes ``dim`` (the UNet's cross-attention width)
     and ``llm_dim`` (the LLM's hidden width), filled in here from the loaded models.
+    seed: keys each training sample's random draws with ``sample_generators`` (with the epoch, the
+    global step and the batch's ``id``).
     """
 
     def __init__(
@@ -53,6 +75,7 @@ class ConnectorTrainingModule(L.LightningModule):
         align_target: str = "complex",
         teacher_weights: dict[str, float] | None = None,
         learn_teacher_weights: bool = False,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -71,7 +94,7 @@ class ConnectorTrainingModule(L.LightningModule):
         # SUR's released code cuts the denoising gradient from the adapter; False reproduces it.
         self.denoise_grad_to_connector = denoise_grad_to_connector
         # Probability that a training prompt becomes the empty prompt, so classifier-free guidance has
-        # an unconditional branch to use (ELLA: 0.1). Rows are drawn from the seeded global RNG.
+        # an unconditional branch to use (ELLA: 0.1). Rows are drawn from their sample's generator.
         self.caption_dropout = caption_dropout
         if caption_dropout and (prompt_loss is not None or llm_loss is not None):
             # A dropped caption would be aligned to the complex prompt / LLM state of the caption it replaced.
@@ -97,6 +120,7 @@ class ConnectorTrainingModule(L.LightningModule):
         self.max_nonfinite_in_a_row = max_nonfinite_in_a_row
         self.nonfinite_skipped = 0
         self.nonfinite_in_a_row = 0
+        self.seed = seed
         # Checkpoints hold only the connector; the frozen models come back from their configs.
         self.strict_loading = False
 
@@ -121,9 +145,10 @@ class ConnectorTrainingModule(L.LightningModule):
             return self.feature_cache.clip_states(prompts, device=self.device)
         return self.backbone.encode_prompt(prompts)
 
-    def latents(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+    def latents(self, batch: dict, generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
         """Scaled VAE latents [B,4,h,w] sampled from the encoder's distribution: computed from
-        ``pixel_values``, or rebuilt from the cached ``latent_mean``/``latent_logvar`` (no encoder runs)."""
+        ``pixel_values``, or rebuilt from the cached ``latent_mean``/``latent_logvar`` (no encoder runs).
+        ``generator``: one for the batch, or one per sample."""
         if "latent_mean" in batch:
             from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
@@ -131,7 +156,11 @@ class ConnectorTrainingModule(L.LightningModule):
             distribution = DiagonalGaussianDistribution(moments)
         else:
             distribution = self.backbone.encode_images(batch["pixel_values"])
-        return self.backbone.scale_latents(distribution.sample(generator=generator))
+        # diffusers' randn_tensor draws sample i from generator i (on the generator's device) when given a list.
+        sample = distribution.mean + distribution.std * randn_tensor(
+            distribution.mean.shape, generator=generator, device=distribution.mean.device, dtype=distribution.mean.dtype
+        )
+        return self.backbone.scale_latents(sample)
 
     def condition(self, prompts: list[str], timesteps: torch.Tensor) -> ConnectorOutput:
         return self.connector(self.text_features(prompts), timesteps)
@@ -139,15 +168,28 @@ class ConnectorTrainingModule(L.LightningModule):
     # ---------------------------------------------------------------- training
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        # The connector's dropout draws from the global RNG: fork it and seed it from (seed, epoch, step, rank)
+        # for this step's forward pass, so a resumed run draws the same masks without any RNG state in the
+        # checkpoint. The global RNG is left as it was; backward needs no random numbers.
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(keyed_seed(self.seed, self.current_epoch, self.global_step, f"rank{self.global_rank}"))
+            return self.training_forward(batch)
+
+    def training_forward(self, batch: dict) -> torch.Tensor | None:
         scheduler = self.backbone.noise_scheduler
 
+        # Every random draw below comes from its sample's own generator, in this order.
+        generators = sample_generators(self.seed, self.current_epoch, self.global_step, batch["id"])
+
         # 1. Frozen encoders: VAE latent, CLIP(simple) and LLM(simple), after caption dropout.
-        latents = self.latents(batch)
-        features = self.text_features(self.drop_captions(batch["simple_prompt"]))
+        prompts = self.drop_captions(batch["simple_prompt"], generators)
+        latents = self.latents(batch, generators)
+        features = self.text_features(prompts)
 
         # 2. Noise and timestep.
-        noise = self.denoising_loss.sample_noise(latents)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=self.device)
+        noise = self.denoising_loss.sample_noise(latents, generator=generators)
+        timesteps = self.sample_timesteps(generators, scheduler.config.num_train_timesteps)
         noisy_latents = scheduler.add_noise(latents, noise, timesteps)
 
         # 3. Connector → conditioning c for the UNet.
@@ -224,12 +266,16 @@ class ConnectorTrainingModule(L.LightningModule):
             )
         print(f"step {self.global_step}: skipped, non-finite loss ({bad}); {self.nonfinite_skipped} skipped so far", flush=True)
 
-    def drop_captions(self, prompts: list[str]) -> list[str]:
-        """Each prompt replaced by the empty prompt with probability ``caption_dropout``."""
+    def drop_captions(self, prompts: list[str], generators: list[torch.Generator]) -> list[str]:
+        """Each prompt replaced by the empty prompt with probability ``caption_dropout`` (one draw per sample)."""
         if not self.caption_dropout:
             return list(prompts)
-        dropped = (torch.rand(len(prompts)) < self.caption_dropout).tolist()
+        dropped = [torch.rand((), generator=g).item() < self.caption_dropout for g in generators]
         return ["" if drop else prompt for prompt, drop in zip(prompts, dropped)]
+
+    def sample_timesteps(self, generators: list[torch.Generator], num_train_timesteps: int) -> torch.Tensor:
+        """[B] int64 timesteps, uniform in [0, num_train_timesteps), one draw per sample."""
+        return torch.stack([torch.randint(0, num_train_timesteps, (), generator=g) for g in generators]).to(self.device)
 
     def log_training(self, loss: torch.Tensor, losses: dict, out: ConnectorOutput, batch_size: int) -> None:
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)

@@ -49,6 +49,12 @@ def check_config(cfg: DictConfig) -> dict:
 def train(cfg: DictConfig) -> dict[str, float]:
     check_combination(cfg)
     resolved = check_config(cfg)
+    if cfg.trainer.get("use_distributed_sampler", True):
+        # Lightning's DistributedSampler would replace the datamodule's EpochSampler, which shards the data itself.
+        raise ValueError(
+            "trainer.use_distributed_sampler must be false: each rank reads its share of one seeded order "
+            "(sur_lightning.data.datamodule.EpochSampler), which is what makes DDP match one process and resume mid-epoch"
+        )
     use_wandb_offline_without_key()
     L.seed_everything(cfg.seed, workers=True)
 
@@ -62,7 +68,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         logger.log_hyperparams(resolved)
 
     try:
-        trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"),
+                    weights_only=cfg.get("ckpt_weights_only", True))
     except SIGTERMException:
         # OnExceptionCheckpoint has written checkpoints/on_exception.ckpt; exit as a terminated process does.
         print(f"\nSIGTERM at step {trainer.global_step}: checkpoint in {Path(cfg.paths.output_dir) / 'checkpoints'}; "

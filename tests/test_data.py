@@ -380,3 +380,65 @@ def test_a_folder_without_metadata_names_both_places_it_looked(tmp_path):
     (tmp_path / "empty" / "x.png").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match=r"has no metadata.jsonl or metadata.csv, and neither has .*empty/train"):
         ImageTextDataModule(str(tmp_path / "empty"), format="folder", resolution=32, val_size=0).setup("fit")
+
+
+def test_epoch_sampler_ranks_split_the_one_process_batches_exactly():
+    """Batch k of size 2 on each of 2 ranks holds the samples of batch k of size 4 in one process."""
+    from sur_lightning.data.datamodule import EpochSampler
+
+    def batches(sampler, size):
+        order = [index for _, index in sampler]
+        return [order[i : i + size] for i in range(0, len(order) - size + 1, size)]
+
+    for epoch in (0, 3):
+        single = EpochSampler(11, seed=5)
+        ranks = [EpochSampler(11, seed=5, rank=r, world_size=2) for r in (0, 1)]
+        for sampler in (single, *ranks):
+            sampler.set_epoch(epoch)
+        one, two = batches(single, 4), [batches(r, 2) for r in ranks]
+        assert len(one) == len(two[0]) == len(two[1]) == 2  # 11 rows: 5 per rank, two whole batches
+        assert all(sorted(one[k]) == sorted(two[0][k] + two[1][k]) for k in range(2))
+    assert list(EpochSampler(11, seed=5)) != list(EpochSampler(11, seed=6))
+    assert {epoch for epoch, _ in single} == {3}  # the dataset keys flips and crops by it
+
+
+def test_flips_and_crops_are_keyed_by_epoch_and_row_not_by_the_global_rng(tmp_path):
+    import random
+
+    from sur_lightning.data.datamodule import ImageTextDataModule
+    from sur_lightning.data.synthetic import generate_dataset
+
+    root = generate_dataset(tmp_path / "shapes", num_images=12, image_size=64)
+    datamodule = ImageTextDataModule(str(root), resolution=48, val_size=0, center_crop=False, random_flip=True)
+    datamodule.setup("fit")
+    dataset = datamodule.train_set
+
+    def pixels(epoch):
+        return torch.stack([dataset[(epoch, i)]["pixel_values"] for i in range(len(dataset))])
+
+    random.seed(0)
+    first = pixels(0)
+    random.seed(1)
+    assert torch.equal(pixels(0), first)
+    assert not torch.equal(pixels(1), first)  # another epoch, other flips and crops
+
+
+def test_epoch_sampler_resumes_mid_epoch_and_refuses_another_layout():
+    from sur_lightning.data.datamodule import EpochSampler
+
+    sampler = EpochSampler(10, seed=1)
+    sampler.set_epoch(2)
+    full = list(sampler)
+    sampler.consumed = 4
+    resumed = EpochSampler(10, seed=1)
+    resumed.load_state_dict(sampler.state_dict())
+    resumed.set_epoch(2)  # Lightning sets the epoch again after loading: the position stays
+    assert list(resumed) == full[4:]
+    resumed.set_epoch(3)
+    assert resumed.consumed == 0 and len(list(resumed)) == 10
+    sampler.consumed = 10  # saved after the epoch's last batch: resume at the next epoch's start
+    at_end = EpochSampler(10, seed=1)
+    at_end.load_state_dict(sampler.state_dict())
+    assert (at_end.epoch, at_end.consumed) == (3, 0)
+    with pytest.raises(ValueError, match="10 training rows on 1 process.*9 on 1"):
+        EpochSampler(9, seed=1).load_state_dict(sampler.state_dict())

@@ -57,3 +57,46 @@ def test_mean_pooling_ignores_padding(three_block_llm):
 def test_an_out_of_range_layer_names_the_block_count(three_block_llm):
     with pytest.raises(ValueError, match=r"llm.layer=3 is out of range .* 3 blocks"):
         CausalLMFeatures(three_block_llm, layer=3)
+
+
+def test_trust_remote_code_is_passed_false_unless_the_config_turns_it_on(compose, monkeypatch):
+    from hydra.utils import instantiate
+
+    import sur_lightning.llm as llm_module
+
+    calls = []
+    real = llm_module.load_pretrained
+
+    def spy(cls, pretrained, key, **kwargs):
+        calls.append((cls.__name__, kwargs.get("trust_remote_code", "missing")))
+        return real(cls, pretrained, key, **kwargs)
+
+    monkeypatch.setattr(llm_module, "load_pretrained", spy)
+    for llm in ("tiny", "t5_tiny"):
+        instantiate(compose(f"llm={llm}").llm)
+    assert {c[0] for c in calls} == {"AutoTokenizer", "AutoModelForCausalLM", "T5EncoderModel"}
+    assert {c[1] for c in calls} == {False}
+    calls.clear()
+    instantiate(compose("llm=tiny", "llm.trust_remote_code=true").llm)
+    assert {c[1] for c in calls} == {True}
+
+
+def test_quantized_llm_preset_composes_and_on_cpu_fails_naming_the_key(compose, monkeypatch):
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    cfg = compose("+experiment=sur_paper", "llm=llama13b_8bit")
+    assert cfg.llm.quantization == "8bit" and cfg.llm.pretrained == "huggyllama/llama-13b" and cfg.llm.layer == 39
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    # The check comes before any download: this fails at once, offline, without touching the hub.
+    with pytest.raises(InstantiationException, match=r"llm.quantization=8bit .*needs a CUDA GPU"):
+        instantiate(cfg.llm)
+    import importlib.util
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a))
+    with pytest.raises(InstantiationException, match=r"llm.quantization=4bit needs bitsandbytes"):
+        instantiate(compose("llm=llama13b_8bit", "llm.quantization=4bit").llm)
+    with pytest.raises(InstantiationException, match=r"llm.quantization must be null, '8bit' or '4bit', got '2bit'"):
+        instantiate(compose("llm=llama13b_8bit", "llm.quantization=2bit").llm)

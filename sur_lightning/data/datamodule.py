@@ -26,7 +26,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from torchvision.transforms import functional as TF
 
 from sur_lightning.data.formats import (
@@ -60,14 +60,16 @@ def image_variants(random_flip: bool) -> tuple[str, ...]:
     return ("center", "center_flip") if random_flip else ("center",)
 
 
-def preprocess(image, resolution: int, center_crop: bool, flip: bool) -> torch.Tensor:
-    """diffusers' text-to-image preprocessing: resize the short side, crop, flip, scale to [-1, 1]. [3, R, R]"""
+def preprocess(image, resolution: int, center_crop: bool, flip: bool, rng=random) -> torch.Tensor:
+    """diffusers' text-to-image preprocessing: resize the short side, crop, flip, scale to [-1, 1]. [3, R, R]
+
+    ``rng`` (a ``random.Random``, or the module) places a random crop."""
     image = TF.resize(image, resolution, interpolation=TF.InterpolationMode.BILINEAR)
     if center_crop:
         image = TF.center_crop(image, resolution)
     else:
-        top = random.randint(0, image.height - resolution)
-        left = random.randint(0, image.width - resolution)
+        top = rng.randint(0, image.height - resolution)
+        left = rng.randint(0, image.width - resolution)
         image = TF.crop(image, top, left, resolution, resolution)
     if flip:
         image = TF.hflip(image)
@@ -133,6 +135,8 @@ class ImageTextDataset(Dataset):
     """Map-style rows; ``image_bytes`` reads a file under ``root`` or a cell of ``table``.
 
     With a latent store (``data.cache`` on), an image whose latents are cached is not decoded at all.
+    Indexed by ``EpochSampler`` with (epoch, index), a row's flip and crop are drawn from a generator keyed
+    by (seed, epoch, row id), so a resumed run, or another number of workers or ranks, draws the same ones.
     """
 
     def __init__(
@@ -148,8 +152,10 @@ class ImageTextDataset(Dataset):
         min_image_side: int = 8,
         latent_store=None,
         cache: str = "off",
+        seed: int = 0,
     ) -> None:
         self.rows = rows
+        self.seed = seed
         self.root = root
         self.table = table
         self.image_key = image_key
@@ -175,13 +181,15 @@ class ImageTextDataset(Dataset):
             raise BadImage(f"file not found: {path}")
         return path.read_bytes()
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        epoch, index = key if isinstance(key, tuple) else (None, key)
         events: list[dict] = []
         # A row that fails only when decoded (a truncated JPEG) is replaced by the next one, and reported.
         for offset in range(len(self.rows)):
             row = self.rows[(index + offset) % len(self.rows)]
+            rng = random if epoch is None else random.Random(f"{self.seed}:{epoch}:{row.id}")
             try:
-                example = self.example(row, events)
+                example = self.example(row, events, rng)
             except BadImage as error:
                 events.append({"kind": "skipped", "row": row.where, "id": row.id, "reason": str(error)})
                 continue
@@ -189,9 +197,9 @@ class ImageTextDataset(Dataset):
             return example
         raise RuntimeError(f"none of the {len(self.rows)} rows has a loadable image: {events[:3]}")
 
-    def example(self, row: Row, events: list[dict]) -> dict:
+    def example(self, row: Row, events: list[dict], rng=random) -> dict:
         data = self.image_bytes(row)
-        flip = self.random_flip and random.random() < 0.5
+        flip = self.random_flip and rng.random() < 0.5
         example = {"simple_prompt": row.simple, "complex_prompt": row.complex, "id": row.id}
         if row.rewrite is not None:
             example["rewrite_prompt"] = row.rewrite
@@ -211,7 +219,7 @@ class ImageTextDataset(Dataset):
                 )
         image, repairs = load_rgb(data, self.max_image_pixels, self.min_image_side)
         events.extend({"kind": "repaired", "row": row.where, "id": row.id, "reason": r} for r in repairs)
-        example["pixel_values"] = preprocess(image, self.resolution, self.center_crop, flip)
+        example["pixel_values"] = preprocess(image, self.resolution, self.center_crop, flip, rng)
         return example
 
 
@@ -339,6 +347,83 @@ def collate(examples: list[dict]) -> dict:
     return batch
 
 
+class EpochSampler(Sampler[tuple[int, int]]):
+    """One rank's share of a seeded permutation per epoch, resumable mid-epoch.
+
+    Epoch e's order is ``randperm(num_samples)`` seeded with ``seed + e`` (without ``shuffle``: 0..n-1),
+    the same for every world size, cut to a multiple of ``world_size``; rank r reads ``order[r::world_size]``
+    as DistributedSampler does. So batch k of size B on each of W ranks holds exactly the samples of
+    batch k of size W·B in one process — what makes a DDP run equal to one process with the doubled
+    batch. (Lightning's own DistributedSampler would shuffle with another generator than the one-process
+    RandomSampler, so the two would see different data.)
+
+    Yields (epoch, index): ``ImageTextDataset`` keys a row's flip and crop by the epoch.
+    ``consumed``: samples of this epoch that reached the training step (counted by the datamodule, not
+    by ``__iter__``, because Lightning fetches a batch ahead). ``state_dict`` is (epoch, consumed); after
+    ``load_state_dict`` the next ``__iter__`` starts at the first sample not yet trained on.
+    """
+
+    def __init__(self, num_samples: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"EpochSampler: rank {rank} is outside world_size {world_size}")
+        if num_samples < world_size:
+            raise ValueError(f"EpochSampler: {num_samples} training rows cannot be shared by {world_size} processes")
+        self.num_samples = num_samples
+        self.seed = seed
+        self.shuffle = shuffle
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self.consumed = 0
+
+    def __len__(self) -> int:
+        return self.num_samples // self.world_size
+
+    def order(self, epoch: int) -> list[int]:
+        """This rank's indices for ``epoch``, in training order."""
+        if self.shuffle:
+            order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + epoch))
+        else:
+            order = torch.arange(self.num_samples)
+        return order[: len(self) * self.world_size][self.rank :: self.world_size].tolist()
+
+    def __iter__(self):
+        epoch = self.epoch
+        for index in self.order(epoch)[self.consumed :]:
+            yield epoch, index
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by Lightning before each epoch; a new epoch starts from its first sample."""
+        if epoch != self.epoch:
+            self.epoch, self.consumed = epoch, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "consumed": self.consumed, "num_samples": self.num_samples, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        if (state["num_samples"], state["world_size"]) != (self.num_samples, self.world_size):
+            raise ValueError(
+                f"ckpt_path: the checkpoint was written with {state['num_samples']} training rows on {state['world_size']} "
+                f"process(es), this run has {self.num_samples} on {self.world_size}: the data order cannot be resumed mid-epoch"
+            )
+        self.epoch, self.consumed = state["epoch"], state["consumed"]
+        if self.consumed >= len(self):
+            # Saved after the epoch's last batch: Lightning resumes with the next epoch.
+            self.epoch, self.consumed = self.epoch + 1, 0
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader over an ``EpochSampler`` with its ``state_dict``: Lightning saves it in every checkpoint
+    (the fit loop's ``combined_loader`` state) and loads it back on ``ckpt_path=...``, before the first
+    batch, so a run resumed mid-epoch goes on with the next batch of the same order."""
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
+
+
 class ImageTextDataModule(L.LightningDataModule):
     """Train/validation split of one dataset; ``val_size`` rows are held out (deterministic by ``seed``).
 
@@ -428,6 +513,7 @@ class ImageTextDataModule(L.LightningDataModule):
         self.train_set = None
         self.val_set = None
         self.latent_store = None
+        self.train_sampler: EpochSampler | None = None
 
     # ---------------------------------------------------------------- reading and checking rows
 
@@ -495,7 +581,8 @@ class ImageTextDataModule(L.LightningDataModule):
         }
         self.val_set = ImageTextDataset(good[: self.val_size], center_crop=True, random_flip=False, **common) if self.val_size else None
         self.train_set = ImageTextDataset(
-            good[self.val_size :], center_crop=self.center_crop, random_flip=self.random_flip, cache=self.cache, **common
+            good[self.val_size :], center_crop=self.center_crop, random_flip=self.random_flip, cache=self.cache,
+            seed=self.seed, **common,
         )
         if self.latent_store is not None:
             self.train_set.latent_store = self.latent_store
@@ -576,6 +663,9 @@ class ImageTextDataModule(L.LightningDataModule):
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         # Rows that failed in a dataloader worker reach the report here, in the main process.
         self.report.extend(batch.pop("data_events", []))
+        if self.train_sampler is not None and self.trainer is not None and self.trainer.training:
+            # This batch reaches the training step now (the loader itself runs a batch ahead).
+            self.train_sampler.consumed += len(batch["id"])
         return batch
 
     def teardown(self, stage: str | None = None) -> None:
@@ -588,20 +678,28 @@ class ImageTextDataModule(L.LightningDataModule):
     # ---------------------------------------------------------------- loaders
 
     def train_dataloader(self) -> DataLoader:
-        streaming = isinstance(self.train_set, IterableDataset)
-        return DataLoader(
-            self.train_set,
-            batch_size=self.batch_size,
-            shuffle=not streaming,
-            num_workers=self.num_workers,
-            collate_fn=collate,
-            drop_last=True,
-            persistent_workers=self.num_workers > 0,
-        )
+        common = {
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+            "collate_fn": collate,
+            "drop_last": True,
+            "persistent_workers": self.num_workers > 0,
+        }
+        if isinstance(self.train_set, IterableDataset):
+            return DataLoader(self.train_set, **common)
+        # Each rank reads its share of one seeded order itself (the trainer runs with
+        # use_distributed_sampler=false), and the order resumes mid-epoch: see EpochSampler.
+        rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        self.train_sampler = EpochSampler(len(self.train_set), seed=self.seed, rank=rank, world_size=world_size)
+        # Its own generator for the workers' base seed, so creating an iterator (as a resume does) leaves
+        # the global RNG alone.
+        generator = torch.Generator().manual_seed(self.seed)
+        return ResumableDataLoader(self.train_set, sampler=self.train_sampler, generator=generator, **common)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None:
             return []
         return DataLoader(
-            self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers, collate_fn=collate
+            self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers, collate_fn=collate,
+            generator=torch.Generator().manual_seed(self.seed),
         )
