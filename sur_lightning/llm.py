@@ -116,7 +116,7 @@ class CausalLMFeatures(FrozenModule):
             return_offsets_mapping=prompt_starts is not None,
         )
         facts = None
-        if prompt_starts is not None:
+        if prompt_starts is not None and tokens.input_ids.shape[1] > 0:
             # A fact token is a real (non-empty) character span that ends before the prompt starts;
             # special tokens have the empty span (0, 0) and stay, as they do without RAG.
             offsets = tokens.pop("offset_mapping")
