@@ -160,3 +160,13 @@ def test_the_probe_takes_hydra_overrides_and_builds_the_llm_with_rag(tiny_llm, c
     assert result == {"accuracy": 0.5} and isinstance(seen[0].rag, Retriever) and seen[0].rag_pooling == "all"
     probe.main(["llm=tiny", f"paths.cache_dir={cache_dir}"])
     assert seen[1].rag is None
+
+
+def test_the_empty_prompt_gets_a_feature_from_a_tokenizer_without_bos(retriever, cache_dir):
+    """SmolLM2's tokenizer adds no BOS: "" (classifier-free guidance's prompt) tokenizes to nothing, so there
+    are no offsets to mark facts in; the feature cache encodes it in a batch of its own."""
+    from sur_lightning.llm import CausalLMFeatures, convert_smollm2_gguf
+
+    llm = CausalLMFeatures(convert_smollm2_gguf(cache_dir / "smollm2-135m-instruct"), rag=retriever)
+    states, mask = llm([""])
+    assert mask is None and states.shape == (1, 576) and torch.isfinite(states).all()
