@@ -134,8 +134,7 @@ class CausalLMFeatures(FrozenModule):
             mask = mask & ~facts.to(mask.device)
         if self.pooling == "none":
             return states, mask
-        weights = mask.unsqueeze(-1).float()
-        return (states * weights).sum(1) / weights.sum(1).clamp(min=1.0), None
+        return masked_mean(states, mask), None
 
 
     def block_output(self, tokens) -> torch.Tensor:
@@ -188,6 +187,12 @@ def quantization_kwargs(quantization: str | None) -> dict:
     else:
         config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
     return {"quantization_config": config, "device_map": {"": int(os.environ.get("LOCAL_RANK", "0"))}}
+
+
+def masked_mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, T, D] states averaged over the tokens where ``mask`` [B, T] is True -> [B, D] (zeros for an all-False row)."""
+    weights = mask.unsqueeze(-1).float()
+    return (states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
 
 class _StopForward(Exception):

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from sur_lightning.backbone import FrozenModule, load_pretrained, resolve_dtype
+from sur_lightning.llm import masked_mean
 
 
 class SentenceEncoderFeatures(FrozenModule):
@@ -70,8 +71,7 @@ class SentenceEncoderFeatures(FrozenModule):
         mask = tokens.attention_mask.bool()
         if self.pooling == "none":
             return states, mask
-        weights = mask.unsqueeze(-1).float()
-        pooled = (states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        pooled = masked_mean(states, mask)
         if self.normalize:
             pooled = torch.nn.functional.normalize(pooled, dim=-1)
         return pooled, None
