@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_DISABLE_TELEMETRY := 1
 export WANDB_SILENT := true
 
-.PHONY: install demo test lint bench bench-data clean
+.PHONY: install demo test lint bench bench-mid bench-sd15 bench-data clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,17 @@ test: install
 
 # A training step against the floor (frozen UNet fwd + bwd to its conditioning), cache on/off, generation overhead.
 bench: install
-	$(PY) -m sur_lightning.bench
+	$(PY) -m sur_lightning.bench $(ARGS)
+
+# The same on random UNets of real proportions at 256 px (no weights needed): a mid-size one in SD1.5's
+# design (~7 min on 2 CPU cores) and SD1.5's own shape (860 M; ~12 GB RAM in fp32 on a CPU, ~20 min).
+# On a GPU add ARGS="backbone.dtype=bfloat16 trainer=gpu" or pass any training override in ARGS.
+bench-mid: install
+	$(PY) -m sur_lightning.bench backbone=mid_random data.resolution=256 bench.steps=10 $(ARGS)
+
+bench-sd15: install
+	$(PY) -m sur_lightning.bench backbone=sd15_random data.resolution=256 data.batch_size=1 data.root.num_images=8 \
+		data.val_size=2 bench.steps=8 bench.warmup=2 bench.inference_repeats=1 $(ARGS)
 
 # Dataloader samples/s and training steps/s, feature cache warm vs data.cache=off (tiny backbone).
 bench-data: install

@@ -19,10 +19,39 @@ def test_bench_reports_floor_phases_cache_and_inference(tmp_path, cache_dir, tin
         assert all(result[key][p] >= 0 for p in phases)
         assert abs(result[key]["step"] - sum(result[key][p] for p in phases)) < 1e-9
     assert result["floor_s"] > 0 and result["warm_cache_ratio_to_floor"] > 0 and result["cache_speedup"] > 0
+    assert abs(result["warm_cache_ratio_to_cache_off"] * result["cache_speedup"] - 1) < 1e-9
+    assert "memory_growth_mb_over_steps" in result
     assert result["inference"]["base"] > 0 and result["inference"]["ratio"] > 0
+    # SUR ignores the timestep: generation runs it once for the prompt and once for the negative, not per step.
+    assert 0 < result["inference"]["connector_calls_s"] < result["inference"]["connector"]
     assert result["machine"]["torch"] and result["config"]["batch_size"] == 2
     text = table(result)
-    assert "warm step / floor" in text and "pipeline, one prompt" in text
+    assert "warm step / floor" in text and "pipeline, one prompt" in text and "growth over the 2 timed steps" in text
+
+
+def test_bench_memory_growth_sees_a_step_that_keeps_what_it_allocates(tmp_path, cache_dir, tiny_sd, tiny_llm, monkeypatch):
+    """A leak of 32 MB per step shows as ~64 MB over 2 timed steps; the current RSS, not the peak, is what is read."""
+    import torch
+    from conftest import tiny_overrides
+
+    from sur_lightning import bench
+    from sur_lightning.module import ConnectorTrainingModule
+
+    kept = []
+    real_step = ConnectorTrainingModule.training_step
+
+    def leaky_step(self, batch, batch_idx):
+        kept.append(torch.ones(8 * 2**20))  # 32 MB, written so its pages are resident
+        return real_step(self, batch, batch_idx)
+
+    overrides = [o for o in tiny_overrides(tmp_path, cache_dir) if not o.startswith(("callbacks.", "data.val_size"))]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="bench", overrides=overrides)
+    plain = bench.training_step_time(cfg, "auto", torch.device("cpu"), steps=2, warmup=1)
+    monkeypatch.setattr(ConnectorTrainingModule, "training_step", leaky_step)
+    leaky = bench.training_step_time(cfg, "auto", torch.device("cpu"), steps=2, warmup=1)
+    assert len(kept) == 3
+    assert leaky["memory_growth_mb"] > 56 and leaky["memory_growth_mb"] > plain["memory_growth_mb"] + 48
 
 
 def test_random_backbones_of_real_proportions_load_like_the_hub_model(tmp_path):
@@ -66,3 +95,19 @@ def test_unet_speed_options_keep_the_prediction_and_its_gradient(tiny_sd, monkey
     monkeypatch.setattr(UNet2DConditionModel, "compile", lambda self, *a, **k: compiled.append(self))
     backbone = StableDiffusionBackbone(tiny_sd, compile_unet=True)
     assert compiled == [backbone.unet]
+
+
+def test_bench_applies_the_trainers_precision_as_lightning_does():
+    import pytest
+    import torch
+
+    from sur_lightning.bench import autocast
+
+    cpu = torch.device("cpu")
+    layer = torch.nn.Linear(4, 4)
+    with autocast("bf16-mixed", cpu):
+        assert layer(torch.randn(2, 4)).dtype == torch.bfloat16
+    with autocast("32-true", cpu):
+        assert layer(torch.randn(2, 4)).dtype == torch.float32
+    with pytest.raises(ValueError, match="trainer.precision=64-true"):
+        autocast("64-true", cpu)
