@@ -5,6 +5,8 @@ DenoisingLoss          MSE between the UNet prediction and the ε or v target, o
 FeatureAlignmentLoss   pulls a student feature toward a teacher feature: SUR's temperature KL
                        (``kl``), ``cosine`` or ``mse``; used for L_prompt (adapter output vs
                        CLIP(complex prompt)) and L_llm (encoder output vs W0·h_LLM), each weighted by λ.
+TeacherPredictionLoss  pulls the frozen UNet's prediction under the connector's conditioning toward its
+                       prediction under CLIP(complex prompt): alignment in the UNet's output space.
 """
 
 from __future__ import annotations
@@ -105,6 +107,31 @@ class FeatureAlignmentLoss:
             t = F.normalize(teacher.reshape(teacher.shape[0], -1, teacher.shape[-1]).mean(1), dim=-1)
             return (1.0 - (s * t).sum(-1)).mean()
         return F.mse_loss(student, teacher)
+
+
+class TeacherPredictionLoss:
+    """loss(student [B,C,H,W], teacher [B,C,H,W]) -> scalar MSE; ``weight`` is λ, applied by the module.
+
+    student: the frozen UNet's prediction from x_t at t under the connector's conditioning of the simple
+    prompt (the prediction the denoising loss reads); teacher: the same UNet, same x_t and t, under
+    CLIP(complex prompt), without gradient. The base model already draws complex prompts right, so this
+    distils what it does with them, whatever the token positions: the token-wise prompt term asks the
+    adapter to reproduce CLIP(complex) position by position, although "a trio of tomatoes" and "three red
+    circles" put their words at different positions. It works for any connector (ELLA's 64 tokens too).
+    Against the denoising loss, whose target is one noise draw, the teacher gives the base model's
+    expectation for the complex prompt, with far less variance; it costs one more UNet forward, without
+    backward.
+    """
+
+    def __init__(self, weight: float = 1.0) -> None:
+        if weight <= 0:
+            raise ValueError(f"loss.teacher_prediction.weight must be positive, got {weight}")
+        self.weight = weight
+
+    def __call__(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        if teacher.shape != student.shape:
+            raise ValueError(f"teacher prediction shape {tuple(teacher.shape)} != student {tuple(student.shape)}")
+        return F.mse_loss(student.float(), teacher.float())
 
 
 class TeacherWeights(nn.Module):

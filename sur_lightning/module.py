@@ -4,6 +4,7 @@ batch → frozen encoders (VAE latent, CLIP(simple), CLIP(complex), LLM(simple))
       → connector → conditioning
       → noise + timestep → frozen UNet → denoising loss
       → + λ_prompt · align(conditioning, CLIP(complex) and/or CLIP(LLM rewrite)) + λ_llm · align(encoder output, W0·h_LLM)
+      → + λ_teacher · MSE(UNet prediction, the frozen UNet's prediction under CLIP(complex))   (optional)
 Only the connector's parameters (SUR: adapter, η net, W0) are trained.
 """
 
@@ -23,7 +24,7 @@ from sur_lightning.backbone import StableDiffusionBackbone
 from sur_lightning.connectors import ConnectorOutput, TextFeatures
 from sur_lightning.llm import CausalLMFeatures
 from sur_lightning.llm import teacher_weights as normalised_teacher_weights
-from sur_lightning.losses import DenoisingLoss, FeatureAlignmentLoss, TeacherWeights
+from sur_lightning.losses import DenoisingLoss, FeatureAlignmentLoss, TeacherPredictionLoss, TeacherWeights
 
 if TYPE_CHECKING:
     from sur_lightning.cache import FeatureCache
@@ -66,6 +67,7 @@ class ConnectorTrainingModule(L.LightningModule):
         llm: CausalLMFeatures | None = None,
         prompt_loss: FeatureAlignmentLoss | None = None,
         llm_loss: FeatureAlignmentLoss | None = None,
+        teacher_prediction_loss: TeacherPredictionLoss | None = None,
         denoise_grad_to_connector: bool = True,
         caption_dropout: float = 0.0,
         eta_histogram_every_n_steps: int = 50,
@@ -89,6 +91,13 @@ class ConnectorTrainingModule(L.LightningModule):
         self.denoising_loss = denoising_loss
         self.prompt_loss = prompt_loss
         self.llm_loss = llm_loss
+        self.teacher_prediction_loss = teacher_prediction_loss
+        if teacher_prediction_loss is not None and not denoise_grad_to_connector:
+            # The teacher term reaches the connector only through the UNet prediction that this detaches.
+            raise ValueError(
+                "loss.teacher_prediction needs model.denoise_grad_to_connector=true: with false the UNet's "
+                "prediction carries no gradient to the connector"
+            )
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         # SUR's released code cuts the denoising gradient from the adapter; False reproduces it.
@@ -96,11 +105,12 @@ class ConnectorTrainingModule(L.LightningModule):
         # Probability that a training prompt becomes the empty prompt, so classifier-free guidance has
         # an unconditional branch to use (ELLA: 0.1). Rows are drawn from their sample's generator.
         self.caption_dropout = caption_dropout
-        if caption_dropout and (prompt_loss is not None or llm_loss is not None):
+        if caption_dropout and (prompt_loss is not None or llm_loss is not None or teacher_prediction_loss is not None):
             # A dropped caption would be aligned to the complex prompt / LLM state of the caption it replaced.
             raise ValueError(
                 f"model.caption_dropout={caption_dropout} cannot be combined with the alignment losses "
-                "(model.prompt_loss / model.llm_loss): use loss=denoising, or caption_dropout=0"
+                "(model.prompt_loss / model.llm_loss / model.teacher_prediction_loss): use loss=denoising, "
+                "or caption_dropout=0"
             )
         # The prompt loss's target: the complex prompt, the LLM's rewrite of the simple one (batch key
         # rewrite_prompt, sur_lightning/rewrite.py), or both, each term weighted ½.
@@ -210,6 +220,13 @@ class ConnectorTrainingModule(L.LightningModule):
         if self.llm_loss is not None:
             losses.update(self.llm_distillation(out.internals["encoder"], out.internals["llm_projected"]))
             loss = loss + self.llm_loss.weight * losses["llm"]
+
+        # 6. Alignment in the UNet's output space: the same x_t and t under CLIP(complex prompt) is the teacher.
+        if self.teacher_prediction_loss is not None:
+            with torch.no_grad():
+                teacher = self.backbone.predict(noisy_latents, timesteps, self.clip_states(batch["complex_prompt"]))
+            losses["teacher_prediction"] = self.teacher_prediction_loss(prediction, teacher)
+            loss = loss + self.teacher_prediction_loss.weight * losses["teacher_prediction"]
 
         if not torch.isfinite(loss):
             return self.skip_nonfinite(losses)

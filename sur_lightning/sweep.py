@@ -123,6 +123,12 @@ def check_combination(cfg: DictConfig, choices: dict | None = None) -> None:
             f"(set by a preset or an override); drop them or pick that connector"
         )
     dropout = OmegaConf.select(cfg, "model.caption_dropout") or 0.0
+    if dropout and OmegaConf.select(cfg, "model.teacher_prediction_loss") is not None:
+        raise IncompatibleConfigError(
+            f"model.caption_dropout={dropout} and loss/teacher=unet are incompatible: a dropped caption's prediction "
+            f"would be pulled toward the UNet under the complex prompt of the caption it replaced. Drop "
+            f"+loss/teacher=unet, or set model.caption_dropout=0."
+        )
     if dropout and has_alignment:
         raise IncompatibleConfigError(
             f"model.caption_dropout={dropout} and {loss} are incompatible: a dropped caption would be aligned to "

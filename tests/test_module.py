@@ -211,3 +211,42 @@ def test_training_draws_are_keyed_by_sample_not_by_batch_layout_or_global_rng(co
         later = unet_inputs_by_id(model, batch)
     assert any(later[i][1] != whole[i][1] for i in whole)
     assert all(not torch.allclose(later[i][0], whole[i][0]) for i in whole)
+
+
+def test_teacher_prediction_is_the_mse_to_the_frozen_unet_under_clip_of_the_complex_prompt(compose):
+    _, model, batch = build(compose, "+experiment=sur_paper", "+loss/teacher=unet", "loss.teacher_prediction.weight=2.0",
+                            "model.prompt_loss=null", "model.llm_loss=null")
+    calls, logged = [], {}
+    predict = model.backbone.predict
+
+    def recording_predict(latents, timesteps, conditioning):
+        out = predict(latents, timesteps, conditioning)
+        calls.append((latents, timesteps, conditioning, out))
+        return out
+
+    model.backbone.predict = recording_predict
+    model.log_training = lambda loss, losses, out, batch_size: logged.update(losses)
+    loss = model.training_step(batch, 0)
+    (student_x, student_t, _, student), (teacher_x, teacher_t, teacher_c, teacher) = calls
+    assert torch.equal(teacher_x, student_x) and torch.equal(teacher_t, student_t)  # same x_t and t
+    torch.testing.assert_close(teacher_c, model.clip_states(batch["complex_prompt"]))
+    assert not teacher.requires_grad  # the teacher is frozen and takes no gradient
+    torch.testing.assert_close(logged["teacher_prediction"], torch.nn.functional.mse_loss(student, teacher))
+    torch.testing.assert_close(loss, logged["denoising"] + 2.0 * logged["teacher_prediction"])
+
+    # The term on its own moves the adapter's output layer (zero-initialised, so nothing else would).
+    model.connector.zero_grad()
+    logged["teacher_prediction"].backward()
+    assert model.connector.fc.weight.grad.abs().sum() > 0
+
+
+def test_teacher_prediction_is_refused_where_it_cannot_reach_the_connector_or_has_no_target(compose):
+    with pytest.raises(Exception, match="denoise_grad_to_connector=true"):
+        instantiate(compose("+experiment=sur_released", "+loss/teacher=unet").model)
+    with pytest.raises(Exception, match="caption_dropout=0.1 cannot be combined"):
+        instantiate(compose("+experiment=sur_paper", "+loss/teacher=unet", "model.prompt_loss=null",
+                            "model.llm_loss=null", "model.caption_dropout=0.1").model)
+    from sur_lightning.losses import TeacherPredictionLoss
+
+    with pytest.raises(ValueError, match="weight must be positive"):
+        TeacherPredictionLoss(weight=0)

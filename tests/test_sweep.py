@@ -40,6 +40,8 @@ def test_presets_are_connector_neutral(compose):
         (["connector=ella", "loss=denoising", "llm.pooling=mean"], ["connector=ella", "llm=smollm2", "llm.pooling=none"]),
         (["connector=sur", "llm=t5_tiny"], ["connector=sur", "llm=t5_tiny"]),
         (["model.caption_dropout=0.1"], ["model.caption_dropout=0.1", "loss=cosine"]),
+        (["loss=denoising", "+loss/teacher=unet", "model.caption_dropout=0.1"],
+         ["model.caption_dropout=0.1", "loss/teacher=unet"]),
     ],
 )
 def test_incompatible_pairs_are_named(compose, overrides, names):

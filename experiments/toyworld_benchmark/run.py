@@ -49,6 +49,9 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "cosine_multi_teacher": ("demo", ["llm=multi"]),
     "cosine_multi_teacher_learned": ("demo", ["llm=multi", "llm.learn_weights=true"]),
     "ella_smollm2_tokens": ("ella_demo", []),
+    "cosine_teacher_unet": ("demo", ["+loss/teacher=unet"]),
+    "teacher_unet_only": ("demo", ["loss=denoising", "+loss/teacher=unet"]),
+    "ella_teacher_unet": ("ella_demo", ["+loss/teacher=unet", "model.caption_dropout=0.0"]),
 }
 DESCRIPTIONS = {
     "sur_paper": "SUR as the paper: KL alignment (λ=1e-5), fixed η=0.1",
@@ -67,6 +70,9 @@ DESCRIPTIONS = {
     "cosine_multi_teacher": "the demo, two teachers (SmolLM2 + MiniLM, ½ each), one W0 each",
     "cosine_multi_teacher_learned": "two teachers, weights a learned softmax",
     "ella_smollm2_tokens": "ELLA TSC on SmolLM2 token states (denoising loss)",
+    "cosine_teacher_unet": "the demo + MSE to the frozen UNet's prediction under CLIP(complex) (+loss/teacher=unet)",
+    "teacher_unet_only": "denoising + the UNet-prediction teacher only: no token-wise prompt term, no LLM",
+    "ella_teacher_unet": "ELLA TSC + the UNet-prediction teacher (no caption dropout)",
 }
 METRICS = ("color_accuracy", "shape_accuracy", "count_accuracy")
 
