@@ -248,22 +248,30 @@ def run(cfg: DictConfig) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() and settings.device != "cpu" else "cpu")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    warm = training_step_time(cfg, "auto", device, settings.steps, settings.warmup)
-    module, batch = warm.pop("module"), warm.pop("batch")
-    floor = floor_time(module, batch, device, settings.steps, settings.warmup, cfg.trainer.get("precision"))
-    result = {
-        "machine": machine(),
-        "config": {"backbone": OmegaConf.to_container(cfg.backbone, resolve=True).get("pretrained"),
-                   "connector": cfg.connector._target_, "precision": str(cfg.trainer.get("precision")),
-                   "dtype": str(module.backbone.unet.dtype),
-                   "batch_size": warm["batch_size"], "steps": settings.steps, "warmup": settings.warmup},
-        "floor_s": floor,
-        "warm_cache": warm["seconds"],
-        "warm_cache_ratio_to_floor": warm["seconds"]["step"] / floor,
-        # CUDA allocated on a GPU, current RSS on a CPU; run bench.steps=200 for the leak check.
-        "memory_growth_mb_over_steps": warm["memory_growth_mb"],
+    result = {"machine": machine()}
+    if settings.steps:
+        warm = training_step_time(cfg, "auto", device, settings.steps, settings.warmup)
+        module, batch = warm.pop("module"), warm.pop("batch")
+        floor = floor_time(module, batch, device, settings.steps, settings.warmup, cfg.trainer.get("precision"))
+        result.update({
+            "floor_s": floor,
+            "warm_cache": warm["seconds"],
+            "warm_cache_ratio_to_floor": warm["seconds"]["step"] / floor,
+            # CUDA allocated on a GPU, current RSS on a CPU; run bench.steps=200 for the leak check.
+            "memory_growth_mb_over_steps": warm["memory_growth_mb"],
+        })
+    elif settings.inference_steps:  # bench.steps=0: generation latency only
+        datamodule, module, _ = build(cfg, "auto", device)
+        batch = next(batches(datamodule, device))
+    else:
+        raise ValueError("bench.steps=0 and bench.inference_steps=0 leave nothing to measure")
+    result["config"] = {
+        "backbone": OmegaConf.to_container(cfg.backbone, resolve=True).get("pretrained"),
+        "connector": cfg.connector._target_, "precision": str(cfg.trainer.get("precision")),
+        "dtype": str(module.backbone.unet.dtype), "batch_size": int(cfg.data.batch_size),
+        "steps": settings.steps, "warmup": settings.warmup,
     }
-    if settings.cache_off:
+    if settings.steps and settings.cache_off:
         cold = training_step_time(cfg, "off", device, settings.steps, settings.warmup)
         # Generation encodes its prompts itself: time it on the module without the cache.
         module = cold.pop("module")
@@ -284,24 +292,28 @@ def run(cfg: DictConfig) -> dict:
 
 def table(result: dict) -> str:
     ms = lambda s: f"{1000 * s:.1f}"
-    lines = ["| phase | warm cache (ms/step) | cache off: every encoder every step, as the official loop (ms/step) |",
-             "|---|---|---|"]
-    cold = result.get("cache_off", {})
-    for phase in ("data", "connector", "unet_forward", "other_forward", "backward", "optimizer", "step"):
-        lines.append(f"| {phase} | {ms(result['warm_cache'][phase])} | {ms(cold[phase]) if phase in cold else '–'} |")
-    lines.append(f"| floor (UNet fwd + bwd to conditioning) | {ms(result['floor_s'])} | |")
-    lines.append(f"\nwarm step / floor: {result['warm_cache_ratio_to_floor']:.2f}×"
-                 + (f"; warm step / cache-off step: {result['warm_cache_ratio_to_cache_off']:.2f}× "
-                    f"(cache speed-up {result['cache_speedup']:.2f}×)" if "cache_speedup" in result else ""))
+    lines = []
+    if "warm_cache" in result:
+        lines += ["| phase | warm cache (ms/step) | cache off: every encoder every step, as the official loop (ms/step) |",
+                  "|---|---|---|"]
+        cold = result.get("cache_off", {})
+        for phase in ("data", "connector", "unet_forward", "other_forward", "backward", "optimizer", "step"):
+            lines.append(f"| {phase} | {ms(result['warm_cache'][phase])} | {ms(cold[phase]) if phase in cold else '–'} |")
+        lines.append(f"| floor (UNet fwd + bwd to conditioning) | {ms(result['floor_s'])} | |")
+        lines.append(f"\nwarm step / floor: {result['warm_cache_ratio_to_floor']:.2f}×"
+                     + (f"; warm step / cache-off step: {result['warm_cache_ratio_to_cache_off']:.2f}× "
+                        f"(cache speed-up {result['cache_speedup']:.2f}×)" if "cache_speedup" in result else ""))
     if "inference" in result:
         inf = result["inference"]
         lines.append(f"pipeline, one prompt: base {ms(inf['base'])} ms, with connector {ms(inf['connector'])} ms "
                      f"(×{inf['ratio']:.3f}); inside the connector's calls {ms(inf['connector_calls_s'])} ms "
                      f"= {100 * inf['connector_calls_share']:.2f} % of the base render")
     held = "CUDA allocated" if "cuda_max_allocated_mb" in result else "RSS"
+    growth = (f"; {held} growth over the {result['config']['steps']} timed steps {result['memory_growth_mb_over_steps']:.1f} MB"
+              if "memory_growth_mb_over_steps" in result else "")
     lines.append(f"peak RSS {result['peak_rss_mb']:.0f} MB"
                  + (f", CUDA max allocated {result['cuda_max_allocated_mb']:.0f} MB" if "cuda_max_allocated_mb" in result else "")
-                 + f"; {held} growth over the {result['config']['steps']} timed steps {result['memory_growth_mb_over_steps']:.1f} MB")
+                 + growth)
     machine_info = result["machine"]
     lines.append(f"machine: {machine_info['cpu']}, {machine_info['threads']} threads, GPU {machine_info['gpu']}; "
                  f"torch {machine_info['torch']}, diffusers {machine_info['diffusers']}, lightning {machine_info['lightning']}")

@@ -29,6 +29,22 @@ def test_bench_reports_floor_phases_cache_and_inference(tmp_path, cache_dir, tin
     assert "warm step / floor" in text and "pipeline, one prompt" in text and "growth over the 2 timed steps" in text
 
 
+def test_bench_with_no_training_steps_measures_generation_only(tmp_path, cache_dir, tiny_sd, tiny_llm):
+    import pytest
+    from conftest import tiny_overrides
+
+    overrides = [o for o in tiny_overrides(tmp_path, cache_dir) if not o.startswith(("callbacks.", "data.val_size"))]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="bench", overrides=[*overrides, "bench.steps=0", "bench.inference_steps=2",
+                                                      "bench.inference_repeats=1"])
+        nothing = compose(config_name="bench", overrides=[*overrides, "bench.steps=0", "bench.inference_steps=0"])
+    result = run(cfg)
+    assert "warm_cache" not in result and "floor_s" not in result and result["inference"]["base"] > 0
+    assert "pipeline, one prompt" in table(result) and "warm step" not in table(result)
+    with pytest.raises(ValueError, match="leave nothing to measure"):
+        run(nothing)
+
+
 def test_bench_memory_growth_sees_a_step_that_keeps_what_it_allocates(tmp_path, cache_dir, tiny_sd, tiny_llm, monkeypatch):
     """A leak of 32 MB per step shows as ~64 MB over 2 timed steps; the current RSS, not the peak, is what is read."""
     import torch

@@ -442,3 +442,12 @@ def test_epoch_sampler_resumes_mid_epoch_and_refuses_another_layout():
     assert (at_end.epoch, at_end.consumed) == (3, 0)
     with pytest.raises(ValueError, match="10 training rows on 1 process.*9 on 1"):
         EpochSampler(9, seed=1).load_state_dict(sampler.state_dict())
+
+
+def test_training_batches_are_page_locked_when_cuda_is_present_or_when_asked(shapes, monkeypatch):
+    common = {"resolution": 32, "batch_size": 2, "val_size": 0}
+    for cuda, pin_memory, expected in [(False, None, False), (True, None, True), (True, False, False), (False, True, True)]:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        datamodule = ImageTextDataModule(str(shapes), pin_memory=pin_memory, **common)
+        datamodule.setup("fit")
+        assert datamodule.train_dataloader().pin_memory is expected, (cuda, pin_memory)

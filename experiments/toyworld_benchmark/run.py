@@ -52,6 +52,8 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "cosine_teacher_unet": ("demo", ["+loss/teacher=unet"]),
     "teacher_unet_only": ("demo", ["loss=denoising", "+loss/teacher=unet"]),
     "ella_teacher_unet": ("ella_demo", ["+loss/teacher=unet", "model.caption_dropout=0.0"]),
+    "cosine_teacher_unet_x10": ("demo", ["+loss/teacher=unet", "loss.teacher_prediction.weight=10"]),
+    "teacher_unet_only_x10": ("demo", ["loss=denoising", "+loss/teacher=unet", "loss.teacher_prediction.weight=10"]),
 }
 DESCRIPTIONS = {
     "sur_paper": "SUR as the paper: KL alignment (λ=1e-5), fixed η=0.1",
@@ -73,6 +75,8 @@ DESCRIPTIONS = {
     "cosine_teacher_unet": "the demo + MSE to the frozen UNet's prediction under CLIP(complex) (+loss/teacher=unet)",
     "teacher_unet_only": "denoising + the UNet-prediction teacher only: no token-wise prompt term, no LLM",
     "ella_teacher_unet": "ELLA TSC + the UNet-prediction teacher (no caption dropout)",
+    "cosine_teacher_unet_x10": "the demo + the UNet-prediction teacher at λ=10",
+    "teacher_unet_only_x10": "denoising + the UNet-prediction teacher at λ=10 only",
 }
 METRICS = ("color_accuracy", "shape_accuracy", "count_accuracy")
 

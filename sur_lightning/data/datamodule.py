@@ -438,6 +438,7 @@ class ImageTextDataModule(L.LightningDataModule):
     rewrite:       attach the rewriter's detailed rewrite of every simple prompt (batch key ``rewrite_prompt``),
                    the alignment target of ``loss.align_target=rewrite|both``.
     tokenizer:     a Stable Diffusion folder or hub id; prompts over its ``tokenizer/`` limit are cut and counted.
+    pin_memory:    page-locked training batches (null: when CUDA is present).
     cache:         auto | require | off, with ``cache_dir``: see ``sur_lightning/cache.py``.
     report_dir:    where ``data_report.json`` is written (the run's folder).
     """
@@ -450,6 +451,7 @@ class ImageTextDataModule(L.LightningDataModule):
         batch_size: int = 1,
         val_size: int = 8,
         num_workers: int = 0,
+        pin_memory: bool | None = None,
         center_crop: bool = True,
         random_flip: bool = False,
         image_key: str = "file_name",
@@ -481,6 +483,8 @@ class ImageTextDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.val_size = val_size
         self.num_workers = num_workers
+        # Page-locked batches let Lightning's non-blocking host→GPU copy overlap the step; null: when CUDA is present.
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         self.center_crop = center_crop
         self.random_flip = random_flip
         self.image_key = image_key
@@ -684,6 +688,7 @@ class ImageTextDataModule(L.LightningDataModule):
             "collate_fn": collate,
             "drop_last": True,
             "persistent_workers": self.num_workers > 0,
+            "pin_memory": self.pin_memory,
         }
         if isinstance(self.train_set, IterableDataset):
             return DataLoader(self.train_set, **common)
