@@ -110,7 +110,7 @@ class FeatureAlignmentLoss:
 
 
 class TeacherPredictionLoss:
-    """loss(student [B,C,H,W], teacher [B,C,H,W]) -> scalar MSE; ``weight`` is λ, applied by the module.
+    """loss(student [B,C,H,W], teacher [B,C,H,W], timesteps [B], scheduler) -> scalar; ``weight`` is λ, applied by the module.
 
     student: the frozen UNet's prediction from x_t at t under the connector's conditioning of the simple
     prompt (the prediction the denoising loss reads); teacher: the same UNet, same x_t and t, under
@@ -118,20 +118,36 @@ class TeacherPredictionLoss:
     distils what it does with them, whatever the token positions: the token-wise prompt term asks the
     adapter to reproduce CLIP(complex) position by position, although "a trio of tomatoes" and "three red
     circles" put their words at different positions. It works for any connector (ELLA's 64 tokens too).
-    Against the denoising loss, whose target is one noise draw, the teacher gives the base model's
-    expectation for the complex prompt, with far less variance; it costs one more UNet forward, without
-    backward.
+    It costs one more UNet forward, without backward.
+
+    space="prediction": MSE of the UNet's output (ε or v) itself. An ε error at small t is a tiny image error
+    amplified by 1/σ_t, so this MSE is dominated by the low-noise steps, where the prompt no longer decides
+    the picture. space="x0": the MSE of the clean latents the two predictions imply, i.e. the prediction MSE
+    per sample times 1/SNR(t) (ε) or 1/(SNR(t)+1) (v), from diffusers' ``compute_snr``: weighted toward the
+    high-noise steps, where colour, shape and count are laid down.
     """
 
-    def __init__(self, weight: float = 1.0) -> None:
+    SPACES = ("prediction", "x0")
+
+    def __init__(self, weight: float = 1.0, space: str = "prediction") -> None:
         if weight <= 0:
             raise ValueError(f"loss.teacher_prediction.weight must be positive, got {weight}")
+        if space not in self.SPACES:
+            raise ValueError(f"loss.teacher_prediction.space must be one of {self.SPACES}, got {space!r}")
         self.weight = weight
+        self.space = space
 
-    def __call__(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    def __call__(self, student: torch.Tensor, teacher: torch.Tensor, timesteps: torch.Tensor, scheduler) -> torch.Tensor:
         if teacher.shape != student.shape:
             raise ValueError(f"teacher prediction shape {tuple(teacher.shape)} != student {tuple(student.shape)}")
-        return F.mse_loss(student.float(), teacher.float())
+        if self.space == "prediction":
+            return F.mse_loss(student.float(), teacher.float())
+        from diffusers.training_utils import compute_snr
+
+        snr = compute_snr(scheduler, timesteps).float()
+        to_x0 = 1.0 / (snr + 1) if scheduler.config.prediction_type == "v_prediction" else 1.0 / snr
+        per_sample = F.mse_loss(student.float(), teacher.float(), reduction="none").mean(dim=list(range(1, student.ndim)))
+        return (per_sample * to_x0).mean()
 
 
 class TeacherWeights(nn.Module):

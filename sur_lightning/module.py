@@ -225,7 +225,7 @@ class ConnectorTrainingModule(L.LightningModule):
         if self.teacher_prediction_loss is not None:
             with torch.no_grad():
                 teacher = self.backbone.predict(noisy_latents, timesteps, self.clip_states(batch["complex_prompt"]))
-            losses["teacher_prediction"] = self.teacher_prediction_loss(prediction, teacher)
+            losses["teacher_prediction"] = self.teacher_prediction_loss(prediction, teacher, timesteps, scheduler)
             loss = loss + self.teacher_prediction_loss.weight * losses["teacher_prediction"]
 
         if not torch.isfinite(loss):

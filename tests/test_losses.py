@@ -120,3 +120,31 @@ def test_per_token_cosine_tells_apart_prompts_with_the_same_token_mean():
     assert FeatureAlignmentLoss("cosine", pooling="tokens")(a, a).item() == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(ValueError, match="pooling must be one of"):
         FeatureAlignmentLoss("cosine", pooling="max")
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_teacher_prediction_in_x0_space_is_the_mse_of_the_clean_latents_the_predictions_imply(prediction_type):
+    from diffusers import DDPMScheduler
+
+    from sur_lightning.losses import TeacherPredictionLoss
+
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              prediction_type=prediction_type)
+    torch.manual_seed(0)
+    x_t, student, teacher = torch.randn(3, 4, 4, 8, 8).unbind(0)
+    timesteps = torch.tensor([5, 300, 700, 999])
+    alpha_bar = scheduler.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+
+    def x0(prediction):
+        if prediction_type == "epsilon":
+            return (x_t - (1 - alpha_bar).sqrt() * prediction) / alpha_bar.sqrt()
+        return alpha_bar.sqrt() * x_t - (1 - alpha_bar).sqrt() * prediction
+
+    expected = torch.nn.functional.mse_loss(x0(student), x0(teacher))
+    got = TeacherPredictionLoss(space="x0")(student, teacher, timesteps, scheduler)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    # The plain form ignores the timestep: equal weight to every step.
+    plain = TeacherPredictionLoss()(student, teacher, timesteps, scheduler)
+    torch.testing.assert_close(plain, torch.nn.functional.mse_loss(student, teacher))
+    with pytest.raises(ValueError, match="space must be one of"):
+        TeacherPredictionLoss(space="latent")

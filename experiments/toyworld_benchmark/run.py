@@ -54,6 +54,8 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "ella_teacher_unet": ("ella_demo", ["+loss/teacher=unet", "model.caption_dropout=0.0"]),
     "cosine_teacher_unet_x10": ("demo", ["+loss/teacher=unet", "loss.teacher_prediction.weight=10"]),
     "teacher_unet_only_x10": ("demo", ["loss=denoising", "+loss/teacher=unet", "loss.teacher_prediction.weight=10"]),
+    "cosine_teacher_x0": ("demo", ["+loss/teacher=unet", "loss.teacher_prediction.space=x0"]),
+    "teacher_x0_only": ("demo", ["loss=denoising", "+loss/teacher=unet", "loss.teacher_prediction.space=x0"]),
 }
 DESCRIPTIONS = {
     "sur_paper": "SUR as the paper: KL alignment (λ=1e-5), fixed η=0.1",
@@ -77,6 +79,8 @@ DESCRIPTIONS = {
     "ella_teacher_unet": "ELLA TSC + the UNet-prediction teacher (no caption dropout)",
     "cosine_teacher_unet_x10": "the demo + the UNet-prediction teacher at λ=10",
     "teacher_unet_only_x10": "denoising + the UNet-prediction teacher at λ=10 only",
+    "cosine_teacher_x0": "the demo + the teacher in x0 space (1/SNR-weighted: high-noise steps count)",
+    "teacher_x0_only": "denoising + the x0-space teacher only",
 }
 METRICS = ("color_accuracy", "shape_accuracy", "count_accuracy")
 
