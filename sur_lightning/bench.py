@@ -9,8 +9,11 @@ forward pass of the frozen UNet and the backward pass that carries the gradient 
 input. The benchmark measures it alone, then the real training step (``ConnectorTrainingModule.training_step``
 + backward + optimizer, from the real dataloader) with a warm feature cache and with ``data.cache=off``,
 split into data / connector / UNet forward / rest of the forward / backward / optimizer; peak memory;
-and pipeline latency for one prompt with and without the connector. It prints JSON and a table and
-writes ``bench.json``. It measures; nothing is asserted.
+and pipeline latency for one prompt with and without the connector, with the time spent inside the connector's
+own calls (whole renders drift by several % between calls on a shared machine). ``trainer.precision`` is applied
+as Lightning's autocast; memory growth is read from current RSS (CPU) or CUDA allocated memory (GPU) after the
+warm-up (``bench.steps=200`` for the leak check); ``bench.steps=0`` measures generation alone. It prints JSON and
+a table and writes ``bench.json``. It measures; nothing is asserted.
 """
 
 from __future__ import annotations
