@@ -78,12 +78,13 @@ def forward_timer(module: torch.nn.Module, stopwatch: Stopwatch, name: str):
 
 
 def autocast(precision, device: torch.device):
-    """The autocast Lightning's ``trainer.precision`` puts around each training step (``bf16-mixed`` / ``16-mixed``):
-    the benchmark has no Trainer, so it applies the same one itself."""
+    """The autocast Lightning's ``trainer.precision`` puts around each training step (``bf16-mixed`` / ``16-mixed``),
+    from Lightning's own precision plugin: the benchmark has no Trainer to apply it."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
     precision = str(precision)
     if precision in ("bf16-mixed", "16-mixed"):
-        dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16
-        return torch.autocast(device.type, dtype=dtype)
+        return MixedPrecision(precision, device.type).autocast_context_manager()
     if precision not in ("32", "32-true", "None"):
         raise ValueError(f"bench: trainer.precision={precision} is not measured; use 32-true, bf16-mixed or 16-mixed")
     return nullcontext()

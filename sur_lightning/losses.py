@@ -17,6 +17,11 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 
+def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """[B, ...] x2 -> [B]: the float32 MSE of each sample, for per-timestep weights (min-SNR, 1/SNR)."""
+    return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.ndim)))
+
+
 class DenoisingLoss:
     """loss(pred [B,C,H,W], target [B,C,H,W], timesteps [B], scheduler) -> scalar."""
 
@@ -56,8 +61,7 @@ class DenoisingLoss:
         snr = compute_snr(scheduler, timesteps)
         weight = torch.clamp(snr, max=self.snr_gamma)
         weight = weight / (snr + 1) if scheduler.config.prediction_type == "v_prediction" else weight / snr
-        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.ndim)))
-        return (per_sample * weight).mean()
+        return (per_sample_mse(pred, target) * weight).mean()
 
 
 class FeatureAlignmentLoss:
@@ -146,8 +150,7 @@ class TeacherPredictionLoss:
 
         snr = compute_snr(scheduler, timesteps).float()
         to_x0 = 1.0 / (snr + 1) if scheduler.config.prediction_type == "v_prediction" else 1.0 / snr
-        per_sample = F.mse_loss(student.float(), teacher.float(), reduction="none").mean(dim=list(range(1, student.ndim)))
-        return (per_sample * to_x0).mean()
+        return (per_sample_mse(student, teacher) * to_x0).mean()
 
 
 class TeacherWeights(nn.Module):
