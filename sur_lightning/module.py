@@ -48,6 +48,11 @@ def keyed_seed(*key) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
+def blank(prompts: Sequence[str], dropped: Sequence[bool]) -> list[str]:
+    """The prompts with each dropped one replaced by the empty prompt."""
+    return ["" if drop else prompt for prompt, drop in zip(prompts, dropped)]
+
+
 class ConnectorTrainingModule(L.LightningModule):
     """Trains a connector between frozen text encoders and a frozen Stable Diffusion UNet.
 
@@ -104,13 +109,14 @@ class ConnectorTrainingModule(L.LightningModule):
         self.denoise_grad_to_connector = denoise_grad_to_connector
         # Probability that a training prompt becomes the empty prompt, so classifier-free guidance has
         # an unconditional branch to use (ELLA: 0.1). Rows are drawn from their sample's generator.
+        # With the alignment losses a dropped caption's targets are CLIP("") and the empty prompt's LLM state,
+        # so the connector's output for "" (the negative prompt at generation) is trained too.
         self.caption_dropout = caption_dropout
-        if caption_dropout and (prompt_loss is not None or llm_loss is not None or teacher_prediction_loss is not None):
-            # A dropped caption would be aligned to the complex prompt / LLM state of the caption it replaced.
+        if caption_dropout and teacher_prediction_loss is not None:
+            # The teacher predicts under the complex prompt of the caption a dropped row replaced.
             raise ValueError(
-                f"model.caption_dropout={caption_dropout} cannot be combined with the alignment losses "
-                "(model.prompt_loss / model.llm_loss / model.teacher_prediction_loss): use loss=denoising, "
-                "or caption_dropout=0"
+                f"model.caption_dropout={caption_dropout} cannot be combined with model.teacher_prediction_loss "
+                "(+loss/teacher=unet): drop the teacher, or set caption_dropout=0"
             )
         # The prompt loss's target: the complex prompt, the LLM's rewrite of the simple one (batch key
         # rewrite_prompt, sur_lightning/rewrite.py), or both, each term weighted ½.
@@ -193,7 +199,8 @@ class ConnectorTrainingModule(L.LightningModule):
         generators = sample_generators(self.seed, self.current_epoch, self.global_step, batch["id"])
 
         # 1. Frozen encoders: VAE latent, CLIP(simple) and LLM(simple), after caption dropout.
-        prompts = self.drop_captions(batch["simple_prompt"], generators)
+        dropped = self.dropped_captions(generators)
+        prompts = blank(batch["simple_prompt"], dropped)
         latents = self.latents(batch, generators)
         features = self.text_features(prompts)
 
@@ -215,7 +222,7 @@ class ConnectorTrainingModule(L.LightningModule):
         # 5. Alignment to CLIP(complex prompt) and/or CLIP(the LLM's rewrite), and distillation of the LLM
         #    state through W0.
         if self.prompt_loss is not None:
-            losses.update(self.prompt_alignment(out.conditioning, batch))
+            losses.update(self.prompt_alignment(out.conditioning, batch, dropped))
             loss = loss + self.prompt_loss.weight * losses["prompt"]
         if self.llm_loss is not None:
             losses.update(self.llm_distillation(out.internals["encoder"], out.internals["llm_projected"]))
@@ -234,8 +241,9 @@ class ConnectorTrainingModule(L.LightningModule):
         self.log_training(loss, losses, out, batch_size=latents.shape[0])
         return loss
 
-    def prompt_alignment(self, conditioning: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
-        """{"prompt": the term that enters the loss} plus, for ``both``, its two halves for logging."""
+    def prompt_alignment(self, conditioning: torch.Tensor, batch: dict, dropped: list[bool]) -> dict[str, torch.Tensor]:
+        """{"prompt": the term that enters the loss} plus, for ``both``, its two halves for logging.
+        A dropped caption (``dropped[i]``) is aligned to CLIP("")."""
         if self.align_target != "complex" and "rewrite_prompt" not in batch:
             raise KeyError(
                 f"loss.align_target={self.align_target} needs the LLM's rewrites in the batch (rewrite_prompt): "
@@ -243,9 +251,9 @@ class ConnectorTrainingModule(L.LightningModule):
             )
         terms = {}
         if self.align_target in ("complex", "both"):
-            terms["prompt_complex"] = self.prompt_loss(conditioning, self.clip_states(batch["complex_prompt"]))
+            terms["prompt_complex"] = self.prompt_loss(conditioning, self.clip_states(blank(batch["complex_prompt"], dropped)))
         if self.align_target in ("rewrite", "both"):
-            terms["prompt_rewrite"] = self.prompt_loss(conditioning, self.clip_states(batch["rewrite_prompt"]))
+            terms["prompt_rewrite"] = self.prompt_loss(conditioning, self.clip_states(blank(batch["rewrite_prompt"], dropped)))
         if len(terms) == 1:
             return {"prompt": next(iter(terms.values()))}
         return {"prompt": (terms["prompt_complex"] + terms["prompt_rewrite"]) / 2, **terms}
@@ -283,12 +291,11 @@ class ConnectorTrainingModule(L.LightningModule):
             )
         print(f"step {self.global_step}: skipped, non-finite loss ({bad}); {self.nonfinite_skipped} skipped so far", flush=True)
 
-    def drop_captions(self, prompts: list[str], generators: list[torch.Generator]) -> list[str]:
-        """Each prompt replaced by the empty prompt with probability ``caption_dropout`` (one draw per sample)."""
+    def dropped_captions(self, generators: list[torch.Generator]) -> list[bool]:
+        """Per sample: is its caption replaced by the empty prompt (probability ``caption_dropout``, one draw each)."""
         if not self.caption_dropout:
-            return list(prompts)
-        dropped = [torch.rand((), generator=g).item() < self.caption_dropout for g in generators]
-        return ["" if drop else prompt for prompt, drop in zip(prompts, dropped)]
+            return [False] * len(generators)
+        return [torch.rand((), generator=g).item() < self.caption_dropout for g in generators]
 
     def sample_timesteps(self, generators: list[torch.Generator], num_train_timesteps: int) -> torch.Tensor:
         """[B] int64 timesteps, uniform in [0, num_train_timesteps), one draw per sample."""

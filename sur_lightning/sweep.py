@@ -4,7 +4,7 @@ a check of every job's combination before the first job starts, and W&B names pe
 - ``${llm_pooling:${connector._target_}}`` (the LLM configs' ``pooling``): SUR distils one pooled state,
   ELLA reads token states, so ``llm=smollm2`` serves both connectors of ``connector=sur,ella``.
 - ``check_combination(cfg)``: raises ``IncompatibleConfigError`` naming the pair of choices that cannot
-  train together (ELLA with an alignment loss, SUR with token states, caption dropout with alignment).
+  train together (ELLA with an alignment loss, SUR with token states, caption dropout with the UNet teacher).
   ``train`` calls it first; ``PreflightCheck`` (a Hydra callback) calls it for every job of a
   multirun before the first one starts.
 - ``${wandb_run_name:${task_name}}``, ``${wandb_group:${task_name}}``, ``${connector_name:...}``: the
@@ -128,11 +128,6 @@ def check_combination(cfg: DictConfig, choices: dict | None = None) -> None:
             f"model.caption_dropout={dropout} and loss/teacher=unet are incompatible: a dropped caption's prediction "
             f"would be pulled toward the UNet under the complex prompt of the caption it replaced. Drop "
             f"+loss/teacher=unet, or set model.caption_dropout=0."
-        )
-    if dropout and has_alignment:
-        raise IncompatibleConfigError(
-            f"model.caption_dropout={dropout} and {loss} are incompatible: a dropped caption would be aligned to "
-            f"the complex prompt of the caption it replaced. Use loss=denoising, or model.caption_dropout=0."
         )
 
 

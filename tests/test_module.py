@@ -95,10 +95,24 @@ def test_each_alignment_kind_trains(compose, kind):
     assert torch.isfinite(loss)
 
 
-def test_caption_dropout_with_alignment_losses_is_refused_naming_the_keys(compose):
-    cfg = compose("+experiment=sur_paper", "model.caption_dropout=0.1")
-    with pytest.raises(Exception, match="model.caption_dropout=0.1 cannot be combined"):
-        instantiate(cfg.model)
+@pytest.mark.parametrize("rate", [0.0, 1.0])
+def test_caption_dropout_with_alignment_aligns_dropped_rows_to_the_empty_prompt(compose, rate):
+    # The connector's output for "" (the negative prompt at generation) is trained towards CLIP(""), and the
+    # LLM distillation then reads the empty prompt's state: what the encoders are asked for shows it.
+    _, model, batch = build(compose, "+experiment=sur_paper", f"model.caption_dropout={rate}")
+    seen = {"text": [], "clip": []}
+    text_features, clip_states = model.text_features, model.clip_states
+    model.text_features = lambda prompts: seen["text"].append(list(prompts)) or text_features(prompts)
+    model.clip_states = lambda prompts: seen["clip"].append(list(prompts)) or clip_states(prompts)
+    loss = model.training_step(batch, 0)
+    assert torch.isfinite(loss)
+    n = len(batch["simple_prompt"])
+    if rate:
+        assert seen == {"text": [[""] * n], "clip": [[""] * n]}
+    else:
+        assert seen == {"text": [list(batch["simple_prompt"])], "clip": [list(batch["complex_prompt"])]}
+    loss.backward()
+    assert model.connector.fc.weight.grad.abs().sum() > 0
 
 
 def test_eta_histogram_reaches_tensorboard(compose, tmp_path):
@@ -141,7 +155,7 @@ def fit(cfg, model, max_steps, callbacks=()):
 def test_a_nonfinite_loss_skips_its_step_without_touching_the_weights(compose, monkeypatch):
     import lightning as L
 
-    cfg, model, _ = build(compose, "+experiment=demo", "model.lr_scheduler.num_warmup_steps=0")
+    cfg, model, _ = build(compose, "+experiment=sur_demo", "model.lr_scheduler.num_warmup_steps=0")
     snapshots = []
 
     class Snapshot(L.Callback):
@@ -165,7 +179,7 @@ def test_a_nonfinite_loss_skips_its_step_without_touching_the_weights(compose, m
 
 
 def test_too_many_nonfinite_losses_in_a_row_stop_training(compose, monkeypatch):
-    cfg, model, _ = build(compose, "+experiment=demo", "model.max_nonfinite_in_a_row=3")
+    cfg, model, _ = build(compose, "+experiment=sur_demo", "model.max_nonfinite_in_a_row=3")
     nan_on_calls(monkeypatch, lambda call: call >= 2)
     with pytest.raises(RuntimeError, match=r"3 non-finite losses in a row \(step 3: denoising=nan"):
         fit(cfg, model, max_steps=10)
@@ -191,7 +205,7 @@ def unet_inputs_by_id(model, batch) -> dict[str, tuple[torch.Tensor, int]]:
 def test_training_draws_are_keyed_by_sample_not_by_batch_layout_or_global_rng(compose):
     """Noise, timestep and VAE latent sample depend on (seed, epoch, step, sample id) only: the same sample
     gets the same noisy latent and timestep in a batch of 4 as in a batch of 2, whatever the global RNG."""
-    _, model, batch = build(compose, "+experiment=demo", "data.batch_size=4")
+    _, model, batch = build(compose, "+experiment=sur_demo", "data.batch_size=4")
     model.log = lambda *a, **k: None
     torch.manual_seed(1)
     whole = unet_inputs_by_id(model, batch)

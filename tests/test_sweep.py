@@ -19,14 +19,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.parametrize("connector, pooling", [("sur", "mean"), ("ella", "none"), ("ella_small", "none")])
 def test_llm_pooling_follows_the_connector(compose, connector, pooling):
-    cfg = compose("+experiment=demo", f"connector={connector}", "loss=denoising", tiny=False)
+    cfg = compose("+experiment=sur_demo", f"connector={connector}", "loss=denoising", tiny=False)
     assert cfg.llm.pooling == pooling
     check_combination(cfg, {})
 
 
 def test_presets_are_connector_neutral(compose):
     # connector=ella under the SUR demo: builds at the toy base's width, no SUR-only keys leak in.
-    cfg = compose("+experiment=demo", "connector=ella", "loss=denoising", tiny=False)
+    cfg = compose("+experiment=sur_demo", "connector=ella", "loss=denoising", tiny=False)
     tsc = instantiate(cfg.connector)(dim=128, llm_dim=576)
     assert type(tsc).__name__ == "TimestepAwareSemanticConnector" and len(tsc.blocks) == 6
     small = compose("+experiment=ella_demo", tiny=False)
@@ -39,13 +39,12 @@ def test_presets_are_connector_neutral(compose):
         (["connector=ella", "loss=kl"], ["connector=ella", "loss=kl", "loss=denoising"]),
         (["connector=ella", "loss=denoising", "llm.pooling=mean"], ["connector=ella", "llm=smollm2", "llm.pooling=none"]),
         (["connector=sur", "llm=t5_tiny"], ["connector=sur", "llm=t5_tiny"]),
-        (["model.caption_dropout=0.1"], ["model.caption_dropout=0.1", "loss=cosine"]),
         (["loss=denoising", "+loss/teacher=unet", "model.caption_dropout=0.1"],
          ["model.caption_dropout=0.1", "loss/teacher=unet"]),
     ],
 )
 def test_incompatible_pairs_are_named(compose, overrides, names):
-    cfg = compose("+experiment=demo", *overrides, tiny=False)
+    cfg = compose("+experiment=sur_demo", *overrides, tiny=False)
     choices = {"connector": cfg.connector._target_.endswith("SURAdapter") and "sur" or "ella",
                "llm": next((o.split("=")[1] for o in overrides if o.startswith("llm=")), "smollm2"),
                "loss": next((o.split("=")[1] for o in overrides if o.startswith("loss=")), "cosine")}
@@ -65,7 +64,7 @@ def multirun(tmp_path, cache_dir, *sweep: str) -> subprocess.CompletedProcess:
     # connector.ff_dim is SUR's: the tiny overrides without it serve both connectors.
     overrides = [o for o in tiny_overrides(tmp_path, cache_dir) if not o.startswith(("paths.output_dir", "connector."))]
     command = [
-        sys.executable, "-m", "sur_lightning.train", "-m", "+experiment=demo", "+trainer.fast_dev_run=true",
+        sys.executable, "-m", "sur_lightning.train", "-m", "+experiment=sur_demo", "+trainer.fast_dev_run=true",
         *overrides, *sweep, f"hydra.sweep.dir={tmp_path / 'sweep'}",
     ]
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
@@ -85,12 +84,12 @@ def test_a_connector_sweep_runs_every_job_names_wandb_runs_and_reports(tmp_path,
     assert result.returncode == 0, result.stderr[-3000:]
     assert "sweep pre-flight: all 2 jobs are compatible" in result.stdout
     sweep = tmp_path / "sweep"
-    group = f"demo-{sweep.name}"
+    group = f"sur_demo-{sweep.name}"
     import re
 
     for connector in ("sur", "ella"):
         # The name: the task, then the job's overrides (here also the tiny test overrides), without paths.
-        pattern = rf"run 'demo [^']*connector={connector},[^']*loss=denoising[^']*', group '{group}', job_type '{connector}'"
+        pattern = rf"run 'sur_demo [^']*connector={connector},[^']*loss=denoising[^']*', group '{group}', job_type '{connector}'"
         [name] = re.findall(pattern, result.stdout)
         assert "paths." not in name and "experiment" not in name
     assert len(list(sweep.glob("*/wandb/offline-run-*"))) == 2
@@ -133,3 +132,8 @@ def test_the_slurm_launcher_composes_with_one_task_per_gpu(tmp_path):
     assert (launcher.partition, launcher.gpus_per_node, launcher.tasks_per_node) == ("gpu", 4, 4)
     assert launcher.max_num_timeout == 3 and launcher.additional_parameters.requeue is True
     assert cfg.trainer.strategy == "ddp" and cfg.ckpt_path == "last"
+
+
+def test_caption_dropout_with_alignment_passes_the_check(compose):
+    # A dropped caption is aligned to CLIP("") (issue 19 §4); only the UNet teacher is still refused with it.
+    check_combination(compose("+experiment=sur_demo", "model.caption_dropout=0.1", tiny=False))
