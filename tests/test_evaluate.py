@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -100,10 +101,10 @@ def test_offline_default_scores_base_and_adapter(offline_run):
     assert list(report["columns"]) == ["base", "sur"]
     for summary in report["columns"].values():
         assert set(summary) == {
-            "count_accuracy", "color_accuracy", "shape_accuracy", "shape_exact",
+            "count_accuracy", "color_accuracy", "shape_accuracy", "shape_exact", "valid_image",
             "fid", "kid_mean", "kid_std", "clip_score", "clip_truncated",
         }
-        assert all(0 <= summary[k] <= 1 for k in ("count_accuracy", "color_accuracy", "shape_accuracy", "shape_exact"))
+        assert all(0 <= summary[k] <= 1 for k in ("count_accuracy", "color_accuracy", "shape_accuracy", "shape_exact", "valid_image"))
         assert 0 <= summary["clip_score"] <= 100 and summary["clip_truncated"] == 0
         assert math.isfinite(summary["fid"]) and summary["fid"] > 0 and math.isfinite(summary["kid_mean"])
     # Noise from a random UNet is far from drawn shapes: KID is clearly positive.
@@ -188,7 +189,7 @@ def test_evaluation_callback_logs_metrics_during_training(compose, monkeypatch):
 
     monkeypatch.setattr("sur_lightning.metrics.fid.InceptionFeatures", PooledPixels)
     cfg = compose(
-        "+experiment=demo", "callbacks=with_evaluation", "+trainer.fast_dev_run=true",
+        "+experiment=sur_demo", "callbacks=with_evaluation", "+trainer.fast_dev_run=true",
         "callbacks.evaluation.num_prompts=2", "callbacks.evaluation.num_inference_steps=2",
         "callbacks.evaluation.resolution=32", "callbacks.evaluation.reference_size=6",
     )
@@ -248,3 +249,98 @@ def test_evaluate_accepts_a_training_preset_and_picks_its_latest_adapter(tmp_pat
     assert "toyworld" in str(cfg.backbone.pretrained._target_)
     with pytest.raises(SystemExit, match=r"no trained adapter under .*sur_paper.*adapters=\["):
         preset_overrides(["+experiment=sur_paper"], tmp_path)
+
+
+# ---------------------------------------------------------------- toy-world report: valid images, gap intervals
+
+
+def toy_rows(column: str, split: str, correct: list[int], valid: list[int] | None = None, counts=None, offset=0):
+    """Per-image rows as score_columns writes them: one prompt per value, seed 0; colour and shape right
+    where ``correct``, count always right."""
+    valid = valid or [1] * len(correct)
+    counts = counts or [1] * len(correct)
+    return [
+        {"column": column, "category": split, "prompt_id": f"{split}-{offset + i}", "seed": 0, "count": n,
+         "color_accuracy": float(c), "shape_accuracy": float(c), "count_accuracy": 1.0, "valid_image": float(v)}
+        for i, (c, v, n) in enumerate(zip(correct, valid, counts))
+    ]
+
+
+def test_evaluator_scores_valid_images_and_rows_carry_their_count():
+    import random
+
+    from sur_lightning.evaluate import Evaluator, score_columns, split_scores
+    from sur_lightning.generate import Rendered
+    from sur_lightning.metrics.prompt_suites import Prompt
+    from sur_lightning.toyworld import world
+
+    rng = random.Random(0)
+    targets = [(1, "red", "circle"), (2, "blue", "square"), (3, "green", "triangle")]
+    prompts = [Prompt(f"p{i}", "a narrative prompt", "held_out", target=t) for i, t in enumerate(targets)]
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    rendered = [Rendered("base", p, 0, world.draw_example(*p.target, rng)) for p in prompts]
+    rendered += [Rendered("base+complex", p, 0, world.draw_example(*p.target, rng)) for p in prompts]
+    rendered += [Rendered("sur", p, 0, world.draw_example(*p.target, rng) if p.target[0] > 1 else noise) for p in prompts]
+    report = score_columns(Evaluator(["shapes"]), rendered)
+    assert report["columns"]["base"]["valid_image"] == 1.0
+    assert report["columns"]["sur"]["valid_image"] == pytest.approx(2 / 3)
+    assert [row["count"] for row in report["images"][:3]] == [1, 2, 3]
+    by_count = split_scores(report)["sur"]["held_out"]["valid_by_count"]
+    assert {count: entry["valid_image"] for count, entry in by_count.items()} == {1: 0.0, 2: 1.0, 3: 1.0}
+    assert "gap_closed_ci95" in report
+
+
+def test_split_scores_give_the_valid_rate_per_split_and_count():
+    from sur_lightning.evaluate import gap_closed, split_scores
+
+    rows = toy_rows("base", "a", [0, 0, 1, 1]) + toy_rows("base+complex", "a", [1, 1, 1, 1])
+    rows += toy_rows("sur", "a", [1, 0, 1, 1], valid=[0, 1, 1, 1], counts=[1, 1, 2, 2])
+    entry = split_scores({"images": rows})["sur"]["a"]
+    assert entry["valid_image"] == 0.75 and entry["valid_image_ci95"] == pytest.approx(1.96 * (0.75 * 0.25 / 4) ** 0.5)
+    assert entry["valid_by_count"][1] == {"valid_image": 0.5, "valid_image_ci95": pytest.approx(1.96 * 0.5 / 2**0.5), "n": 2}
+    assert entry["valid_by_count"][2]["valid_image"] == 1.0
+    # The valid rate is not a gap metric.
+    assert set(gap_closed({"images": rows})["sur"]["a"]) == {"color_accuracy", "shape_accuracy", "count_accuracy"}
+
+
+def bootstrap_report(repeat: int = 1) -> dict:
+    """base 1/4, base+complex 4/4, sur 3/4 right on colour and shape, each pattern ``repeat`` times over new prompts."""
+    rows = []
+    for r in range(repeat):
+        rows += toy_rows("base", "a", [0, 0, 0, 1], offset=4 * r) + toy_rows("base+complex", "a", [1, 1, 1, 1], offset=4 * r)
+        rows += toy_rows("sur", "a", [1, 0, 1, 1], offset=4 * r) + toy_rows("same", "a", [1, 1, 1, 1], offset=4 * r)
+    return {"columns": {}, "images": rows}
+
+
+def test_gap_closed_intervals_bootstrap_paired_prompts():
+    from sur_lightning.evaluate import gap_closed, gap_closed_intervals
+
+    report = bootstrap_report(repeat=5)
+    point = gap_closed(report)["sur"]["a"]["color_accuracy"]
+    low, high = gap_closed_intervals(report)["sur"]["a"]["color_accuracy"]
+    assert low < point < high
+    assert gap_closed_intervals(report)["sur"]["a"]["count_accuracy"] is None  # no gap, no interval
+    # Deterministic for a seed, and the seed is what varies it.
+    assert gap_closed_intervals(report) == gap_closed_intervals(report)
+    assert gap_closed_intervals(report, seed=1)["sur"]["a"] != gap_closed_intervals(report)["sur"]["a"]
+    # Paired: a column that matches base+complex on every prompt closes the whole gap in every resample.
+    assert gap_closed_intervals(report)["same"]["a"]["color_accuracy"] == (1.0, 1.0)
+    # More prompts with the same rates: a narrower interval around the same point.
+    wide = high - low
+    low20, high20 = gap_closed_intervals(bootstrap_report(repeat=20))["sur"]["a"]["color_accuracy"]
+    assert low20 < point < high20 and high20 - low20 < 0.7 * wide
+
+
+def test_toyworld_table_shows_the_valid_rate_and_gap_intervals():
+    from sur_lightning.evaluate import gap_closed_intervals, toyworld_table
+
+    report = bootstrap_report(repeat=5)
+    for row in report["images"]:
+        if row["column"] == "sur" and row["prompt_id"] in ("a-0", "a-1"):
+            row["valid_image"], row["count"] = 0.0, 3
+    table = toyworld_table(report)
+    assert "| valid | valid by count |" in table.splitlines()[0]
+    sur = next(line for line in table.splitlines() if "| sur + simple |" in line)
+    assert "| a | sur + simple | 20 | 0.75 ± 0.19 | 0.75 ± 0.19 | 1.00 ± 0.00 | 0.90 ± 0.13 | 1: 1.00, 3: 0.00 |" in sur
+    low, high = gap_closed_intervals(report)["sur"]["a"]["color_accuracy"]
+    assert f"| 0.67 [{low:.2f}, {high:.2f}] / 0.67 [" in sur and sur.endswith(" / – |")

@@ -61,7 +61,9 @@ def test_count_shapes_is_exact_on_generated_images():
 def test_count_shapes_hand_drawn_edge_cases():
     blank = Image.new("RGB", (40, 40), (255, 255, 255))
     assert shapes.count_shapes(blank) == {}
-    assert shapes.check(blank, "one red circle") == {"count": False, "color": False, "shape": False, "exact": False}
+    assert shapes.check(blank, "one red circle") == {
+        "count": False, "color": False, "shape": False, "exact": False, "valid": False,
+    }
 
     image = blank.copy()
     draw = ImageDraw.Draw(image)
@@ -71,7 +73,9 @@ def test_count_shapes_hand_drawn_edge_cases():
     draw.point((35, 35), fill=COLORS["green"])  # a one-pixel speck, below min_area
     draw.rectangle((30, 20, 35, 25), fill=(128, 128, 128))  # grey: a shape, but of no palette colour
     assert shapes.count_shapes(image) == {("red", "square"): 2, ("blue", "circle"): 1, (None, "square"): 1}
-    assert shapes.check(image, "four red squares") == {"count": True, "color": False, "shape": False, "exact": False}
+    assert shapes.check(image, "four red squares") == {
+        "count": True, "color": False, "shape": False, "exact": False, "valid": False,  # four shapes, one grey
+    }
     assert shapes.check(image, target=(4, "red", "square"))["count"]
 
     # A shape's colour is its median: a dark outline and a few stray pixels do not split or recolour it.
@@ -86,6 +90,85 @@ def test_count_shapes_hand_drawn_edge_cases():
 
     tensor = torch.from_numpy(np.asarray(image)).permute(2, 0, 1).float() / 255
     assert shapes.count_shapes(tensor) == shapes.count_shapes(image)
+
+
+def test_world_images_and_their_vae_reconstructions_are_valid():
+    from diffusers import AutoencoderKL
+
+    from sur_lightning.toyworld import shipped_base, world
+
+    rng = random.Random(0)
+    images = [world.random_complex_example(rng)[0] for _ in range(300)]
+    assert np.mean([shapes.valid_image(image) for image in images]) >= 0.98
+    assert all(shapes.check(image, target=(1, "red", "circle"))["valid"] for image in images[:20])  # wrong target, still valid
+
+    vae = AutoencoderKL.from_pretrained(shipped_base(), subfolder="vae", torch_dtype=torch.float32).eval()
+    pixels = torch.stack([torch.from_numpy(np.asarray(image, dtype=np.float32)) for image in images[:48]])
+    with torch.no_grad():
+        decoded = vae.decode(vae.encode(pixels.permute(0, 3, 1, 2) / 127.5 - 1).latent_dist.mean).sample
+    assert np.mean([shapes.valid_image((x.clamp(-1, 1) + 1) / 2) for x in decoded]) >= 0.98
+
+
+def smooth_noise(rng: np.random.Generator, cells: int, channels: int, size: int = 64) -> np.ndarray:
+    """float [size, size, channels], values about [0, 1]: a cells x cells grid of random values upsampled bicubically."""
+    small = rng.random((cells, cells, channels)).astype(np.float32)
+    return np.stack(
+        [np.asarray(Image.fromarray(small[..., c]).resize((size, size), Image.BICUBIC)) for c in range(channels)], -1
+    )
+
+
+def test_blotchy_noise_textures_are_invalid():
+    from sur_lightning.data.synthetic import BACKGROUND
+
+    background = np.asarray(BACKGROUND, np.float32)
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        textures = {
+            "colour blotches filling the frame": smooth_noise(rng, 8, 3) * 255,
+            "yellow texture filling the frame": np.asarray(COLORS["yellow"]) * (0.5 + 0.8 * smooth_noise(rng, 8, 1)),
+            "pale noise around the background": background + (smooth_noise(rng, 16, 3) - 0.5) * 160,
+            "blotches on the background": np.where(smooth_noise(rng, 8, 1) > 0.6, smooth_noise(rng, 4, 3) * 255, background),
+        }
+        patch = np.broadcast_to(background, (64, 64, 3)).copy()
+        patch[16:40, 20:44] = smooth_noise(rng, 8, 3)[16:40, 20:44] * 255  # a square of noise: not one solid colour
+        textures["a square of colour noise"] = patch
+        for name, texture in textures.items():
+            image = texture.clip(0, 255).astype(np.uint8)
+            assert not shapes.valid_image(image), (seed, name)
+            assert not shapes.check(image, target=(1, "yellow", "square"))["valid"]
+
+
+def test_empty_crowded_merged_and_tinted_images_are_invalid():
+    from sur_lightning.data.synthetic import BACKGROUND
+
+    rng = random.Random(0)
+    assert not shapes.valid_image(Image.new("RGB", (64, 64), BACKGROUND))
+    assert not shapes.valid_image(Image.new("RGB", (64, 64), COLORS["yellow"]))  # one colour filling the frame
+    for count in (1, 2, 3):
+        assert shapes.valid_image(draw_shapes(count, "blue", "triangle", 64, rng, side=14)[0])
+    for count in (4, 5):
+        assert not shapes.valid_image(draw_shapes(count, "blue", "triangle", 64, rng, side=14)[0])
+
+    # Strokes and outlines fill their boxes like no template.
+    for draw_stroke in (
+        lambda draw: draw.line((10, 10, 40, 40), fill=COLORS["red"], width=4),
+        lambda draw: draw.ellipse((10, 10, 40, 40), outline=COLORS["red"], width=3),
+    ):
+        stroke = Image.new("RGB", (64, 64), BACKGROUND)
+        draw_stroke(ImageDraw.Draw(stroke))
+        assert sum(shapes.count_shapes(stroke).values()) == 1 and not shapes.valid_image(stroke)
+
+    # A clean shape on a background tinted by faint noise (below the foreground threshold, above the background's).
+    clean, _ = draw_shapes(2, "green", "circle", 64, rng, side=18)
+    tint = np.random.default_rng(0).uniform(-50, 50, (64, 64, 3))
+    tinted = (np.asarray(clean, np.float32) + tint).clip(0, 255).astype(np.uint8)
+    assert shapes.valid_image(clean) and shapes.count_shapes(tinted) == shapes.count_shapes(clean)
+    assert not shapes.valid_image(tinted)
+
+    # A grey shape has no palette colour.
+    grey = Image.new("RGB", (64, 64), BACKGROUND)
+    ImageDraw.Draw(grey).rectangle((10, 10, 27, 27), fill=(128, 128, 128))
+    assert not shapes.valid_image(grey)
 
 
 def test_bfs_components_match_scipy():

@@ -10,7 +10,10 @@ checker reads those back from an image with no learned model:
    ``tolerance``). Deciding per component rather than per pixel keeps anti-aliased or VAE-blurred
    edges, whose pixels sit between two palette colours, from splitting one shape into two;
 3. shape: the ideal disc, square and apex-up triangle inscribed in the component's bounding box are
-   rasterised, and the one with the highest IoU against the component wins.
+   rasterised, and the one with the highest IoU against the component wins;
+4. validity: whatever the prompt, is this an image the toy world could have drawn (1-3 solid,
+   shape-like, palette-coloured components on a clean background)? Noise textures, empty and crowded
+   images are not; ``valid_image`` and ``check``'s "valid" say so (thresholds under ``VALID_COUNTS``).
 
 On images drawn by ``draw_shapes`` and on their VAE reconstructions every answer is (nearly) exact;
 on generated images it measures whether the model drew the right number of objects of the right
@@ -22,6 +25,7 @@ from __future__ import annotations
 import re
 from collections import Counter, deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -37,6 +41,29 @@ except ImportError:  # pragma: no cover - depends on the environment
 DEFAULT_TOLERANCE = 100.0
 DEFAULT_FOREGROUND_THRESHOLD = 60.0
 DEFAULT_MIN_AREA = 4
+
+# What a valid image is (``valid_image``): something the toy world could have drawn, whatever its
+# target. Measured on 200 VAE reconstructions of world images (all valid), on 128 images of the shipped
+# base (64 prompts, simple and complex; DDIM, 25 steps, guidance 4) and on blotchy noise textures:
+VALID_COUNTS = range(1, 4)  # the world draws 1-3 shapes (``toyworld.world.COUNTS``)
+# Best template IoU of a component. Drawn shapes score >= 0.95 and their VAE reconstructions >= 0.72;
+# strokes and outlines score far less, and so do most blobs of two merged shapes (0.50 on the base's
+# images; two touching side by side fill their box like a square and pass).
+MIN_SHAPE_IOU = 0.6
+# Share of a component's pixels within ``tolerance`` of its palette colour. Blurred or muddy shapes keep
+# >= 0.66 (blurred edges sit between colour and background); a texture whose *median* happens to land
+# near a palette colour does not: the median alone does not make a region one solid colour.
+MIN_SOLID = 0.5
+# Shapes cover <= 24 % of a world image (three 18 px shapes at 64 px), <= 34 % of the base's images; a
+# colour filling the frame is a texture, not a shape on a background.
+MAX_COVER = 0.5
+# A background pixel (not foreground) farther than this from BACKGROUND is a visible tint or noise;
+# VAE and sampling noise on the flat background stays well below it.
+BACKGROUND_TOLERANCE = 30.0
+# Share of the image that is dirt: specks (foreground outside every kept component) plus tinted
+# background. Edge halos put <= 2.2 % there on VAE reconstructions and <= 3 % on the base's images;
+# pale noise textures put 35 % or more.
+MAX_DIRT = 0.05
 
 _PALETTE_NAMES: tuple[str, ...] = tuple(COLORS)
 _PALETTE = np.array([COLORS[name] for name in _PALETTE_NAMES], dtype=np.float32)  # [C, 3]
@@ -110,15 +137,82 @@ def _templates(height: int, width: int) -> dict[str, np.ndarray]:
     return {"circle": disc, "square": np.ones((height, width), bool), "triangle": triangle}
 
 
+def template_ious(component: np.ndarray) -> dict[str, float]:
+    """{shape: IoU} of the component [H, W] (bool) with each shape's ideal mask in its bounding box."""
+    ys, xs = np.nonzero(component)
+    crop = component[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+    return {
+        kind: float((crop & template).sum() / (crop | template).sum())
+        for kind, template in _templates(*crop.shape).items()
+    }
+
+
 def classify_component(component: np.ndarray) -> str:
     """The shape ("circle", "square" or "triangle") whose ideal mask in the component's bounding box
     overlaps the component [H, W] (bool) with the highest IoU."""
-    ys, xs = np.nonzero(component)
-    crop = component[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
-    ious = {}
-    for kind, template in _templates(*crop.shape).items():
-        ious[kind] = (crop & template).sum() / (crop | template).sum()
+    ious = template_ious(component)
     return max(SHAPES, key=lambda kind: ious[kind])
+
+
+@dataclass
+class Component:
+    """One connected foreground region of at least ``min_area`` pixels, as the checker reads it."""
+
+    mask: np.ndarray  # bool [H, W]
+    color: str | None  # nearest palette colour of its median RGB, None when none is within tolerance
+    kind: str  # the best-fitting shape
+    iou: float  # IoU of that shape's ideal mask with the region: how shape-like it is
+    solid: float  # share of its pixels within tolerance of ``color`` (0 when None): one solid fill?
+
+
+def find_components(
+    rgb: np.ndarray,
+    tolerance: float = DEFAULT_TOLERANCE,
+    min_area: int = DEFAULT_MIN_AREA,
+    foreground_threshold: float = DEFAULT_FOREGROUND_THRESHOLD,
+) -> tuple[np.ndarray, list[Component]]:
+    """(foreground bool [H, W], the components of at least ``min_area`` pixels in scan order) of ``rgb``
+    [H, W, 3] uint8. Smaller components are specks: not shapes, but still in the foreground mask."""
+    foreground = foreground_mask(rgb, foreground_threshold)
+    labels, n = connected_components(foreground)
+    found = []
+    for k in range(1, n + 1):
+        mask = labels == k
+        if mask.sum() < min_area:
+            continue
+        ious = template_ious(mask)
+        kind = max(SHAPES, key=lambda kind: ious[kind])
+        color = nearest_color(np.median(rgb[mask], axis=0), tolerance)
+        solid = 0.0
+        if color is not None:
+            distances = np.linalg.norm(rgb[mask].astype(np.float32) - np.asarray(COLORS[color], np.float32), axis=-1)
+            solid = float((distances <= tolerance).mean())
+        found.append(Component(mask, color, kind, ious[kind], solid))
+    return foreground, found
+
+
+def is_valid(rgb: np.ndarray, foreground: np.ndarray, found: Sequence[Component]) -> bool:
+    """Whether ``rgb`` [H, W, 3] with its ``foreground`` bool [H, W] and kept components (``find_components``)
+    looks like a world image: 1-3 solid palette-coloured shapes on a clean background (thresholds above)."""
+    if len(found) not in VALID_COUNTS:
+        return False
+    if any(c.iou < MIN_SHAPE_IOU or c.color is None or c.solid < MIN_SOLID for c in found):
+        return False
+    kept = np.logical_or.reduce([c.mask for c in found])
+    if kept.mean() > MAX_COVER:
+        return False
+    specks = foreground & ~kept
+    distance = np.linalg.norm(rgb.astype(np.float32) - np.asarray(BACKGROUND, dtype=np.float32), axis=-1)
+    tinted = ~foreground & (distance > BACKGROUND_TOLERANCE)
+    return float((specks | tinted).mean()) < MAX_DIRT
+
+
+def valid_image(image: Image.Image | np.ndarray | torch.Tensor, **detect_kwargs) -> bool:
+    """Whether one image (PIL, uint8 [H, W, 3] or float [3, H, W] in [0, 1]) is a valid toy-world image,
+    right or wrong for its prompt: noise textures, empty and crowded images are not (see ``is_valid``).
+    ``detect_kwargs``: those of ``detect_shapes``."""
+    rgb = to_rgb_array(image)
+    return is_valid(rgb, *find_components(rgb, **detect_kwargs))
 
 
 def detect_shapes(
@@ -128,15 +222,8 @@ def detect_shapes(
     foreground_threshold: float = DEFAULT_FOREGROUND_THRESHOLD,
 ) -> list[tuple[str | None, str]]:
     """Every shape found in one image as ``(color or None, kind)``, in scan order."""
-    rgb = to_rgb_array(image)
-    components, n = connected_components(foreground_mask(rgb, foreground_threshold))
-    found = []
-    for k in range(1, n + 1):
-        component = components == k
-        if component.sum() < min_area:
-            continue
-        found.append((nearest_color(np.median(rgb[component], axis=0), tolerance), classify_component(component)))
-    return found
+    _, found = find_components(to_rgb_array(image), tolerance, min_area, foreground_threshold)
+    return [(c.color, c.kind) for c in found]
 
 
 def count_shapes(image: Image.Image | np.ndarray | torch.Tensor, **detect_kwargs) -> dict[tuple[str | None, str], int]:
@@ -176,21 +263,24 @@ def check(
     """Judge one image against what it should show: ``target`` = (count, color, kind), or read from a
     complex ``prompt`` such as "three red circles" (narrative prompts need their target given).
 
-    Returns ``{"count", "color", "shape", "exact"}``: the number of detected shapes equals the count;
-    at least one shape was found and every one has the target's colour; likewise its kind; and the
-    detection is exactly ``{(color, kind): count}``.
+    Returns ``{"count", "color", "shape", "exact", "valid"}``: the number of detected shapes equals the
+    count; at least one shape was found and every one has the target's colour; likewise its kind; the
+    detection is exactly ``{(color, kind): count}``; and the image is a valid one (``valid_image``).
     """
     if target is None:
         if prompt is None:
             raise ValueError("check needs a prompt or a target (count, color, kind)")
         target = parse_prompt(prompt)
     count, color, kind = target
-    found = count_shapes(image, **detect_kwargs)
+    rgb = to_rgb_array(image)
+    foreground, components = find_components(rgb, **detect_kwargs)  # once, for the counts and validity
+    found = dict(Counter((c.color, c.kind) for c in components))
     return {
         "count": sum(found.values()) == count,
         "color": bool(found) and all(c == color for c, _ in found),
         "shape": bool(found) and all(k == kind for _, k in found),
         "exact": found == ({(color, kind): count} if count else {}),
+        "valid": is_valid(rgb, foreground, components),
     }
 
 
