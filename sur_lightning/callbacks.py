@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from pathlib import Path
 
 import lightning as L
@@ -17,17 +18,19 @@ from sur_lightning.generate import labelled_grid, render_base_and_adapter, save_
 
 
 class EveryNSteps(L.Callback):
-    """Base of the callbacks below: ``due(step)`` is true every ``every_n_steps`` optimizer steps, and with
+    """Base of the callbacks below: ``due(step)`` is true every ``every_n_steps`` optimizer steps, at each
+    step listed in ``at_steps`` (a learning curve's log-spaced budgets: 300, 600, 1200, ...), and with
     ``at_end`` at the end of training, but only once per step — with gradient accumulation several batches
     end on the same step."""
 
-    def __init__(self, every_n_steps: int | None) -> None:
+    def __init__(self, every_n_steps: int | None, at_steps: list[int] | None = None) -> None:
         self.every_n_steps = every_n_steps
+        self.at_steps = {int(step) for step in at_steps or ()}
         self._last_step = -1
 
     def due(self, step: int, at_end: bool = False) -> bool:
         periodic = bool(self.every_n_steps) and step > 0 and step % self.every_n_steps == 0
-        if step == self._last_step or not (periodic or at_end):
+        if step == self._last_step or not (periodic or step in self.at_steps or at_end):
             return False
         self._last_step = step
         return True
@@ -125,20 +128,38 @@ def averaged_weights(pl_module):
 
 
 class AdapterExport(EveryNSteps):
-    """Writes the connector alone (``adapter.safetensors`` + ``adapter.json``) at the end of training,
-    and every ``every_n_steps`` optimizer steps when set (``adapter-step{N}.safetensors``)."""
+    """Writes the connector alone (``adapter.safetensors`` + ``adapter.json``) at the end of training, and
+    every ``every_n_steps`` optimizer steps or at each of ``at_steps`` when set (``adapter-step{N}.safetensors``).
 
-    def __init__(self, dirpath: str, filename: str = "adapter", every_n_steps: int | None = None) -> None:
-        super().__init__(every_n_steps)
+    Each export appends ``{"step", "train_seconds", "file"}`` to ``exports.jsonl``: the learning curve's
+    x-axes. ``train_seconds`` is wall time inside ``fit`` since the first step (feature-cache building and
+    model loading excluded), carried in the checkpoint so that a resumed run continues the count.
+    """
+
+    def __init__(
+        self, dirpath: str, filename: str = "adapter", every_n_steps: int | None = None, at_steps: list[int] | None = None
+    ) -> None:
+        super().__init__(every_n_steps, at_steps)
         self.dirpath = Path(dirpath)
         self.filename = filename
         self.last_path: Path | None = None
+        self.seconds_before = 0.0  # training seconds of the runs this one resumed
+        self._started: float | None = None
+
+    def train_seconds(self) -> float:
+        return self.seconds_before + (time.perf_counter() - self._started if self._started is not None else 0.0)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._started = time.perf_counter()
 
     @rank_zero_only
     def export(self, pl_module, name: str) -> Path:
         with averaged_weights(pl_module):
             path, _ = save_connector(pl_module.connector, self.dirpath / f"{name}.safetensors")
         self.last_path = path
+        record = {"step": pl_module.global_step, "train_seconds": round(self.train_seconds(), 2), "file": path.name}
+        with open(self.dirpath / "exports.jsonl", "a", encoding="utf-8") as log:
+            log.write(json.dumps(record) + "\n")
         return path
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -147,6 +168,12 @@ class AdapterExport(EveryNSteps):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.export(pl_module, self.filename)
+
+    def state_dict(self) -> dict:
+        return {"train_seconds": self.train_seconds()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seconds_before = float(state.get("train_seconds", 0.0))
 
 
 class SampleGrid(EveryNSteps):
@@ -223,7 +250,8 @@ class SampleGrid(EveryNSteps):
 
 
 class EvaluationCallback(EveryNSteps):
-    """Scores a small prompt suite every ``every_n_steps`` optimizer steps and at the end of training.
+    """Scores a small prompt suite every ``every_n_steps`` optimizer steps (or at each of ``at_steps``: a
+    learning curve in one run) and at the end of training.
 
     Renders ``prompts`` × ``seeds`` through the connector (and once through the base model, whose scores
     cannot change), scores them with ``sur_lightning.evaluate.Evaluator`` (``metrics``: the same keys as
@@ -245,6 +273,7 @@ class EvaluationCallback(EveryNSteps):
         seeds: list[int] | None = None,
         num_prompts: int | None = None,
         every_n_steps: int | None = None,
+        at_steps: list[int] | None = None,
         reference=None,
         reference_size: int | None = None,
         num_inference_steps: int = 30,
@@ -257,7 +286,7 @@ class EvaluationCallback(EveryNSteps):
     ) -> None:
         from sur_lightning.generate import load_prompt_list
 
-        super().__init__(every_n_steps)
+        super().__init__(every_n_steps, at_steps)
         self.dirpath = Path(dirpath)
         self.prompts = load_prompt_list(prompts, num_prompts)
         self.seeds = list(seeds) if seeds is not None else [0]

@@ -41,7 +41,7 @@ def test_exported_adapter_and_sample_grid_use_the_ema_average_not_the_raw_weight
         return [Image.new("RGB", (8, 8))] * len(prompts), [Image.new("RGB", (8, 8))] * len(prompts)
 
     monkeypatch.setattr(callbacks, "render_base_and_adapter", render)
-    cfg = compose("+experiment=demo", "model.lr_scheduler.num_warmup_steps=0")
+    cfg = compose("+experiment=sur_demo", "model.lr_scheduler.num_warmup_steps=0")
     torch.manual_seed(0)
     model, datamodule = instantiate(cfg.model), instantiate(cfg.data)
     snapshots = Snapshots()
@@ -84,7 +84,7 @@ def test_diffusers_warmup_decay_and_bad_decay_named():
 
 
 def test_ema_state_survives_ckpt_path_resume(compose, tmp_path):
-    common = ("+experiment=demo", "callbacks/ema=on", "callbacks.ema.decay=0.5", "callbacks.sample_grid=null",
+    common = ("+experiment=sur_demo", "callbacks/ema=on", "callbacks.ema.decay=0.5", "callbacks.sample_grid=null",
               "trainer.val_check_interval=100000", "callbacks.model_checkpoint.every_n_train_steps=2")
     whole = compose(*common, "trainer.max_steps=3", f"paths.output_dir={tmp_path / 'whole'}")
     train(whole)

@@ -25,7 +25,7 @@ def test_every_experiment_composes_untouched(compose, experiment):
     assert cfg.task_name == experiment
 
 
-@pytest.mark.parametrize("experiment", ["demo", "sur_paper", "sur_released", "cosine_eta_adaptive"])
+@pytest.mark.parametrize("experiment", ["sur_demo", "sur_paper", "sur_released", "cosine_eta_adaptive"])
 def test_experiment_trains_fast_dev_run(compose, experiment, tmp_path):
     cfg = compose(f"+experiment={experiment}", "+trainer.fast_dev_run=true")
     metrics = train(cfg)
@@ -37,7 +37,7 @@ def test_experiment_trains_fast_dev_run(compose, experiment, tmp_path):
 
 
 def test_demo_writes_checkpoint_adapter_grid_metrics_and_offline_wandb(compose):
-    cfg = compose("+experiment=demo", "trainer.max_steps=2", "trainer.val_check_interval=2",
+    cfg = compose("+experiment=sur_demo", "trainer.max_steps=2", "trainer.val_check_interval=2",
                   "callbacks.model_checkpoint.every_n_train_steps=2", "logger=wandb")
     train(cfg)
     output = Path(cfg.paths.output_dir)
@@ -61,30 +61,30 @@ def test_hub_models_fail_at_once_naming_the_id_and_the_key(compose, tmp_path):
 
 def test_unknown_key_fails_at_composition_naming_it(compose):
     with pytest.raises(ConfigCompositionException, match="connector.not_a_key"):
-        compose("+experiment=demo", "connector.not_a_key=1")
+        compose("+experiment=sur_demo", "connector.not_a_key=1")
 
 
 def test_bad_value_fails_before_training_naming_the_key(compose):
     with pytest.raises(InstantiationException, match="kind") as info:
-        train(compose("+experiment=demo", "loss.prompt.kind=l1"))
+        train(compose("+experiment=sur_demo", "loss.prompt.kind=l1"))
     assert "loss" in str(info.value) or "prompt" in str(info.value)
 
 
 def test_lightnings_distributed_sampler_is_refused_naming_the_key(compose):
     with pytest.raises(ValueError, match="trainer.use_distributed_sampler must be false"):
-        train(compose("+experiment=demo", "trainer=ddp_cpu", "trainer.use_distributed_sampler=true"))
+        train(compose("+experiment=sur_demo", "trainer=ddp_cpu", "trainer.use_distributed_sampler=true"))
 
 
 def test_missing_mandatory_value_is_named(compose):
     with pytest.raises(MissingMandatoryValue, match="data.root"):
-        train(compose("+experiment=demo", "data.root=???"))
+        train(compose("+experiment=sur_demo", "data.root=???"))
 
 
 def test_multirun_eta_by_loss_runs_to_the_end(tmp_path, cache_dir, tiny_sd, tiny_llm):
     sweep = tmp_path / "multirun"
     overrides = [o for o in tiny_overrides(tmp_path, cache_dir) if not o.startswith("paths.output_dir")]
     command = [
-        sys.executable, "-m", "sur_lightning.train", "-m", "+experiment=demo",
+        sys.executable, "-m", "sur_lightning.train", "-m", "+experiment=sur_demo",
         "eta=fixed,adaptive", "loss=kl,cosine", "+trainer.fast_dev_run=true",
         *overrides, f"hydra.sweep.dir={sweep}",
     ]
@@ -115,7 +115,7 @@ def test_optuna_search_runs_trials_and_reports_the_best(tmp_path, cache_dir, tin
 
 
 def test_training_resumes_from_a_connector_only_checkpoint(compose):
-    common = ("+experiment=demo", "trainer.val_check_interval=2", "callbacks.model_checkpoint.every_n_train_steps=2")
+    common = ("+experiment=sur_demo", "trainer.val_check_interval=2", "callbacks.model_checkpoint.every_n_train_steps=2")
     first = compose(*common, "trainer.max_steps=2")
     train(first)
     checkpoint = Path(first.paths.output_dir) / "checkpoints" / "last.ckpt"
@@ -156,7 +156,7 @@ def test_sigterm_writes_a_checkpoint_that_ckpt_path_last_resumes(tmp_path, cache
 
     output = tmp_path / "run"
     command = [
-        sys.executable, "-m", "sur_lightning.train", "+experiment=demo", *tiny_overrides(tmp_path, cache_dir),
+        sys.executable, "-m", "sur_lightning.train", "+experiment=sur_demo", *tiny_overrides(tmp_path, cache_dir),
         "trainer.max_steps=100000", "trainer.val_check_interval=100000", "callbacks.sample_grid=null",
         "callbacks.model_checkpoint.every_n_train_steps=3", f"hydra.run.dir={output}",
     ]
@@ -173,7 +173,7 @@ def test_sigterm_writes_a_checkpoint_that_ckpt_path_last_resumes(tmp_path, cache
     step = torch.load(saved, map_location="cpu", weights_only=False)["global_step"]
     assert step >= 3 and f"SIGTERM at step {step}" in log
 
-    resumed = compose("+experiment=demo", "callbacks.sample_grid=null", f"paths.output_dir={output}",
+    resumed = compose("+experiment=sur_demo", "callbacks.sample_grid=null", f"paths.output_dir={output}",
                       f"trainer.max_steps={step + 2}", "trainer.val_check_interval=100000", "ckpt_path=last")
     train(resumed)
     assert json.loads((output / "metrics.json").read_text())["global_step"] == step + 2
@@ -182,7 +182,7 @@ def test_sigterm_writes_a_checkpoint_that_ckpt_path_last_resumes(tmp_path, cache
 def test_ddp_cpu_trains_two_gloo_processes_and_builds_the_cache_once(tmp_path, cache_dir, tiny_sd, tiny_llm):
     output = tmp_path / "run"
     command = [
-        sys.executable, "-m", "sur_lightning.train", "+experiment=demo", *tiny_overrides(tmp_path, cache_dir),
+        sys.executable, "-m", "sur_lightning.train", "+experiment=sur_demo", *tiny_overrides(tmp_path, cache_dir),
         "trainer=ddp_cpu", "data.cache=auto", f"data.cache_dir={tmp_path / 'features'}", "trainer.max_steps=2",
         "trainer.val_check_interval=2", "callbacks.sample_grid=null", f"hydra.run.dir={output}",
     ]
@@ -218,14 +218,14 @@ def test_sigkill_mid_epoch_then_ckpt_path_last_continues_with_the_uninterrupted_
 
     common = ["callbacks.sample_grid=null", "trainer.val_check_interval=4", "trainer.log_every_n_steps=1",
               "callbacks.model_checkpoint.every_n_train_steps=3"]
-    reference = compose("+experiment=demo", *common, "trainer.max_steps=9", f"paths.output_dir={tmp_path / 'reference'}")
+    reference = compose("+experiment=sur_demo", *common, "trainer.max_steps=9", f"paths.output_dir={tmp_path / 'reference'}")
     train(reference)
     expected = step_losses(tmp_path / "reference" / "csv" / "version_0")
     assert len(expected) == 9
 
     output = tmp_path / "killed"
     command = [
-        sys.executable, "-m", "sur_lightning.train", "+experiment=demo", *tiny_overrides(tmp_path, cache_dir), *common,
+        sys.executable, "-m", "sur_lightning.train", "+experiment=sur_demo", *tiny_overrides(tmp_path, cache_dir), *common,
         "trainer.max_steps=100000", f"paths.output_dir={output}", f"hydra.run.dir={output}",
     ]
     # Two threads, as conftest gives this process: the same float reduction order on both sides.
@@ -245,7 +245,7 @@ def test_sigkill_mid_epoch_then_ckpt_path_last_continues_with_the_uninterrupted_
     step = saved["global_step"]
     assert step in (3, 6) and step % 5 != 0  # mid-epoch
 
-    resumed = compose("+experiment=demo", *common, "trainer.max_steps=9", f"paths.output_dir={output}", "ckpt_path=last")
+    resumed = compose("+experiment=sur_demo", *common, "trainer.max_steps=9", f"paths.output_dir={output}", "ckpt_path=last")
     train(resumed)
     after = step_losses(max((output / "csv").glob("version_*")))
     assert sorted(after) == [s for s in sorted(expected) if s >= step]
@@ -271,12 +271,12 @@ def test_two_gloo_processes_match_one_process_with_the_doubled_batch(tmp_path, c
 
     common = ["connector.dropout=0", "trainer.max_steps=3", "trainer.val_check_interval=100000", "callbacks.sample_grid=null",
               "callbacks.model_checkpoint.every_n_train_steps=100000"]
-    single = compose("+experiment=demo", *common, "data.batch_size=4", f"paths.output_dir={tmp_path / 'single'}")
+    single = compose("+experiment=sur_demo", *common, "data.batch_size=4", f"paths.output_dir={tmp_path / 'single'}")
     train(single)
 
     output = tmp_path / "ddp"
     command = [
-        sys.executable, "-m", "sur_lightning.train", "+experiment=demo", *tiny_overrides(tmp_path, cache_dir), *common,
+        sys.executable, "-m", "sur_lightning.train", "+experiment=sur_demo", *tiny_overrides(tmp_path, cache_dir), *common,
         "trainer=ddp_cpu", "data.batch_size=2", f"paths.output_dir={output}", f"hydra.run.dir={output}",
     ]
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -291,7 +291,7 @@ def test_two_gloo_processes_match_one_process_with_the_doubled_batch(tmp_path, c
     lr_budget = sum(lr * min(1.0, t / warmup) for t in range(3))  # get_constant_schedule_with_warmup
     assert difference < 0.05 * lr_budget
 
-    other = compose("+experiment=demo", *common, "data.batch_size=4", "model.seed=7", f"paths.output_dir={tmp_path / 'other'}")
+    other = compose("+experiment=sur_demo", *common, "data.batch_size=4", "model.seed=7", f"paths.output_dir={tmp_path / 'other'}")
     train(other)
     three = load_file(tmp_path / "other" / "adapter.safetensors")
     other_noise = max((one[k] - three[k]).abs().max().item() for k in one)
@@ -308,7 +308,7 @@ def test_keeps_the_k_newest_checkpoints_and_loads_them_weights_only(compose, tmp
 
     import torch
 
-    cfg = compose("+experiment=demo", "trainer.max_steps=5", "trainer.val_check_interval=100000", "callbacks.sample_grid=null",
+    cfg = compose("+experiment=sur_demo", "trainer.max_steps=5", "trainer.val_check_interval=100000", "callbacks.sample_grid=null",
                   "callbacks.model_checkpoint.every_n_train_steps=1", "callbacks.model_checkpoint.save_top_k=2")
     train(cfg)
     folder = Path(cfg.paths.output_dir) / "checkpoints"
@@ -318,7 +318,7 @@ def test_keeps_the_k_newest_checkpoints_and_loads_them_weights_only(compose, tmp
     tampered = torch.load(folder / "last.ckpt", weights_only=True)
     tampered["extra"] = Pickled()
     torch.save(tampered, tmp_path / "tampered.ckpt")
-    resumed = compose("+experiment=demo", "trainer.max_steps=6", "callbacks.sample_grid=null",
+    resumed = compose("+experiment=sur_demo", "trainer.max_steps=6", "callbacks.sample_grid=null",
                       f"ckpt_path={tmp_path / 'tampered.ckpt'}", f"paths.output_dir={tmp_path / 'resumed'}")
     with pytest.raises(pickle.UnpicklingError, match="weights_only"):
         train(resumed)

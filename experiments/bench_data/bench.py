@@ -2,7 +2,7 @@
 
     make bench-data            (or: python experiments/bench_data/bench.py --steps 30 --images 64)
 
-Measures and prints; not a test. Both runs use the same config (+experiment=demo on the tiny SD and
+Measures and prints; not a test. Both runs use the same config (+experiment=sur_demo on the tiny SD and
 tiny LLM by default) and differ only in ``data.cache``.
 """
 
@@ -29,7 +29,7 @@ from sur_lightning.train import CONFIG_DIR
 
 def config(root: Path, cache: str, args) -> object:
     overrides = [
-        "+experiment=demo",
+        "+experiment=sur_demo",
         f"llm={args.llm}",
         "logger=csv",
         "~callbacks.sample_grid",

@@ -1,14 +1,17 @@
-"""Every method on the same toy world: train each row's connector with several seeds, score every split,
-and write the table (mean ± std over seeds), a bar chart and the raw results.
+"""Every method on the same toy world, judged by its learning curve: each (row, training seed) is one run that
+exports its connector at several step counts; every export is scored by the programmatic checker on all three
+splits; the table and the charts give, per step, the mean over seeds of the gap closed with a 95 % interval.
 
-    python experiments/toyworld_benchmark/run.py                      # all rows, seeds 0 1 2
-    python experiments/toyworld_benchmark/run.py --rows sur_paper ella --seeds 0 --steps 100
+    python experiments/toyworld_benchmark/run.py                                  # every row, seeds 0 1 2
+    python experiments/toyworld_benchmark/run.py --rows ella sur_demo --seeds 0 --steps 300 600
 
-Each row is the demo's recipe (toy base, SmolLM2-135M, adapter-train split, lr 1e-3, the same step
-budget) with one method switch changed, so rows differ only in what the row's name says. The base
-model's own columns (base + simple, base + complex) are rendered once and shared by all rows. The
-linear probe of SmolLM2's pooled state (``sur_lightning.toyworld.probe``) is reported beside the table:
-what the LLM knows bounds what distilling it can teach.
+Resumable at every level: a finished run is not trained again, a killed run resumes from its last checkpoint
+(``ckpt_path``; the training clock continues), and each scored step is written to ``results.json`` at once, so
+killing the script loses at most one step's scoring. Run it from a frozen worktree (``git worktree add``), so
+the code does not change under a run that lasts several sessions. Runs go seed-major: every row's seed 0 first.
+
+Each row is a preset (the SUR demo recipe ``sur_demo`` or ``ella_demo``) with one switch changed, so rows differ
+only in what the row's name says. The base model's own columns (base + simple, base + complex) are rendered once.
 """
 
 from __future__ import annotations
@@ -16,297 +19,271 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from sur_lightning.evaluation import learning_curve
 from sur_lightning.toyworld.world import SPLITS
 
-# name -> (preset, overrides). Presets: the SUR demo (cosine alignment, adaptive η) or the ELLA demo.
-ROWS: dict[str, tuple[str, list[str]]] = {
-    "sur_paper": ("demo", ["eta=fixed", "loss=kl"]),
+# name -> (preset, overrides, description)
+ROWS: dict[str, tuple[str, list[str], str]] = {
+    "ella": ("ella_demo", [], "ELLA TSC (2 blocks) on SmolLM2 token states, denoising loss, caption dropout 0.1"),
+    "sur_demo": ("sur_demo", [], "SUR, the demo recipe: cosine alignment (per token, λ=1), adaptive η"),
+    "sur_small": ("sur_demo", ["connector=sur_small"], "the SUR demo recipe with connector=sur_small (4 heads, ff 512)"),
+    "sur_paper": ("sur_demo", ["eta=fixed", "loss=kl"], "SUR as the paper: KL alignment (λ=1e-5), fixed η=0.1"),
     "sur_released": (
-        "demo",
+        "sur_demo",
         ["eta=fixed", "loss=kl", "connector.batch_first=false", "connector.train_llm_projection=false",
          "model.denoise_grad_to_connector=false"],
+        "SUR as released: + denoising grad cut, batch-axis attention, frozen W0",
     ),
-    "kl_adaptive_eta": ("demo", ["loss=kl"]),
-    "cosine_fixed_eta": ("demo", ["eta=fixed"]),
-    "cosine_learnable_eta": ("demo", ["eta=learnable"]),
-    "cosine_adaptive_eta": ("demo", []),
-    "cosine_no_llm_loss": ("demo", ["model.llm_loss=null"]),
-    "mse_eta_one": ("demo", ["loss=mse", "loss.prompt.weight=1.0", "eta=fixed", "eta.value=1.0"]),
-    "denoising_only": ("demo", ["loss=denoising"]),
-    # LLM knowledge beyond one hidden state (issue 10): what the LLM writes, retrieved facts, several teachers.
-    "cosine_align_rewrite": ("demo", ["loss.align_target=rewrite", "rewriter=toyworld"]),
-    "cosine_align_both": ("demo", ["loss.align_target=both", "rewriter=toyworld"]),
-    "cosine_rag": ("demo", ["+llm/rag=toyworld"]),
-    "cosine_align_rewrite_rag": ("demo", ["loss.align_target=rewrite", "rewriter=toyworld_rag", "+llm/rag=toyworld"]),
-    "cosine_multi_teacher": ("demo", ["llm=multi"]),
-    "cosine_multi_teacher_learned": ("demo", ["llm=multi", "llm.learn_weights=true"]),
-    "ella_smollm2_tokens": ("ella_demo", []),
-    "cosine_teacher_unet": ("demo", ["+loss/teacher=unet"]),
-    "teacher_unet_only": ("demo", ["loss=denoising", "+loss/teacher=unet"]),
-    "ella_teacher_unet": ("ella_demo", ["+loss/teacher=unet", "model.caption_dropout=0.0"]),
-    "cosine_teacher_unet_x10": ("demo", ["+loss/teacher=unet", "loss.teacher_prediction.weight=10"]),
-    "teacher_unet_only_x10": ("demo", ["loss=denoising", "+loss/teacher=unet", "loss.teacher_prediction.weight=10"]),
-    "cosine_teacher_x0": ("demo", ["+loss/teacher=unet", "loss.teacher_prediction.space=x0"]),
-    "teacher_x0_only": ("demo", ["loss=denoising", "+loss/teacher=unet", "loss.teacher_prediction.space=x0"]),
+    "mse_eta_one": (
+        "sur_demo",
+        ["loss=mse", "loss.prompt.weight=1.0", "eta=fixed", "eta.value=1.0"],
+        "per-token MSE alignment (λ=1), η=1: the adapter's output replaces the CLIP states",
+    ),
+    "denoising_only": ("sur_demo", ["loss=denoising"], "SUR trained by the denoising loss only (control)"),
+    "sur_caption_dropout": (
+        "sur_demo",
+        ["model.caption_dropout=0.1"],
+        "the SUR demo recipe + caption dropout 0.1, a dropped row aligned to CLIP(\"\") (issue 19 §4)",
+    ),
+    "sur_multi_teacher": (
+        "sur_demo",
+        ["llm=multi", "llm.learn_weights=true"],
+        "the SUR demo recipe distilling SmolLM2 + MiniLM, learned weights (the issue-10 row with the best colour)",
+    ),
+    "ella_rag": (
+        "ella_demo",
+        ["+llm/rag=toyworld", "llm.rag_pooling=all"],
+        "ELLA reading SmolLM2's states of the retrieved fact + the prompt (all tokens)",
+    ),
 }
-DESCRIPTIONS = {
-    "sur_paper": "SUR as the paper: KL alignment (λ=1e-5), fixed η=0.1",
-    "sur_released": "SUR as released: + denoising grad cut, batch-axis attention, frozen W0",
-    "kl_adaptive_eta": "KL alignment (λ=1e-5), adaptive η",
-    "cosine_fixed_eta": "cosine alignment (per token, λ=1), fixed η=0.1",
-    "cosine_learnable_eta": "cosine alignment, learnable η",
-    "cosine_adaptive_eta": "cosine alignment, adaptive η (the demo)",
-    "cosine_no_llm_loss": "cosine prompt alignment only, no LLM distillation",
-    "mse_eta_one": "per-token MSE alignment (λ=1), η=1: the adapter's output replaces the CLIP states",
-    "denoising_only": "denoising loss only: no alignment, no LLM (control)",
-    "cosine_align_rewrite": "the demo, prompt term aligned to CLIP(SmolLM2's rewrite) instead of CLIP(complex)",
-    "cosine_align_both": "the demo, prompt term the mean of CLIP(complex) and CLIP(rewrite) alignments",
-    "cosine_rag": "the demo, SmolLM2 reads retrieved toy-world facts before the prompt (distilled state)",
-    "cosine_align_rewrite_rag": "aligned to CLIP(rewrite), the rewriter reading retrieved facts",
-    "cosine_multi_teacher": "the demo, two teachers (SmolLM2 + MiniLM, ½ each), one W0 each",
-    "cosine_multi_teacher_learned": "two teachers, weights a learned softmax",
-    "ella_smollm2_tokens": "ELLA TSC on SmolLM2 token states (denoising loss)",
-    "cosine_teacher_unet": "the demo + MSE to the frozen UNet's prediction under CLIP(complex) (+loss/teacher=unet)",
-    "teacher_unet_only": "denoising + the UNet-prediction teacher only: no token-wise prompt term, no LLM",
-    "ella_teacher_unet": "ELLA TSC + the UNet-prediction teacher (no caption dropout)",
-    "cosine_teacher_unet_x10": "the demo + the UNet-prediction teacher at λ=10",
-    "teacher_unet_only_x10": "denoising + the UNet-prediction teacher at λ=10 only",
-    "cosine_teacher_x0": "the demo + the teacher in x0 space (1/SNR-weighted: high-noise steps count)",
-    "teacher_x0_only": "denoising + the x0-space teacher only",
-}
-METRICS = ("color_accuracy", "shape_accuracy", "count_accuracy")
+SPLIT_SEEDS = {"adapter_train": [0], "held_out_combinations": [0, 1], "held_out_objects": [0, 1, 2]}
 
 
-def compose(preset: str, overrides: list[str], out: Path, cache: Path, seed: int, steps: int, base: Path | None = None):
+def compose(preset: str, overrides: list[str], out: Path, args, seed: int, steps: list[int]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from sur_lightning.train import CONFIG_DIR
-
+    config_dir = str(ROOT / "conf")
     common = [
         f"+experiment={preset}",
         f"seed={seed}",
-        f"trainer.max_steps={steps}",
-        f"trainer.val_check_interval={steps}",
+        f"trainer.max_steps={max(steps)}",
+        f"trainer.val_check_interval={min(steps)}",
         "logger=csv",
         "callbacks=default",
         "callbacks.sample_grid=null",
-        "callbacks.model_checkpoint=null",
+        f"callbacks.adapter_export.at_steps=[{','.join(map(str, steps))}]",
+        f"callbacks.model_checkpoint.every_n_train_steps={min(steps)}",
+        "callbacks.model_checkpoint.save_top_k=1",
         f"paths.root_dir={ROOT}",
-        f"paths.cache_dir={cache}",
+        f"paths.cache_dir={args.cache}",
         f"paths.output_dir={out}",
-    ] + ([f"backbone.pretrained.folder={base}"] if base else [])
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+    ]
+    with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
         return hydra_compose(config_name="train", overrides=common + overrides)
 
 
-def train_row(name: str, seed: int, args) -> Path:
-    """Train one row with one seed (skipped when its adapter exists); returns the adapter file."""
+def train_run(name: str, seed: int, args) -> Path:
+    """Train one (row, seed) to the last step, resuming a killed run; returns its folder."""
     from sur_lightning.train import train
 
     out = args.out / "runs" / name / f"seed{seed}"
-    adapter = out / "adapter.safetensors"
-    if not adapter.exists():
-        preset, overrides = ROWS[name]
-        train(compose(preset, overrides, out, args.cache, seed, args.steps, args.base))
-    return adapter
+    if (out / "adapter.safetensors").exists():
+        return out
+    preset, overrides, _ = ROWS[name]
+    cfg = compose(preset, overrides, out, args, seed, args.steps)
+    last = out / "checkpoints" / "last.ckpt"
+    if last.exists():
+        cfg.ckpt_path = str(last)
+    started = time.time()
+    train(cfg)
+    print(f"{name} seed {seed}: trained in {time.time() - started:.0f} s", flush=True)
+    return out
 
 
-class Renderer:
-    """The toy base, the world's suites and the sampler, loaded once; renders columns of images."""
+class Scorer:
+    """The toy base, the three splits' prompts (each split with its own evaluation seeds, ≥ 128 images), the
+    sampler and the checker, loaded once; renders and scores columns."""
 
     def __init__(self, args) -> None:
         from hydra.utils import instantiate
 
+        from sur_lightning.evaluate import Evaluator
         from sur_lightning.toyworld import world
 
-        cfg = compose("demo", [], args.out / "eval", args.cache, 0, 1, args.base)
+        cfg = compose("sur_demo", [], args.out / "eval", args, 0, [1])
         self.backbone = instantiate(cfg.backbone)
-        self.llm_cfg = cfg.llm
-        self.llm_tokens = compose("ella_demo", [], args.out / "eval", args.cache, 0, 1).llm
-        self.prompts = world.suite(Path(ROOT) / "data" / "toyworld", SPLITS, per_split=args.per_split)
-        self.seeds = list(args.eval_seeds)
+        self.prompts = {split: world.suite(ROOT / "data" / "toyworld", split) for split in SPLITS}
+        self.evaluator = Evaluator(compute=["shapes"])
         self.kwargs = {"num_inference_steps": args.eval_steps, "guidance_scale": args.guidance_scale, "batch_size": 32}
+        self.llms: dict[str, torch.nn.Module] = {}
+        self.args = args
 
-    def render(self, columns):
+    def rows(self, columns, out_dir: Path) -> dict[str, list[dict]]:
+        """{column: per-image rows} over every split, each split with its seeds. The images are kept under
+        ``out_dir`` (``images/<column>/<prompt id>_seed<k>.png``, 3 KB each), so a revised checker can rescore them."""
+        from sur_lightning.evaluate import score_columns
         from sur_lightning.generate import render_columns
 
-        return render_columns(self.backbone, columns, self.prompts, self.seeds, progress=False, **self.kwargs)
+        rendered = []
+        for split, prompts in self.prompts.items():
+            rendered += render_columns(self.backbone, columns, prompts, SPLIT_SEEDS[split], out_dir=out_dir,
+                                       progress=False, **self.kwargs)
+        report = score_columns(self.evaluator, rendered)
+        return {column.name: learning_curve.image_rows(report, column.name) for column in columns}
 
-    def base_columns(self):
+    def base_rows(self) -> dict[str, list[dict]]:
         from sur_lightning.generate import ClipConditioning, Column, complex_prompt_column, frozen_text_features
 
-        return [
-            Column("base", ClipConditioning(frozen_text_features(self.backbone))),
-            complex_prompt_column(self.backbone, self.prompts),
-        ]
+        every = [p for prompts in self.prompts.values() for p in prompts]
+        base = Column("base", ClipConditioning(frozen_text_features(self.backbone)))
+        return self.rows([base, complex_prompt_column(self.backbone, every)], self.args.out / "base")
 
-    def adapter_column(self, name: str, adapter: Path):
+    def llm(self, name: str) -> torch.nn.Module:
+        """The row's LLM (its own config: RAG rows read facts at inference too), loaded once per distinct config."""
         from hydra.utils import instantiate
+        from omegaconf import OmegaConf
 
+        preset, overrides, _ = ROWS[name]
+        llm_cfg = compose(preset, overrides, self.args.out / "eval", self.args, 0, [1]).llm
+        key = OmegaConf.to_yaml(llm_cfg, resolve=True)
+        if key not in self.llms:
+            self.llms[key] = instantiate(llm_cfg).to(self.backbone.device)
+        return self.llms[key]
+
+    def adapter(self, name: str, path: Path) -> list[dict]:
         from sur_lightning.generate import build_columns
 
-        llm_cfg = self.llm_tokens if ROWS[name][0] == "ella_demo" else self.llm_cfg
-        (column,) = build_columns(self.backbone, [str(adapter)], llm=lambda: instantiate(llm_cfg), include_base=False)
+        (column,) = build_columns(self.backbone, [str(path)], llm=lambda: self.llm(name), include_base=False)
         column.name = "adapter"
-        return column
+        return self.rows([column], path.parent / "eval" / path.stem)["adapter"]
 
 
-def score(evaluator, base_report: dict, rendered) -> dict:
-    from sur_lightning.evaluate import gap_closed, score_columns, split_scores
-
-    adapter = score_columns(evaluator, rendered)
-    report = {
-        "columns": {**base_report["columns"], **adapter["columns"]},
-        "images": base_report["images"] + adapter["images"],
+def load_results(path: Path) -> dict:
+    if not path.exists():
+        return {"base": None, "runs": {}}
+    results = json.loads(path.read_text())
+    # JSON keys are strings; seeds and steps are ints here.
+    results["runs"] = {
+        row: {int(seed): {int(step): v for step, v in steps.items()} for seed, steps in seeds.items()}
+        for row, seeds in results["runs"].items()
     }
-    return {"splits": split_scores(report), "gap_closed": gap_closed(report)["adapter"]}
+    return results
 
 
-def mean_std(values: list[float | None]) -> tuple[float, float] | None:
-    values = [v for v in values if v is not None]
-    return (float(np.mean(values)), float(np.std(values))) if values else None
+def save_results(path: Path, results: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results))
+    tmp.replace(path)
 
 
-def summarise(results: dict, base: dict) -> dict:
-    """{row: {split: {metric: (mean, std), gap_<metric>: (mean, std)}}} over seeds."""
-    summary = {}
-    for name, by_seed in results.items():
-        summary[name] = {}
-        for split in SPLITS:
-            entry = {}
-            for metric in METRICS:
-                entry[metric] = mean_std([r["splits"]["adapter"][split][metric] for r in by_seed.values()])
-                entry[f"gap_{metric}"] = mean_std([r["gap_closed"][split][metric] for r in by_seed.values()])
-            summary[name][split] = entry
-    return summary
+def summaries(results: dict, rows: list[str]) -> dict[str, dict]:
+    base = results["base"]
+    return {
+        name: learning_curve.summarise(results["runs"][name], base["base"], base["base+complex"], SPLITS)
+        for name in rows
+        if results["runs"].get(name)
+    }
 
 
-def fmt(value) -> str:
-    return "–" if value is None else f"{value[0]:.2f} ± {value[1]:.2f}"
-
-
-def markdown(summary: dict, base: dict, probe: dict | None, args) -> str:
-    sizes = "/".join(str(base["base"][split]["n"]) for split in SPLITS)
+def markdown(curves: dict[str, dict], results: dict, args) -> str:
+    """The curve table (every row × step, held-out splits' colour and shape gaps) and the table at each row's last
+    common step, with 95 % intervals; plus the base's bounds and the valid-image rates."""
+    fmt = learning_curve.fmt
     lines = [
-        (
-            f"Seeds {list(args.seeds)}, {args.steps} training steps per run; each split scored on {sizes} images "
-            f"(adapter-train / held-out combinations / held-out objects), DDIM {args.eval_steps} steps, "
-            f"CFG {args.guidance_scale}."
-        ),
+        (f"Training seeds {args.seeds} (a row's figures average the seeds it has finished; `seeds` says how many), "
+        f"evaluation seeds per split {SPLIT_SEEDS}, DDIM {args.eval_steps} steps, CFG {args.guidance_scale}. "
+        "Intervals: 95 %, two-level bootstrap (training seeds, then prompt × seed pairs)."),
         "",
+        "### Base bounds",
+        "",
+        "| split | n | base + simple: colour / shape / count / valid | base + complex: colour / shape / count / valid |",
+        "|---|---|---|---|",
     ]
     for split in SPLITS:
-        lines += [f"### {split}", "", "| row | colour | shape | count | gap closed: colour | shape | count |", "|---" * 7 + "|"]
-        for column, label in (("base", "base + simple"), ("base+complex", "base + complex")):
-            entry = base[column][split]
-            cells = [f"{entry[m]:.2f}" for m in METRICS]
-            lines.append(f"| {label} | " + " | ".join(cells) + " | | | |")
-        for name, by_split in summary.items():
-            entry = by_split[split]
-            cells = [fmt(entry[m]) for m in METRICS] + [fmt(entry[f"gap_{m}"]) for m in METRICS]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        lines.append("")
-    lines += ["Rows:", ""] + [f"- `{name}`: {DESCRIPTIONS[name]}" for name in summary] + [""]
-    if probe:
+        cells = []
+        for column in ("base", "base+complex"):
+            split_rows = [r for r in results["base"][column] if r["category"] == split]
+            rates = [sum(r.get(m, 0) for r in split_rows) / len(split_rows) for m in learning_curve.RATES]
+            cells.append(" / ".join(f"{v:.2f}" for v in rates))
+        lines.append(f"| {split} | {len(split_rows)} | {cells[0]} | {cells[1]} |")
+    for split in SPLITS:
         lines += [
-            (
-                "**What SmolLM2 knows.** A leave-one-object-out linear probe of its pooled last-block state (the "
-                f"feature SUR distils) predicts an object's colour for {probe['accuracy']:.0%} of prompts "
-                f"(majority-colour baseline {probe['majority_baseline']:.0%}, chance {probe['chance']:.0%})."
-            ),
             "",
-            "| object | probe accuracy |",
-            "|---|---|",
-        ] + [f"| {k} | {v:.2f} |" for k, v in probe["per_object"].items()]
+            f"### {split}: gap closed by step",
+            "",
+            "| row | step | seeds | train s | colour | shape | count | gap closed: colour | shape | count | valid |",
+            "|---" * 11 + "|",
+        ]
+        for name, summary in curves.items():
+            for step, entry in sorted(summary.items()):
+                cell = entry[split]
+                values = [fmt(cell.get(m)) for m in learning_curve.ACCURACIES]
+                gaps = [fmt(cell.get(f"gap_{m}")) for m in learning_curve.ACCURACIES]
+                valid = fmt(cell.get("valid_image"))
+                lines.append(
+                    f"| {name} | {step} | {entry['seeds']} | {entry['train_seconds']:.0f} | "
+                    + " | ".join(values + gaps + [valid]) + " |"
+                )
+    lines += ["", "Rows:", ""] + [f"- `{name}`: {ROWS[name][2]} (`{' '.join(ROWS[name][1]) or ROWS[name][0]}`)"
+                                  for name in curves]
     return "\n".join(lines) + "\n"
-
-
-def chart(summary: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(summary)
-    fig, axes = plt.subplots(1, len(SPLITS), figsize=(4.2 * len(SPLITS), 0.45 * len(names) + 1.6), sharey=True)
-    for ax, split in zip(axes, SPLITS):
-        for offset, metric, color in ((-0.2, "gap_color_accuracy", "#d62728"), (0.2, "gap_shape_accuracy", "#1f77b4")):
-            values = [summary[n][split][metric] or (np.nan, 0.0) for n in names]
-            ax.barh(np.arange(len(names)) + offset, [v[0] for v in values], 0.38, xerr=[v[1] for v in values],
-                    color=color, label=metric.replace("gap_", "").replace("_accuracy", ""))
-        ax.axvline(0, color="black", lw=0.8)
-        ax.axvline(1, color="grey", lw=0.8, ls="--")
-        ax.set_title(split.replace("_", " "))
-        ax.set_xlabel("gap closed")
-    axes[0].set_yticks(np.arange(len(names)), names)
-    axes[0].invert_yaxis()
-    axes[-1].legend(loc="lower right")
-    fig.suptitle("Toy world: share of the base's simple-vs-complex gap each connector closes (mean ± std over seeds)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--eval-seeds", nargs="+", type=int, default=[0, 1])
-    parser.add_argument("--eval-steps", type=int, default=25)
+    parser.add_argument("--steps", nargs="+", type=int, default=[300, 600, 1200, 2400])
+    parser.add_argument("--eval-steps", type=int, default=15)
     parser.add_argument("--guidance-scale", type=float, default=4.0)
-    parser.add_argument("--per-split", type=int, default=None, help="evaluation prompts per split (default: all)")
-    parser.add_argument("--no-probe", action="store_true")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--cache", type=Path, default=ROOT / ".cache")
-    parser.add_argument("--base", type=Path, default=None, help="a base from toyworld.pretrain (default: the shipped one)")
+    parser.add_argument("--report-only", action="store_true", help="summarise results.json; train and score nothing")
     args = parser.parse_args()
+    args.steps = sorted(set(args.steps))
     args.out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(torch.get_num_threads())
-
-    from sur_lightning.evaluate import Evaluator, score_columns, split_scores
-
-    evaluator = Evaluator(compute=["shapes"])
-    renderer = Renderer(args)
-    base_report = score_columns(evaluator, renderer.render(renderer.base_columns()))
-    base = split_scores(base_report)
     results_file = args.out / "results.json"
-    results = json.loads(results_file.read_text())["runs"] if results_file.exists() else {}
-    for name in args.rows:
+    results = load_results(results_file)
+
+    if not args.report_only:
+        scorer = Scorer(args)
+        if results["base"] is None:
+            results["base"] = scorer.base_rows()
+            save_results(results_file, results)
         for seed in args.seeds:
-            if str(seed) in results.get(name, {}):
-                continue
-            adapter = train_row(name, seed, args)
-            scores = score(evaluator, base_report, renderer.render([renderer.adapter_column(name, adapter)]))
-            results.setdefault(name, {})[str(seed)] = scores
-            results_file.write_text(json.dumps({"base": base, "runs": results}, indent=2))
-            closed = scores["gap_closed"]["held_out_combinations"]
-            print(f"{name} seed {seed}: gap closed on held-out combinations {closed}", flush=True)
+            for name in args.rows:
+                done = results["runs"].setdefault(name, {}).setdefault(seed, {})
+                if all(step in done for step in args.steps):
+                    continue
+                run = train_run(name, seed, args)
 
-    probe = None
-    if not args.no_probe:
-        from hydra.utils import instantiate
+                def on_step(step, result, name=name, seed=seed):
+                    results["runs"][name][seed][step] = result
+                    save_results(results_file, results)
+                    gaps = learning_curve.summarise({0: {step: result}}, results["base"]["base"],
+                                                    results["base"]["base+complex"], SPLITS, n_boot=10)[step]
+                    shown = {s: learning_curve.fmt(gaps[s].get("gap_color_accuracy")) for s in SPLITS}
+                    print(f"{name} seed {seed} step {step}: colour gap closed {shown}", flush=True)
 
-        from sur_lightning.toyworld.probe import probe_llm
+                learning_curve.score_run(run, lambda path, name=name: scorer.adapter(name, path), done, on_step)
 
-        probe = probe_llm(instantiate(renderer.llm_cfg))
-    rows = {name: results[name] for name in args.rows if name in results}
-    summary = summarise(rows, base)
-    table = markdown(summary, base, probe, args)
+    curves = summaries(results, [n for n in args.rows if n in results["runs"]])
+    table = markdown(curves, results, args)
     (args.out / "results.md").write_text(table)
-    results_file.write_text(json.dumps({"base": base, "runs": results, "summary": summary, "probe": probe}, indent=2))
-    chart(summary, args.out / "chart.png")
+    (args.out / "summary.json").write_text(json.dumps({k: {str(s): v for s, v in c.items()} for k, c in curves.items()}, indent=1))
+    learning_curve.chart(curves, SPLITS, args.out / "curve_steps.png", x="step")
+    learning_curve.chart(curves, SPLITS, args.out / "curve_seconds.png", x="train_seconds")
     print(table)
-    print(f"wrote {args.out / 'results.md'}, {args.out / 'chart.png'}, {results_file}")
+    print(f"wrote {args.out / 'results.md'}, {args.out / 'curve_steps.png'}, {args.out / 'curve_seconds.png'}")
 
 
 if __name__ == "__main__":

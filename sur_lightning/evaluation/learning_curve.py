@@ -1,0 +1,198 @@
+"""Learning curves: a method judged by how it improves with budget, never by one short budget.
+
+A training run exports its connector at several steps (``callbacks.adapter_export.at_steps=[300,600,...]``;
+each export is a line of ``exports.jsonl`` with its step and training seconds). ``score_run`` renders every
+exported adapter on a toy-world suite and scores it with the programmatic checker; ``summarise`` turns the
+runs of several training seeds into, per step, split and accuracy, the mean over seeds of the share of the
+base's simple-vs-complex gap closed, with a 95 % interval from a two-level bootstrap:
+
+- resample the training seeds (the spread between runs of one recipe), then
+- resample the (prompt, evaluation seed) pairs of the split, the same pairs for the adapter, base + simple
+  and base + complex columns (they share prompts and seeds, so their errors are paired).
+
+Per image a run keeps only its correctness (``color_accuracy``, ``shape_accuracy``, ``count_accuracy`` and,
+when scored, ``valid_image``), so results stay small enough to commit and to re-summarise.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+ACCURACIES = ("color_accuracy", "shape_accuracy", "count_accuracy")
+RATES = ACCURACIES + ("valid_image",)
+
+
+def exported_adapters(run_dir: str | Path) -> list[dict]:
+    """``[{"step", "train_seconds", "path"}]`` of a run's step exports, by step (a resumed run's re-export of a
+    step replaces the earlier line). Raises ``FileNotFoundError`` naming ``exports.jsonl`` when there is none."""
+    log = Path(run_dir) / "exports.jsonl"
+    if not log.exists():
+        raise FileNotFoundError(
+            f"{log}: no exports; train with callbacks.adapter_export.at_steps=[...] to get a learning curve"
+        )
+    by_step = {}
+    for number, line in enumerate(log.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{log}:{number}: not valid JSON ({error.msg})") from None
+        if not record["file"].startswith("adapter-step"):
+            continue  # the end-of-training adapter.safetensors repeats the last step
+        by_step[int(record["step"])] = {**record, "path": Path(run_dir) / record["file"]}
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def image_rows(report: dict, column: str) -> list[dict]:
+    """The per-image correctness of one column of a ``score_columns`` report, keyed by prompt and seed."""
+    keep = ("prompt_id", "seed", "category") + RATES
+    return [{k: row[k] for k in keep if k in row} for row in report["images"] if row["column"] == column]
+
+
+def score_run(
+    run_dir: str | Path,
+    score_adapter: Callable[[Path], list[dict]],
+    done: dict[int, dict] | None = None,
+    on_step: Callable[[int, dict], None] | None = None,
+) -> dict[int, dict]:
+    """``{step: {"train_seconds", "images": [per-image rows]}}`` for every exported adapter of a run.
+
+    ``score_adapter(path)`` renders and scores one adapter and returns its per-image rows (``image_rows``).
+    Steps already in ``done`` are kept as they are; ``on_step(step, result)`` is called after each new one,
+    so a caller can write partial results as they come (a killed benchmark resumes where it stopped).
+    """
+    results = dict(done or {})
+    for export in exported_adapters(run_dir):
+        step = export["step"]
+        if step in results:
+            continue
+        results[step] = {"train_seconds": export["train_seconds"], "images": score_adapter(export["path"])}
+        if on_step is not None:
+            on_step(step, results[step])
+    return results
+
+
+def _by_pair(rows: Sequence[dict], split: str, name: str) -> dict[tuple[str, int], float]:
+    return {(r["prompt_id"], int(r["seed"])): float(r[name]) for r in rows if r["category"] == split and name in r}
+
+
+def summarise(
+    runs: dict[int, dict[int, dict]],
+    base_rows: Sequence[dict],
+    complex_rows: Sequence[dict],
+    splits: Sequence[str],
+    n_boot: int = 1000,
+    min_gap: float = 0.05,
+    seed: int = 0,
+) -> dict:
+    """Per step (present in every seed's run), split and metric: the mean accuracy and gap closed over training
+    seeds, each with a 95 % two-level bootstrap interval, and the mean training seconds at that step.
+
+    ``runs``: ``{training seed: {step: {"train_seconds", "images"}}}``; ``base_rows`` / ``complex_rows``: the
+    base's per-image rows on the simple / complex prompts (the lower and upper bound).
+    Returns ``{step: {"train_seconds": s, "seeds": n, split: {metric: {"mean", "lo", "hi"},
+    "gap_<metric>": {"mean", "lo", "hi"} or None}}}``; a gap is None when the bounds differ by < ``min_gap``.
+    """
+    rng = np.random.default_rng(seed)
+    seeds = sorted(runs)
+    steps = sorted(set.intersection(*(set(runs[s]) for s in seeds))) if seeds else []
+    summary: dict = {}
+    for step in steps:
+        entry = {
+            "train_seconds": float(np.mean([runs[s][step]["train_seconds"] for s in seeds])),
+            "seeds": len(seeds),
+        }
+        for split in splits:
+            entry[split] = {}
+            for name in RATES:
+                adapter = [_by_pair(runs[s][step]["images"], split, name) for s in seeds]
+                pairs = sorted(set.intersection(*(set(a) for a in adapter))) if adapter else []
+                if not pairs:
+                    continue
+                a = np.array([[values[p] for p in pairs] for values in adapter])  # [seeds, pairs]
+                idx = rng.integers(0, len(pairs), (n_boot, len(pairs)))
+                picks = rng.integers(0, len(seeds), (n_boot, len(seeds)))
+                # Bootstrap replicate b: seeds picks[b], pairs idx[b]; the same pairs for every column.
+                a_boot = np.stack([a[picks[b]][:, idx[b]].mean() for b in range(n_boot)])
+                entry[split][name] = _interval(float(a.mean()), a_boot)
+                low, high = _by_pair(base_rows, split, name), _by_pair(complex_rows, split, name)
+                if name not in ACCURACIES or not all(p in low and p in high for p in pairs):
+                    continue
+                lo = np.array([low[p] for p in pairs])
+                hi = np.array([high[p] for p in pairs])
+                if abs(hi.mean() - lo.mean()) < min_gap:
+                    entry[split][f"gap_{name}"] = None
+                    continue
+                gap = (a.mean(axis=1) - lo.mean()) / (hi.mean() - lo.mean())  # one per training seed
+                lo_boot, hi_boot = lo[idx].mean(axis=1), hi[idx].mean(axis=1)
+                spread = np.where(np.abs(hi_boot - lo_boot) < 1e-9, np.nan, hi_boot - lo_boot)
+                gap_boot = (a_boot - lo_boot) / spread
+                entry[split][f"gap_{name}"] = _interval(float(gap.mean()), gap_boot[np.isfinite(gap_boot)])
+        summary[step] = entry
+    return summary
+
+
+def _interval(mean: float, boot: np.ndarray) -> dict[str, float]:
+    lo, hi = np.percentile(boot, [2.5, 97.5]) if len(boot) else (np.nan, np.nan)
+    return {"mean": mean, "lo": float(lo), "hi": float(hi)}
+
+
+def fmt(cell: dict | None) -> str:
+    """``0.94 [0.85, 1.02]``, or – for a missing cell."""
+    return "–" if not cell else f"{cell['mean']:.2f} [{cell['lo']:.2f}, {cell['hi']:.2f}]"
+
+
+def converged_step(summary: dict, split: str, name: str, tolerance: float = 0.05) -> int | None:
+    """The first step from which the curve's mean stays within ``tolerance`` of its final value (where it has
+    flattened), or None with fewer than two steps or when it is still moving at the last one."""
+    steps = sorted(summary)
+    values = [(summary[s][split].get(name) or {}).get("mean") for s in steps]
+    if len(steps) < 2 or any(v is None for v in values):
+        return None
+    if abs(values[-1] - values[-2]) > tolerance:
+        return None
+    first = len(steps) - 1
+    while first > 0 and abs(values[first - 1] - values[-1]) <= tolerance:
+        first -= 1
+    return steps[first]
+
+
+def chart(curves: dict[str, dict], splits: Sequence[str], path: str | Path, x: str = "step",
+          metrics: Sequence[str] = ("gap_color_accuracy", "gap_shape_accuracy", "gap_count_accuracy", "valid_image")) -> Path:
+    """One panel per (split, metric): each row's curve against ``x`` ("step" or "train_seconds"), log-scaled,
+    with its 95 % band. ``curves``: ``{row name: summarise(...)}``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(splits), len(metrics), figsize=(3.6 * len(metrics), 2.9 * len(splits)), squeeze=False)
+    for i, split in enumerate(splits):
+        for j, metric in enumerate(metrics):
+            ax = axes[i][j]
+            for name, summary in curves.items():
+                steps = [s for s in sorted(summary) if summary[s][split].get(metric)]
+                if not steps:
+                    continue
+                xs = [s if x == "step" else summary[s]["train_seconds"] for s in steps]
+                cells = [summary[s][split][metric] for s in steps]
+                (line,) = ax.plot(xs, [c["mean"] for c in cells], marker="o", ms=3, label=name)
+                ax.fill_between(xs, [c["lo"] for c in cells], [c["hi"] for c in cells], color=line.get_color(), alpha=0.15)
+            ax.set_xscale("log")
+            ax.axhline(0, color="black", lw=0.6)
+            ax.axhline(1, color="grey", lw=0.6, ls="--")
+            ax.set_title(f"{split.replace('_', ' ')}: {metric.replace('gap_', 'gap ').replace('_accuracy', '')}", fontsize=9)
+            if i == len(splits) - 1:
+                ax.set_xlabel("training steps" if x == "step" else "training seconds (2 CPU cores)")
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.suptitle("Toy world: share of the base's simple-vs-complex gap closed (mean over seeds, 95 % band)", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

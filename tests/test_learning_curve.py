@@ -1,0 +1,102 @@
+"""Learning curves: adapters exported at several steps, each scored, summarised over seeds with intervals."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sur_lightning.evaluation.learning_curve import converged_step, exported_adapters, image_rows, score_run, summarise
+from sur_lightning.train import train
+
+SPLIT = "held_out_combinations"
+
+
+def rows(values: dict[str, list[float]], split: str = SPLIT) -> list[dict]:
+    """Per-image rows: one per (prompt p<i>, seed 0), with the given correctness per metric."""
+    n = len(next(iter(values.values())))
+    return [{"prompt_id": f"p{i}", "seed": 0, "category": split, **{k: v[i] for k, v in values.items()}} for i in range(n)]
+
+
+def test_two_step_run_exports_each_step_and_every_export_is_scored(compose, backbone):
+    cfg = compose("+experiment=sur_demo", "trainer.max_steps=2", "trainer.val_check_interval=2",
+                  "callbacks.adapter_export.at_steps=[1,2]", "callbacks.sample_grid=null")
+    train(cfg)
+    run = Path(cfg.paths.output_dir)
+    exports = exported_adapters(run)
+    assert [e["step"] for e in exports] == [1, 2]
+    assert all(e["path"].exists() for e in exports)
+    assert 0 < exports[0]["train_seconds"] <= exports[1]["train_seconds"]
+
+    from sur_lightning.evaluate import Evaluator, score_columns
+    from sur_lightning.generate import build_columns, render_columns
+    from sur_lightning.metrics.prompt_suites import Prompt
+
+    prompts = [Prompt("p0", "two red circles", SPLIT, "two red circles", (2, "red", "circle")),
+               Prompt("p1", "one blue square", SPLIT, "one blue square", (1, "blue", "square"))]
+    evaluator = Evaluator(compute=["shapes"])
+    scored = []
+
+    def score_adapter(path):
+        scored.append(path.name)
+        (column,) = build_columns(backbone, [str(path)], include_base=False)
+        column.name = "adapter"
+        rendered = render_columns(backbone, [column], prompts, [0], progress=False, num_inference_steps=2)
+        return image_rows(score_columns(evaluator, rendered), "adapter")
+
+    written = []
+    results = score_run(run, score_adapter, on_step=lambda step, result: written.append(step))
+    assert sorted(results) == [1, 2] == written and scored == ["adapter-step1.safetensors", "adapter-step2.safetensors"]
+    assert [r["prompt_id"] for r in results[2]["images"]] == ["p0", "p1"]
+    assert set(results[2]["images"][0]) >= {"color_accuracy", "shape_accuracy", "count_accuracy"}
+    # Resuming: steps already scored are not rendered again.
+    scored.clear()
+    assert score_run(run, score_adapter, done={1: results[1], 2: results[2]}) == results and scored == []
+
+
+def test_a_run_without_exports_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="exports.jsonl"):
+        exported_adapters(tmp_path)
+    (tmp_path / "exports.jsonl").write_text('{"step": 1, "train_seconds": 1, "file": "adapter-step1.safetensors"}\n{oops\n')
+    with pytest.raises(ValueError, match="exports.jsonl:2"):
+        exported_adapters(tmp_path)
+
+
+def test_summary_gap_is_zero_at_the_base_and_one_at_the_complex_prompt_with_intervals():
+    base = rows({"color_accuracy": [0, 0, 1, 0] * 8})
+    upper = rows({"color_accuracy": [1, 1, 1, 0] * 8})
+    runs = {
+        0: {10: {"train_seconds": 2.0, "images": base}, 20: {"train_seconds": 4.0, "images": upper}},
+        1: {10: {"train_seconds": 4.0, "images": base}, 20: {"train_seconds": 6.0, "images": upper}},
+    }
+    summary = summarise(runs, base, upper, [SPLIT], n_boot=200)
+    assert summary[10]["train_seconds"] == 3.0 and summary[10]["seeds"] == 2
+    assert summary[10][SPLIT]["gap_color_accuracy"] == {"mean": 0.0, "lo": 0.0, "hi": 0.0}
+    assert summary[20][SPLIT]["gap_color_accuracy"] == {"mean": 1.0, "lo": 1.0, "hi": 1.0}
+    assert summary[20][SPLIT]["color_accuracy"]["mean"] == 0.75
+    assert summary[20][SPLIT]["color_accuracy"]["lo"] < 0.75 < summary[20][SPLIT]["color_accuracy"]["hi"]
+    # No gap (base == upper): None, not a ratio of two near-equal numbers.
+    assert summarise(runs, base, base, [SPLIT], n_boot=10)[20][SPLIT]["gap_color_accuracy"] is None
+
+
+def test_summary_interval_holds_the_spread_between_training_seeds():
+    base = rows({"color_accuracy": [0] * 32})
+    upper = rows({"color_accuracy": [1] * 32})
+    half = rows({"color_accuracy": [1, 0] * 16})
+    runs = {0: {5: {"train_seconds": 1.0, "images": base}}, 1: {5: {"train_seconds": 1.0, "images": upper}}}
+    cell = summarise(runs, base, upper, [SPLIT], n_boot=400)[5][SPLIT]["gap_color_accuracy"]
+    assert cell["mean"] == 0.5 and cell["lo"] == 0.0 and cell["hi"] == 1.0  # the seeds disagree completely
+    same = summarise({0: {5: {"train_seconds": 1.0, "images": half}}, 1: {5: {"train_seconds": 1.0, "images": half}}},
+                     base, upper, [SPLIT], n_boot=400)[5][SPLIT]["gap_color_accuracy"]
+    assert same["mean"] == 0.5 and 0.2 < same["lo"] < 0.5 < same["hi"] < 0.8  # only image noise left
+    # Deterministic: the bootstrap has its own seeded generator.
+    assert summarise(runs, base, upper, [SPLIT], n_boot=50) == summarise(runs, base, upper, [SPLIT], n_boot=50)
+
+
+def test_converged_step_is_where_the_curve_stops_moving():
+    def curve(values):
+        return {s: {SPLIT: {"gap": {"mean": v}}} for s, v in zip([300, 600, 1200, 2400], values)}
+
+    assert converged_step(curve([0.0, 0.5, 0.9, 0.92]), SPLIT, "gap") == 1200
+    assert converged_step(curve([0.0, 0.1, 0.3, 0.6]), SPLIT, "gap") is None
+    assert converged_step(curve([0.2, 0.21, 0.2, 0.22]), SPLIT, "gap") == 300
+    assert json.dumps(curve([0, 0, 0, 0]))  # plain JSON: the benchmark writes it as it is
