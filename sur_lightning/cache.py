@@ -7,6 +7,10 @@ Three kinds of entries, each in its own ``FeatureStore``:
     clip      per prompt (simple and complex): CLIP text-encoder ``states``         [77, d]
     llm       per simple prompt: LLM ``states``, pooled [D] or the real tokens'      [T, D]
 
+With name dropout (``llm.rag.name_dropout`` > 0) each training row's simple prompt has K renamed
+variants ("a pair of sukebs"); each is one more prompt, with its CLIP states and its LLM states (read
+with the original's retrieved fact, renamed the same way), keyed by its text like any prompt.
+
 An entry's key is the sha256 of its content (image bytes or prompt text) together with the fingerprint
 of what produced it: the component's resolved config (model id, revision, dtype, layer, pooling,
 max length; resolution and crop for latents) plus a hash of its local files. A store lives in a folder
@@ -318,12 +322,18 @@ def missing_entries(cache: FeatureCache, datamodule, prompts_extra: list[str]) -
     all_rows = datamodule.all_rows()
     # The LLM's rewrites too, when the alignment loss targets them (loss.align_target=rewrite|both).
     rewrites = [r.rewrite for r in all_rows if r.rewrite is not None]
-    prompts = unique([r.simple for r in all_rows] + [r.complex for r in all_rows] + rewrites + prompts_extra)
+    # Name dropout: every renamed variant a training row may be served with (none without it).
+    renamed = datamodule.renamed_prompts() if hasattr(datamodule, "renamed_prompts") else []
+    prompts = unique(
+        [r.simple for r in all_rows] + [p for p, _ in renamed] + [r.complex for r in all_rows] + rewrites + prompts_extra
+    )
     missing["clip"] = [p for p in prompts if cache.clip.key(content_hash(p)) not in cache.clip]
     if cache.llm is not None:
         simple = {}
         for row in all_rows:
             simple.setdefault(row.simple, row)
+        for prompt, row in renamed:
+            simple.setdefault(prompt, row)
         for prompt in prompts_extra:
             simple.setdefault(prompt, None)
         missing["llm"] = [(p, row) for p, row in simple.items() if cache.llm.key(content_hash(p)) not in cache.llm]
@@ -394,6 +404,25 @@ def fill_latents(store: FeatureStore, jobs: list, datamodule, backbone, batch_si
         store.write(pending, bad)
 
 
+def check_name_dropout(cfg: DictConfig, datamodule) -> None:
+    """The datamodule renames training prompts only if the LLM's retriever undoes the same renaming: its
+    ``llm.rag.name_dropout`` on and the same ``name_variants`` (conf/data reads both from llm.rag)."""
+    renamer = getattr(datamodule, "renamer", None)
+    if renamer is None:
+        return
+    rag = (cfg.get("llm") or {}).get("rag")
+    if rag is None or not rag.get("name_dropout"):
+        raise ValueError(
+            f"data.name_dropout={datamodule.name_dropout} renames the training prompts, but llm.rag.name_dropout is off "
+            "(or there is no llm.rag), so the LLM would read the nonsense word without the renamed fact: set "
+            "llm.rag.name_dropout instead (+llm/rag=toyworld llm.rag.name_dropout=0.5)"
+        )
+    if int(rag.get("name_variants", 4)) != renamer.variants:
+        raise ValueError(
+            f"data.name_variants={renamer.variants} but llm.rag.name_variants={rag.get('name_variants')}: set llm.rag.name_variants"
+        )
+
+
 def build_cache(cfg: DictConfig, datamodule, mode: str = "auto", backbone=None) -> tuple[FeatureCache, object]:
     """Compute and store what ``cfg`` needs that is not cached yet; returns the cache and the backbone if loaded.
 
@@ -402,6 +431,7 @@ def build_cache(cfg: DictConfig, datamodule, mode: str = "auto", backbone=None) 
     """
     from sur_lightning.backbone import resolve_dtype
 
+    check_name_dropout(cfg, datamodule)
     datamodule.setup("fit")
     cache = FeatureCache.from_config(cfg)
     missing = missing_entries(cache, datamodule, extra_prompts(cfg))
@@ -470,7 +500,9 @@ def prepare_feature_cache(cfg: DictConfig, datamodule, rank: int | None = None, 
     without its VAE encoder, the cache and the LLM width.
 
     Under multi-GPU training only rank 0 builds; the other ranks wait for it and compute nothing.
+    Name dropout's data and LLM settings are checked here, with the cache off too.
     """
+    check_name_dropout(cfg, datamodule)
     mode = cfg.data.get("cache", "off")
     if mode == "off":
         return {}

@@ -11,10 +11,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from sur_lightning.backbone import FrozenModule, load_pretrained, resolve_dtype
+
+
+class TokenStates(NamedTuple):
+    """``CausalLMFeatures.token_states``: states [B, T, D]; mask [B, T], the real tokens; facts [B, T], the
+    retrieved facts' tokens (None without RAG); prompt [B, T], the prompt's own non-special tokens (with spans=True)."""
+
+    states: torch.Tensor
+    mask: torch.Tensor
+    facts: torch.Tensor | None
+    prompt: torch.Tensor | None = None
 
 
 class CausalLMFeatures(FrozenModule):
@@ -103,39 +114,61 @@ class CausalLMFeatures(FrozenModule):
 
     @torch.no_grad()
     def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        tokens = self.token_states(prompts)
+        mask = tokens.mask
+        if tokens.facts is not None and self.rag_pooling == "prompt":
+            mask = mask & ~tokens.facts
+        if self.pooling == "none":
+            return tokens.states, mask
+        return masked_mean(tokens.states, mask), None
+
+    @torch.no_grad()
+    def token_states(self, prompts: list[str], spans: bool = False) -> TokenStates:
+        """The block's states of every token of the (augmented) inputs, and which tokens are what.
+
+        ``facts``: with RAG, the tokens of the retrieved facts (a real, non-empty character span that ends
+        before the prompt starts; the template's separator between them counts as fact); else None.
+        ``spans=True`` adds ``prompt``: the prompt's own tokens, special tokens (BOS/EOS) excluded.
+        """
         inputs, prompt_starts = list(prompts), None
         if self.rag is not None:
-            spans = self.rag.augment_spans(inputs)
-            inputs, prompt_starts = [text for text, _ in spans], [start for _, start in spans]
+            augmented = self.rag.augment_spans(inputs)
+            inputs, prompt_starts = [text for text, _ in augmented], [start for _, start in augmented]
+        offsets_needed = prompt_starts is not None or spans
         tokens = self.tokenizer(
             inputs,
             padding=True,
             truncation=True,
             max_length=self.max_length,
             return_tensors="pt",
-            return_offsets_mapping=prompt_starts is not None,
+            return_offsets_mapping=offsets_needed,
         )
-        facts = None
-        if prompt_starts is not None and tokens.input_ids.shape[1] > 0:
-            # A fact token is a real (non-empty) character span that ends before the prompt starts;
-            # special tokens have the empty span (0, 0) and stay, as they do without RAG.
-            offsets = tokens.pop("offset_mapping")
+        facts, prompt = None, None
+        offsets = tokens.pop("offset_mapping") if offsets_needed else None
+        if offsets is not None and tokens.input_ids.shape[1] > 0:
+            # Special tokens have the empty span (0, 0); without RAG's facts they stay, as they do without RAG.
             starts, ends = offsets[..., 0], offsets[..., 1]
-            facts = (ends > starts) & (ends <= torch.tensor(prompt_starts).unsqueeze(1))
+            real = (ends > starts) & tokens.attention_mask.bool()
+            begin = torch.tensor(prompt_starts if prompt_starts is not None else [0] * len(inputs)).unsqueeze(1)
+            if prompt_starts is not None:
+                facts = real & (ends <= begin)
+            if spans:
+                prompt = real & (ends > begin)
         if tokens.input_ids.shape[1] == 0:
             # Every prompt is empty and the tokenizer adds no BOS: one masked pad token keeps shapes valid.
             tokens["input_ids"] = torch.full((len(prompts), 1), self.tokenizer.pad_token_id)
             tokens["attention_mask"] = torch.zeros((len(prompts), 1), dtype=torch.long)
             facts = None
+            prompt = torch.zeros((len(prompts), 1), dtype=torch.bool) if spans else None
         tokens = tokens.to(self.device)
         states = self.block_output(tokens).float()
         mask = tokens.attention_mask.bool()
-        if facts is not None and self.rag_pooling == "prompt":
-            mask = mask & ~facts.to(mask.device)
-        if self.pooling == "none":
-            return states, mask
-        return masked_mean(states, mask), None
-
+        return TokenStates(
+            states,
+            mask,
+            None if facts is None else facts.to(mask.device),
+            None if prompt is None else prompt.to(mask.device),
+        )
 
     def block_output(self, tokens) -> torch.Tensor:
         """[B, T, D]: the output of block ``block_index``; the blocks after it do not run."""

@@ -5,7 +5,7 @@ Batches are dicts::
     pixel_values   [B, 3, R, R] float in [-1, 1]     (absent when the latents come from the cache)
     latent_mean    [B, 4, R/f, R/f]                  cached VAE posterior mean  (only with data.cache)
     latent_logvar  [B, 4, R/f, R/f]                  cached VAE posterior log-variance
-    simple_prompt  list[str]  (B)
+    simple_prompt  list[str]  (B)   with name dropout (training rows only), some renamed: "a pair of sukebs"
     complex_prompt list[str]  (B)
     id             list[str]  (B)   the row's file name (or table row number)
 
@@ -137,6 +137,10 @@ class ImageTextDataset(Dataset):
     With a latent store (``data.cache`` on), an image whose latents are cached is not decoded at all.
     Indexed by ``EpochSampler`` with (epoch, index), a row's flip and crop are drawn from a generator keyed
     by (seed, epoch, row id), so a resumed run, or another number of workers or ranks, draws the same ones.
+
+    ``renamer`` (a ``sur_lightning.rag.NameDropout``) with ``name_dropout`` p > 0: with probability p the
+    row's simple prompt is replaced by one of its renamed variants, drawn from its own generator keyed by
+    the same (seed, epoch, row id) (so the flip draws are the ones without name dropout).
     """
 
     def __init__(
@@ -153,9 +157,13 @@ class ImageTextDataset(Dataset):
         latent_store=None,
         cache: str = "off",
         seed: int = 0,
+        renamer=None,
+        name_dropout: float = 0.0,
     ) -> None:
         self.rows = rows
         self.seed = seed
+        self.renamer = renamer
+        self.name_dropout = name_dropout
         self.root = root
         self.table = table
         self.image_key = image_key
@@ -189,7 +197,7 @@ class ImageTextDataset(Dataset):
             row = self.rows[(index + offset) % len(self.rows)]
             rng = random if epoch is None else random.Random(f"{self.seed}:{epoch}:{row.id}")
             try:
-                example = self.example(row, events, rng)
+                example = self.example(row, events, rng, self.simple_prompt(row, epoch))
             except BadImage as error:
                 events.append({"kind": "skipped", "row": row.where, "id": row.id, "reason": str(error)})
                 continue
@@ -197,10 +205,16 @@ class ImageTextDataset(Dataset):
             return example
         raise RuntimeError(f"none of the {len(self.rows)} rows has a loadable image: {events[:3]}")
 
-    def example(self, row: Row, events: list[dict], rng=random) -> dict:
+    def simple_prompt(self, row: Row, epoch: int | None) -> str:
+        """The row's simple prompt; with name dropout, renamed with probability p (keyed by seed, epoch, row id)."""
+        if self.renamer is None or not self.name_dropout:
+            return row.simple
+        return self.renamer.draw(row.simple, self.name_dropout, f"{self.seed}:{epoch}:{row.id}")
+
+    def example(self, row: Row, events: list[dict], rng=random, simple: str | None = None) -> dict:
         data = self.image_bytes(row)
         flip = self.random_flip and rng.random() < 0.5
-        example = {"simple_prompt": row.simple, "complex_prompt": row.complex, "id": row.id}
+        example = {"simple_prompt": row.simple if simple is None else simple, "complex_prompt": row.complex, "id": row.id}
         if row.rewrite is not None:
             example["rewrite_prompt"] = row.rewrite
         if self.latent_store is not None:
@@ -441,6 +455,10 @@ class ImageTextDataModule(L.LightningDataModule):
     pin_memory:    page-locked training batches (null: when CUDA is present).
     cache:         auto | require | off, with ``cache_dir``: see ``sur_lightning/cache.py``.
     report_dir:    where ``data_report.json`` is written (the run's folder).
+    name_dropout, name_variants, name_knowledge_base: name dropout for the training rows (p, K and the
+                   knowledge base whose "Name (plural)" titles are the names; see ``sur_lightning.rag.NameDropout``).
+                   conf/data takes all three from ``llm.rag`` (``llm.rag.name_dropout`` is the switch);
+                   validation rows are never renamed. ``renamed_prompts`` lists every renamed variant, for the cache.
     """
 
     def __init__(
@@ -471,6 +489,9 @@ class ImageTextDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         report_dir: str | None = None,
         seed: int = 0,
+        name_dropout: float = 0.0,
+        name_variants: int = 4,
+        name_knowledge_base: str | None = None,
     ) -> None:
         super().__init__()
         if cache not in CACHE_MODES:
@@ -513,11 +534,36 @@ class ImageTextDataModule(L.LightningDataModule):
         self.cache_dir = cache_dir
         self.report_dir = report_dir
         self.seed = seed
+        self.name_dropout = float(name_dropout or 0.0)
+        self.renamer = self.name_renamer(name_variants, name_knowledge_base)
         self.report = DataReport()
         self.train_set = None
         self.val_set = None
         self.latent_store = None
         self.train_sampler: EpochSampler | None = None
+
+    def name_renamer(self, variants: int, knowledge_base: str | None):
+        """The ``NameDropout`` of the training rows; None without name dropout."""
+        if not 0.0 <= self.name_dropout <= 1.0:
+            raise ValueError(f"data.name_dropout is a probability in [0, 1], got {self.name_dropout}")
+        if not self.name_dropout:
+            return None
+        if self.format == "webdataset":
+            raise ValueError("name dropout renames each row's K fixed variants, for map-style data: WebDataset shards are streamed")
+        if knowledge_base is None:
+            raise ValueError(
+                f"data.name_dropout={self.name_dropout} renames objects in the prompt and in its retrieved fact: it needs "
+                "retrieval (+llm/rag=toyworld), whose llm.rag.knowledge_base names them (data.name_knowledge_base)"
+            )
+        from sur_lightning.rag import NameDropout
+
+        return NameDropout.for_knowledge_base(knowledge_base, variants)
+
+    def renamed_prompts(self) -> list[tuple[str, Row]]:
+        """(renamed prompt, row) for every name-dropout variant of every training row's simple prompt."""
+        if self.renamer is None or self.train_set is None or not hasattr(self.train_set, "rows"):
+            return []
+        return [(variant, row) for row in self.train_set.rows for variant in self.renamer.all_variants(row.simple)]
 
     # ---------------------------------------------------------------- reading and checking rows
 
@@ -586,7 +632,7 @@ class ImageTextDataModule(L.LightningDataModule):
         self.val_set = ImageTextDataset(good[: self.val_size], center_crop=True, random_flip=False, **common) if self.val_size else None
         self.train_set = ImageTextDataset(
             good[self.val_size :], center_crop=self.center_crop, random_flip=self.random_flip, cache=self.cache,
-            seed=self.seed, **common,
+            seed=self.seed, renamer=self.renamer, name_dropout=self.name_dropout, **common,
         )
         if self.latent_store is not None:
             self.train_set.latent_store = self.latent_store
