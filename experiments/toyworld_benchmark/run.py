@@ -31,8 +31,20 @@ from sur_lightning.evaluation import learning_curve
 from sur_lightning.toyworld.world import SPLITS
 
 # name -> (preset, overrides, description)
+# The ELLA demo recipe before min-SNR and the cosine schedule (issue 19): the "ella" row keeps it.
+ELLA_CONSTANT_LR = [
+    "model.optimizer.lr=1.0e-3",
+    "model.lr_scheduler._target_=diffusers.optimization.get_constant_schedule_with_warmup",
+    "~model.lr_scheduler.num_training_steps",
+    "loss.denoising.snr_gamma=null",
+]
 ROWS: dict[str, tuple[str, list[str], str]] = {
-    "ella": ("ella_demo", [], "ELLA TSC (2 blocks) on SmolLM2 token states, denoising loss, caption dropout 0.1"),
+    "ella_demo": (
+        "ella_demo",
+        [],
+        "ELLA TSC (2 blocks) on SmolLM2 token states, the demo recipe: lr 2e-3 cosine, min-SNR-5, caption dropout 0.1",
+    ),
+    "ella": ("ella_demo", ELLA_CONSTANT_LR, "the same TSC at the earlier recipe: constant lr 1e-3, plain ε-MSE"),
     "sur_demo": ("sur_demo", [], "SUR, the demo recipe: cosine alignment (per token, λ=1), adaptive η"),
     "sur_small": ("sur_demo", ["connector=sur_small"], "the SUR demo recipe with connector=sur_small (4 heads, ff 512)"),
     "sur_paper": ("sur_demo", ["eta=fixed", "loss=kl"], "SUR as the paper: KL alignment (λ=1e-5), fixed η=0.1"),
@@ -61,7 +73,12 @@ ROWS: dict[str, tuple[str, list[str], str]] = {
     "ella_rag": (
         "ella_demo",
         ["+llm/rag=toyworld", "llm.rag_pooling=all"],
-        "ELLA reading SmolLM2's states of the retrieved fact + the prompt (all tokens)",
+        "the ELLA demo recipe reading SmolLM2's states of the retrieved fact + the prompt (all tokens)",
+    ),
+    "ella_name_dropout": (
+        "ella_demo",
+        ["+llm/rag=toyworld", "llm.rag_pooling=all", "llm.rag.name_dropout=0.5"],
+        "ella_rag + name dropout 0.5: the object's name becomes a nonsense word in prompt and fact (4 variants)",
     ),
 }
 SPLIT_SEEDS = {"adapter_train": [0], "held_out_combinations": [0, 1], "held_out_objects": [0, 1, 2]}
