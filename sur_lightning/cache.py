@@ -40,7 +40,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from sur_lightning.connectors import TextFeatures
+from sur_lightning.models.connectors import TextFeatures, pre_layout_targets
 from sur_lightning.data.datamodule import CacheMissError, content_hash, image_variants, preprocess
 from sur_lightning.data.images import BadImage, load_rgb
 from sur_lightning.rewrite import datamodule_arguments
@@ -164,7 +164,7 @@ def resolved(node, skip: tuple[str, ...] = ()) -> dict:
 def backbone_fingerprint(backbone_cfg, subfolders: tuple[str, ...]) -> dict:
     config = resolved(backbone_cfg)
     producer = {k: config.get(k) for k in ("_target_", "pretrained", "revision", "variant", "dtype")}
-    return {**producer, "files": files_hash(str(config["pretrained"]), subfolders)}
+    return pre_layout_targets({**producer, "files": files_hash(str(config["pretrained"]), subfolders)})
 
 
 # Bumped when what a config's LLM features mean changes (2: ``layer`` is a block index read before the final norm).
@@ -177,7 +177,8 @@ def llm_fingerprint(llm_cfg) -> dict:
     with other facts, or none, are never reused. ``llm=multi``: each teacher's own fingerprint."""
     if llm_cfg.get("teachers"):
         config = OmegaConf.to_container(llm_cfg, resolve=True)
-        return {**config, "teachers": {name: llm_fingerprint(llm_cfg.teachers[name]) for name in llm_cfg.teachers}}
+        teachers = {name: llm_fingerprint(llm_cfg.teachers[name]) for name in llm_cfg.teachers}
+        return pre_layout_targets({**config, "teachers": teachers})
     rag = llm_cfg.get("rag")
     # Keys that do not change the features stay out, so adding them kept existing caches valid;
     # llm.quantization does change them (int8/nf4 weights) and is in whenever it is set.
@@ -191,7 +192,8 @@ def llm_fingerprint(llm_cfg) -> dict:
     if rag is not None:
         # Building a Retriever reads and hashes the knowledge base; it loads no encoder.
         fingerprint["rag"] = instantiate(rag).fingerprint()
-    return fingerprint
+    # Module paths as before the layout move, so caches made before it stay valid.
+    return pre_layout_targets(fingerprint)
 
 
 def llm_entry_names(llm_cfg) -> tuple[str, ...]:
@@ -429,7 +431,7 @@ def build_cache(cfg: DictConfig, datamodule, mode: str = "auto", backbone=None) 
     ``require`` computes nothing and fails naming the first missing entry. The LLM is loaded only when
     LLM entries are missing; the backbone only when latents or CLIP states are (or when given).
     """
-    from sur_lightning.backbone import resolve_dtype
+    from sur_lightning.models.backbone import resolve_dtype
 
     check_name_dropout(cfg, datamodule)
     datamodule.setup("fit")

@@ -48,7 +48,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sur_lightning.generate import Column, build_columns, complex_prompt_column, load_prompt_list, pick_device
-from sur_lightning.metrics.prompt_suites import Prompt
+from sur_lightning.data.prompt_suites import Prompt
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 COMPLEX = "base+complex"

@@ -102,7 +102,7 @@ class Evaluator:
         self.batch_size = batch_size
         self.shapes_kwargs = dict(shapes or {})
         if "fid" in self.compute:
-            from sur_lightning.metrics.fid import ImageDistributionMetrics, InceptionFeatures
+            from sur_lightning.evaluation.metrics.fid import ImageDistributionMetrics, InceptionFeatures
 
             if reference is None:
                 raise ValueError("metrics.compute has fid but no reference images: set reference=/path/to/folder")
@@ -122,19 +122,19 @@ class Evaluator:
                 ]
             )
         if "clip" in self.compute:
-            from sur_lightning.metrics.clip_score import CLIPScorer
+            from sur_lightning.evaluation.metrics.clip_score import CLIPScorer
 
             clip = dict(clip or {})
             self.clip = CLIPScorer(clip.get("model", "ViT-L-14"), clip.get("pretrained", "openai"), device=self.device)
         if "captions" in self.compute:
-            from sur_lightning.metrics.captions import Captioner, load_wordnet
+            from sur_lightning.evaluation.metrics.captions import Captioner, load_wordnet
 
             self.captioner = Captioner(**dict(captioner or {}), device=self.device)
             captions = dict(captions or {})
             self.meteor = bool(captions.get("meteor", True))
             self.wordnet = load_wordnet(captions.get("wordnet")) if self.meteor else None
         if "diversity" in self.compute:
-            from sur_lightning.metrics.diversity import lpips_distance
+            from sur_lightning.evaluation.metrics.diversity import lpips_distance
 
             lpips = dict(lpips or {})
             self.lpips = lpips_distance(lpips.get("net_type", "alex"), lpips.get("backbone_weights"))
@@ -153,7 +153,7 @@ class Evaluator:
         per_image: dict[str, list] = {}
         chunks = [slice(i, i + self.batch_size) for i in range(0, len(images), self.batch_size)]
         if "shapes" in self.compute:
-            from sur_lightning.metrics import shapes
+            from sur_lightning.evaluation.metrics import shapes
 
             targets = list(targets) if targets is not None else [None] * len(images)
             checks = [
@@ -185,13 +185,13 @@ class Evaluator:
                 metrics.update(to_uint8_batch(images[c]).to(self.device), real=False)
             summary.update(metrics.compute())
         if "captions" in self.compute:
-            from sur_lightning.metrics.captions import score_captions
+            from sur_lightning.evaluation.metrics.captions import score_captions
 
             captions = [caption for c in chunks for caption in self.captioner(images[c])]
             per_image["caption"] = captions
             summary.update(score_captions(captions, list(prompts), meteor_metric=self.meteor, wordnet=self.wordnet))
         if "diversity" in self.compute:
-            from sur_lightning.metrics.diversity import diversity_by_prompt
+            from sur_lightning.evaluation.metrics.diversity import diversity_by_prompt
 
             pixels = to_uint8_batch(images).float() / 255
             summary["lpips_diversity"] = diversity_by_prompt(pixels, list(prompts), self.lpips)["mean"]

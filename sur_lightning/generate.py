@@ -40,8 +40,8 @@ from omegaconf import DictConfig
 from PIL import Image, ImageDraw
 from torch import nn
 
-from sur_lightning.connectors import TextFeatures
-from sur_lightning.metrics.prompt_suites import Prompt
+from sur_lightning.models.connectors import TextFeatures
+from sur_lightning.data.prompt_suites import Prompt
 from sur_lightning.train import CONFIG_DIR, check_config
 
 SCHEDULERS = {
@@ -106,7 +106,7 @@ def override_eta(connector: nn.Module, value: float | None):
     if value is None:
         yield connector
         return
-    from sur_lightning.eta import FixedEta
+    from sur_lightning.models.eta import FixedEta
 
     if not isinstance(getattr(connector, "eta", None), nn.Module):
         raise TypeError(f"{type(connector).__name__} has no η module to override (η applies to SUR adapters)")
@@ -368,7 +368,7 @@ def load_prompt_list(source, num_prompts: int | None = None) -> list[Prompt]:
     from hydra.utils import instantiate
     from omegaconf import DictConfig, ListConfig
 
-    from sur_lightning.metrics.prompt_suites import load_prompts
+    from sur_lightning.data.prompt_suites import load_prompts
 
     if isinstance(source, dict | DictConfig):
         source = instantiate(source)
@@ -417,7 +417,7 @@ def adapter_entries(adapters) -> list[tuple[str, dict]]:
     from each adapter (``adapter_label``: ``sur-demo``), with the run folder added only to tell two apart."""
     from omegaconf import DictConfig, OmegaConf
 
-    from sur_lightning.connectors import adapter_label
+    from sur_lightning.models.connectors import adapter_label
 
     if isinstance(adapters, DictConfig):
         adapters = OmegaConf.to_container(adapters, resolve=True)
@@ -441,8 +441,8 @@ ADAPTER_FORMATS = ("sur_lightning", "official")
 def load_adapter(path, file_format: str = "sur_lightning") -> nn.Module:
     """A connector from a file this project wrote (``adapter.safetensors`` + config), or from the SUR
     authors' ``adapter_checkpoint*.pt`` (``format: official``: their released module, η = 0.1)."""
-    from sur_lightning.connectors import load_connector
-    from sur_lightning.connectors.sur import official_adapter
+    from sur_lightning.models.connectors import load_connector
+    from sur_lightning.models.connectors.sur import official_adapter
 
     if file_format not in ADAPTER_FORMATS:
         raise ValueError(f"adapter {path}: format must be one of {ADAPTER_FORMATS}, got {file_format!r}")

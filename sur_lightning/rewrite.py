@@ -67,7 +67,7 @@ class PromptRewriter:
                   (simple → detailed, for ``loss.align_target``) and ``simplify`` (caption → simple prompt,
                   for ``data.simple_from=llm``). Models with a chat template use it; others get the
                   messages as ``role: content`` lines.
-    rag:          optional ``sur_lightning.rag.Retriever``: its facts go into the prompt before templating.
+    rag:          optional ``sur_lightning.knowledge.rag.Retriever``: its facts go into the prompt before templating.
     cache_file:   the JSONL of rewrites shared by runs and ranks (None: keep them in memory only).
     """
 
@@ -192,7 +192,7 @@ class PromptRewriter:
     def load(self) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from sur_lightning.backbone import load_pretrained, resolve_dtype
+        from sur_lightning.models.backbone import load_pretrained, resolve_dtype
 
         self.tokenizer = load_pretrained(AutoTokenizer, self.pretrained, "rewriter.pretrained")
         if self.tokenizer.pad_token is None:

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sur_lightning.cache import prepare_feature_cache
 from sur_lightning.rewrite import datamodule_arguments
-from sur_lightning.sweep import check_combination
+from sur_lightning.config import check_combination
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 

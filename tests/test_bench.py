@@ -51,7 +51,7 @@ def test_bench_memory_growth_sees_a_step_that_keeps_what_it_allocates(tmp_path, 
     from conftest import tiny_overrides
 
     from sur_lightning import bench
-    from sur_lightning.module import ConnectorTrainingModule
+    from sur_lightning.training.module import ConnectorTrainingModule
 
     kept = []
     real_step = ConnectorTrainingModule.training_step
@@ -73,7 +73,7 @@ def test_bench_memory_growth_sees_a_step_that_keeps_what_it_allocates(tmp_path, 
 def test_random_backbones_of_real_proportions_load_like_the_hub_model(tmp_path):
     import pytest
 
-    from sur_lightning.backbone import StableDiffusionBackbone, build_random_stable_diffusion
+    from sur_lightning.models.backbone import StableDiffusionBackbone, build_random_stable_diffusion
 
     folder = build_random_stable_diffusion(tmp_path / "mid", shape="mid", sample_size=8)
     assert sorted(p.name for p in (tmp_path / "mid").iterdir() if p.is_dir() and not p.name.startswith("_")) == [
@@ -90,7 +90,7 @@ def test_unet_speed_options_keep_the_prediction_and_its_gradient(tiny_sd, monkey
     import torch
     from diffusers import UNet2DConditionModel
 
-    from sur_lightning.backbone import StableDiffusionBackbone
+    from sur_lightning.models.backbone import StableDiffusionBackbone
 
     def step(backbone):
         torch.manual_seed(0)

@@ -15,7 +15,7 @@ import pytest
 from conftest import tiny_overrides
 
 import sur_lightning.cache as cache_module
-import sur_lightning.llm as llm_module
+import sur_lightning.models.llm as llm_module
 from sur_lightning.cache import FeatureCache
 
 REPO = str(Path(__file__).resolve().parent.parent)

@@ -12,10 +12,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from sur_lightning.connectors import save_connector
-from sur_lightning.connectors.ella import TimestepAwareSemanticConnector
-from sur_lightning.connectors.sur import SURAdapter
-from sur_lightning.eta import FixedEta
+from sur_lightning.models.connectors import save_connector
+from sur_lightning.models.connectors.ella import TimestepAwareSemanticConnector
+from sur_lightning.models.connectors.sur import SURAdapter
+from sur_lightning.models.eta import FixedEta
 from sur_lightning.generate import (
     ClipConditioning,
     ConnectorConditioning,
@@ -51,7 +51,7 @@ def tiny_sur(batch_first: bool = True, eta: float = 0.5, seed: int = 0) -> SURAd
 
 @pytest.fixture(scope="module")
 def token_llm(tiny_llm):
-    from sur_lightning.llm import CausalLMFeatures
+    from sur_lightning.models.llm import CausalLMFeatures
 
     return CausalLMFeatures(tiny_llm, pooling="none")
 

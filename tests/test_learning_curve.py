@@ -29,7 +29,7 @@ def test_two_step_run_exports_each_step_and_every_export_is_scored(compose, back
 
     from sur_lightning.evaluate import Evaluator, score_columns
     from sur_lightning.generate import build_columns, render_columns
-    from sur_lightning.metrics.prompt_suites import Prompt
+    from sur_lightning.data.prompt_suites import Prompt
 
     prompts = [Prompt("p0", "two red circles", SPLIT, "two red circles", (2, "red", "circle")),
                Prompt("p1", "one blue square", SPLIT, "one blue square", (1, "blue", "square"))]

@@ -12,7 +12,7 @@ import torch
 from conftest import CONFIG_DIR, tiny_overrides
 from hydra.utils import instantiate
 
-from sur_lightning.rag import (
+from sur_lightning.knowledge.rag import (
     PLACEHOLDER_WORDS,
     KnowledgeBase,
     NameDropout,
@@ -48,7 +48,7 @@ def renamer(kb) -> NameDropout:
 
 @pytest.fixture(scope="module")
 def minilm():
-    from sur_lightning.sentence import SentenceEncoderFeatures
+    from sur_lightning.models.sentence import SentenceEncoderFeatures
 
     return SentenceEncoderFeatures()
 
@@ -234,7 +234,7 @@ def test_name_dropout_without_retrieval_or_with_other_variants_is_an_error(tmp_p
 
 def test_the_cache_holds_every_variant_so_a_cached_training_step_needs_no_llm(tmp_path, cache_dir, tiny_sd, tiny_llm, monkeypatch):
     from sur_lightning.cache import FeatureCache, build_cache, missing_entries
-    from sur_lightning.llm import CausalLMFeatures
+    from sur_lightning.models.llm import CausalLMFeatures
     from sur_lightning.train import train
 
     overrides = [
@@ -273,7 +273,7 @@ def test_the_cache_holds_every_variant_so_a_cached_training_step_needs_no_llm(tm
 
 
 def test_the_span_probe_pools_the_fact_tokens_and_the_prompt_tokens(tiny_llm, kb, minilm, monkeypatch):
-    from sur_lightning.llm import CausalLMFeatures
+    from sur_lightning.models.llm import CausalLMFeatures
     from sur_lightning.toyworld import probe
 
     retriever = Retriever(kb, minilm)

@@ -136,10 +136,10 @@ def test_rewrite_cli_prints_saves_and_scores_a_toyworld_suite(tiny_llm, tmp_path
 
 
 def test_prompt_alignment_both_is_the_mean_of_complex_and_rewrite_terms(backbone):
-    from sur_lightning.connectors.sur import SURAdapter
-    from sur_lightning.eta import FixedEta
-    from sur_lightning.losses import DenoisingLoss, FeatureAlignmentLoss
-    from sur_lightning.module import ConnectorTrainingModule
+    from sur_lightning.models.connectors.sur import SURAdapter
+    from sur_lightning.models.eta import FixedEta
+    from sur_lightning.training.losses import DenoisingLoss, FeatureAlignmentLoss
+    from sur_lightning.training.module import ConnectorTrainingModule
 
     def module(target):
         return ConnectorTrainingModule(

@@ -6,7 +6,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from sur_lightning.sentence import SentenceEncoderFeatures, minilm_path
+from sur_lightning.models.sentence import SentenceEncoderFeatures, minilm_path
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 

@@ -11,7 +11,7 @@ import yaml
 from conftest import tiny_overrides
 from hydra.utils import instantiate
 
-from sur_lightning.sweep import IncompatibleConfigError, check_combination
+from sur_lightning.config import IncompatibleConfigError, check_combination
 from sur_lightning.sweep_report import sweep_report
 
 ROOT = Path(__file__).resolve().parent.parent

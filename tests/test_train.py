@@ -11,7 +11,7 @@ from conftest import tiny_overrides
 from hydra.errors import ConfigCompositionException, InstantiationException
 from omegaconf.errors import MissingMandatoryValue
 
-from sur_lightning.backbone import ModelNotAvailableError
+from sur_lightning.models.backbone import ModelNotAvailableError
 from sur_lightning.train import train
 
 EXPERIMENTS = sorted(p.stem for p in (Path(__file__).parent.parent / "conf" / "experiment").glob("*.yaml"))
@@ -44,7 +44,7 @@ def test_demo_writes_checkpoint_adapter_grid_metrics_and_offline_wandb(compose):
     assert (output / "checkpoints" / "last.ckpt").exists()
     assert list((output / "wandb").glob("offline-run-*"))
     assert (output / "samples" / "step000002.png").exists()
-    from sur_lightning.connectors import load_connector
+    from sur_lightning.models.connectors import load_connector
 
     assert load_connector(output / "adapter.safetensors").config["eta"]["_target_"].endswith("AdaptiveEta")
 

@@ -138,7 +138,7 @@ class ImageTextDataset(Dataset):
     Indexed by ``EpochSampler`` with (epoch, index), a row's flip and crop are drawn from a generator keyed
     by (seed, epoch, row id), so a resumed run, or another number of workers or ranks, draws the same ones.
 
-    ``renamer`` (a ``sur_lightning.rag.NameDropout``) with ``name_dropout`` p > 0: with probability p the
+    ``renamer`` (a ``sur_lightning.knowledge.rag.NameDropout``) with ``name_dropout`` p > 0: with probability p the
     row's simple prompt is replaced by one of its renamed variants, drawn from its own generator keyed by
     the same (seed, epoch, row id) (so the flip draws are the ones without name dropout).
     """
@@ -456,7 +456,7 @@ class ImageTextDataModule(L.LightningDataModule):
     cache:         auto | require | off, with ``cache_dir``: see ``sur_lightning/cache.py``.
     report_dir:    where ``data_report.json`` is written (the run's folder).
     name_dropout, name_variants, name_knowledge_base: name dropout for the training rows (p, K and the
-                   knowledge base whose "Name (plural)" titles are the names; see ``sur_lightning.rag.NameDropout``).
+                   knowledge base whose "Name (plural)" titles are the names; see ``sur_lightning.knowledge.rag.NameDropout``).
                    conf/data takes all three from ``llm.rag`` (``llm.rag.name_dropout`` is the switch);
                    validation rows are never renamed. ``renamed_prompts`` lists every renamed variant, for the cache.
     """
@@ -555,7 +555,7 @@ class ImageTextDataModule(L.LightningDataModule):
                 f"data.name_dropout={self.name_dropout} renames objects in the prompt and in its retrieved fact: it needs "
                 "retrieval (+llm/rag=toyworld), whose llm.rag.knowledge_base names them (data.name_knowledge_base)"
             )
-        from sur_lightning.rag import NameDropout
+        from sur_lightning.knowledge.rag import NameDropout
 
         return NameDropout.for_knowledge_base(knowledge_base, variants)
 

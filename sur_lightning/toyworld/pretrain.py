@@ -135,7 +135,7 @@ def build_unet(
 def build_tokenizer(folder: Path):
     from transformers import CLIPTokenizer
 
-    from sur_lightning.backbone import write_clip_tokenizer_files
+    from sur_lightning.models.backbone import write_clip_tokenizer_files
 
     files = write_clip_tokenizer_files(folder)
     return CLIPTokenizer(
@@ -272,7 +272,7 @@ def sample_accuracy(pipeline_parts, seeds, guidance_scale: float, steps: int, ba
     """Sample every (count, colour, shape) once per seed with DDIM + CFG; the checker's accuracies."""
     from diffusers import DDIMScheduler
 
-    from sur_lightning.metrics import shapes
+    from sur_lightning.evaluation.metrics import shapes
 
     pipeline = assemble_pipeline(*pipeline_parts, DDIMScheduler.from_config(SD15_SCHEDULER))
     pipeline.set_progress_bar_config(disable=True)

@@ -246,7 +246,7 @@ def suite_file(out: str | Path, split: str, seed: int = 0, images_per_combo: int
 def suite(out: str | Path, splits=SPLITS, seed: int = 0, images_per_combo: int = 16, per_split: int | None = None):
     """The evaluation prompts (``Prompt`` with ``complex`` and ``target``) of ``splits``, category = split.
     ``per_split`` keeps N prompts of each split, evenly spread over its combinations and templates."""
-    from sur_lightning.metrics.prompt_suites import load_jsonl
+    from sur_lightning.data.prompt_suites import load_jsonl
 
     prompts = []
     for split in [splits] if isinstance(splits, str) else list(splits):

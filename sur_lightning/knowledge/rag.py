@@ -10,7 +10,7 @@
     augment          ``template`` filled with the retrieved texts (``{facts}``) and the prompt
                      (``{prompt}``); a prompt with no fact above the threshold is returned unchanged
 
-The default encoder is all-MiniLM-L6-v2 (``sur_lightning.sentence``); any Hugging Face encoder works by
+The default encoder is all-MiniLM-L6-v2 (``sur_lightning.models.sentence``); any Hugging Face encoder works by
 hub id or folder (``encoder=...``), or a ready ``SentenceEncoderFeatures``. It is loaded on first use,
 so building a ``Retriever`` for its ``fingerprint`` (the feature cache does) costs no model load.
 
@@ -45,9 +45,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from sur_lightning.sentence import SentenceEncoderFeatures, minilm_path
+from sur_lightning.models.sentence import SentenceEncoderFeatures, minilm_path
 
-KNOWLEDGE_DIR = Path(__file__).resolve().parent / "knowledge"
+KNOWLEDGE_DIR = Path(__file__).resolve().parent
 # Facts first: a causal LM's prompt tokens can attend to the facts only if the facts come before them.
 DEFAULT_TEMPLATE = "{facts}\n{prompt}"
 

@@ -13,7 +13,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from sur_lightning.connectors import save_connector
+from sur_lightning.models.connectors import save_connector
 from sur_lightning.generate import labelled_grid, render_base_and_adapter, save_grid
 
 

@@ -20,11 +20,11 @@ from diffusers.utils.torch_utils import randn_tensor
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from torch import nn
 
-from sur_lightning.backbone import StableDiffusionBackbone
-from sur_lightning.connectors import ConnectorOutput, TextFeatures
-from sur_lightning.llm import CausalLMFeatures
-from sur_lightning.llm import teacher_weights as normalised_teacher_weights
-from sur_lightning.losses import DenoisingLoss, FeatureAlignmentLoss, TeacherPredictionLoss, TeacherWeights
+from sur_lightning.models.backbone import StableDiffusionBackbone
+from sur_lightning.models.connectors import ConnectorOutput, TextFeatures
+from sur_lightning.models.llm import CausalLMFeatures
+from sur_lightning.models.llm import teacher_weights as normalised_teacher_weights
+from sur_lightning.training.losses import DenoisingLoss, FeatureAlignmentLoss, TeacherPredictionLoss, TeacherWeights
 
 if TYPE_CHECKING:
     from sur_lightning.cache import FeatureCache

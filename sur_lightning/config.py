@@ -18,7 +18,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from sur_lightning.connectors import connector_name, reads_token_states
+from sur_lightning.models.connectors import connector_name, reads_token_states
 
 
 class IncompatibleConfigError(ValueError):
