@@ -34,8 +34,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from sur_lightning.cache import prepare_feature_cache
-from sur_lightning.rewrite import datamodule_arguments
-from sur_lightning.train import CONFIG_DIR, use_wandb_offline_without_key
+from sur_lightning.config import CONFIG_DIR, datamodule_arguments, use_wandb_offline_without_key
 
 
 def synchronize(device: torch.device) -> None:
@@ -205,13 +204,8 @@ def floor_time(module, batch, device, steps: int, warmup: int, precision=None) -
 
 def inference_latency(module, device, prompt: str, steps: int, repeats: int) -> dict:
     """Seconds for one prompt through the pipeline, base vs connector, median of ``repeats``."""
-    from sur_lightning.generate import (
-        ClipConditioning,
-        ConnectorConditioning,
-        build_pipeline,
-        frozen_text_features,
-        render,
-    )
+    from sur_lightning.generation.conditioning import ClipConditioning, ConnectorConditioning, frozen_text_features
+    from sur_lightning.generation.pipeline import build_pipeline, render
 
     pipeline = build_pipeline(module.backbone)
     pipeline.set_progress_bar_config(disable=True)

@@ -40,12 +40,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from sur_lightning.models.connectors import TextFeatures, pre_layout_targets
+from sur_lightning.config import CONFIG_DIR, datamodule_arguments, process_rank
 from sur_lightning.data.datamodule import CacheMissError, content_hash, image_variants, preprocess
 from sur_lightning.data.images import BadImage, load_rgb
-from sur_lightning.rewrite import datamodule_arguments
+from sur_lightning.models.connectors import TextFeatures, pre_layout_targets
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 SHARD_ENTRIES = 512
 
 
@@ -283,7 +282,7 @@ class FeatureCache:
 def extra_prompts(cfg: DictConfig) -> list[str]:
     """Prompts training needs beyond the dataset's: the empty prompt of classifier-free guidance, and the
     prompts the sample grid and the evaluation callback render (with their complex prompts, if any)."""
-    from sur_lightning.generate import load_prompt_list
+    from sur_lightning.data.prompt_suites import load_prompt_list
 
     texts = [""]
     for name in ("sample_grid", "evaluation"):
@@ -465,15 +464,6 @@ def build_cache(cfg: DictConfig, datamodule, mode: str = "auto", backbone=None) 
         datamodule.skip_rows(bad)
     datamodule.write_report()
     return cache, backbone
-
-
-def process_rank() -> int:
-    """This process's rank before torch.distributed starts: ``RANK`` (torchrun, Lightning), ``SLURM_PROCID``, or
-    for Lightning's own launcher ``NODE_RANK``/``LOCAL_RANK`` (any non-zero one means "not the first process")."""
-    for name in ("RANK", "SLURM_PROCID"):
-        if os.environ.get(name, "").isdigit():
-            return int(os.environ[name])
-    return int(os.environ.get("NODE_RANK", "0") or 0) + int(os.environ.get("LOCAL_RANK", "0") or 0)
 
 
 def wait_for_cache(cfg: DictConfig, datamodule, rank: int, poll_s: float = 5.0, timeout_s: float = 7200.0):

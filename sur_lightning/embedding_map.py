@@ -47,10 +47,11 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from sur_lightning.generate import Column, build_columns, complex_prompt_column, load_prompt_list, pick_device
-from sur_lightning.data.prompt_suites import Prompt
+from sur_lightning.config import CONFIG_DIR
+from sur_lightning.data.prompt_suites import Prompt, load_prompt_list
+from sur_lightning.generation.columns import Column, build_columns, complex_prompt_column
+from sur_lightning.generation.pipeline import pick_device
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 COMPLEX = "base+complex"
 TOKENS = ("mean", "flatten")
 PROJECTIONS = ("pca", "tsne")

@@ -3,7 +3,7 @@
 from hydra import compose, initialize_config_dir
 
 from sur_lightning.bench import run, table
-from sur_lightning.train import CONFIG_DIR
+from sur_lightning.config import CONFIG_DIR
 
 
 def test_bench_reports_floor_phases_cache_and_inference(tmp_path, cache_dir, tiny_sd, tiny_llm):

@@ -9,8 +9,8 @@ import torch
 from hydra.utils import instantiate
 from safetensors.torch import load_file
 
-from sur_lightning.training.callbacks import AdapterExport, ConnectorEMA
 from sur_lightning.train import train
+from sur_lightning.training.callbacks import AdapterExport, ConnectorEMA
 
 
 class Snapshots(L.Callback):

@@ -12,19 +12,14 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 from torch import nn
 
-from sur_lightning.models.connectors import save_connector
-from sur_lightning.models.connectors.sur import SURAdapter
+from sur_lightning.data.prompt_suites import Prompt
 from sur_lightning.data.synthetic import COLORS
 from sur_lightning.embedding_map import distances_to, embedding_map, represent, suite_states
+from sur_lightning.generation.columns import Column, complex_prompt_column
+from sur_lightning.generation.conditioning import ClipConditioning, ConnectorConditioning, frozen_text_features
+from sur_lightning.models.connectors import save_connector
+from sur_lightning.models.connectors.sur import SURAdapter
 from sur_lightning.models.eta import FixedEta
-from sur_lightning.generate import (
-    ClipConditioning,
-    Column,
-    ConnectorConditioning,
-    complex_prompt_column,
-    frozen_text_features,
-)
-from sur_lightning.data.prompt_suites import Prompt
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 SPLITS = ["adapter_train", "held_out_combinations", "held_out_objects"]

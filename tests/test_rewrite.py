@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sur_lightning.rewrite import PromptRewriter, clean_generation, parse_toyworld, toyworld_accuracy
+from sur_lightning.knowledge.rewriter import PromptRewriter, clean_generation
+from sur_lightning.toyworld.world import parse_toyworld, toyworld_accuracy
 from sur_lightning.train import train
 
 TEMPLATES = {
@@ -184,7 +185,7 @@ def test_training_aligns_to_cached_rewrites_and_caches_their_clip_states(compose
 def test_simple_from_llm_writes_every_simple_prompt_from_the_complex_one(compose, tiny_llm):
     from hydra.utils import instantiate
 
-    from sur_lightning.rewrite import datamodule_arguments
+    from sur_lightning.config import datamodule_arguments
 
     cfg = compose("data.simple_from=llm", f"rewriter.pretrained={tiny_llm}", "rewriter.max_new_tokens=4")
     arguments = datamodule_arguments(cfg)
@@ -198,7 +199,7 @@ def test_simple_from_llm_writes_every_simple_prompt_from_the_complex_one(compose
 
 
 def test_no_rewriter_is_built_when_nothing_needs_one(compose):
-    from sur_lightning.rewrite import datamodule_arguments
+    from sur_lightning.config import datamodule_arguments
 
     assert datamodule_arguments(compose("loss=cosine")) == {}
     assert datamodule_arguments(compose("loss=denoising", "loss.align_target=rewrite")) == {}

@@ -170,7 +170,7 @@ def test_official_checkpoint_is_strict_about_unknown_missing_and_mis_shaped_keys
 
 
 def test_official_file_builds_the_released_module_with_weights_only_load(tmp_path, capsys):
-    from sur_lightning.generate import load_adapter
+    from sur_lightning.generation.columns import load_adapter
 
     source = released(num_heads=8, num_layers=3)  # the file does not store the head count: 8 as released
     path = tmp_path / "adapter_checkpoint5000.pt"

@@ -121,7 +121,7 @@ def test_sweep_report_lists_unfinished_jobs_and_names_unknown_metrics(tmp_path):
 def test_the_slurm_launcher_composes_with_one_task_per_gpu(tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from sur_lightning.train import CONFIG_DIR
+    from sur_lightning.config import CONFIG_DIR
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="train", return_hydra_config=True,

@@ -227,7 +227,8 @@ def test_demo_on_the_toy_base_prints_the_table_and_draws_three_columns(tmp_path,
     from hydra import compose, initialize_config_dir
     from PIL import Image
 
-    from sur_lightning.train import CONFIG_DIR, train
+    from sur_lightning.config import CONFIG_DIR
+    from sur_lightning.train import train
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=["+experiment=demo", *toy_demo_overrides(tmp_path, cache_dir)])
@@ -248,7 +249,7 @@ def test_demo_on_the_toy_base_prints_the_table_and_draws_three_columns(tmp_path,
 
 
 def test_gap_closed_on_a_hand_made_report():
-    from sur_lightning.evaluate import gap_closed, split_scores, toyworld_table
+    from sur_lightning.evaluation.report import gap_closed, split_scores, toyworld_table
 
     def rows(column, split, colors):
         return [{"column": column, "category": split, "color_accuracy": c, "shape_accuracy": 1.0, "count_accuracy": 0.0}

@@ -24,7 +24,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from sur_lightning.cache import build_cache, prepare_feature_cache
-from sur_lightning.train import CONFIG_DIR
+from sur_lightning.config import CONFIG_DIR
 
 
 def config(root: Path, cache: str, args) -> object:

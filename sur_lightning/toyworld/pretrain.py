@@ -35,10 +35,10 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
+from sur_lightning.config import CONFIG_DIR
 from sur_lightning.data.synthetic import COLORS, SHAPES
 from sur_lightning.toyworld import file_sha256
 from sur_lightning.toyworld.world import COUNTS, IMAGE_SIZE, complex_prompt, random_complex_example
-from sur_lightning.train import CONFIG_DIR
 
 # SD1.5's scheduler_config.json, clip_sample=false included: DDIM/DDPM built with the library's default
 # clip x0 to [-1, 1], which in latent space turns every sample yellow-orange.

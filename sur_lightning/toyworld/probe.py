@@ -150,7 +150,7 @@ def main(overrides: list[str] | None = None) -> dict:
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from sur_lightning.train import CONFIG_DIR
+    from sur_lightning.config import CONFIG_DIR
 
     overrides = sys.argv[1:] if overrides is None else overrides
     flags = {o for o in overrides if o in FLAGS}
