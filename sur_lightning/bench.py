@@ -33,8 +33,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from sur_lightning.cache import prepare_feature_cache
 from sur_lightning.config import CONFIG_DIR, datamodule_arguments, use_wandb_offline_without_key
+from sur_lightning.training.feature_cache import prepare_feature_cache
 
 
 def synchronize(device: torch.device) -> None:

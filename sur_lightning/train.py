@@ -16,7 +16,6 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
-from sur_lightning.cache import prepare_feature_cache
 from sur_lightning.config import (
     CONFIG_DIR,
     check_combination,
@@ -24,6 +23,7 @@ from sur_lightning.config import (
     datamodule_arguments,
     use_wandb_offline_without_key,
 )
+from sur_lightning.training.feature_cache import prepare_feature_cache
 
 
 def train(cfg: DictConfig) -> dict[str, float]:

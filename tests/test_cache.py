@@ -9,10 +9,11 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from sur_lightning import cache as cache_module
-from sur_lightning.cache import FeatureCache, build_cache, missing_entries, prepare_feature_cache
-from sur_lightning.data.datamodule import CacheMissError, content_hash, preprocess
+from sur_lightning.data.datasets import CacheMissError, content_hash, preprocess
 from sur_lightning.data.images import load_rgb
+from sur_lightning.training import feature_cache as cache_module
+from sur_lightning.training.feature_cache import build_cache, missing_entries, prepare_feature_cache
+from sur_lightning.training.feature_store import FeatureCache
 from sur_lightning.training.module import ConnectorTrainingModule
 
 

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 from conftest import tiny_overrides
 
-import sur_lightning.cache as cache_module
+import sur_lightning.models.backbone as backbone_module
 import sur_lightning.models.llm as llm_module
-from sur_lightning.cache import FeatureCache
+import sur_lightning.training.feature_store as store_module
+from sur_lightning.training.feature_store import FeatureCache
 
 REPO = str(Path(__file__).resolve().parent.parent)
 
@@ -51,7 +52,8 @@ def normalised(fingerprint: dict, root: Path, cache: Path) -> str:
 @pytest.fixture
 def stable_files(monkeypatch):
     """File hashes (names, sizes, mtimes) depend on the checkout; SmolLM2's conversion is not needed for its path."""
-    monkeypatch.setattr(cache_module, "files_hash", lambda *args, **kwargs: "<files>")
+    for module in (store_module, backbone_module):  # the stores', and the retriever's encoder identity
+        monkeypatch.setattr(module, "files_hash", lambda *args, **kwargs: "<files>")
     monkeypatch.setattr(llm_module, "convert_smollm2_gguf", lambda out_dir: str(out_dir))
 
 

@@ -97,9 +97,9 @@ def test_bad_multi_teacher_configs_are_named(backbone, teachers, tiny_llm):
 
 def test_smollm2_and_minilm_train_together_each_with_its_own_w0_and_logged_term(compose):
     """The two real offline teachers (SmolLM2-135M, all-MiniLM-L6-v2), through the feature cache."""
-    from sur_lightning.cache import FeatureCache
     from sur_lightning.models.connectors import load_connector
     from sur_lightning.train import train
+    from sur_lightning.training.feature_store import FeatureCache
 
     cfg = compose("llm=multi", "loss=cosine", "data.cache=auto", "trainer.max_steps=2", "trainer.val_check_interval=2",
                   "llm.weights.smollm2=3", "llm.weights.minilm=1")

@@ -132,7 +132,7 @@ def test_the_retrieved_facts_reach_the_llm_input(tiny_llm, retriever):
 def test_the_llm_cache_fingerprint_changes_with_rag_and_with_the_knowledge_base(tmp_path, tiny_llm, cache_dir):
     from hydra.utils import instantiate
 
-    from sur_lightning.cache import llm_fingerprint
+    from sur_lightning.training.feature_store import llm_fingerprint
 
     kb = shutil.copy(bundled_knowledge_base("toyworld"), tmp_path / "kb.jsonl")
     base = ["llm=tiny", f"paths.cache_dir={cache_dir}", f"paths.root_dir={tmp_path}"]

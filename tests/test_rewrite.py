@@ -169,14 +169,14 @@ def test_training_aligns_to_cached_rewrites_and_caches_their_clip_states(compose
     assert {"train/prompt_complex", "train/prompt_rewrite"} <= set(metrics)
     from hydra.utils import instantiate
 
-    from sur_lightning.cache import FeatureCache
+    from sur_lightning.training.feature_store import FeatureCache
 
     cached = [json.loads(line) for line in Path(cfg.rewriter.cache_file).read_text().splitlines()]
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
     assert sorted(row["prompt"] for row in cached) == sorted({row.simple for row in datamodule.all_rows()})
     rewrites = [row["rewrite"] for row in cached]
-    from sur_lightning.data.datamodule import content_hash
+    from sur_lightning.data.datasets import content_hash
 
     cache = FeatureCache.from_config(cfg)
     assert all(cache.clip.key(content_hash(r)) in cache.clip for r in rewrites)

@@ -413,7 +413,7 @@ class Retriever:
 
     def encoder_identity(self) -> dict:
         """The encoder's path, settings and a hash of its files' names, sizes and mtimes (None for a hub id)."""
-        from sur_lightning.cache import files_hash
+        from sur_lightning.models.backbone import files_hash
 
         return {"pretrained": self.encoder_path, "files": files_hash(self.encoder_path), "max_length": self.encoder_max_length}
 

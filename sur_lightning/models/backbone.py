@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import json
 import os
 import socket
@@ -346,3 +347,20 @@ def build_random_stable_diffusion(root: str | Path, shape: str = "sd15", sample_
     save_stable_diffusion(root, unet.half(), vae.half(), text_encoder.half())
     spec_file.write_text(json.dumps(spec))
     return str(root)
+
+
+def files_hash(path: str, subfolders: tuple[str, ...] = ()) -> str | None:
+    """Hash of (name, size, mtime) of a local model's files: changes when its weights are rewritten. None for hub ids."""
+    root = Path(path)
+    if not root.exists():
+        return None
+    if root.is_file():
+        files = [root]
+    else:
+        folders = [root / s for s in subfolders] if subfolders else [root]
+        files = sorted(p for folder in folders if folder.exists() for p in folder.rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for p in files:
+        stat = p.stat()
+        digest.update(f"{p.relative_to(root) if p != root else p.name}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()

@@ -27,7 +27,7 @@ from sur_lightning.models.llm import teacher_weights as normalised_teacher_weigh
 from sur_lightning.training.losses import DenoisingLoss, FeatureAlignmentLoss, TeacherPredictionLoss, TeacherWeights
 
 if TYPE_CHECKING:
-    from sur_lightning.cache import FeatureCache
+    from sur_lightning.training.feature_store import FeatureCache
 
 
 def sample_generators(seed: int, epoch: int, step: int, sample_ids: Sequence[str]) -> list[torch.Generator]:
@@ -90,7 +90,7 @@ class ConnectorTrainingModule(L.LightningModule):
         if not isinstance(connector, nn.Module):
             # With a complete feature cache there is no LLM: its width comes from the cached states.
             connector = connector(dim=backbone.cross_attention_dim, llm_dim=llm.hidden_size if llm else llm_dim)
-        # Cached CLIP/LLM states by prompt (sur_lightning/cache.py); None encodes every step.
+        # Cached CLIP/LLM states by prompt (sur_lightning/training/feature_store.py); None encodes every step.
         self.feature_cache = feature_cache
         self.connector = connector
         self.denoising_loss = denoising_loss
