@@ -12,14 +12,9 @@ import torch
 from conftest import CONFIG_DIR, tiny_overrides
 from hydra.utils import instantiate
 
-from sur_lightning.knowledge.rag import (
-    PLACEHOLDER_WORDS,
-    KnowledgeBase,
-    NameDropout,
-    Retriever,
-    bundled_knowledge_base,
-    name_lexicon,
-)
+from sur_lightning.knowledge.knowledge_base import KnowledgeBase, bundled_knowledge_base
+from sur_lightning.knowledge.name_dropout import PLACEHOLDER_WORDS, NameDropout, name_lexicon
+from sur_lightning.knowledge.rag import Retriever
 from sur_lightning.toyworld.world import COUNTS, OBJECTS, OBJECTS_BY_NAME, TEMPLATES, complex_prompt, narrative_prompt
 
 

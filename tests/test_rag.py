@@ -8,7 +8,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from sur_lightning.knowledge.rag import KnowledgeBase, Retriever, bundled_knowledge_base
+from sur_lightning.knowledge.knowledge_base import KnowledgeBase, bundled_knowledge_base
+from sur_lightning.knowledge.rag import Retriever
 from sur_lightning.models.sentence import SentenceEncoderFeatures
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")

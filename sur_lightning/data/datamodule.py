@@ -78,7 +78,7 @@ class ImageTextDataModule(L.LightningDataModule):
     cache:         auto | require | off, with ``cache_dir``: see ``sur_lightning/training/feature_cache.py``.
     report_dir:    where ``data_report.json`` is written (the run's folder).
     name_dropout, name_variants, name_knowledge_base: name dropout for the training rows (p, K and the
-                   knowledge base whose "Name (plural)" titles are the names; see ``sur_lightning.knowledge.rag.NameDropout``).
+                   knowledge base whose "Name (plural)" titles are the names; see ``sur_lightning.knowledge.name_dropout.NameDropout``).
                    conf/data takes all three from ``llm.rag`` (``llm.rag.name_dropout`` is the switch);
                    validation rows are never renamed. ``renamed_prompts`` lists every renamed variant, for the cache.
     """
@@ -178,7 +178,7 @@ class ImageTextDataModule(L.LightningDataModule):
                 f"data.name_dropout={self.name_dropout} renames objects in the prompt and in its retrieved fact: it needs "
                 "retrieval (+llm/rag=toyworld), whose llm.rag.knowledge_base names them (data.name_knowledge_base)"
             )
-        from sur_lightning.knowledge.rag import NameDropout
+        from sur_lightning.knowledge.name_dropout import NameDropout
 
         return NameDropout.for_knowledge_base(knowledge_base, variants)
 

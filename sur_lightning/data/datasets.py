@@ -115,7 +115,7 @@ class ImageTextDataset(Dataset):
     Indexed by ``EpochSampler`` with (epoch, index), a row's flip and crop are drawn from a generator keyed
     by (seed, epoch, row id), so a resumed run, or another number of workers or ranks, draws the same ones.
 
-    ``renamer`` (a ``sur_lightning.knowledge.rag.NameDropout``) with ``name_dropout`` p > 0: with probability p the
+    ``renamer`` (a ``sur_lightning.knowledge.name_dropout.NameDropout``) with ``name_dropout`` p > 0: with probability p the
     row's simple prompt is replaced by one of its renamed variants, drawn from its own generator keyed by
     the same (seed, epoch, row id) (so the flip draws are the ones without name dropout).
     """

@@ -126,7 +126,7 @@ def probe_spans(llm, renamed: bool = False, batch_size: int = 32) -> dict:
     previous = llm.rag.renamer
     if renamed and previous is None:
         # The retriever must undo the renaming to retrieve: name dropout's renamer, for this probe only.
-        from sur_lightning.knowledge.rag import NameDropout
+        from sur_lightning.knowledge.name_dropout import NameDropout
 
         llm.rag.renamer = NameDropout.for_knowledge_base(llm.rag.knowledge_base, variants=1)
     try:
