@@ -150,14 +150,15 @@ def test_prompt_alignment_both_is_the_mean_of_complex_and_rewrite_terms(backbone
 
     conditioning = torch.randn(2, 77, backbone.cross_attention_dim)
     batch = {"complex_prompt": ["two red circles", "one blue square"], "rewrite_prompt": ["three green squares", ""]}
-    complex_term = module("complex").prompt_alignment(conditioning, batch)["prompt"]
-    rewrite_term = module("rewrite").prompt_alignment(conditioning, batch)["prompt"]
-    both = module("both").prompt_alignment(conditioning, batch)
+    kept = [False, False]  # no caption dropped
+    complex_term = module("complex").prompt_alignment(conditioning, batch, kept)["prompt"]
+    rewrite_term = module("rewrite").prompt_alignment(conditioning, batch, kept)["prompt"]
+    both = module("both").prompt_alignment(conditioning, batch, kept)
     assert not torch.allclose(complex_term, rewrite_term)
     torch.testing.assert_close(both["prompt"], (complex_term + rewrite_term) / 2)
     torch.testing.assert_close(both["prompt_rewrite"], rewrite_term)
     with pytest.raises(KeyError, match="rewrite_prompt"):
-        module("rewrite").prompt_alignment(conditioning, {"complex_prompt": batch["complex_prompt"]})
+        module("rewrite").prompt_alignment(conditioning, {"complex_prompt": batch["complex_prompt"]}, kept)
     with pytest.raises(ValueError, match="align_target"):
         module("llm")
 
