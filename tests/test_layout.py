@@ -109,3 +109,19 @@ def test_the_checks_see_a_circle_and_an_entry_point_import():
     # main composes generation/, and a function-level import counts like a top-level one.
     assert "sur_lightning.training.feature_cache" in imports("sur_lightning.train")
     assert "sur_lightning.generation.columns" in imports("sur_lightning.generate")
+
+
+def test_every_conf_target_names_the_module_that_defines_it():
+    """A ``_target_`` in conf/ points at the module where its object is defined, not at a module that imports it."""
+    import importlib
+    import re
+
+    conf = PACKAGE.parent / "conf"
+    wrong = []
+    for path in sorted(conf.rglob("*.yaml")):
+        for target in re.findall(r"_target_:\s*(sur_lightning\.[\w.]+)", path.read_text(encoding="utf-8")):
+            module, _, name = target.rpartition(".")
+            obj = getattr(importlib.import_module(module), name)
+            if getattr(obj, "__module__", module) != module:
+                wrong.append(f"{path.relative_to(conf)}: {target} is defined in {obj.__module__}")
+    assert not wrong

@@ -21,7 +21,8 @@ methods and nothing else: it asks ``cache_images()`` (which image variants train
 ``image_content(row)`` and ``cache_pixels(row, variant)`` (an image's content hash and its VAE input), and
 ``cache_prompts()`` (the prompts whose CLIP and LLM states the rows need); it hands back ``skip_rows``
 (images it could not encode) and ``use_latent_store`` (where the latents are now). The datasets live in
-``datasets.py``, the resumable sampler in ``sampler.py``.
+``datasets.py``, the resumable sampler in ``sampler.py``. Just over 400 lines: one class, whose row checking,
+split, streaming set-up, cache methods and loaders share its state.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class ImageTextDataModule(L.LightningDataModule):
                    ``simple_prompt``, a callable ``(row, image_bytes) -> str | None`` (see ``pokemon.py``).
     simple_from:   ``llm``: the rewriter writes every row's simple prompt from its complex one (its
                    ``simplify`` template), for datasets with detailed captions only; null: ``simple_key``/``simple_prompt``.
-    rewriter:      a ``sur_lightning.rewrite.PromptRewriter``, for ``simple_from=llm`` and ``rewrite``.
+    rewriter:      a ``sur_lightning.knowledge.rewriter.PromptRewriter``, for ``simple_from=llm`` and ``rewrite``.
     rewrite:       attach the rewriter's detailed rewrite of every simple prompt (batch key ``rewrite_prompt``),
                    the alignment target of ``loss.align_target=rewrite|both``.
     tokenizer:     a Stable Diffusion folder or hub id; prompts over its ``tokenizer/`` limit are cut and counted.

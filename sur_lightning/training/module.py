@@ -119,7 +119,7 @@ class ConnectorTrainingModule(L.LightningModule):
                 "(+loss/teacher=unet): drop the teacher, or set caption_dropout=0"
             )
         # The prompt loss's target: the complex prompt, the LLM's rewrite of the simple one (batch key
-        # rewrite_prompt, sur_lightning/rewrite.py), or both, each term weighted ½.
+        # rewrite_prompt, sur_lightning/knowledge/rewriter.py), or both, each term weighted ½.
         if align_target not in ("complex", "rewrite", "both"):
             raise ValueError(f"loss.align_target must be complex, rewrite or both, got {align_target!r}")
         self.align_target = align_target
@@ -247,7 +247,7 @@ class ConnectorTrainingModule(L.LightningModule):
         if self.align_target != "complex" and "rewrite_prompt" not in batch:
             raise KeyError(
                 f"loss.align_target={self.align_target} needs the LLM's rewrites in the batch (rewrite_prompt): "
-                "build the datamodule with sur_lightning.rewrite.datamodule_arguments(cfg), as train.py does"
+                "build the datamodule with sur_lightning.config.datamodule_arguments(cfg), as train.py does"
             )
         terms = {}
         if self.align_target in ("complex", "both"):
