@@ -2,8 +2,9 @@
 
 from hydra import compose, initialize_config_dir
 
-from sur_lightning.bench import run, table
+from sur_lightning.bench import run
 from sur_lightning.config import CONFIG_DIR
+from sur_lightning.training.benchmark import table
 
 
 def test_bench_reports_floor_phases_cache_and_inference(tmp_path, cache_dir, tiny_sd, tiny_llm):
@@ -50,7 +51,7 @@ def test_bench_memory_growth_sees_a_step_that_keeps_what_it_allocates(tmp_path, 
     import torch
     from conftest import tiny_overrides
 
-    from sur_lightning import bench
+    from sur_lightning.training import benchmark as bench
     from sur_lightning.training.module import ConnectorTrainingModule
 
     kept = []
@@ -117,7 +118,7 @@ def test_bench_applies_the_trainers_precision_as_lightning_does():
     import pytest
     import torch
 
-    from sur_lightning.bench import autocast
+    from sur_lightning.training.benchmark import autocast
 
     cpu = torch.device("cpu")
     layer = torch.nn.Linear(4, 4)
