@@ -11,8 +11,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from sur_lightning.data import prompt_suites
 from sur_lightning.data.synthetic import COLORS, draw_shapes, simple_prompt
-from sur_lightning.evaluation.metrics import captions, diversity, fid, prompt_suites, shapes
+from sur_lightning.evaluation.metrics import captions, diversity, fid, shapes
 
 # ---------------------------------------------------------------- shapes
 
