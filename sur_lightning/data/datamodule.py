@@ -16,7 +16,7 @@ prompts over the tokenizer's limit are cut at a word boundary. Each is counted i
 (written beside the run) and in the W&B summary. A row that still fails to decode while training is
 replaced by the next good row and reported the same way.
 
-The feature cache (``sur_lightning.training.feature_cache``, ``data.cache``) meets the datamodule at five
+The feature cache (``sur_lightning.training.feature_cache``, ``data.cache``) meets the datamodule at six
 methods and nothing else: it asks ``cache_images()`` (which image variants training and validation read),
 ``image_content(row)`` and ``cache_pixels(row, variant)`` (an image's content hash and its VAE input), and
 ``cache_prompts()`` (the prompts whose CLIP and LLM states the rows need); it hands back ``skip_rows``

@@ -48,7 +48,7 @@ def unique(items) -> list:
 
 def missing_entries(cache: FeatureCache, datamodule, prompts_extra: list[str]) -> dict[str, list]:
     """What is not cached yet: {"latents": [(key, row, variant, bytes hash)], "clip": [prompt], "llm": [(prompt, row)]}."""
-    # Training rows need every flip variant they may be drawn with; validation rows only the plain one.
+    # Every image variant the rows are read with (training rows in each flip, validation rows plain).
     missing: dict[str, list] = {"latents": [], "clip": [], "llm": []}
     known_bad = {}
     for row, variants in datamodule.cache_images():
