@@ -5,7 +5,9 @@ Every connector has the same call, so the training step and generation treat the
     out = connector(features, timesteps)   # -> ConnectorOutput
     unet(noisy_latents, timesteps, encoder_hidden_states=out.conditioning)
 
-SUR ignores ``timesteps``; ELLA depends on them.
+SUR ignores ``timesteps``; ELLA depends on them. ``save_connector`` / ``load_connector`` round-trip a connector
+with its constructor config; adapters written before the layout move load through ``MOVED_MODULES``.
+May import: ``models`` only (``eta``).
 """
 
 from __future__ import annotations
