@@ -14,36 +14,16 @@ import hydra
 import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from sur_lightning.cache import prepare_feature_cache
-from sur_lightning.rewrite import datamodule_arguments
-from sur_lightning.sweep import check_combination
-
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-
-
-def wandb_has_credentials() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    try:
-        import netrc
-
-        hosts = netrc.netrc().hosts
-    except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        return False
-    return any("wandb" in host for host in hosts)
-
-
-def use_wandb_offline_without_key() -> None:
-    """W&B must never prompt or block: without an API key, log to an offline run (``wandb sync`` later)."""
-    if os.environ.get("WANDB_MODE") is None and not wandb_has_credentials():
-        os.environ["WANDB_MODE"] = "offline"
-
-
-def check_config(cfg: DictConfig) -> dict:
-    """Resolve every value now, so a missing or malformed one fails before any model loads."""
-    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+from sur_lightning.config import (
+    CONFIG_DIR,
+    check_combination,
+    check_config,
+    datamodule_arguments,
+    use_wandb_offline_without_key,
+)
+from sur_lightning.training.feature_cache import prepare_feature_cache
 
 
 def train(cfg: DictConfig) -> dict[str, float]:

@@ -24,28 +24,28 @@ def cache_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_sd(cache_dir) -> str:
-    from sur_lightning.backbone import build_tiny_stable_diffusion
+    from sur_lightning.models.backbone import build_tiny_stable_diffusion
 
     return build_tiny_stable_diffusion(cache_dir / "tiny-sd")
 
 
 @pytest.fixture(scope="session")
 def tiny_llm(cache_dir) -> str:
-    from sur_lightning.llm import build_tiny_causal_lm
+    from sur_lightning.models.llm import build_tiny_causal_lm
 
     return build_tiny_causal_lm(cache_dir / "tiny-llm")
 
 
 @pytest.fixture(scope="session")
 def backbone(tiny_sd):
-    from sur_lightning.backbone import StableDiffusionBackbone
+    from sur_lightning.models.backbone import StableDiffusionBackbone
 
     return StableDiffusionBackbone(tiny_sd)
 
 
 @pytest.fixture(scope="session")
 def llm(tiny_llm):
-    from sur_lightning.llm import CausalLMFeatures
+    from sur_lightning.models.llm import CausalLMFeatures
 
     return CausalLMFeatures(tiny_llm)
 

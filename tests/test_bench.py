@@ -2,8 +2,9 @@
 
 from hydra import compose, initialize_config_dir
 
-from sur_lightning.bench import run, table
-from sur_lightning.train import CONFIG_DIR
+from sur_lightning.bench import run
+from sur_lightning.config import CONFIG_DIR
+from sur_lightning.training.benchmark import table
 
 
 def test_bench_reports_floor_phases_cache_and_inference(tmp_path, cache_dir, tiny_sd, tiny_llm):
@@ -50,8 +51,8 @@ def test_bench_memory_growth_sees_a_step_that_keeps_what_it_allocates(tmp_path, 
     import torch
     from conftest import tiny_overrides
 
-    from sur_lightning import bench
-    from sur_lightning.module import ConnectorTrainingModule
+    from sur_lightning.training import benchmark as bench
+    from sur_lightning.training.module import ConnectorTrainingModule
 
     kept = []
     real_step = ConnectorTrainingModule.training_step
@@ -73,7 +74,7 @@ def test_bench_memory_growth_sees_a_step_that_keeps_what_it_allocates(tmp_path, 
 def test_random_backbones_of_real_proportions_load_like_the_hub_model(tmp_path):
     import pytest
 
-    from sur_lightning.backbone import StableDiffusionBackbone, build_random_stable_diffusion
+    from sur_lightning.models.backbone import StableDiffusionBackbone, build_random_stable_diffusion
 
     folder = build_random_stable_diffusion(tmp_path / "mid", shape="mid", sample_size=8)
     assert sorted(p.name for p in (tmp_path / "mid").iterdir() if p.is_dir() and not p.name.startswith("_")) == [
@@ -90,7 +91,7 @@ def test_unet_speed_options_keep_the_prediction_and_its_gradient(tiny_sd, monkey
     import torch
     from diffusers import UNet2DConditionModel
 
-    from sur_lightning.backbone import StableDiffusionBackbone
+    from sur_lightning.models.backbone import StableDiffusionBackbone
 
     def step(backbone):
         torch.manual_seed(0)
@@ -117,7 +118,7 @@ def test_bench_applies_the_trainers_precision_as_lightning_does():
     import pytest
     import torch
 
-    from sur_lightning.bench import autocast
+    from sur_lightning.training.benchmark import autocast
 
     cpu = torch.device("cpu")
     layer = torch.nn.Linear(4, 4)

@@ -9,11 +9,12 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from sur_lightning import cache as cache_module
-from sur_lightning.cache import FeatureCache, build_cache, missing_entries, prepare_feature_cache
-from sur_lightning.data.datamodule import CacheMissError, content_hash, preprocess
+from sur_lightning.data.datasets import CacheMissError, content_hash, preprocess
 from sur_lightning.data.images import load_rgb
-from sur_lightning.module import ConnectorTrainingModule
+from sur_lightning.training import feature_cache as cache_module
+from sur_lightning.training.feature_cache import build_cache, missing_entries, prepare_feature_cache
+from sur_lightning.training.feature_store import FeatureCache
+from sur_lightning.training.module import ConnectorTrainingModule
 
 
 def cached_config(compose, tmp_path, *overrides):
@@ -122,7 +123,7 @@ def test_an_interrupted_build_resumes_and_half_written_files_are_ignored(compose
 def test_with_a_complete_cache_no_llm_is_built_and_no_vae_encoder_runs(compose, tmp_path, backbone, monkeypatch):
     from diffusers.models.autoencoders.vae import Encoder
 
-    from sur_lightning.llm import CausalLMFeatures
+    from sur_lightning.models.llm import CausalLMFeatures
     from sur_lightning.train import train
 
     cfg = cached_config(
@@ -144,7 +145,7 @@ def test_with_a_complete_cache_no_llm_is_built_and_no_vae_encoder_runs(compose, 
 def test_under_ddp_only_rank_0_builds_and_the_other_ranks_wait(compose, tmp_path, monkeypatch):
     import threading
 
-    from sur_lightning.llm import CausalLMFeatures
+    from sur_lightning.models.llm import CausalLMFeatures
 
     cfg = cached_config(compose, tmp_path)
     loaded_by = []

@@ -15,7 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from sur_lightning.data.datamodule import ImageTextDataModule, collate
+from sur_lightning.data.datamodule import ImageTextDataModule
+from sur_lightning.data.datasets import collate
 from sur_lightning.data.report import DataReport
 from sur_lightning.data.synthetic import generate_dataset
 
@@ -369,7 +370,7 @@ def test_surd_dataset_root_reads_its_train_folder_and_resolves_extensionless_fil
     dataset = datamodule.train_set
     for stem in stems:
         example = dataset[[r.id for r in dataset.rows].index(stem)]
-        from sur_lightning.data.datamodule import preprocess
+        from sur_lightning.data.datasets import preprocess
 
         expected = preprocess(Image.open(shapes / f"{stem}.png"), 32, True, False)
         assert torch.equal(example["pixel_values"], expected)
@@ -384,7 +385,7 @@ def test_a_folder_without_metadata_names_both_places_it_looked(tmp_path):
 
 def test_epoch_sampler_ranks_split_the_one_process_batches_exactly():
     """Batch k of size 2 on each of 2 ranks holds the samples of batch k of size 4 in one process."""
-    from sur_lightning.data.datamodule import EpochSampler
+    from sur_lightning.data.sampler import EpochSampler
 
     def batches(sampler, size):
         order = [index for _, index in sampler]
@@ -424,7 +425,7 @@ def test_flips_and_crops_are_keyed_by_epoch_and_row_not_by_the_global_rng(tmp_pa
 
 
 def test_epoch_sampler_resumes_mid_epoch_and_refuses_another_layout():
-    from sur_lightning.data.datamodule import EpochSampler
+    from sur_lightning.data.sampler import EpochSampler
 
     sampler = EpochSampler(10, seed=1)
     sampler.set_epoch(2)

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sur_lightning.connectors import TextFeatures, load_connector, save_connector
-from sur_lightning.connectors.ella import (
+from sur_lightning.models.connectors import TextFeatures, load_connector, save_connector
+from sur_lightning.models.connectors.ella import (
     AdaLayerNorm,
     TimestepAwareSemanticConnector,
     load_official_state_dict,

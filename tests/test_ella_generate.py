@@ -6,9 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from sur_lightning.connectors.ella import TimestepAwareSemanticConnector
-from sur_lightning.generate import ConnectorConditioning, build_pipeline, frozen_text_features, render
-from sur_lightning.llm import T5EncoderFeatures, build_tiny_t5_encoder
+from sur_lightning.generation.conditioning import ConnectorConditioning, frozen_text_features
+from sur_lightning.generation.pipeline import build_pipeline, render
+from sur_lightning.models.connectors.ella import TimestepAwareSemanticConnector
+from sur_lightning.models.llm import T5EncoderFeatures, build_tiny_t5_encoder
 
 PROMPT = "three red apples on a table"
 STEPS = 3

@@ -8,10 +8,10 @@ import torch
 from conftest import CONFIG_DIR, tiny_overrides
 from hydra.utils import instantiate
 
-from sur_lightning.backbone import ModelNotAvailableError
-from sur_lightning.connectors import TextFeatures, load_connector, save_connector
-from sur_lightning.connectors.ella import TimestepAwareSemanticConnector
-from sur_lightning.llm import T5EncoderFeatures, build_tiny_t5_encoder
+from sur_lightning.models.backbone import ModelNotAvailableError
+from sur_lightning.models.connectors import TextFeatures, load_connector, save_connector
+from sur_lightning.models.connectors.ella import TimestepAwareSemanticConnector
+from sur_lightning.models.llm import T5EncoderFeatures, build_tiny_t5_encoder
 
 PROMPTS = ["five dogs", "", "a chef tossing pizza dough in a busy kitchen"]
 
@@ -166,7 +166,7 @@ def test_caption_dropout_replaces_prompts_at_the_configured_rate(ella_t5):
     model.caption_dropout = 0.1
     prompts = [f"prompt {i}" for i in range(4000)]
 
-    from sur_lightning.module import blank, sample_generators
+    from sur_lightning.training.module import blank, sample_generators
 
     def drop_captions(prompts, generators):
         return blank(prompts, model.dropped_captions(generators))

@@ -9,8 +9,8 @@ import torch
 from hydra.utils import instantiate
 from safetensors.torch import load_file
 
-from sur_lightning.callbacks import AdapterExport, ConnectorEMA
 from sur_lightning.train import train
+from sur_lightning.training.callbacks import AdapterExport, ConnectorEMA
 
 
 class Snapshots(L.Callback):
@@ -32,7 +32,7 @@ class Snapshots(L.Callback):
 def test_exported_adapter_and_sample_grid_use_the_ema_average_not_the_raw_weights(compose, tmp_path, monkeypatch):
     from PIL import Image
 
-    from sur_lightning import callbacks
+    from sur_lightning.training import callbacks
 
     rendered_with = []
 

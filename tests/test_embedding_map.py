@@ -12,19 +12,15 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 from torch import nn
 
-from sur_lightning.connectors import save_connector
-from sur_lightning.connectors.sur import SURAdapter
+from sur_lightning.data.prompt_suites import Prompt
 from sur_lightning.data.synthetic import COLORS
-from sur_lightning.embedding_map import distances_to, embedding_map, represent, suite_states
-from sur_lightning.eta import FixedEta
-from sur_lightning.generate import (
-    ClipConditioning,
-    Column,
-    ConnectorConditioning,
-    complex_prompt_column,
-    frozen_text_features,
-)
-from sur_lightning.metrics.prompt_suites import Prompt
+from sur_lightning.embedding_map import embedding_map
+from sur_lightning.evaluation.embeddings import distances_to, represent, suite_states
+from sur_lightning.generation.columns import Column, complex_prompt_column
+from sur_lightning.generation.conditioning import ClipConditioning, ConnectorConditioning, frozen_text_features
+from sur_lightning.models.connectors import save_connector
+from sur_lightning.models.connectors.sur import SURAdapter
+from sur_lightning.models.eta import FixedEta
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 SPLITS = ["adapter_train", "held_out_combinations", "held_out_objects"]
@@ -148,7 +144,7 @@ def test_prompts_without_complex_prompts_are_refused(tmp_path, cache_dir, tiny_s
 
 
 def test_points_take_the_toy_worlds_colours():
-    from sur_lightning.embedding_map import point_colour
+    from sur_lightning.evaluation.embeddings import point_colour
 
     assert point_colour(Prompt("a", "a single lime", "s", "one green circle", (1, "green", "circle"))) == tuple(
         c / 255 for c in COLORS["green"]

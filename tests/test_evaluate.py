@@ -13,10 +13,11 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from sur_lightning.connectors import save_connector
-from sur_lightning.connectors.sur import SURAdapter
-from sur_lightning.eta import FixedEta
-from sur_lightning.evaluate import evaluate, log_report, markdown_table
+from sur_lightning.evaluate import evaluate
+from sur_lightning.evaluation.report import log_report, markdown_table
+from sur_lightning.models.connectors import save_connector
+from sur_lightning.models.connectors.sur import SURAdapter
+from sur_lightning.models.eta import FixedEta
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -81,13 +82,13 @@ def offline_run(tmp_path_factory, cache_dir, tiny_sd, tiny_llm, tiny_clip_checkp
         f"metrics.clip.model={name}", f"metrics.clip.pretrained={checkpoint}",
     )
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("sur_lightning.metrics.fid.InceptionFeatures", PooledPixels)
+        patch.setattr("sur_lightning.evaluation.metrics.fid.InceptionFeatures", PooledPixels)
         return cfg, evaluate(cfg)
 
 
 def test_offline_default_uses_the_bundled_inception(tmp_path, cache_dir):
-    from sur_lightning.evaluate import evaluator_from_config
-    from sur_lightning.metrics.fid import InceptionFeatures
+    from sur_lightning.evaluation.evaluator import evaluator_from_config
+    from sur_lightning.evaluation.metrics.fid import InceptionFeatures
 
     cfg = compose_evaluate(tmp_path, cache_dir, "reference.num_images=2")
     assert list(cfg.metrics.compute) == ["shapes", "fid"] and cfg.metrics.fid.inception is None
@@ -119,7 +120,7 @@ def test_offline_default_scores_base_and_adapter(offline_run):
 
 
 def test_scores_of_a_generate_folder_match(offline_run, tmp_path, cache_dir, tiny_clip_checkpoint, monkeypatch):
-    monkeypatch.setattr("sur_lightning.metrics.fid.InceptionFeatures", PooledPixels)
+    monkeypatch.setattr("sur_lightning.evaluation.metrics.fid.InceptionFeatures", PooledPixels)
     cfg, report = offline_run
     name, checkpoint = tiny_clip_checkpoint
     again = compose_evaluate(
@@ -156,8 +157,8 @@ def test_bad_metric_requests_are_config_errors(tmp_path, cache_dir):
 
 
 def test_report_goes_to_loggers_with_an_image_table():
-    from sur_lightning.generate import Rendered
-    from sur_lightning.metrics.prompt_suites import Prompt
+    from sur_lightning.data.prompt_suites import Prompt
+    from sur_lightning.generation.pipeline import Rendered
 
     class TableLogger:
         def __init__(self):
@@ -187,7 +188,7 @@ def test_report_goes_to_loggers_with_an_image_table():
 def test_evaluation_callback_logs_metrics_during_training(compose, monkeypatch):
     from sur_lightning.train import train
 
-    monkeypatch.setattr("sur_lightning.metrics.fid.InceptionFeatures", PooledPixels)
+    monkeypatch.setattr("sur_lightning.evaluation.metrics.fid.InceptionFeatures", PooledPixels)
     cfg = compose(
         "+experiment=sur_demo", "callbacks=with_evaluation", "+trainer.fast_dev_run=true",
         "callbacks.evaluation.num_prompts=2", "callbacks.evaluation.num_inference_steps=2",
@@ -214,8 +215,8 @@ def fake_run(log_dir: Path, task: str, stamp: str, connector: torch.nn.Module, c
 
 
 def test_adapter_columns_are_named_by_connector_and_experiment_not_by_timestamp(tmp_path):
-    from sur_lightning.connectors.ella import TimestepAwareSemanticConnector
-    from sur_lightning.generate import adapter_entries
+    from sur_lightning.generation.columns import adapter_entries
+    from sur_lightning.models.connectors.ella import TimestepAwareSemanticConnector
 
     sur = SURAdapter(dim=16, llm_dim=8, eta=FixedEta(0.1), num_heads=2, ff_dim=16)
     ella = TimestepAwareSemanticConnector(dim=16, llm_dim=8, num_blocks=1, num_heads=2, num_latents=4,
@@ -269,9 +270,10 @@ def toy_rows(column: str, split: str, correct: list[int], valid: list[int] | Non
 def test_evaluator_scores_valid_images_and_rows_carry_their_count():
     import random
 
-    from sur_lightning.evaluate import Evaluator, score_columns, split_scores
-    from sur_lightning.generate import Rendered
-    from sur_lightning.metrics.prompt_suites import Prompt
+    from sur_lightning.data.prompt_suites import Prompt
+    from sur_lightning.evaluation.evaluator import Evaluator, score_columns
+    from sur_lightning.evaluation.report import split_scores
+    from sur_lightning.generation.pipeline import Rendered
     from sur_lightning.toyworld import world
 
     rng = random.Random(0)
@@ -291,7 +293,7 @@ def test_evaluator_scores_valid_images_and_rows_carry_their_count():
 
 
 def test_split_scores_give_the_valid_rate_per_split_and_count():
-    from sur_lightning.evaluate import gap_closed, split_scores
+    from sur_lightning.evaluation.report import gap_closed, split_scores
 
     rows = toy_rows("base", "a", [0, 0, 1, 1]) + toy_rows("base+complex", "a", [1, 1, 1, 1])
     rows += toy_rows("sur", "a", [1, 0, 1, 1], valid=[0, 1, 1, 1], counts=[1, 1, 2, 2])
@@ -313,7 +315,7 @@ def bootstrap_report(repeat: int = 1) -> dict:
 
 
 def test_gap_closed_intervals_bootstrap_paired_prompts():
-    from sur_lightning.evaluate import gap_closed, gap_closed_intervals
+    from sur_lightning.evaluation.report import gap_closed, gap_closed_intervals
 
     report = bootstrap_report(repeat=5)
     point = gap_closed(report)["sur"]["a"]["color_accuracy"]
@@ -332,7 +334,7 @@ def test_gap_closed_intervals_bootstrap_paired_prompts():
 
 
 def test_toyworld_table_shows_the_valid_rate_and_gap_intervals():
-    from sur_lightning.evaluate import gap_closed_intervals, toyworld_table
+    from sur_lightning.evaluation.report import gap_closed_intervals, toyworld_table
 
     report = bootstrap_report(repeat=5)
     for row in report["images"]:

@@ -12,21 +12,19 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from sur_lightning.connectors import save_connector
-from sur_lightning.connectors.ella import TimestepAwareSemanticConnector
-from sur_lightning.connectors.sur import SURAdapter
-from sur_lightning.eta import FixedEta
-from sur_lightning.generate import (
+from sur_lightning.data.prompt_suites import load_prompt_list
+from sur_lightning.generate import generate
+from sur_lightning.generation.conditioning import (
     ClipConditioning,
     ConnectorConditioning,
-    build_pipeline,
     frozen_text_features,
-    generate,
-    load_prompt_list,
     override_eta,
-    render,
-    render_base_and_adapter,
 )
+from sur_lightning.generation.pipeline import build_pipeline, render, render_base_and_adapter
+from sur_lightning.models.connectors import save_connector
+from sur_lightning.models.connectors.ella import TimestepAwareSemanticConnector
+from sur_lightning.models.connectors.sur import SURAdapter
+from sur_lightning.models.eta import FixedEta
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 PROMPTS_A = ["two red circles", "one blue square"]
@@ -51,7 +49,7 @@ def tiny_sur(batch_first: bool = True, eta: float = 0.5, seed: int = 0) -> SURAd
 
 @pytest.fixture(scope="module")
 def token_llm(tiny_llm):
-    from sur_lightning.llm import CausalLMFeatures
+    from sur_lightning.models.llm import CausalLMFeatures
 
     return CausalLMFeatures(tiny_llm, pooling="none")
 

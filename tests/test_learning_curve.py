@@ -27,9 +27,10 @@ def test_two_step_run_exports_each_step_and_every_export_is_scored(compose, back
     assert all(e["path"].exists() for e in exports)
     assert 0 < exports[0]["train_seconds"] <= exports[1]["train_seconds"]
 
-    from sur_lightning.evaluate import Evaluator, score_columns
-    from sur_lightning.generate import build_columns, render_columns
-    from sur_lightning.metrics.prompt_suites import Prompt
+    from sur_lightning.data.prompt_suites import Prompt
+    from sur_lightning.evaluation.evaluator import Evaluator, score_columns
+    from sur_lightning.generation.columns import build_columns
+    from sur_lightning.generation.pipeline import render_columns
 
     prompts = [Prompt("p0", "two red circles", SPLIT, "two red circles", (2, "red", "circle")),
                Prompt("p1", "one blue square", SPLIT, "one blue square", (1, "blue", "square"))]

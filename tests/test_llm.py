@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sur_lightning.llm import CausalLMFeatures, build_tiny_causal_lm
+from sur_lightning.models.llm import CausalLMFeatures, build_tiny_causal_lm
 
 PROMPTS = ["a pair of tomatoes on a table", "a lemon"]
 
@@ -62,7 +62,7 @@ def test_an_out_of_range_layer_names_the_block_count(three_block_llm):
 def test_trust_remote_code_is_passed_false_unless_the_config_turns_it_on(compose, monkeypatch):
     from hydra.utils import instantiate
 
-    import sur_lightning.llm as llm_module
+    import sur_lightning.models.llm as llm_module
 
     calls = []
     real = llm_module.load_pretrained

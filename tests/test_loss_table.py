@@ -19,7 +19,7 @@ def loss_table():
 
 
 def test_the_script_writes_one_row_per_pair_with_every_loss(loss_table, tmp_path, llm):
-    from sur_lightning.losses import FeatureAlignmentLoss
+    from sur_lightning.training.losses import FeatureAlignmentLoss
 
     pairs = loss_table.load_pairs()
     assert len(pairs) >= 30 and {p["kind"] for p in pairs} == set(loss_table.KINDS)

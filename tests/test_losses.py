@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
-from sur_lightning.losses import DenoisingLoss, FeatureAlignmentLoss
+from sur_lightning.training.losses import DenoisingLoss, FeatureAlignmentLoss
 
 STUDENT = torch.tensor([[[1.0, 2.0, 0.0], [0.0, 0.0, 3.0]]])  # [1, 2, 3]
 TEACHER = torch.tensor([[[0.0, 1.0, 1.0], [2.0, 0.0, 1.0]]])
@@ -110,7 +110,7 @@ def test_noise_offset_shifts_channel_means():
 
 
 def test_per_token_cosine_tells_apart_prompts_with_the_same_token_mean():
-    from sur_lightning.losses import FeatureAlignmentLoss
+    from sur_lightning.training.losses import FeatureAlignmentLoss
 
     # Two "prompts" whose tokens are a permutation of each other: the same token mean, different tokens.
     a = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
@@ -126,7 +126,7 @@ def test_per_token_cosine_tells_apart_prompts_with_the_same_token_mean():
 def test_teacher_prediction_in_x0_space_is_the_mse_of_the_clean_latents_the_predictions_imply(prediction_type):
     from diffusers import DDPMScheduler
 
-    from sur_lightning.losses import TeacherPredictionLoss
+    from sur_lightning.training.losses import TeacherPredictionLoss
 
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                               prediction_type=prediction_type)

@@ -11,8 +11,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from sur_lightning.data import prompt_suites
 from sur_lightning.data.synthetic import COLORS, draw_shapes, simple_prompt
-from sur_lightning.metrics import captions, diversity, fid, prompt_suites, shapes
+from sur_lightning.evaluation.metrics import captions, diversity, fid, shapes
 
 # ---------------------------------------------------------------- shapes
 
@@ -401,7 +402,7 @@ def tiny_clip(tmp_path_factory):
 
 
 def test_clip_score_is_deterministic_bounded_and_counts_truncation(tiny_clip, tmp_path):
-    from sur_lightning.metrics.clip_score import CLIPScorer
+    from sur_lightning.evaluation.metrics.clip_score import CLIPScorer
 
     torch.manual_seed(0)
     scorer = CLIPScorer(tiny_clip, pretrained=None)

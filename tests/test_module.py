@@ -131,7 +131,7 @@ def test_eta_histogram_reaches_tensorboard(compose, tmp_path):
 
 def nan_on_calls(monkeypatch, bad_calls):
     """Make the denoising loss NaN on the given (1-based) calls."""
-    from sur_lightning.losses import DenoisingLoss
+    from sur_lightning.training.losses import DenoisingLoss
 
     real, calls = DenoisingLoss.__call__, []
 
@@ -260,7 +260,7 @@ def test_teacher_prediction_is_refused_where_it_cannot_reach_the_connector_or_ha
     with pytest.raises(Exception, match="caption_dropout=0.1 cannot be combined"):
         instantiate(compose("+experiment=sur_paper", "+loss/teacher=unet", "model.prompt_loss=null",
                             "model.llm_loss=null", "model.caption_dropout=0.1").model)
-    from sur_lightning.losses import TeacherPredictionLoss
+    from sur_lightning.training.losses import TeacherPredictionLoss
 
     with pytest.raises(ValueError, match="weight must be positive"):
         TeacherPredictionLoss(weight=0)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sur_lightning.connectors import TextFeatures
-from sur_lightning.connectors.sur import SURAdapter
-from sur_lightning.eta import FixedEta
-from sur_lightning.llm import CausalLMFeatures, MultiTeacherFeatures, build_tiny_causal_lm
-from sur_lightning.losses import DenoisingLoss, FeatureAlignmentLoss, TeacherWeights
-from sur_lightning.module import ConnectorTrainingModule
+from sur_lightning.models.connectors import TextFeatures
+from sur_lightning.models.connectors.sur import SURAdapter
+from sur_lightning.models.eta import FixedEta
+from sur_lightning.models.llm import CausalLMFeatures, MultiTeacherFeatures, build_tiny_causal_lm
+from sur_lightning.training.losses import DenoisingLoss, FeatureAlignmentLoss, TeacherWeights
+from sur_lightning.training.module import ConnectorTrainingModule
 
 PROMPTS = ["a pair of tomatoes", "three red circles"]
 
@@ -97,9 +97,9 @@ def test_bad_multi_teacher_configs_are_named(backbone, teachers, tiny_llm):
 
 def test_smollm2_and_minilm_train_together_each_with_its_own_w0_and_logged_term(compose):
     """The two real offline teachers (SmolLM2-135M, all-MiniLM-L6-v2), through the feature cache."""
-    from sur_lightning.cache import FeatureCache
-    from sur_lightning.connectors import load_connector
+    from sur_lightning.models.connectors import load_connector
     from sur_lightning.train import train
+    from sur_lightning.training.feature_store import FeatureCache
 
     cfg = compose("llm=multi", "loss=cosine", "data.cache=auto", "trainer.max_steps=2", "trainer.val_check_interval=2",
                   "llm.weights.smollm2=3", "llm.weights.minilm=1")
@@ -112,7 +112,7 @@ def test_smollm2_and_minilm_train_together_each_with_its_own_w0_and_logged_term(
 
 
 def test_ella_with_several_teachers_is_refused_before_training(compose):
-    from sur_lightning.sweep import IncompatibleConfigError, check_combination
+    from sur_lightning.config import IncompatibleConfigError, check_combination
 
     with pytest.raises(IncompatibleConfigError, match="one W0 each"):
         check_combination(compose("connector=ella", "loss=denoising", "llm=multi", tiny=False))

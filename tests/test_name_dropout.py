@@ -12,14 +12,9 @@ import torch
 from conftest import CONFIG_DIR, tiny_overrides
 from hydra.utils import instantiate
 
-from sur_lightning.rag import (
-    PLACEHOLDER_WORDS,
-    KnowledgeBase,
-    NameDropout,
-    Retriever,
-    bundled_knowledge_base,
-    name_lexicon,
-)
+from sur_lightning.knowledge.knowledge_base import KnowledgeBase, bundled_knowledge_base
+from sur_lightning.knowledge.name_dropout import PLACEHOLDER_WORDS, NameDropout, name_lexicon
+from sur_lightning.knowledge.rag import Retriever
 from sur_lightning.toyworld.world import COUNTS, OBJECTS, OBJECTS_BY_NAME, TEMPLATES, complex_prompt, narrative_prompt
 
 
@@ -48,7 +43,7 @@ def renamer(kb) -> NameDropout:
 
 @pytest.fixture(scope="module")
 def minilm():
-    from sur_lightning.sentence import SentenceEncoderFeatures
+    from sur_lightning.models.sentence import SentenceEncoderFeatures
 
     return SentenceEncoderFeatures()
 
@@ -173,7 +168,7 @@ def compose_world(root: Path, cache_dir: Path, *overrides: str):
 
 
 def test_p0_changes_no_fingerprint_and_no_prompt(tmp_path, cache_dir, tiny_sd, tiny_llm):
-    from sur_lightning.cache import llm_fingerprint
+    from sur_lightning.training.feature_store import llm_fingerprint
 
     rag = ["+llm/rag=toyworld"]
     default = compose_world(tmp_path, cache_dir, *rag)
@@ -220,7 +215,7 @@ def test_the_dataset_renames_training_rows_keyed_by_seed_epoch_and_row_not_valid
 def test_name_dropout_without_retrieval_or_with_other_variants_is_an_error(tmp_path, cache_dir, tiny_sd, tiny_llm):
     from hydra.errors import InstantiationException
 
-    from sur_lightning.cache import check_name_dropout
+    from sur_lightning.training.feature_cache import check_name_dropout
 
     with pytest.raises(InstantiationException, match="needs retrieval"):
         instantiate(compose_world(tmp_path, cache_dir, "data.name_dropout=0.5").data)
@@ -233,9 +228,10 @@ def test_name_dropout_without_retrieval_or_with_other_variants_is_an_error(tmp_p
 
 
 def test_the_cache_holds_every_variant_so_a_cached_training_step_needs_no_llm(tmp_path, cache_dir, tiny_sd, tiny_llm, monkeypatch):
-    from sur_lightning.cache import FeatureCache, build_cache, missing_entries
-    from sur_lightning.llm import CausalLMFeatures
+    from sur_lightning.models.llm import CausalLMFeatures
     from sur_lightning.train import train
+    from sur_lightning.training.feature_cache import build_cache, missing_entries
+    from sur_lightning.training.feature_store import FeatureCache
 
     overrides = [
         "+experiment=ella_demo", "backbone=tiny", "llm=tiny", "llm.pooling=none",
@@ -273,7 +269,7 @@ def test_the_cache_holds_every_variant_so_a_cached_training_step_needs_no_llm(tm
 
 
 def test_the_span_probe_pools_the_fact_tokens_and_the_prompt_tokens(tiny_llm, kb, minilm, monkeypatch):
-    from sur_lightning.llm import CausalLMFeatures
+    from sur_lightning.models.llm import CausalLMFeatures
     from sur_lightning.toyworld import probe
 
     retriever = Retriever(kb, minilm)

@@ -8,8 +8,9 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from sur_lightning.rag import KnowledgeBase, Retriever, bundled_knowledge_base
-from sur_lightning.sentence import SentenceEncoderFeatures
+from sur_lightning.knowledge.knowledge_base import KnowledgeBase, bundled_knowledge_base
+from sur_lightning.knowledge.rag import Retriever
+from sur_lightning.models.sentence import SentenceEncoderFeatures
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 UNRELATED = "a violin concert at night"
@@ -88,7 +89,7 @@ def test_a_template_must_put_the_facts_before_the_prompt():
 
 
 def test_the_index_is_stored_reused_and_rebuilt_when_the_knowledge_base_or_encoder_changes(tmp_path, minilm):
-    from sur_lightning.sentence import build_tiny_bert
+    from sur_lightning.models.sentence import build_tiny_bert
 
     kb = shutil.copy(bundled_knowledge_base("toyworld"), tmp_path / "kb.jsonl")
     first = Retriever(kb, minilm, index_dir=tmp_path / "rag")
@@ -108,7 +109,7 @@ def test_the_index_is_stored_reused_and_rebuilt_when_the_knowledge_base_or_encod
 
 
 def test_the_retrieved_facts_reach_the_llm_input(tiny_llm, retriever):
-    from sur_lightning.llm import CausalLMFeatures
+    from sur_lightning.models.llm import CausalLMFeatures
 
     features = CausalLMFeatures(tiny_llm, rag=retriever, pooling="none")
     fed = []
@@ -132,7 +133,7 @@ def test_the_retrieved_facts_reach_the_llm_input(tiny_llm, retriever):
 def test_the_llm_cache_fingerprint_changes_with_rag_and_with_the_knowledge_base(tmp_path, tiny_llm, cache_dir):
     from hydra.utils import instantiate
 
-    from sur_lightning.cache import llm_fingerprint
+    from sur_lightning.training.feature_store import llm_fingerprint
 
     kb = shutil.copy(bundled_knowledge_base("toyworld"), tmp_path / "kb.jsonl")
     base = ["llm=tiny", f"paths.cache_dir={cache_dir}", f"paths.root_dir={tmp_path}"]
@@ -165,7 +166,7 @@ def test_the_probe_takes_hydra_overrides_and_builds_the_llm_with_rag(tiny_llm, c
 def test_the_empty_prompt_gets_a_feature_from_a_tokenizer_without_bos(retriever, cache_dir):
     """SmolLM2's tokenizer adds no BOS: "" (classifier-free guidance's prompt) tokenizes to nothing, so there
     are no offsets to mark facts in; the feature cache encodes it in a batch of its own."""
-    from sur_lightning.llm import CausalLMFeatures, convert_smollm2_gguf
+    from sur_lightning.models.llm import CausalLMFeatures, convert_smollm2_gguf
 
     llm = CausalLMFeatures(convert_smollm2_gguf(cache_dir / "smollm2-135m-instruct"), rag=retriever)
     states, mask = llm([""])

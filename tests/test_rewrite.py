@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sur_lightning.rewrite import PromptRewriter, clean_generation, parse_toyworld, toyworld_accuracy
+from sur_lightning.knowledge.rewriter import PromptRewriter, clean_generation
+from sur_lightning.toyworld.world import parse_toyworld, toyworld_accuracy
 from sur_lightning.train import train
 
 TEMPLATES = {
@@ -136,10 +137,10 @@ def test_rewrite_cli_prints_saves_and_scores_a_toyworld_suite(tiny_llm, tmp_path
 
 
 def test_prompt_alignment_both_is_the_mean_of_complex_and_rewrite_terms(backbone):
-    from sur_lightning.connectors.sur import SURAdapter
-    from sur_lightning.eta import FixedEta
-    from sur_lightning.losses import DenoisingLoss, FeatureAlignmentLoss
-    from sur_lightning.module import ConnectorTrainingModule
+    from sur_lightning.models.connectors.sur import SURAdapter
+    from sur_lightning.models.eta import FixedEta
+    from sur_lightning.training.losses import DenoisingLoss, FeatureAlignmentLoss
+    from sur_lightning.training.module import ConnectorTrainingModule
 
     def module(target):
         return ConnectorTrainingModule(
@@ -169,14 +170,14 @@ def test_training_aligns_to_cached_rewrites_and_caches_their_clip_states(compose
     assert {"train/prompt_complex", "train/prompt_rewrite"} <= set(metrics)
     from hydra.utils import instantiate
 
-    from sur_lightning.cache import FeatureCache
+    from sur_lightning.training.feature_store import FeatureCache
 
     cached = [json.loads(line) for line in Path(cfg.rewriter.cache_file).read_text().splitlines()]
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
     assert sorted(row["prompt"] for row in cached) == sorted({row.simple for row in datamodule.all_rows()})
     rewrites = [row["rewrite"] for row in cached]
-    from sur_lightning.data.datamodule import content_hash
+    from sur_lightning.data.datasets import content_hash
 
     cache = FeatureCache.from_config(cfg)
     assert all(cache.clip.key(content_hash(r)) in cache.clip for r in rewrites)
@@ -185,7 +186,7 @@ def test_training_aligns_to_cached_rewrites_and_caches_their_clip_states(compose
 def test_simple_from_llm_writes_every_simple_prompt_from_the_complex_one(compose, tiny_llm):
     from hydra.utils import instantiate
 
-    from sur_lightning.rewrite import datamodule_arguments
+    from sur_lightning.config import datamodule_arguments
 
     cfg = compose("data.simple_from=llm", f"rewriter.pretrained={tiny_llm}", "rewriter.max_new_tokens=4")
     arguments = datamodule_arguments(cfg)
@@ -199,7 +200,7 @@ def test_simple_from_llm_writes_every_simple_prompt_from_the_complex_one(compose
 
 
 def test_no_rewriter_is_built_when_nothing_needs_one(compose):
-    from sur_lightning.rewrite import datamodule_arguments
+    from sur_lightning.config import datamodule_arguments
 
     assert datamodule_arguments(compose("loss=cosine")) == {}
     assert datamodule_arguments(compose("loss=denoising", "loss.align_target=rewrite")) == {}

@@ -6,7 +6,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from sur_lightning.sentence import SentenceEncoderFeatures, minilm_path
+from sur_lightning.models.sentence import SentenceEncoderFeatures, minilm_path
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -58,7 +58,7 @@ def test_a_missing_package_names_it_and_the_install_command(monkeypatch):
 def test_llm_minilm_follows_the_connector_and_has_a_cache_fingerprint(connector, pooling, tmp_path):
     from hydra.utils import instantiate
 
-    from sur_lightning.cache import FeatureStore, llm_fingerprint
+    from sur_lightning.training.feature_store import FeatureStore, llm_fingerprint
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=["llm=minilm", f"connector={connector}", f"paths.root_dir={tmp_path}"])

@@ -5,9 +5,9 @@ import pickle
 import pytest
 import torch
 
-from sur_lightning.connectors import TextFeatures, load_connector, save_connector
-from sur_lightning.connectors.sur import SURAdapter
-from sur_lightning.eta import AdaptiveEta, FixedEta, LearnableEta
+from sur_lightning.models.connectors import TextFeatures, load_connector, save_connector
+from sur_lightning.models.connectors.sur import SURAdapter
+from sur_lightning.models.eta import AdaptiveEta, FixedEta, LearnableEta
 
 DIM, LLM_DIM = 16, 24
 
@@ -119,7 +119,7 @@ def test_load_connector_names_the_missing_file(tmp_path):
 
 def official_state_dict(adapter: SURAdapter) -> dict[str, torch.Tensor]:
     """``adapter``'s weights under the names of the released ``adapter_checkpoint*.pt``, with its unused tensors."""
-    from sur_lightning.connectors.sur import OFFICIAL_KEY_PREFIXES
+    from sur_lightning.models.connectors.sur import OFFICIAL_KEY_PREFIXES
 
     ours_to_official = [(ours, official) for official, ours in OFFICIAL_KEY_PREFIXES]
     state = {}
@@ -143,7 +143,7 @@ def released(dim=16, num_heads=4, **kwargs) -> SURAdapter:
 
 
 def test_official_checkpoint_loads_under_the_released_names_and_reproduces_the_output():
-    from sur_lightning.connectors.sur import load_official_state_dict
+    from sur_lightning.models.connectors.sur import load_official_state_dict
 
     source = released()
     torch.manual_seed(2)
@@ -155,7 +155,7 @@ def test_official_checkpoint_loads_under_the_released_names_and_reproduces_the_o
 
 
 def test_official_checkpoint_is_strict_about_unknown_missing_and_mis_shaped_keys():
-    from sur_lightning.connectors.sur import load_official_state_dict
+    from sur_lightning.models.connectors.sur import load_official_state_dict
 
     state = official_state_dict(released())
     with pytest.raises(KeyError, match="unknown keys.*attention.gate"):
@@ -170,7 +170,7 @@ def test_official_checkpoint_is_strict_about_unknown_missing_and_mis_shaped_keys
 
 
 def test_official_file_builds_the_released_module_with_weights_only_load(tmp_path, capsys):
-    from sur_lightning.generate import load_adapter
+    from sur_lightning.generation.columns import load_adapter
 
     source = released(num_heads=8, num_layers=3)  # the file does not store the head count: 8 as released
     path = tmp_path / "adapter_checkpoint5000.pt"

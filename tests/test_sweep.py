@@ -11,7 +11,7 @@ import yaml
 from conftest import tiny_overrides
 from hydra.utils import instantiate
 
-from sur_lightning.sweep import IncompatibleConfigError, check_combination
+from sur_lightning.config import IncompatibleConfigError, check_combination
 from sur_lightning.sweep_report import sweep_report
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -121,7 +121,7 @@ def test_sweep_report_lists_unfinished_jobs_and_names_unknown_metrics(tmp_path):
 def test_the_slurm_launcher_composes_with_one_task_per_gpu(tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from sur_lightning.train import CONFIG_DIR
+    from sur_lightning.config import CONFIG_DIR
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="train", return_hydra_config=True,

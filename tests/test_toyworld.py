@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from sur_lightning.data.synthetic import COLORS, SHAPES
-from sur_lightning.metrics import shapes
+from sur_lightning.evaluation.metrics import shapes
 from sur_lightning.toyworld import BASE_DIR, shipped_base, verify_base, world
 
 # ---------------------------------------------------------------- the checker
@@ -92,7 +92,7 @@ def test_held_out_combinations_use_only_tokens_seen_in_training(tmp_path):
     """Split by token, not by concept: otherwise a "held-out combination" is really a held-out object."""
     from transformers import CLIPTokenizer
 
-    from sur_lightning.backbone import write_clip_tokenizer_files
+    from sur_lightning.models.backbone import write_clip_tokenizer_files
 
     files = write_clip_tokenizer_files(tmp_path / "tok")
     tokenizer = CLIPTokenizer(str(files / "vocab.json"), str(files / "merges.txt"))
@@ -138,7 +138,7 @@ def test_world_folder_manifest_and_suites(tmp_path):
 
 
 def test_shipped_base_matches_its_recorded_hashes_and_loads():
-    from sur_lightning.backbone import StableDiffusionBackbone
+    from sur_lightning.models.backbone import StableDiffusionBackbone
 
     record = verify_base()
     assert record["accuracy"]["color_accuracy"] >= 0.85 and record["accuracy"]["shape_accuracy"] >= 0.70
@@ -191,7 +191,7 @@ def test_pretraining_runs_resumes_and_exports_a_loadable_base(tmp_path):
     assert set(record["accuracy"]) >= {"count_accuracy", "color_accuracy", "shape_accuracy"}
     assert "unet.steps=3" in record["command"]
 
-    from sur_lightning.backbone import StableDiffusionBackbone
+    from sur_lightning.models.backbone import StableDiffusionBackbone
 
     backbone = StableDiffusionBackbone(str(tmp_path / "base"))
     assert backbone.unet.config.cross_attention_dim == 16
@@ -227,7 +227,8 @@ def test_demo_on_the_toy_base_prints_the_table_and_draws_three_columns(tmp_path,
     from hydra import compose, initialize_config_dir
     from PIL import Image
 
-    from sur_lightning.train import CONFIG_DIR, train
+    from sur_lightning.config import CONFIG_DIR
+    from sur_lightning.train import train
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=["+experiment=demo", *toy_demo_overrides(tmp_path, cache_dir)])
@@ -248,7 +249,7 @@ def test_demo_on_the_toy_base_prints_the_table_and_draws_three_columns(tmp_path,
 
 
 def test_gap_closed_on_a_hand_made_report():
-    from sur_lightning.evaluate import gap_closed, split_scores, toyworld_table
+    from sur_lightning.evaluation.report import gap_closed, split_scores, toyworld_table
 
     def rows(column, split, colors):
         return [{"column": column, "category": split, "color_accuracy": c, "shape_accuracy": 1.0, "count_accuracy": 0.0}
@@ -269,7 +270,7 @@ def test_gap_closed_on_a_hand_made_report():
 
 
 def test_suite_rows_with_targets_and_their_errors(tmp_path):
-    from sur_lightning.metrics.prompt_suites import load_jsonl
+    from sur_lightning.data.prompt_suites import load_jsonl
 
     good = tmp_path / "good.jsonl"
     good.write_text(json.dumps({"prompt": "a pair of limes", "complex": "two green circles", "count": 2,

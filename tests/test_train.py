@@ -11,7 +11,7 @@ from conftest import tiny_overrides
 from hydra.errors import ConfigCompositionException, InstantiationException
 from omegaconf.errors import MissingMandatoryValue
 
-from sur_lightning.backbone import ModelNotAvailableError
+from sur_lightning.models.backbone import ModelNotAvailableError
 from sur_lightning.train import train
 
 EXPERIMENTS = sorted(p.stem for p in (Path(__file__).parent.parent / "conf" / "experiment").glob("*.yaml"))
@@ -44,7 +44,7 @@ def test_demo_writes_checkpoint_adapter_grid_metrics_and_offline_wandb(compose):
     assert (output / "checkpoints" / "last.ckpt").exists()
     assert list((output / "wandb").glob("offline-run-*"))
     assert (output / "samples" / "step000002.png").exists()
-    from sur_lightning.connectors import load_connector
+    from sur_lightning.models.connectors import load_connector
 
     assert load_connector(output / "adapter.safetensors").config["eta"]["_target_"].endswith("AdaptiveEta")
 
@@ -142,7 +142,7 @@ def test_sur_released_trains_with_flips_from_the_cache_and_no_validation_rows(co
                   "callbacks.sample_grid=null")
     metrics = train(cfg)
     assert "train/loss" in metrics and "val/denoising" not in metrics
-    from sur_lightning.cache import FeatureCache
+    from sur_lightning.training.feature_store import FeatureCache
 
     # Both flips of every training image were cached: 12 images, 24 latents.
     assert len(FeatureCache.from_config(cfg).latents) == 24

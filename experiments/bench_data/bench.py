@@ -23,8 +23,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from sur_lightning.cache import build_cache, prepare_feature_cache
-from sur_lightning.train import CONFIG_DIR
+from sur_lightning.config import CONFIG_DIR
+from sur_lightning.training.feature_cache import build_cache, prepare_feature_cache
 
 
 def config(root: Path, cache: str, args) -> object:

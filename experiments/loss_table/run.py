@@ -2,7 +2,7 @@
 
 For each hand-written sentence pair in ``pairs.jsonl`` (paraphrases, near-misses that change one
 attribute — colour, count, shape, object — and unrelated pairs), both sentences are encoded by each text
-encoder and the project's own alignment losses (``sur_lightning.losses.FeatureAlignmentLoss``) are
+encoder and the project's own alignment losses (``sur_lightning.training.losses.FeatureAlignmentLoss``) are
 computed between the two embeddings, sentence a as the student and b as the teacher:
 
     kl             SUR's official loss, KL over a softmax of the feature axis (τ = 1), summed over tokens
@@ -38,7 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from sur_lightning.losses import FeatureAlignmentLoss
+from sur_lightning.training.losses import FeatureAlignmentLoss
 
 HERE = Path(__file__).resolve().parent
 KINDS = ("paraphrase", "near_miss", "unrelated")
@@ -89,7 +89,7 @@ def pooled(features) -> Callable[[list[str]], torch.Tensor]:
 
 
 def default_encoders(cache_dir: Path, clip_l: str | None) -> dict[str, Encoder]:
-    from sur_lightning.llm import CausalLMFeatures, convert_smollm2_gguf
+    from sur_lightning.models.llm import CausalLMFeatures, convert_smollm2_gguf
 
     encoders: dict[str, Encoder] = {
         "toyclip": (ClipTokenStates(ROOT / "sur_lightning" / "toyworld" / "base"), True),
@@ -194,7 +194,7 @@ def main(
     clip_l: str | None = None,
 ) -> list[dict]:
     """Measure every pair with every encoder, write ``results.csv`` and ``results.md`` into ``out_dir``; return the rows."""
-    from sur_lightning.sentence import SentenceEncoderFeatures
+    from sur_lightning.models.sentence import SentenceEncoderFeatures
 
     torch.manual_seed(0)
     pairs = load_pairs() if pairs is None else pairs

@@ -29,10 +29,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from sur_lightning.connectors import TextFeatures
-from sur_lightning.connectors.sur import SURAdapter
-from sur_lightning.eta import FixedEta
-from sur_lightning.metrics import shapes
+from sur_lightning.evaluation.metrics import shapes
+from sur_lightning.models.connectors import TextFeatures
+from sur_lightning.models.connectors.sur import SURAdapter
+from sur_lightning.models.eta import FixedEta
 from sur_lightning.toyworld import shipped_base
 from sur_lightning.toyworld.world import make_splits, suite_rows
 

@@ -133,7 +133,7 @@ class Scorer:
     def __init__(self, args) -> None:
         from hydra.utils import instantiate
 
-        from sur_lightning.evaluate import Evaluator
+        from sur_lightning.evaluation.evaluator import Evaluator
         from sur_lightning.toyworld import world
 
         cfg = compose("sur_demo", [], args.out / "eval", args, 0, [1])
@@ -147,8 +147,8 @@ class Scorer:
     def rows(self, columns, out_dir: Path) -> dict[str, list[dict]]:
         """{column: per-image rows} over every split, each split with its seeds. The images are kept under
         ``out_dir`` (``images/<column>/<prompt id>_seed<k>.png``, 3 KB each), so a revised checker can rescore them."""
-        from sur_lightning.evaluate import score_columns
-        from sur_lightning.generate import render_columns
+        from sur_lightning.evaluation.evaluator import score_columns
+        from sur_lightning.generation.pipeline import render_columns
 
         rendered = []
         for split, prompts in self.prompts.items():
@@ -158,7 +158,8 @@ class Scorer:
         return {column.name: learning_curve.image_rows(report, column.name) for column in columns}
 
     def base_rows(self) -> dict[str, list[dict]]:
-        from sur_lightning.generate import ClipConditioning, Column, complex_prompt_column, frozen_text_features
+        from sur_lightning.generation.columns import Column, complex_prompt_column
+        from sur_lightning.generation.conditioning import ClipConditioning, frozen_text_features
 
         every = [p for prompts in self.prompts.values() for p in prompts]
         base = Column("base", ClipConditioning(frozen_text_features(self.backbone)))
@@ -177,7 +178,7 @@ class Scorer:
         return self.llms[key]
 
     def adapter(self, name: str, path: Path) -> list[dict]:
-        from sur_lightning.generate import build_columns
+        from sur_lightning.generation.columns import build_columns
 
         (column,) = build_columns(self.backbone, [str(path)], llm=lambda: self.llm(name), include_base=False)
         column.name = "adapter"

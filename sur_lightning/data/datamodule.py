@@ -15,20 +15,36 @@ are skipped; CMYK/RGBA/palette/16-bit/grayscale images are converted and EXIF ro
 prompts over the tokenizer's limit are cut at a word boundary. Each is counted in ``data_report.json``
 (written beside the run) and in the W&B summary. A row that still fails to decode while training is
 replaced by the next good row and reported the same way.
+
+The feature cache (``sur_lightning.training.feature_cache``, ``data.cache``) meets the datamodule at six
+methods and nothing else: it asks ``cache_images()`` (which image variants training and validation read),
+``image_content(row)`` and ``cache_pixels(row, variant)`` (an image's content hash and its VAE input), and
+``cache_prompts()`` (the prompts whose CLIP and LLM states the rows need); it hands back ``skip_rows``
+(images it could not encode) and ``use_latent_store`` (where the latents are now). The datasets live in
+``datasets.py``, the resumable sampler in ``sampler.py``. Just over 400 lines: one class, whose row checking,
+split, streaming set-up, cache methods and loaders share its state.
 """
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
-from torchvision.transforms import functional as TF
+from torch.utils.data import DataLoader, IterableDataset
 
+from sur_lightning.data.datasets import (
+    ImageTextDataset,
+    PromptLimit,
+    StreamingImageTextDataset,
+    check_prompts,
+    collate,
+    content_hash,
+    image_variants,
+    preprocess,
+)
 from sur_lightning.data.formats import (
     Row,
     detect_format,
@@ -36,406 +52,13 @@ from sur_lightning.data.formats import (
     load_table,
     read_folder,
     read_table,
-    table_image_bytes,
-    webdataset_row,
     webdataset_urls,
 )
 from sur_lightning.data.images import MAX_IMAGE_PIXELS, BadImage, check_image, load_rgb
 from sur_lightning.data.report import DataReport
+from sur_lightning.data.sampler import EpochSampler, ResumableDataLoader
 
 CACHE_MODES = ("auto", "require", "off")
-
-
-class CacheMissError(KeyError):
-    """``data.cache=require`` and an entry is missing; the message names the entry's key and row."""
-
-
-def content_hash(data: bytes | str) -> str:
-    """sha256 of image bytes or prompt text: the content half of a cache key."""
-    return hashlib.sha256(data.encode("utf-8") if isinstance(data, str) else data).hexdigest()
-
-
-def image_variants(random_flip: bool) -> tuple[str, ...]:
-    """The crop/flip variants training uses (and the cache stores) per image."""
-    return ("center", "center_flip") if random_flip else ("center",)
-
-
-def preprocess(image, resolution: int, center_crop: bool, flip: bool, rng=random) -> torch.Tensor:
-    """diffusers' text-to-image preprocessing: resize the short side, crop, flip, scale to [-1, 1]. [3, R, R]
-
-    ``rng`` (a ``random.Random``, or the module) places a random crop."""
-    image = TF.resize(image, resolution, interpolation=TF.InterpolationMode.BILINEAR)
-    if center_crop:
-        image = TF.center_crop(image, resolution)
-    else:
-        top = rng.randint(0, image.height - resolution)
-        left = rng.randint(0, image.width - resolution)
-        image = TF.crop(image, top, left, resolution, resolution)
-    if flip:
-        image = TF.hflip(image)
-    return TF.normalize(TF.to_tensor(image), [0.5], [0.5])
-
-
-class PromptLimit:
-    """Cuts prompts longer than the tokenizer's limit at a word boundary, so the report can count them.
-
-    The text encoder would truncate them anyway; cutting here makes it visible and keeps 10k-character
-    prompts out of every training step.
-    """
-
-    def __init__(self, tokenizer: str | None, subfolder: str = "tokenizer") -> None:
-        self.tokenizer = None
-        self.max_tokens = None
-        if tokenizer:
-            from transformers import AutoTokenizer
-
-            self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer), subfolder=subfolder, use_fast=False)
-            self.max_tokens = int(self.tokenizer.model_max_length)
-
-    def count(self, text: str) -> int:
-        return len(self.tokenizer(text, truncation=False).input_ids)
-
-    def __call__(self, text: str) -> tuple[str, int | None]:
-        """(text, None) when it fits; else (its longest word prefix that fits, its full token count)."""
-        # A token covers at least one character, so a short prompt cannot exceed the limit.
-        if self.tokenizer is None or len(text) <= self.max_tokens - 2:
-            return text, None
-        total = self.count(text)
-        if total <= self.max_tokens:
-            return text, None
-        words = text.split()
-        low, high = 0, len(words)
-        while low < high:
-            middle = (low + high + 1) // 2
-            if self.count(" ".join(words[:middle])) <= self.max_tokens:
-                low = middle
-            else:
-                high = middle - 1
-        return " ".join(words[:low]), total
-
-
-def check_prompts(row: Row, limit: PromptLimit, report: DataReport, simple_key: str | None, complex_key: str) -> bool:
-    """Skip a row with a missing or empty prompt; truncate over-long ones (counted). True when the row is usable."""
-    for field, key in (("simple", simple_key or "simple prompt source"), ("complex", complex_key)):
-        text = getattr(row, field)
-        if text is None:
-            report.skip(row.where, row.id, f"missing {field} prompt ({key!r})")
-            return False
-        if not text.strip():
-            report.skip(row.where, row.id, f"empty {field} prompt ({key!r})")
-            return False
-        cut, total = limit(text)
-        if total is not None:
-            report.truncate(row.where, row.id, f"{field} prompt: {total} tokens cut to {limit.max_tokens}")
-            setattr(row, field, cut)
-    return True
-
-
-class ImageTextDataset(Dataset):
-    """Map-style rows; ``image_bytes`` reads a file under ``root`` or a cell of ``table``.
-
-    With a latent store (``data.cache`` on), an image whose latents are cached is not decoded at all.
-    Indexed by ``EpochSampler`` with (epoch, index), a row's flip and crop are drawn from a generator keyed
-    by (seed, epoch, row id), so a resumed run, or another number of workers or ranks, draws the same ones.
-
-    ``renamer`` (a ``sur_lightning.rag.NameDropout``) with ``name_dropout`` p > 0: with probability p the
-    row's simple prompt is replaced by one of its renamed variants, drawn from its own generator keyed by
-    the same (seed, epoch, row id) (so the flip draws are the ones without name dropout).
-    """
-
-    def __init__(
-        self,
-        rows: list[Row],
-        root: Path | None,
-        table,
-        image_key: str,
-        resolution: int,
-        center_crop: bool,
-        random_flip: bool,
-        max_image_pixels: int = MAX_IMAGE_PIXELS,
-        min_image_side: int = 8,
-        latent_store=None,
-        cache: str = "off",
-        seed: int = 0,
-        renamer=None,
-        name_dropout: float = 0.0,
-    ) -> None:
-        self.rows = rows
-        self.seed = seed
-        self.renamer = renamer
-        self.name_dropout = name_dropout
-        self.root = root
-        self.table = table
-        self.image_key = image_key
-        self.resolution = resolution
-        self.center_crop = center_crop
-        self.random_flip = random_flip
-        self.max_image_pixels = max_image_pixels
-        self.min_image_side = min_image_side
-        self.latent_store = latent_store
-        self.cache = cache
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def image_bytes(self, row: Row) -> bytes:
-        if self.table is not None:
-            data = table_image_bytes(self.table[row.image][self.image_key])
-            if data is None:
-                raise BadImage(f"no image in column {self.image_key!r}")
-            return data
-        path = self.root / row.image
-        if not path.is_file():
-            raise BadImage(f"file not found: {path}")
-        return path.read_bytes()
-
-    def __getitem__(self, key: int | tuple[int, int]) -> dict:
-        epoch, index = key if isinstance(key, tuple) else (None, key)
-        events: list[dict] = []
-        # A row that fails only when decoded (a truncated JPEG) is replaced by the next one, and reported.
-        for offset in range(len(self.rows)):
-            row = self.rows[(index + offset) % len(self.rows)]
-            rng = random if epoch is None else random.Random(f"{self.seed}:{epoch}:{row.id}")
-            try:
-                example = self.example(row, events, rng, self.simple_prompt(row, epoch))
-            except BadImage as error:
-                events.append({"kind": "skipped", "row": row.where, "id": row.id, "reason": str(error)})
-                continue
-            example["data_events"] = events
-            return example
-        raise RuntimeError(f"none of the {len(self.rows)} rows has a loadable image: {events[:3]}")
-
-    def simple_prompt(self, row: Row, epoch: int | None) -> str:
-        """The row's simple prompt; with name dropout, renamed with probability p (keyed by seed, epoch, row id)."""
-        if self.renamer is None or not self.name_dropout:
-            return row.simple
-        return self.renamer.draw(row.simple, self.name_dropout, f"{self.seed}:{epoch}:{row.id}")
-
-    def example(self, row: Row, events: list[dict], rng=random, simple: str | None = None) -> dict:
-        data = self.image_bytes(row)
-        flip = self.random_flip and rng.random() < 0.5
-        example = {"simple_prompt": row.simple if simple is None else simple, "complex_prompt": row.complex, "id": row.id}
-        if row.rewrite is not None:
-            example["rewrite_prompt"] = row.rewrite
-        if self.latent_store is not None:
-            variant = image_variants(True)[int(flip)]
-            key = self.latent_store.key(content_hash(data), variant)
-            entry = self.latent_store.get(key)
-            if entry is not None:
-                example["latent_mean"], example["latent_logvar"] = entry["mean"], entry["logvar"]
-                return example
-            if key in self.latent_store.bad:
-                raise BadImage(self.latent_store.bad[key])
-            if self.cache == "require":
-                raise CacheMissError(
-                    f"data.cache=require: no cached latent for {row.where} ({row.id}, {variant}), "
-                    f"key {key} in {self.latent_store.folder}; run `python -m sur_lightning.cache` with this config"
-                )
-        image, repairs = load_rgb(data, self.max_image_pixels, self.min_image_side)
-        events.extend({"kind": "repaired", "row": row.where, "id": row.id, "reason": r} for r in repairs)
-        example["pixel_values"] = preprocess(image, self.resolution, self.center_crop, flip, rng)
-        return example
-
-
-class StreamingImageTextDataset(IterableDataset):
-    """WebDataset shards, streamed: rows are checked as they arrive, split across nodes and workers by shard.
-
-    ``exclude`` holds the keys of the validation rows (the first ``val_size`` samples), so they are
-    never trained on.
-    """
-
-    def __init__(
-        self,
-        urls,
-        image_key: str | None,
-        simple_key: str | None,
-        complex_key: str,
-        limit: PromptLimit,
-        resolution: int,
-        center_crop: bool,
-        random_flip: bool,
-        simple_prompt: Callable | None = None,
-        shuffle_buffer: int = 0,
-        exclude: frozenset = frozenset(),
-        max_image_pixels: int = MAX_IMAGE_PIXELS,
-        min_image_side: int = 8,
-        max_samples: int | None = None,
-    ) -> None:
-        self.urls = urls
-        self.image_key = image_key
-        self.simple_key = simple_key
-        self.complex_key = complex_key
-        self.limit = limit
-        self.resolution = resolution
-        self.center_crop = center_crop
-        self.random_flip = random_flip
-        self.simple_prompt = simple_prompt
-        self.shuffle_buffer = shuffle_buffer
-        self.exclude = exclude
-        self.max_image_pixels = max_image_pixels
-        self.min_image_side = min_image_side
-        self.max_samples = max_samples
-
-    def raw_samples(self):
-        import webdataset as wds
-
-        pipeline = wds.WebDataset(
-            self.urls,
-            shardshuffle=bool(self.shuffle_buffer),
-            nodesplitter=wds.split_by_node,
-            workersplitter=wds.split_by_worker,
-            empty_check=False,
-        )
-        if self.shuffle_buffer:
-            pipeline = pipeline.shuffle(self.shuffle_buffer)
-        return pipeline
-
-    def __iter__(self):
-        pending: list[dict] = []
-        held = None
-        yielded = 0
-        for sample in self.raw_samples():
-            if self.max_samples is not None and yielded >= self.max_samples:
-                break
-            if sample["__key__"] in self.exclude:
-                continue
-            example = self.example(sample, pending)
-            if example is None:
-                continue
-            # Hold one example back so events of bad rows at the end of the stream still reach the report.
-            if held is not None:
-                yield held
-                yielded += 1
-            example["data_events"], pending = pending, []
-            held = example
-        if held is not None:
-            held["data_events"] = held["data_events"] + pending
-            yield held
-
-    def example(self, sample: dict, events: list[dict]) -> dict | None:
-        report = DataReport()
-        row, data = webdataset_row(sample, self.image_key, self.simple_key, self.complex_key)
-        try:
-            if "__error__" in row.extra:
-                raise BadImage(row.extra["__error__"])
-            if data is None:
-                raise BadImage("sample has no image")
-            image, repairs = load_rgb(data, self.max_image_pixels, self.min_image_side)
-            for reason in repairs:
-                report.repair(row.where, row.id, reason)
-            if row.simple is None and self.simple_prompt is not None:
-                row.simple = self.simple_prompt(row, data)
-            ok = check_prompts(row, self.limit, report, self.simple_key, self.complex_key)
-        except BadImage as error:
-            report.skip(row.where, row.id, str(error))
-            ok = False
-        events.extend({"kind": kind, **event} for kind, items in report.events.items() for event in items)
-        if not ok:
-            return None
-        flip = self.random_flip and random.random() < 0.5
-        return {
-            "pixel_values": preprocess(image, self.resolution, self.center_crop, flip),
-            "simple_prompt": row.simple,
-            "complex_prompt": row.complex,
-            "id": row.id,
-        }
-
-
-def collate(examples: list[dict]) -> dict:
-    batch = {
-        "simple_prompt": [e["simple_prompt"] for e in examples],
-        "complex_prompt": [e["complex_prompt"] for e in examples],
-        "id": [e["id"] for e in examples],
-        "data_events": [event for e in examples for event in e.get("data_events", [])],
-    }
-    if "rewrite_prompt" in examples[0]:
-        batch["rewrite_prompt"] = [e["rewrite_prompt"] for e in examples]
-    cached = ["latent_mean" in e for e in examples]
-    if all(cached):
-        batch["latent_mean"] = torch.stack([e["latent_mean"] for e in examples])
-        batch["latent_logvar"] = torch.stack([e["latent_logvar"] for e in examples])
-    elif any(cached):
-        raise RuntimeError("a batch mixes cached latents and images: the feature cache changed while training")
-    else:
-        batch["pixel_values"] = torch.stack([e["pixel_values"] for e in examples]).contiguous()
-    return batch
-
-
-class EpochSampler(Sampler[tuple[int, int]]):
-    """One rank's share of a seeded permutation per epoch, resumable mid-epoch.
-
-    Epoch e's order is ``randperm(num_samples)`` seeded with ``seed + e`` (without ``shuffle``: 0..n-1),
-    the same for every world size, cut to a multiple of ``world_size``; rank r reads ``order[r::world_size]``
-    as DistributedSampler does. So batch k of size B on each of W ranks holds exactly the samples of
-    batch k of size W·B in one process — what makes a DDP run equal to one process with the doubled
-    batch. (Lightning's own DistributedSampler would shuffle with another generator than the one-process
-    RandomSampler, so the two would see different data.)
-
-    Yields (epoch, index): ``ImageTextDataset`` keys a row's flip and crop by the epoch.
-    ``consumed``: samples of this epoch that reached the training step (counted by the datamodule, not
-    by ``__iter__``, because Lightning fetches a batch ahead). ``state_dict`` is (epoch, consumed); after
-    ``load_state_dict`` the next ``__iter__`` starts at the first sample not yet trained on.
-    """
-
-    def __init__(self, num_samples: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1) -> None:
-        if not 0 <= rank < world_size:
-            raise ValueError(f"EpochSampler: rank {rank} is outside world_size {world_size}")
-        if num_samples < world_size:
-            raise ValueError(f"EpochSampler: {num_samples} training rows cannot be shared by {world_size} processes")
-        self.num_samples = num_samples
-        self.seed = seed
-        self.shuffle = shuffle
-        self.rank = rank
-        self.world_size = world_size
-        self.epoch = 0
-        self.consumed = 0
-
-    def __len__(self) -> int:
-        return self.num_samples // self.world_size
-
-    def order(self, epoch: int) -> list[int]:
-        """This rank's indices for ``epoch``, in training order."""
-        if self.shuffle:
-            order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + epoch))
-        else:
-            order = torch.arange(self.num_samples)
-        return order[: len(self) * self.world_size][self.rank :: self.world_size].tolist()
-
-    def __iter__(self):
-        epoch = self.epoch
-        for index in self.order(epoch)[self.consumed :]:
-            yield epoch, index
-
-    def set_epoch(self, epoch: int) -> None:
-        """Called by Lightning before each epoch; a new epoch starts from its first sample."""
-        if epoch != self.epoch:
-            self.epoch, self.consumed = epoch, 0
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "consumed": self.consumed, "num_samples": self.num_samples, "world_size": self.world_size}
-
-    def load_state_dict(self, state: dict) -> None:
-        if (state["num_samples"], state["world_size"]) != (self.num_samples, self.world_size):
-            raise ValueError(
-                f"ckpt_path: the checkpoint was written with {state['num_samples']} training rows on {state['world_size']} "
-                f"process(es), this run has {self.num_samples} on {self.world_size}: the data order cannot be resumed mid-epoch"
-            )
-        self.epoch, self.consumed = state["epoch"], state["consumed"]
-        if self.consumed >= len(self):
-            # Saved after the epoch's last batch: Lightning resumes with the next epoch.
-            self.epoch, self.consumed = self.epoch + 1, 0
-
-
-class ResumableDataLoader(DataLoader):
-    """A DataLoader over an ``EpochSampler`` with its ``state_dict``: Lightning saves it in every checkpoint
-    (the fit loop's ``combined_loader`` state) and loads it back on ``ckpt_path=...``, before the first
-    batch, so a run resumed mid-epoch goes on with the next batch of the same order."""
-
-    def state_dict(self) -> dict:
-        return self.sampler.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.sampler.load_state_dict(state)
 
 
 class ImageTextDataModule(L.LightningDataModule):
@@ -448,15 +71,15 @@ class ImageTextDataModule(L.LightningDataModule):
                    ``simple_prompt``, a callable ``(row, image_bytes) -> str | None`` (see ``pokemon.py``).
     simple_from:   ``llm``: the rewriter writes every row's simple prompt from its complex one (its
                    ``simplify`` template), for datasets with detailed captions only; null: ``simple_key``/``simple_prompt``.
-    rewriter:      a ``sur_lightning.rewrite.PromptRewriter``, for ``simple_from=llm`` and ``rewrite``.
+    rewriter:      a ``sur_lightning.knowledge.rewriter.PromptRewriter``, for ``simple_from=llm`` and ``rewrite``.
     rewrite:       attach the rewriter's detailed rewrite of every simple prompt (batch key ``rewrite_prompt``),
                    the alignment target of ``loss.align_target=rewrite|both``.
     tokenizer:     a Stable Diffusion folder or hub id; prompts over its ``tokenizer/`` limit are cut and counted.
     pin_memory:    page-locked training batches (null: when CUDA is present).
-    cache:         auto | require | off, with ``cache_dir``: see ``sur_lightning/cache.py``.
+    cache:         auto | require | off, with ``cache_dir``: see ``sur_lightning/training/feature_cache.py``.
     report_dir:    where ``data_report.json`` is written (the run's folder).
     name_dropout, name_variants, name_knowledge_base: name dropout for the training rows (p, K and the
-                   knowledge base whose "Name (plural)" titles are the names; see ``sur_lightning.rag.NameDropout``).
+                   knowledge base whose "Name (plural)" titles are the names; see ``sur_lightning.knowledge.name_dropout.NameDropout``).
                    conf/data takes all three from ``llm.rag`` (``llm.rag.name_dropout`` is the switch);
                    validation rows are never renamed. ``renamed_prompts`` lists every renamed variant, for the cache.
     """
@@ -535,6 +158,7 @@ class ImageTextDataModule(L.LightningDataModule):
         self.report_dir = report_dir
         self.seed = seed
         self.name_dropout = float(name_dropout or 0.0)
+        self.name_variants = int(name_variants)
         self.renamer = self.name_renamer(name_variants, name_knowledge_base)
         self.report = DataReport()
         self.train_set = None
@@ -555,7 +179,7 @@ class ImageTextDataModule(L.LightningDataModule):
                 f"data.name_dropout={self.name_dropout} renames objects in the prompt and in its retrieved fact: it needs "
                 "retrieval (+llm/rag=toyworld), whose llm.rag.knowledge_base names them (data.name_knowledge_base)"
             )
-        from sur_lightning.rag import NameDropout
+        from sur_lightning.knowledge.name_dropout import NameDropout
 
         return NameDropout.for_knowledge_base(knowledge_base, variants)
 
@@ -695,6 +319,40 @@ class ImageTextDataModule(L.LightningDataModule):
 
     def all_rows(self) -> list[Row]:
         return list(self.train_set.rows) + (list(self.val_set.rows) if self.val_set else [])
+
+    # ---------------------------------------------------------------- what the feature cache asks (data.cache)
+
+    def cache_images(self) -> list[tuple[Row, tuple[str, ...]]]:
+        """(row, variants) for every image whose latents training and validation read: a training row in every
+        flip variant it may be drawn with, a validation row plain."""
+        jobs = [(row, image_variants(self.random_flip)) for row in self.train_set.rows]
+        if self.val_set is not None:
+            jobs += [(row, image_variants(False)) for row in self.val_set.rows]
+        return jobs
+
+    def image_content(self, row: Row) -> str:
+        """The content hash of a row's image bytes (half of its cache key); ``BadImage`` if it cannot be read."""
+        return content_hash(self.train_set.image_bytes(row))
+
+    def cache_pixels(self, row: Row, variant: str) -> torch.Tensor:
+        """[3, R, R] the image as the VAE encodes it for ``variant`` (centre crop, flipped for ``*_flip``)."""
+        image, _ = load_rgb(self.train_set.image_bytes(row), self.max_image_pixels, self.min_image_side)
+        return preprocess(image, self.resolution, True, variant.endswith("flip"))
+
+    def cache_prompts(self) -> tuple[list[str], list[tuple[str, Row]]]:
+        """The prompts whose states the current rows need: (CLIP prompts: every simple prompt, renamed variant,
+        complex prompt and rewrite; LLM prompts: every simple prompt and renamed variant with its first row)."""
+        rows = self.all_rows()
+        renamed = self.renamed_prompts()
+        clip = [r.simple for r in rows] + [p for p, _ in renamed] + [r.complex for r in rows]
+        # The LLM's rewrites too, when the alignment loss targets them (loss.align_target=rewrite|both).
+        clip += [r.rewrite for r in rows if r.rewrite is not None]
+        llm: dict[str, Row] = {}
+        for row in rows:
+            llm.setdefault(row.simple, row)
+        for prompt, row in renamed:
+            llm.setdefault(prompt, row)
+        return clip, list(llm.items())
 
     def use_latent_store(self, store) -> None:
         """Read training and validation latents from ``store`` (a ``cache.FeatureStore``) instead of decoding and encoding images."""

@@ -1,4 +1,7 @@
-"""Evaluation that spans runs: learning curves (``learning_curve``: adapters exported at several steps, scored and
-summarised over training seeds with intervals). May import the library below it (generation, metrics, models,
-data); no entry point. The single-run evaluator still lives in ``sur_lightning.evaluate`` until the package
-layout of DESIGN.md lands (issue 20)."""
+"""Evaluation: ``evaluator`` (the requested metrics, loaded once, scoring rendered images), ``report`` (per-split
+accuracies, the gap closed with intervals, tables), ``learning_curve`` (adapters exported at several steps,
+scored and summarised over training seeds) and ``metrics/`` (CLIP score, FID/KID, captions, LPIPS, shapes).
+
+May import: ``generation``, ``models`` and ``data``. Imported by ``training`` (the evaluation callback) and
+entry points; no entry point is imported here.
+"""

@@ -1,6 +1,10 @@
 """The toy world: generated shapes whose content is known exactly, a lexicon of narrative object words,
 deterministic splits (``world``), and a small text-to-image base model this project trains on it
-(``pretrain``) and ships in ``base/``, in Stable Diffusion's folder layout (``backbone=toy``)."""
+(``pretrain``) and ships in ``base/``, in Stable Diffusion's folder layout (``backbone=toy``).
+
+``pretrain`` and ``probe`` are entry points (``python -m sur_lightning.toyworld.pretrain`` / ``.probe``); the rest
+is library. May import: ``data`` (the shapes and their palette); the entry points also ``models``, ``knowledge``,
+``evaluation`` and ``config``."""
 
 from __future__ import annotations
 

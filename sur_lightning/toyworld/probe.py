@@ -107,7 +107,7 @@ def span_prompts(renamer=None) -> tuple[list[str], list[str]]:
 def span_features(llm, prompts: list[str], batch_size: int = 32) -> dict[str, torch.Tensor]:
     """{"facts": [N, D], "prompt": [N, D]}: ``llm``'s token states mean-pooled over the retrieved fact's
     tokens and over the prompt's own tokens (``CausalLMFeatures.token_states``), and ``has_facts`` [N]."""
-    from sur_lightning.llm import masked_mean
+    from sur_lightning.models.llm import masked_mean
 
     pooled = {"facts": [], "prompt": [], "has_facts": []}
     for i in range(0, len(prompts), batch_size):
@@ -126,7 +126,7 @@ def probe_spans(llm, renamed: bool = False, batch_size: int = 32) -> dict:
     previous = llm.rag.renamer
     if renamed and previous is None:
         # The retriever must undo the renaming to retrieve: name dropout's renamer, for this probe only.
-        from sur_lightning.rag import NameDropout
+        from sur_lightning.knowledge.name_dropout import NameDropout
 
         llm.rag.renamer = NameDropout.for_knowledge_base(llm.rag.knowledge_base, variants=1)
     try:
@@ -150,7 +150,7 @@ def main(overrides: list[str] | None = None) -> dict:
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from sur_lightning.train import CONFIG_DIR
+    from sur_lightning.config import CONFIG_DIR
 
     overrides = sys.argv[1:] if overrides is None else overrides
     flags = {o for o in overrides if o in FLAGS}

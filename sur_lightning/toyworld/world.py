@@ -19,6 +19,9 @@ with ``text`` = simple and ``prompt`` = complex prompt), one prompt suite per sp
 (``suites/<split>.jsonl``, each row with its target count, colour and shape), and ``manifest.json``.
 
     python -m sur_lightning.toyworld.world --out data/toyworld
+
+``parse_toyworld(text)`` reads the (count, colour, shape) a text names; ``toyworld_accuracy`` scores an LLM's
+rewrites by it (``python -m sur_lightning.rewrite``).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -246,7 +250,7 @@ def suite_file(out: str | Path, split: str, seed: int = 0, images_per_combo: int
 def suite(out: str | Path, splits=SPLITS, seed: int = 0, images_per_combo: int = 16, per_split: int | None = None):
     """The evaluation prompts (``Prompt`` with ``complex`` and ``target``) of ``splits``, category = split.
     ``per_split`` keeps N prompts of each split, evenly spread over its combinations and templates."""
-    from sur_lightning.metrics.prompt_suites import load_jsonl
+    from sur_lightning.data.prompt_suites import load_jsonl
 
     prompts = []
     for split in [splits] if isinstance(splits, str) else list(splits):
@@ -257,6 +261,36 @@ def suite(out: str | Path, splits=SPLITS, seed: int = 0, images_per_combo: int =
             rows = [rows[i] for i in dict.fromkeys(picks)]
         prompts += rows
     return prompts
+
+
+# ------------------------------------------------------------------ reading what a text names
+
+
+def parse_toyworld(text: str) -> tuple[int | None, str | None, str | None]:
+    """(count, colour, shape) named in a text, each None when absent or ambiguous (two colours named)."""
+    import re
+
+    from sur_lightning.data.synthetic import COLORS, NUMBER_WORDS, SHAPES
+
+    words = re.findall(r"[a-z]+", text.lower())
+
+    def only(found: set):
+        return found.pop() if len(found) == 1 else None
+
+    colors = {w for w in words if w in COLORS}
+    shapes = {s for s in SHAPES for w in words if w in (s, s + "s")}
+    counts = {NUMBER_WORDS.index(w) for w in words if w in NUMBER_WORDS[1:4]}
+    return only(counts), only(colors), only(shapes)
+
+
+def toyworld_accuracy(rewrites: Sequence[str], targets: Sequence[tuple[int, str, str]]) -> dict[str, float]:
+    """Share of rewrites whose parse names the target's count, colour and shape."""
+    parsed = [parse_toyworld(r) for r in rewrites]
+    n = max(len(parsed), 1)
+    return {
+        name: sum(p[i] == t[i] for p, t in zip(parsed, targets)) / n
+        for i, name in enumerate(("count_named", "color_named", "shape_named"))
+    }
 
 
 def main() -> None:

@@ -1,4 +1,11 @@
-"""What makes one Hydra multirun compare connectors, LLMs and losses: configs that follow the connector,
+"""The run's configuration, shared by every entry point: where ``conf/`` is, the interpolations, the checks
+that run before any model loads, and what the process needs to know about its environment.
+
+- ``CONFIG_DIR``, ``check_config(cfg)`` (resolve every value now), ``use_wandb_offline_without_key()``,
+  ``process_rank()`` (before torch.distributed starts), ``datamodule_arguments(cfg)`` (the rewriter the
+  datamodule needs for a training config, or nothing).
+
+What makes one Hydra multirun compare connectors, LLMs and losses: configs that follow the connector,
 a check of every job's combination before the first job starts, and W&B names per job and sweep.
 
 - ``${llm_pooling:${connector._target_}}`` (the LLM configs' ``pooling``): SUR distils one pooled state,
@@ -13,12 +20,15 @@ a check of every job's combination before the first job starts, and W&B names pe
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from sur_lightning.connectors import connector_name, reads_token_states
+from sur_lightning.models.connectors import connector_name, reads_token_states
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 class IncompatibleConfigError(ValueError):
@@ -179,3 +189,60 @@ class PreflightCheck(Callback):
                 "none was started:\n" + "\n".join(problems)
             )
         print(f"sweep pre-flight: all {len(jobs)} jobs are compatible", flush=True)
+
+
+# ------------------------------------------------------------------------------------------ the process
+
+
+def wandb_has_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        import netrc
+
+        hosts = netrc.netrc().hosts
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+    return any("wandb" in host for host in hosts)
+
+
+def use_wandb_offline_without_key() -> None:
+    """W&B must never prompt or block: without an API key, log to an offline run (``wandb sync`` later)."""
+    if os.environ.get("WANDB_MODE") is None and not wandb_has_credentials():
+        os.environ["WANDB_MODE"] = "offline"
+
+
+def check_config(cfg: DictConfig) -> dict:
+    """Resolve every value now, so a missing or malformed one fails before any model loads."""
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+
+
+def process_rank() -> int:
+    """This process's rank before torch.distributed starts: ``RANK`` (torchrun, Lightning), ``SLURM_PROCID``, or
+    for Lightning's own launcher ``NODE_RANK``/``LOCAL_RANK`` (any non-zero one means "not the first process")."""
+    for name in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return int(os.environ.get("NODE_RANK", "0") or 0) + int(os.environ.get("LOCAL_RANK", "0") or 0)
+
+
+# ------------------------------------------------------------------------------------------ wiring a training config
+
+
+ALIGN_TARGETS = ("complex", "rewrite", "both")
+
+
+def datamodule_arguments(cfg: DictConfig) -> dict:
+    """The datamodule's rewriter arguments for a training config: the rewriter (``cfg.rewriter``) only when
+    ``loss.align_target`` needs rewrites or ``data.simple_from=llm``, so other runs never load its LLM."""
+    from hydra.utils import instantiate
+
+    align_target = (cfg.get("loss") or {}).get("align_target", "complex")
+    if align_target not in ALIGN_TARGETS:
+        raise ValueError(f"loss.align_target must be one of {ALIGN_TARGETS}, got {align_target!r}")
+    rewrite = align_target != "complex" and (cfg.loss.get("prompt") is not None)
+    if not rewrite and cfg.data.get("simple_from") != "llm":
+        return {}
+    if cfg.get("rewriter") is None:
+        raise ValueError("loss.align_target=rewrite|both and data.simple_from=llm need a rewriter: add rewriter=smollm2")
+    return {"rewriter": instantiate(cfg.rewriter), "rewrite": rewrite}

@@ -161,7 +161,7 @@ class Captioner:
 
     @torch.no_grad()
     def __call__(self, images: Sequence[Image.Image] | torch.Tensor) -> list[str]:
-        from sur_lightning.metrics.clip_score import to_pil_list
+        from sur_lightning.evaluation.metrics.clip_score import to_pil_list
 
         pil = to_pil_list(images)
         text = [self.prompt] * len(pil) if self.prompt else None

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
 
-from sur_lightning.connectors import ConnectorOutput, TextFeatures
+from sur_lightning.models.connectors import ConnectorOutput, TextFeatures
 
 
 class AdaLayerNorm(nn.Module):

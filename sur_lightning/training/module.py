@@ -20,14 +20,14 @@ from diffusers.utils.torch_utils import randn_tensor
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from torch import nn
 
-from sur_lightning.backbone import StableDiffusionBackbone
-from sur_lightning.connectors import ConnectorOutput, TextFeatures
-from sur_lightning.llm import CausalLMFeatures
-from sur_lightning.llm import teacher_weights as normalised_teacher_weights
-from sur_lightning.losses import DenoisingLoss, FeatureAlignmentLoss, TeacherPredictionLoss, TeacherWeights
+from sur_lightning.models.backbone import StableDiffusionBackbone
+from sur_lightning.models.connectors import ConnectorOutput, TextFeatures
+from sur_lightning.models.llm import CausalLMFeatures
+from sur_lightning.models.llm import teacher_weights as normalised_teacher_weights
+from sur_lightning.training.losses import DenoisingLoss, FeatureAlignmentLoss, TeacherPredictionLoss, TeacherWeights
 
 if TYPE_CHECKING:
-    from sur_lightning.cache import FeatureCache
+    from sur_lightning.training.feature_store import FeatureCache
 
 
 def sample_generators(seed: int, epoch: int, step: int, sample_ids: Sequence[str]) -> list[torch.Generator]:
@@ -90,7 +90,7 @@ class ConnectorTrainingModule(L.LightningModule):
         if not isinstance(connector, nn.Module):
             # With a complete feature cache there is no LLM: its width comes from the cached states.
             connector = connector(dim=backbone.cross_attention_dim, llm_dim=llm.hidden_size if llm else llm_dim)
-        # Cached CLIP/LLM states by prompt (sur_lightning/cache.py); None encodes every step.
+        # Cached CLIP/LLM states by prompt (sur_lightning/training/feature_store.py); None encodes every step.
         self.feature_cache = feature_cache
         self.connector = connector
         self.denoising_loss = denoising_loss
@@ -119,7 +119,7 @@ class ConnectorTrainingModule(L.LightningModule):
                 "(+loss/teacher=unet): drop the teacher, or set caption_dropout=0"
             )
         # The prompt loss's target: the complex prompt, the LLM's rewrite of the simple one (batch key
-        # rewrite_prompt, sur_lightning/rewrite.py), or both, each term weighted ½.
+        # rewrite_prompt, sur_lightning/knowledge/rewriter.py), or both, each term weighted ½.
         if align_target not in ("complex", "rewrite", "both"):
             raise ValueError(f"loss.align_target must be complex, rewrite or both, got {align_target!r}")
         self.align_target = align_target
@@ -247,7 +247,7 @@ class ConnectorTrainingModule(L.LightningModule):
         if self.align_target != "complex" and "rewrite_prompt" not in batch:
             raise KeyError(
                 f"loss.align_target={self.align_target} needs the LLM's rewrites in the batch (rewrite_prompt): "
-                "build the datamodule with sur_lightning.rewrite.datamodule_arguments(cfg), as train.py does"
+                "build the datamodule with sur_lightning.config.datamodule_arguments(cfg), as train.py does"
             )
         terms = {}
         if self.align_target in ("complex", "both"):

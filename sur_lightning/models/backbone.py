@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import json
 import os
 import socket
@@ -262,9 +263,25 @@ def build_tiny_stable_diffusion(
     return str(root)
 
 
+def assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler):
+    """A ``StableDiffusionPipeline`` over these parts, without a safety checker (none is needed offline or in the toy world)."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
 def save_stable_diffusion(root: Path, unet, vae, text_encoder) -> None:
     """Save models in SD1.5's folder layout, with the real CLIP tokenizer and SD1.5's scheduler config."""
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    from diffusers import PNDMScheduler
     from transformers import CLIPTokenizer
 
     tokenizer_dir = write_clip_tokenizer_files(root / "_tokenizer_src")
@@ -282,17 +299,7 @@ def save_stable_diffusion(root: Path, unet, vae, text_encoder) -> None:
         steps_offset=1,
         prediction_type="epsilon",
     )
-    pipeline = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipeline.save_pretrained(root)
+    assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler).save_pretrained(root)
 
 
 def build_random_stable_diffusion(root: str | Path, shape: str = "sd15", sample_size: int = 32, seed: int = 0) -> str:
@@ -346,3 +353,20 @@ def build_random_stable_diffusion(root: str | Path, shape: str = "sd15", sample_
     save_stable_diffusion(root, unet.half(), vae.half(), text_encoder.half())
     spec_file.write_text(json.dumps(spec))
     return str(root)
+
+
+def files_hash(path: str, subfolders: tuple[str, ...] = ()) -> str | None:
+    """Hash of (name, size, mtime) of a local model's files: changes when its weights are rewritten. None for hub ids."""
+    root = Path(path)
+    if not root.exists():
+        return None
+    if root.is_file():
+        files = [root]
+    else:
+        folders = [root / s for s in subfolders] if subfolders else [root]
+        files = sorted(p for folder in folders if folder.exists() for p in folder.rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for p in files:
+        stat = p.stat()
+        digest.update(f"{p.relative_to(root) if p != root else p.name}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()

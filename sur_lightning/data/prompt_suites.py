@@ -10,7 +10,8 @@ Built-in suites, in the spirit of the SUR paper's simple prompts (arXiv 2305.051
 - a folder in DPG-Bench's layout (ELLA's ``dpg_bench/prompts/<id>.txt``): one prompt per
   ``.txt`` file, the file stem is the id. Either the ``prompts`` folder or its parent works.
 
-Every loader returns a list of ``Prompt(id, prompt, category)``.
+Every loader returns a list of ``Prompt(id, prompt, category)``. ``load_prompt_list`` is what the entry points
+and callbacks call: it also takes a list of strings, a dataset folder or a dataset config.
 """
 
 from __future__ import annotations
@@ -213,3 +214,32 @@ def load_prompts(source: str | Path, category: str | None = None) -> list[Prompt
     if path.suffix == ".txt":
         return load_txt(path, category)
     raise ValueError(f"{path}: unsupported prompt file type {path.suffix!r} (use .txt, .jsonl or a folder)")
+
+
+def load_prompt_list(source, num_prompts: int | None = None) -> list[Prompt]:
+    """Prompts from a list of strings, a built-in suite name (counting/color/action), a .txt/.jsonl file,
+    a DPG-Bench folder, a dataset folder in the SURD layout (its ``metadata.jsonl`` simple prompts), or
+    a dataset config (``_target_`` returning such a folder). ``num_prompts`` keeps the first N."""
+    from hydra.utils import instantiate
+    from omegaconf import DictConfig, ListConfig
+
+    if isinstance(source, dict | DictConfig):
+        source = instantiate(source)
+    if isinstance(source, list | tuple) and source and all(isinstance(p, Prompt) for p in source):
+        prompts = list(source)
+    elif isinstance(source, list | tuple | ListConfig):
+        prompts = [Prompt(f"prompt-{i:03d}", str(text), "custom") for i, text in enumerate(source)]
+    elif Path(str(source), "metadata.jsonl").is_file():
+        folder = Path(str(source))
+        prompts = []
+        for number, line in enumerate((folder / "metadata.jsonl").read_text(encoding="utf-8").splitlines(), 1):
+            row = json.loads(line) if line.strip() else None
+            if row is not None and not isinstance(row.get("text"), str):
+                raise ValueError(f"{folder / 'metadata.jsonl'}:{number}: no simple prompt in key 'text'")
+            if row is not None:
+                prompts.append(Prompt(Path(row.get("file_name", f"{number:06d}")).stem, row["text"], folder.parent.name))
+    else:
+        prompts = load_prompts(str(source))
+    if not prompts:
+        raise ValueError(f"prompts: nothing to render from {source!r}")
+    return prompts[:num_prompts] if num_prompts else prompts

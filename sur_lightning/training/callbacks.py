@@ -13,8 +13,9 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from sur_lightning.connectors import save_connector
-from sur_lightning.generate import labelled_grid, render_base_and_adapter, save_grid
+from sur_lightning.generation.grids import labelled_grid, save_grid
+from sur_lightning.generation.pipeline import render_base_and_adapter
+from sur_lightning.models.connectors import save_connector
 
 
 class EveryNSteps(L.Callback):
@@ -199,7 +200,7 @@ class SampleGrid(EveryNSteps):
         resolution: int | None = None,
         mode: str = "replace",
     ) -> None:
-        from sur_lightning.generate import load_prompt_list
+        from sur_lightning.data.prompt_suites import load_prompt_list
 
         super().__init__(every_n_steps)
         self.dirpath = Path(dirpath)
@@ -254,7 +255,7 @@ class EvaluationCallback(EveryNSteps):
     learning curve in one run) and at the end of training.
 
     Renders ``prompts`` × ``seeds`` through the connector (and once through the base model, whose scores
-    cannot change), scores them with ``sur_lightning.evaluate.Evaluator`` (``metrics``: the same keys as
+    cannot change), scores them with ``sur_lightning.evaluation.evaluator.Evaluator`` (``metrics``: the same keys as
     ``metrics`` in conf/evaluate.yaml), logs ``eval/adapter/<metric>`` and ``eval/base/<metric>`` to every
     logger and to ``trainer.callback_metrics`` (so ``metrics.json`` and sweepers see them), and writes
     ``<dirpath>/step{N}.json``. The metrics' weights load at ``setup``: a missing file fails before training.
@@ -284,7 +285,7 @@ class EvaluationCallback(EveryNSteps):
         mode: str = "replace",
         print_table: bool = False,
     ) -> None:
-        from sur_lightning.generate import load_prompt_list
+        from sur_lightning.data.prompt_suites import load_prompt_list
 
         super().__init__(every_n_steps, at_steps)
         self.dirpath = Path(dirpath)
@@ -312,7 +313,7 @@ class EvaluationCallback(EveryNSteps):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if self.evaluator is None and trainer.is_global_zero:
-            from sur_lightning.evaluate import Evaluator
+            from sur_lightning.evaluation.evaluator import Evaluator
 
             self.evaluator = Evaluator(
                 reference=self.reference,
@@ -323,15 +324,11 @@ class EvaluationCallback(EveryNSteps):
 
     @rank_zero_only
     def evaluate(self, trainer, pl_module) -> dict[str, float]:
-        from sur_lightning.evaluate import gap_closed, score_columns
-        from sur_lightning.generate import (
-            ClipConditioning,
-            Column,
-            ConnectorConditioning,
-            complex_prompt_column,
-            frozen_text_features,
-            render_columns,
-        )
+        from sur_lightning.evaluation.evaluator import score_columns
+        from sur_lightning.evaluation.report import gap_closed
+        from sur_lightning.generation.columns import Column, complex_prompt_column
+        from sur_lightning.generation.conditioning import ClipConditioning, ConnectorConditioning, frozen_text_features
+        from sur_lightning.generation.pipeline import render_columns
 
         step = trainer.global_step
         columns = [Column("adapter", ConnectorConditioning(pl_module.connector, pl_module.text_features, self.mode))]
@@ -377,6 +374,6 @@ class EvaluationCallback(EveryNSteps):
         if self.due(trainer.global_step, at_end=True):
             self.evaluate(trainer, pl_module)
         if self.print_table and trainer.is_global_zero and self.last_report and "gap_closed" in self.last_report:
-            from sur_lightning.evaluate import toyworld_table
+            from sur_lightning.evaluation.report import toyworld_table
 
             print("\nToy world, step", trainer.global_step, "\n" + toyworld_table(self.last_report) + "\n")

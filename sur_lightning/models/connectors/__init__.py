@@ -5,7 +5,9 @@ Every connector has the same call, so the training step and generation treat the
     out = connector(features, timesteps)   # -> ConnectorOutput
     unet(noisy_latents, timesteps, encoder_hidden_states=out.conditioning)
 
-SUR ignores ``timesteps``; ELLA depends on them.
+SUR ignores ``timesteps``; ELLA depends on them. ``save_connector`` / ``load_connector`` round-trip a connector
+with its constructor config; adapters written before the layout move load through ``MOVED_MODULES``.
+May import: ``models`` only (``eta``).
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ CONNECTOR_NAMES = {"SURAdapter": "sur", "TimestepAwareSemanticConnector": "ella"
 
 
 def connector_name(target: str | None) -> str:
-    """``sur_lightning.connectors.sur.SURAdapter`` -> ``sur``; ``...ella.TimestepAwareSemanticConnector`` -> ``ella``."""
+    """``sur_lightning.models.connectors.sur.SURAdapter`` -> ``sur``; ``...ella.TimestepAwareSemanticConnector`` -> ``ella``."""
     cls = str(target or "").rpartition(".")[2]
     return CONNECTOR_NAMES.get(cls, cls.lower() or "none")
 
@@ -122,12 +124,49 @@ def adapter_label(path: str | Path) -> str:
     return str(task) if kind in str(task) else f"{kind}-{task}"
 
 
+# Where modules lived before the layout move (issue 20) -> where they live now. Adapters written before it name
+# the old ``_target_``s (``current_targets`` maps them on load); the feature cache's fingerprints keep naming the
+# old ones (``pre_layout_targets``), so the caches made before the move stay valid.
+MOVED_MODULES = {
+    "sur_lightning.connectors.": "sur_lightning.models.connectors.",
+    "sur_lightning.eta.": "sur_lightning.models.eta.",
+    "sur_lightning.backbone.": "sur_lightning.models.backbone.",
+    "sur_lightning.llm.": "sur_lightning.models.llm.",
+    "sur_lightning.sentence.": "sur_lightning.models.sentence.",
+}
+
+
+def _map_targets(config, moves: dict[str, str]):
+    if isinstance(config, dict):
+        out = {k: _map_targets(v, moves) for k, v in config.items()}
+        target = out.get("_target_")
+        if isinstance(target, str):
+            old = next((o for o in moves if target.startswith(o)), None)
+            if old is not None:
+                out["_target_"] = moves[old] + target[len(old) :]
+        return out
+    if isinstance(config, list):
+        return [_map_targets(v, moves) for v in config]
+    return config
+
+
+def current_targets(config: dict) -> dict:
+    """``config`` with every ``_target_`` under a pre-move module path renamed to where that module is now."""
+    return _map_targets(config, MOVED_MODULES)
+
+
+def pre_layout_targets(config: dict) -> dict:
+    """``config`` with every ``_target_`` named as before the layout move (what fingerprints hash)."""
+    return _map_targets(config, {new: old for old, new in MOVED_MODULES.items()})
+
+
 def load_connector(path: str | Path) -> torch.nn.Module:
-    """Rebuild a connector written by ``save_connector`` and load its weights strictly (eval mode)."""
+    """Rebuild a connector written by ``save_connector`` and load its weights strictly (eval mode).
+    An adapter written before the layout move (``sur_lightning.connectors.sur.SURAdapter``) loads too."""
     from hydra.utils import instantiate
     from safetensors.torch import load_file
 
     path = Path(path)
-    connector = instantiate(connector_config(path))
+    connector = instantiate(current_targets(connector_config(path)))
     connector.load_state_dict(load_file(str(path)), strict=True)
     return connector.eval()

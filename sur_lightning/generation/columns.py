@@ -1,0 +1,173 @@
+"""Columns: what one column of a generated grid is conditioned by, built from adapter files.
+
+A ``Column`` is a name, a conditioning and a description of its source. ``build_columns`` gives the base
+column and one per adapter (or per η of a sweep), each checked against the backbone and LLM on an empty
+prompt, so a mismatch fails naming the adapter file. ``complex_prompt_column`` is the base model given
+each prompt's complex prompt (the upper bound). ``prepare(cfg)`` builds backbone, prompts and columns
+from a generate/evaluate config.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from sur_lightning.data.prompt_suites import Prompt, load_prompt_list
+from sur_lightning.generation.conditioning import ClipConditioning, ConnectorConditioning, frozen_text_features
+from sur_lightning.generation.pipeline import pick_device
+from sur_lightning.models.connectors import TextFeatures
+
+
+@dataclass
+class Column:
+    """One column of images: a label, a folder-safe slug, its conditioning, and what it came from."""
+
+    name: str
+    conditioning: ClipConditioning
+    source: dict = field(default_factory=dict)
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^A-Za-z0-9._-]+", "_", self.name.replace("eta=", "eta")).strip("_")
+
+
+def needs_llm(connector: nn.Module) -> bool:
+    """SUR reads the LLM only as a distillation target in training; a connector that reads its token states
+    (ELLA; unknown connectors are assumed to) needs it to condition."""
+    return getattr(connector, "reads_token_states", True)
+
+
+def adapter_entries(adapters) -> list[tuple[str, dict]]:
+    """``adapters``: a list of paths, or a mapping name -> path or name -> {path, mode, eta, format}.
+    Returns (name, {path, mode?, eta?, format?}) pairs. A mapping's keys are the names; a list's names come
+    from each adapter (``adapter_label``: ``sur-demo``), with the run folder added only to tell two apart."""
+    from omegaconf import DictConfig, OmegaConf
+
+    from sur_lightning.models.connectors import adapter_label
+
+    if isinstance(adapters, DictConfig):
+        adapters = OmegaConf.to_container(adapters, resolve=True)
+    if not adapters:
+        return []
+    if isinstance(adapters, dict):
+        items = [(str(k), v if isinstance(v, dict) else {"path": v}) for k, v in adapters.items()]
+    else:
+        items = [(adapter_label(entry), {"path": str(entry)}) for entry in adapters]
+        labels = [name for name, _ in items]
+        items = [
+            (name if labels.count(name) == 1 else f"{name} ({Path(spec['path']).parent.name})", spec) for name, spec in items
+        ]
+    names = [name for name, _ in items]
+    return [(name if names.count(name) == 1 else f"{name}-{i}", spec) for i, (name, spec) in enumerate(items)]
+
+
+ADAPTER_FORMATS = ("sur_lightning", "official")
+
+
+def load_adapter(path, file_format: str = "sur_lightning") -> nn.Module:
+    """A connector from a file this project wrote (``adapter.safetensors`` + config), or from the SUR
+    authors' ``adapter_checkpoint*.pt`` (``format: official``: their released module, η = 0.1)."""
+    from sur_lightning.models.connectors import load_connector
+    from sur_lightning.models.connectors.sur import official_adapter
+
+    if file_format not in ADAPTER_FORMATS:
+        raise ValueError(f"adapter {path}: format must be one of {ADAPTER_FORMATS}, got {file_format!r}")
+    return official_adapter(path) if file_format == "official" else load_connector(path)
+
+
+def build_columns(
+    backbone,
+    adapters=None,
+    llm: nn.Module | Callable[[], nn.Module] | None = None,
+    mode: str = "replace",
+    eta: float | None = None,
+    eta_sweep: Sequence[float] = (),
+    include_base: bool = True,
+    negative: str = "connector",
+) -> list[Column]:
+    """The base column, then per adapter one column (η overridden by ``eta`` when set) or one per η of
+    ``eta_sweep``. ``llm``: the LLM module, or a zero-argument function loading it only when a connector
+    needs it (ELLA), on the backbone's device. Each adapter is checked against the backbone and LLM on
+    an empty prompt, so a mismatch fails here naming the adapter file."""
+
+    columns = [Column("base", ClipConditioning(frozen_text_features(backbone)), {"kind": "base"})] if include_base else []
+    loaded_llm = llm if isinstance(llm, nn.Module) or llm is None else None
+    for name, spec in adapter_entries(adapters):
+        path = spec["path"]
+        connector = load_adapter(path, spec.get("format", "sur_lightning")).to(backbone.device)
+        uses_llm = needs_llm(connector)
+        if uses_llm and loaded_llm is None:
+            if llm is None:
+                raise ValueError(f"adapter {path} ({type(connector).__name__}) needs LLM features: set llm=<its LLM>")
+            loaded_llm = llm().to(backbone.device)
+        text_features = frozen_text_features(backbone, loaded_llm if uses_llm else None)
+        adapter_mode = spec.get("mode", mode)
+        etas = list(eta_sweep) if eta_sweep else [spec.get("eta", eta)]
+        for value in etas:
+            label = name if value is None else f"{name} eta={value:g}"
+            conditioning = ConnectorConditioning(connector, text_features, adapter_mode, value, spec.get("negative", negative))
+            check_conditioning(conditioning, backbone, path)
+            columns.append(Column(label, conditioning, {"adapter": str(path), **conditioning.describe()}))
+    return columns
+
+
+def complex_prompt_column(backbone, prompts: Sequence[Prompt]) -> Column | None:
+    """"base+complex": the base model given each prompt's ``complex`` prompt instead (the upper bound a
+    connector is measured against), or None when no prompt has one. Any other text (the empty negative
+    prompt) is encoded as it is."""
+    complex_of = {p.prompt: p.complex for p in prompts if p.complex}
+    if not complex_of:
+        return None
+    encode = frozen_text_features(backbone)
+
+    def text_features(texts: list[str]) -> TextFeatures:
+        return encode([complex_of.get(text, text) for text in texts])
+
+    return Column("base+complex", ClipConditioning(text_features), {"kind": "base", "prompt": "complex"})
+
+
+def check_conditioning(conditioning: ClipConditioning, backbone, path) -> None:
+    """Run the conditioning on one empty prompt; a shape or width mismatch is an error naming the adapter."""
+    try:
+        out = conditioning([""], backbone.noise_scheduler.config.num_train_timesteps - 1)
+    except (RuntimeError, ValueError, AttributeError, TypeError) as error:
+        raise ValueError(
+            f"adapter {path} does not fit this backbone/LLM ({type(error).__name__}: {error}); "
+            "use the backbone= and llm= it was trained with"
+        ) from error
+    if out.ndim != 3 or out.shape[-1] != backbone.cross_attention_dim:
+        raise ValueError(
+            f"adapter {path} gives conditioning of shape {tuple(out.shape)}, but the UNet cross-attends to width "
+            f"{backbone.cross_attention_dim}: use the backbone= it was trained with"
+        )
+
+
+def prepare(cfg):
+    """Backbone, prompts and columns from a generate/evaluate config (the LLM loads only when needed)."""
+    from hydra.utils import instantiate
+
+    device = pick_device(cfg.device)
+    backbone = instantiate(cfg.backbone).to(device)
+    prompts = load_prompt_list(cfg.prompts, cfg.get("num_prompts"))
+    llm_cfg = cfg.get("llm")
+    columns = build_columns(
+        backbone,
+        adapters=cfg.adapters,
+        # Only connectors that read token states (ELLA) load the LLM here; SUR does not use it at inference.
+        llm=(lambda: instantiate(llm_cfg, **({"pooling": "none"} if "pooling" in llm_cfg else {}))) if llm_cfg is not None else None,
+        mode=cfg.mode,
+        eta=cfg.eta,
+        eta_sweep=list(cfg.eta_sweep or []),
+        include_base=cfg.include_base,
+        negative=cfg.get("negative", "connector"),
+    )
+    complex_column = complex_prompt_column(backbone, prompts) if cfg.include_base else None
+    if complex_column is not None:
+        columns.insert(1, complex_column)
+    if not columns:
+        raise ValueError("nothing to render: include_base=false and no adapters given")
+    return backbone, prompts, columns

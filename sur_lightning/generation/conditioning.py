@@ -1,0 +1,205 @@
+"""How a connector conditions the UNet at generation: the per-call conditioning hook.
+
+Built on diffusers' ``StableDiffusionPipeline``; nothing of it is copied. Each column of images comes
+from a *conditioning* (``ClipConditioning`` for the base model, ``ConnectorConditioning`` for an
+adapter) in two parts: ``features(prompts)`` runs the frozen encoders once per batch (CLIP states,
+LLM states), ``apply(features, timesteps)`` maps them to the UNet's ``encoder_hidden_states`` [B,N,d].
+
+``conditioning_hook`` (a forward pre-hook on the UNet) calls ``apply`` with the timestep the UNet is
+actually called with, at every call. So a timestep-aware connector (ELLA) is recomputed at every
+sampling step, with every scheduler, by the same mechanism that serves SUR (whose output does not
+depend on t) and the base model. With classifier-free guidance the pipeline batches the UNet input as
+[negative; positive]: the hook conditions the negative (empty) prompts and the positive prompts in
+two separate connector calls, so neither sees the other (the released SUR's ``batch_first=False``
+would otherwise let them attend to each other).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from sur_lightning.models.connectors import TextFeatures
+
+MODES = ("replace", "concat_clip")
+
+
+NEGATIVES = ("connector", "base")
+
+
+TextFeaturesFn = Callable[[list[str]], TextFeatures]
+
+
+def frozen_text_features(backbone, llm: nn.Module | None = None) -> TextFeaturesFn:
+    """prompts -> TextFeatures(clip [B,77,d], llm/llm_mask from ``llm`` when given), like the training module's."""
+
+    def text_features(prompts: list[str]) -> TextFeatures:
+        clip = backbone.encode_prompt(list(prompts))
+        if llm is None:
+            return TextFeatures(clip=clip)
+        states, mask = llm(list(prompts))
+        return TextFeatures(
+            clip=clip, llm=states.to(clip.device), llm_mask=None if mask is None else mask.to(clip.device)
+        )
+
+    return text_features
+
+
+@contextmanager
+def override_eta(connector: nn.Module, value: float | None):
+    """Within the block, the connector's η module is ``FixedEta(value)`` (SUR); ``None`` changes nothing."""
+    if value is None:
+        yield connector
+        return
+    from sur_lightning.models.eta import FixedEta
+
+    if not isinstance(getattr(connector, "eta", None), nn.Module):
+        raise TypeError(f"{type(connector).__name__} has no η module to override (η applies to SUR adapters)")
+    original = connector.eta
+    connector.eta = FixedEta(float(value))
+    try:
+        yield connector
+    finally:
+        connector.eta = original
+
+
+def _batch_timesteps(timesteps: torch.Tensor | float, batch: int, device) -> torch.Tensor:
+    timesteps = torch.as_tensor(timesteps, device=device)
+    return timesteps.reshape(-1).expand(batch) if timesteps.numel() == 1 else timesteps.reshape(batch)
+
+
+class ClipConditioning:
+    """The base model's conditioning: CLIP states of the prompt, whatever the timestep.
+
+    ``features(prompts) -> TextFeatures`` (frozen encoders, once per batch);
+    ``apply(features, timesteps [B] or scalar) -> [B, N, d]``;
+    ``conditioning(prompts, timesteps) -> [B, N, d]`` does both.
+    """
+
+    def __init__(self, text_features: TextFeaturesFn) -> None:
+        self.text_features = text_features
+
+    @torch.no_grad()
+    def features(self, prompts: Sequence[str]) -> TextFeatures:
+        return self.text_features(list(prompts))
+
+    def apply(self, features: TextFeatures, timesteps: torch.Tensor) -> torch.Tensor:
+        return features.clip
+
+    def apply_negative(self, features: TextFeatures, timesteps: torch.Tensor) -> torch.Tensor:
+        """The negative (unconditional) branch under classifier-free guidance."""
+        return self.apply(features, timesteps)
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str], timesteps: torch.Tensor | float) -> torch.Tensor:
+        return self.apply(self.features(prompts), timesteps)
+
+    conditioning = __call__
+
+    def describe(self) -> dict:
+        return {"kind": "base"}
+
+
+class ConnectorConditioning(ClipConditioning):
+    """A trained connector's conditioning: ``connector(features, t).conditioning`` [B, N, d].
+
+    mode="replace":     the connector's output alone (SUR: 77 tokens; ELLA: its latents, e.g. 64).
+    mode="concat_clip": CLIP states then the connector's output along tokens ("ELLA + CLIP": 77+64).
+    eta:                replaces the connector's η by ``FixedEta(eta)`` for these calls (SUR only).
+    negative="connector": the negative prompt goes through the connector too (as the SUR authors' pipeline);
+    negative="base":    it keeps the base's own CLIP states (for connectors with CLIP's token count, e.g. SUR).
+    """
+
+    def __init__(
+        self,
+        connector: nn.Module,
+        text_features: TextFeaturesFn,
+        mode: str = "replace",
+        eta: float | None = None,
+        negative: str = "connector",
+    ) -> None:
+        super().__init__(text_features)
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if negative not in NEGATIVES:
+            raise ValueError(f"negative must be one of {NEGATIVES}, got {negative!r}")
+        self.negative = negative
+        self.connector = connector
+        self.mode = mode
+        self.eta = eta
+        # A connector that ignores the timestep (SUR) runs once per prompt batch, not at every sampling step.
+        self.timestep_aware = getattr(connector, "timestep_aware", True)
+        self._recent: list[tuple[TextFeatures, torch.Tensor]] = []
+
+    @torch.no_grad()
+    def apply(self, features: TextFeatures, timesteps: torch.Tensor | float) -> torch.Tensor:
+        if self.timestep_aware:
+            return self._apply(features, timesteps)
+        # The same features object comes back at every sampling step (prompt and negative): reuse its output.
+        for seen, conditioning in self._recent:
+            if seen is features:
+                return conditioning
+        conditioning = self._apply(features, timesteps)
+        self._recent = [*self._recent, (features, conditioning)][-2:]
+        return conditioning
+
+    def apply_negative(self, features: TextFeatures, timesteps: torch.Tensor | float) -> torch.Tensor:
+        if self.negative == "connector":
+            return self.apply(features, timesteps)
+        return features.clip
+
+    def _apply(self, features: TextFeatures, timesteps: torch.Tensor | float) -> torch.Tensor:
+        reference = features.clip if features.clip is not None else features.llm
+        timesteps = _batch_timesteps(timesteps, reference.shape[0], reference.device)
+        with override_eta(self.connector, self.eta):
+            conditioning = self.connector(features, timesteps).conditioning
+        if self.mode == "concat_clip":
+            conditioning = torch.cat([features.clip.to(conditioning.dtype), conditioning], dim=1)
+        return conditioning
+
+    def describe(self) -> dict:
+        return {"kind": type(self.connector).__name__, "mode": self.mode, "eta": self.eta, "negative": self.negative}
+
+
+@contextmanager
+def conditioning_hook(unet: nn.Module, conditioning: ClipConditioning, features: TextFeatures, negative: TextFeatures):
+    """While active, every call of ``unet`` gets ``encoder_hidden_states`` recomputed by ``conditioning.apply``
+    at the timestep of that call: rows [negative; positive] under classifier-free guidance (two separate
+    connector calls), or the positive rows alone without it.
+    """
+    batch = (features.clip if features.clip is not None else features.llm).shape[0]
+
+    def hook(module, args, kwargs):
+        in_kwargs = "encoder_hidden_states" in kwargs
+        states = kwargs["encoder_hidden_states"] if in_kwargs else args[2]
+        timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
+        rows = states.shape[0]
+        t = torch.as_tensor(timestep, device=states.device).reshape(-1)
+        if rows == 2 * batch:
+            t_neg, t_pos = (t[:batch], t[batch:]) if t.numel() == rows else (t, t)
+            uncond, cond = conditioning.apply_negative(negative, t_neg), conditioning.apply(features, t_pos)
+            if uncond.shape[1:] != cond.shape[1:]:
+                raise ValueError(
+                    f"negative={getattr(conditioning, 'negative', '?')}: the negative branch has {uncond.shape[1]} tokens and "
+                    f"the prompt {cond.shape[1]}; negative=base needs a connector with CLIP's token count (SUR)"
+                )
+            new = torch.cat([uncond, cond])
+        elif rows == batch:
+            new = conditioning.apply(features, t)
+        else:
+            raise RuntimeError(f"UNet called with {rows} rows; expected {batch} prompts or {2 * batch} under CFG")
+        new = new.to(states.device, states.dtype)
+        if in_kwargs:
+            kwargs["encoder_hidden_states"] = new
+        else:
+            args = (*args[:2], new, *args[3:])
+        return args, kwargs
+
+    handle = unet.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()

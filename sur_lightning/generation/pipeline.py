@@ -1,0 +1,197 @@
+"""Images from a pipeline over the backbone's frozen parts, conditioned per UNet call (``conditioning.py``).
+
+``build_pipeline(backbone, scheduler)`` assembles diffusers' ``StableDiffusionPipeline`` from the loaded
+components (no copies; DDIM without SD's ``clip_sample``). ``render`` draws one image per (prompt, seed),
+with the initial latents drawn on the CPU so a seed gives the same image on every device;
+``render_columns`` runs every (prompt, seed) through every column and returns ``Rendered`` items;
+``render_base_and_adapter`` is what the training callbacks sample with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from PIL import Image
+
+from sur_lightning.data.prompt_suites import Prompt
+from sur_lightning.generation.conditioning import (
+    ClipConditioning,
+    ConnectorConditioning,
+    conditioning_hook,
+    frozen_text_features,
+)
+from sur_lightning.models.backbone import assemble_pipeline
+
+if TYPE_CHECKING:
+    from sur_lightning.generation.columns import Column
+
+
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+}
+
+
+def build_pipeline(backbone, scheduler: str = "ddim"):
+    """A ``StableDiffusionPipeline`` over the backbone's frozen components (no copies)."""
+    import diffusers
+
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"scheduler must be one of {sorted(SCHEDULERS)}, got {scheduler!r}")
+    config = backbone.noise_scheduler.config
+    # The training scheduler (DDPM) carries clip_sample=True, which SD's DDIM sampling must not use.
+    overrides = {"clip_sample": False} if scheduler == "ddim" else {}
+    sampler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(config, **overrides)
+    pipeline = assemble_pipeline(backbone.vae, backbone.text_encoder, backbone.tokenizer, backbone.unet, sampler)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+@torch.no_grad()
+def render(
+    pipeline,
+    conditioning: ClipConditioning,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    negative_prompt: str = "",
+    num_inference_steps: int = 30,
+    guidance_scale: float = 7.5,
+    height: int | None = None,
+    width: int | None = None,
+) -> list[Image.Image]:
+    """One image per prompt, prompt i seeded with ``seeds[i]``, conditioned by ``conditioning`` at every step."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
+    device = pipeline.unet.device
+    dtype = pipeline.unet.dtype
+    features = conditioning.features(prompts)
+    negative = conditioning.features([negative_prompt] * len(prompts))
+    # The hook computes the real conditioning at every UNet call; the pipeline only needs the batch size,
+    # device and dtype from these, so one zero token each is enough (running the connector here would
+    # cost two calls whose output is thrown away).
+    placeholder = torch.zeros(len(prompts), 1, pipeline.unet.config.cross_attention_dim)
+    prompt_embeds, negative_embeds = placeholder, placeholder.clone()
+    # Draw the initial latents on the CPU so a seed gives the same image on every device.
+    size = height or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+    width = width or size
+    shape = (pipeline.unet.config.in_channels, size // pipeline.vae_scale_factor, width // pipeline.vae_scale_factor)
+    latents = torch.stack(
+        [torch.randn(shape, generator=torch.Generator().manual_seed(int(seed))) for seed in seeds]
+    ).to(device, dtype)
+    with conditioning_hook(pipeline.unet, conditioning, features, negative):
+        return pipeline(
+            prompt_embeds=prompt_embeds.to(device, dtype),
+            negative_prompt_embeds=negative_embeds.to(device, dtype),
+            latents=latents,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            height=size,
+            width=width,
+            output_type="pil",
+        ).images
+
+
+@torch.no_grad()
+def render_base_and_adapter(
+    module,
+    prompts: list[str],
+    seeds: list[int],
+    scheduler: str = "ddim",
+    mode: str = "replace",
+    adapter: bool = True,
+    **kwargs,
+):
+    """Images of ``prompts`` (one seed each) from the base model and through ``module.connector``.
+
+    Returns (base_images, adapter_images); adapter_images is None with ``adapter=False``. The adapter
+    path uses ``module.text_features``, so what the connector reads at sampling time is what it read
+    in training.
+    """
+    pipeline = build_pipeline(module.backbone, scheduler)
+    base = render(pipeline, ClipConditioning(frozen_text_features(module.backbone)), prompts, seeds, **kwargs)
+    if not adapter:
+        return base, None
+    was_training = module.connector.training
+    module.connector.eval()
+    try:
+        adapted = render(pipeline, ConnectorConditioning(module.connector, module.text_features, mode), prompts, seeds, **kwargs)
+    finally:
+        module.connector.train(was_training)
+    return base, adapted
+
+
+@dataclass
+class Rendered:
+    """One generated image and what produced it."""
+
+    column: str
+    prompt: Prompt
+    seed: int
+    image: Image.Image
+    file: str | None = None
+
+
+def render_columns(
+    backbone,
+    columns: Sequence[Column],
+    prompts: Sequence[Prompt],
+    seeds: Sequence[int],
+    out_dir: str | Path | None = None,
+    scheduler: str = "ddim",
+    batch_size: int = 4,
+    negative_prompt: str = "",
+    progress: bool = True,
+    **kwargs,
+) -> list[Rendered]:
+    """Every (prompt, seed) through every column, same seeds for all; writes
+    ``<out_dir>/images/<column slug>/<prompt id>_seed<seed>.png`` when ``out_dir`` is given."""
+    from tqdm.auto import tqdm
+
+    pipeline = build_pipeline(backbone, scheduler)
+    jobs = [(prompt, int(seed)) for prompt in prompts for seed in seeds]
+    batches = [jobs[i : i + batch_size] for i in range(0, len(jobs), batch_size)]
+    results = []
+    with tqdm(total=len(columns) * len(jobs), desc="generating", unit="img", disable=not progress) as bar:
+        for column in columns:
+            for batch in batches:
+                images = render(
+                    pipeline,
+                    column.conditioning,
+                    [p.prompt for p, _ in batch],
+                    [s for _, s in batch],
+                    negative_prompt=negative_prompt,
+                    **kwargs,
+                )
+                for (prompt, seed), image in zip(batch, images):
+                    item = Rendered(column.name, prompt, seed, image)
+                    if out_dir is not None:
+                        relative = Path("images") / column.slug / f"{prompt.id}_seed{seed}.png"
+                        (Path(out_dir) / relative).parent.mkdir(parents=True, exist_ok=True)
+                        image.save(Path(out_dir) / relative)
+                        item.file = str(relative)
+                    results.append(item)
+                bar.update(len(batch))
+    return results
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def sampler_kwargs(sampler) -> dict:
+    """The pipeline knobs of the ``sampler`` config node."""
+    return {
+        "scheduler": sampler.scheduler,
+        "num_inference_steps": int(sampler.num_inference_steps),
+        "guidance_scale": float(sampler.guidance_scale),
+        "height": sampler.resolution,
+        "width": sampler.resolution,
+        "batch_size": int(sampler.batch_size),
+    }

@@ -1,0 +1,244 @@
+"""Filling the feature cache for a training config, and opening it for training (``data.cache``).
+
+``data.cache``: ``auto`` computes what is missing before training and stores it; ``require`` fails on
+the first missing entry, naming it; ``off`` encodes every step. With every entry cached, training
+constructs no LLM and drops the VAE encoder. What is stored, and how: ``feature_store.py``.
+
+The cache meets the datamodule at its cache methods only (``sur_lightning.data.datamodule``): it asks
+which image variants and prompts the rows need (``cache_images``, ``cache_prompts``), reads an image's
+content hash and VAE input (``image_content``, ``cache_pixels``), and hands back the rows it could not
+encode (``skip_rows``) and the latent store (``use_latent_store``). The config goes to the cache, never
+into the datamodule.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from sur_lightning.config import process_rank
+from sur_lightning.data.datasets import CacheMissError, content_hash
+from sur_lightning.data.images import BadImage
+from sur_lightning.data.prompt_suites import load_prompt_list
+from sur_lightning.models.backbone import resolve_dtype
+from sur_lightning.training.feature_store import FeatureCache, FeatureStore
+
+SHARD_ENTRIES = 512
+
+
+def extra_prompts(cfg: DictConfig) -> list[str]:
+    """Prompts training needs beyond the dataset's: the empty prompt of classifier-free guidance, and the
+    prompts the sample grid and the evaluation callback render (with their complex prompts, if any)."""
+    texts = [""]
+    for name in ("sample_grid", "evaluation"):
+        node = (cfg.get("callbacks") or {}).get(name) or {}
+        if node.get("prompts"):
+            for prompt in load_prompt_list(node["prompts"], node.get("num_prompts")):
+                texts += [prompt.prompt] + ([prompt.complex] if prompt.complex else [])
+    return unique(texts)
+
+
+def unique(items) -> list:
+    return list(dict.fromkeys(items))
+
+
+def missing_entries(cache: FeatureCache, datamodule, prompts_extra: list[str]) -> dict[str, list]:
+    """What is not cached yet: {"latents": [(key, row, variant, bytes hash)], "clip": [prompt], "llm": [(prompt, row)]}."""
+    # Every image variant the rows are read with (training rows in each flip, validation rows plain).
+    missing: dict[str, list] = {"latents": [], "clip": [], "llm": []}
+    known_bad = {}
+    for row, variants in datamodule.cache_images():
+        try:
+            data_hash = datamodule.image_content(row)
+        except BadImage as error:  # deleted since the scan
+            known_bad[row.where] = str(error)
+            continue
+        for variant in variants:
+            key = cache.latents.key(data_hash, variant)
+            if key in cache.latents.bad:
+                known_bad[row.where] = cache.latents.bad[key]
+            elif key not in cache.latents:
+                missing["latents"].append((key, row, variant))
+    # Images an earlier build could not decode: skipped up front, with the reason it recorded.
+    datamodule.skip_rows(known_bad)
+    missing["latents"] = [job for job in missing["latents"] if job[1].where not in known_bad]
+    # The rows' prompts (with name dropout, every renamed variant a training row may be served with).
+    clip_prompts, llm_prompts = datamodule.cache_prompts()
+    prompts = unique(clip_prompts + prompts_extra)
+    missing["clip"] = [p for p in prompts if cache.clip.key(content_hash(p)) not in cache.clip]
+    if cache.llm is not None:
+        simple = dict(llm_prompts)
+        for prompt in prompts_extra:
+            simple.setdefault(prompt, None)
+        missing["llm"] = [(p, row) for p, row in simple.items() if cache.llm.key(content_hash(p)) not in cache.llm]
+    return missing
+
+
+def describe_first_missing(missing: dict[str, list]) -> str:
+    if missing["latents"]:
+        key, row, variant = missing["latents"][0]
+        return f"latents of {row.where} ({row.id}, {variant}): key {key}"
+    if missing["clip"]:
+        return f"CLIP states of prompt {missing['clip'][0][:80]!r}"
+    prompt, row = missing["llm"][0]
+    return f"LLM states of prompt {prompt[:80]!r}" + (f" ({row.where})" if row else "")
+
+
+def count(missing: dict[str, list]) -> int:
+    return sum(len(v) for v in missing.values())
+
+
+def in_batches(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def fill_text(store: FeatureStore, prompts: list[str], encode, batch_size: int, dtype: torch.dtype, desc: str) -> None:
+    """Encode prompts in batches and store, per prompt, its states (pooled [D] or its real tokens [T, D])."""
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+    for batch in tqdm(list(in_batches(prompts, batch_size)), desc=desc, unit="batch"):
+        states, mask = encode(batch)
+        for i, prompt in enumerate(batch):
+            if isinstance(states, dict):  # llm=multi: {teacher: [B, D]}
+                entry = {name: teacher_states[i].to(dtype) for name, teacher_states in states.items()}
+            else:
+                entry = {"states": (states[i] if mask is None else states[i][mask[i]]).to(dtype)}
+            pending[store.key(content_hash(prompt))] = entry
+        if len(pending) >= SHARD_ENTRIES:
+            store.write(pending)
+            pending = {}
+    if pending:
+        store.write(pending)
+
+
+def fill_latents(store: FeatureStore, jobs: list, datamodule, backbone, batch_size: int, report) -> None:
+    """VAE-encode each (row, variant) and store the posterior mean and log-variance; undecodable images are marked bad."""
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+    bad: dict[str, str] = {}
+    for batch in tqdm(list(in_batches(jobs, batch_size)), desc="latents", unit="batch"):
+        keys, pixels = [], []
+        for key, row, variant in batch:
+            try:
+                pixels.append(datamodule.cache_pixels(row, variant))
+            except BadImage as error:
+                bad[key] = str(error)
+                report.skip(row.where, row.id, str(error))
+                continue
+            keys.append(key)
+        if keys:
+            distribution = backbone.encode_images(torch.stack(pixels))
+            for i, key in enumerate(keys):
+                pending[key] = {"mean": distribution.mean[i], "logvar": distribution.logvar[i]}
+        if len(pending) + len(bad) >= SHARD_ENTRIES:
+            store.write(pending, bad)
+            pending, bad = {}, {}
+    if pending or bad:
+        store.write(pending, bad)
+
+
+def check_name_dropout(cfg: DictConfig, datamodule) -> None:
+    """The datamodule renames training prompts only if the LLM's retriever undoes the same renaming: its
+    ``llm.rag.name_dropout`` on and the same ``name_variants`` (conf/data reads both from llm.rag)."""
+    if not datamodule.name_dropout:
+        return
+    rag = (cfg.get("llm") or {}).get("rag")
+    if rag is None or not rag.get("name_dropout"):
+        raise ValueError(
+            f"data.name_dropout={datamodule.name_dropout} renames the training prompts, but llm.rag.name_dropout is off "
+            "(or there is no llm.rag), so the LLM would read the nonsense word without the renamed fact: set "
+            "llm.rag.name_dropout instead (+llm/rag=toyworld llm.rag.name_dropout=0.5)"
+        )
+    if int(rag.get("name_variants", 4)) != datamodule.name_variants:
+        raise ValueError(
+            f"data.name_variants={datamodule.name_variants} but llm.rag.name_variants={rag.get('name_variants')}: set llm.rag.name_variants"
+        )
+
+
+def build_cache(cfg: DictConfig, datamodule, mode: str = "auto", backbone=None) -> tuple[FeatureCache, object]:
+    """Compute and store what ``cfg`` needs that is not cached yet; returns the cache and the backbone if loaded.
+
+    ``require`` computes nothing and fails naming the first missing entry. The LLM is loaded only when
+    LLM entries are missing; the backbone only when latents or CLIP states are (or when given).
+    """
+    check_name_dropout(cfg, datamodule)
+    datamodule.setup("fit")
+    cache = FeatureCache.from_config(cfg)
+    missing = missing_entries(cache, datamodule, extra_prompts(cfg))
+    if not count(missing):
+        return cache, backbone
+    if mode == "require":
+        raise CacheMissError(
+            f"data.cache=require and {count(missing)} entries are missing; the first: {describe_first_missing(missing)}. "
+            "Build them with `python -m sur_lightning.cache` and the same overrides."
+        )
+    batch_size = int(cfg.data.batch_size)
+    if missing["llm"]:
+        llm = instantiate(cfg.llm)
+        if hasattr(llm, "missing_prompts"):
+            # Precomputed features: a dataset row without a vector is skipped and reported; extra prompts just lack one.
+            absent = {p for p, _ in missing["llm"] if p not in llm.index}
+            datamodule.skip_rows({row.where: f"simple prompt not in {llm.path}" for p, row in missing["llm"] if p in absent and row})
+            missing["llm"] = [(p, row) for p, row in missing["llm"] if p not in absent]
+        dtype = resolve_dtype(cfg.llm.get("dtype", "float32"))
+        fill_text(cache.llm, [p for p, _ in missing["llm"]], llm, batch_size, dtype, "LLM states")
+        del llm
+    if missing["latents"] or missing["clip"]:
+        backbone = backbone if backbone is not None else instantiate(cfg.backbone)
+        fill_text(
+            cache.clip, missing["clip"], lambda ps: (backbone.encode_prompt(ps), None), batch_size, backbone.dtype, "CLIP states"
+        )
+        fill_latents(cache.latents, missing["latents"], datamodule, backbone, batch_size, datamodule.report)
+        bad = {row.where: cache.latents.bad[key] for key, row, _ in missing["latents"] if key in cache.latents.bad}
+        datamodule.skip_rows(bad)
+    datamodule.write_report()
+    return cache, backbone
+
+
+def wait_for_cache(cfg: DictConfig, datamodule, rank: int, poll_s: float = 5.0, timeout_s: float = 7200.0):
+    """For every rank but 0: wait until rank 0 has filled the cache (computing nothing here), then open it."""
+    started = time.monotonic()
+    announced = False
+    while True:
+        try:
+            cache, _ = build_cache(cfg, datamodule, "require")
+            return cache
+        except CacheMissError as error:
+            if time.monotonic() - started > timeout_s:
+                raise CacheMissError(
+                    f"rank {rank}: the feature cache is still incomplete after {timeout_s:.0f} s of waiting for rank 0 "
+                    f"(cache_wait_s): {error}"
+                ) from None
+            if not announced:
+                print(f"rank {rank}: waiting for rank 0 to build the feature cache ...", flush=True)
+                announced = True
+            time.sleep(poll_s)
+
+
+def prepare_feature_cache(cfg: DictConfig, datamodule, rank: int | None = None, poll_s: float = 5.0) -> dict:
+    """For ``train``: with ``data.cache`` on, fill (auto) or check (require) the cache, point the datamodule at it,
+    and return the model's constructor arguments that replace the frozen encoders: no LLM, the backbone
+    without its VAE encoder, the cache and the LLM width.
+
+    Under multi-GPU training only rank 0 builds; the other ranks wait for it and compute nothing.
+    Name dropout's data and LLM settings are checked here, with the cache off too.
+    """
+    check_name_dropout(cfg, datamodule)
+    mode = cfg.data.get("cache", "off")
+    if mode == "off":
+        return {}
+    rank = process_rank() if rank is None else rank
+    if rank != 0 and mode == "auto":
+        cache, backbone = wait_for_cache(cfg, datamodule, rank, poll_s, float(cfg.get("cache_wait_s") or 7200)), None
+    else:
+        cache, backbone = build_cache(cfg, datamodule, mode)
+    # A fresh backbone when building loaded none. Training and validation read cached latents only,
+    # so the VAE encoder is dropped (the decoder stays for sampling).
+    backbone = backbone if backbone is not None else instantiate(cfg.backbone)
+    datamodule.use_latent_store(cache.latents)
+    backbone.vae.encoder = None
+    backbone.vae.quant_conv = None
+    return {"backbone": backbone, "llm": None, "llm_dim": cache.llm_dim, "feature_cache": cache}

@@ -1,0 +1,127 @@
+"""The package's layout (issue 20, README "Where things are"): imports only go downward, with no circles.
+
+Every module's imports are read with ``ast`` (those inside functions and ``TYPE_CHECKING`` blocks too), so a
+lazy import cannot hide a circle.
+"""
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "sur_lightning"
+
+# What users type (`python -m sur_lightning.X`): short Hydra mains that compose library calls.
+ENTRY_POINTS = {
+    f"sur_lightning.{name}"
+    for name in ("train", "generate", "evaluate", "cache", "rewrite", "bench", "sweep_report", "embedding_map",
+                 "toyworld.pretrain", "toyworld.probe")
+}
+# The bottom of the house: frozen parts and connectors, data, knowledge. They import none of the rooms above.
+BOTTOM = {"models", "data", "knowledge"}
+ABOVE = {"training", "generation", "evaluation"}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def imports(name: str) -> set[str]:
+    """The sur_lightning modules that module ``name`` imports (``from pkg import submodule`` counts the submodule)."""
+    found = set()
+    for node in ast.walk(ast.parse(MODULES[name].read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names if f"{node.module}.{alias.name}" in MODULES}
+    return {m for m in found if m in MODULES and m != name}
+
+
+def room(name: str) -> str:
+    """The node a module belongs to in the package graph: its subpackage, or itself for a top-level module
+    (``config``) and for an entry point."""
+    if name in ENTRY_POINTS:
+        return name
+    parts = name.split(".")
+    return parts[1] if len(parts) > 1 else name
+
+
+def room_graph() -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = {}
+    for name in MODULES:
+        if name == "sur_lightning":  # the package's __init__ (registers the config resolvers)
+            continue
+        for imported in imports(name):
+            if imported != "sur_lightning" and room(imported) != room(name):
+                graph.setdefault(room(name), set()).add(room(imported))
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [node, nxt] if nxt in path else [node, nxt]
+            if nxt not in state:
+                cycle = visit(nxt, path + [node])
+                if cycle:
+                    return cycle
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            cycle = visit(node, [])
+            if cycle:
+                return cycle
+    return None
+
+
+def test_every_entry_point_exists():
+    assert ENTRY_POINTS <= set(MODULES)
+
+
+def test_no_module_imports_an_entry_point():
+    offenders = {name: sorted(imports(name) & ENTRY_POINTS) for name in MODULES}
+    assert not {k: v for k, v in offenders.items() if v}, "library code or another entry point imports an entry point"
+
+
+def test_packages_import_each_other_in_no_circle():
+    assert find_cycle(room_graph()) is None
+
+
+def test_the_bottom_rooms_import_nothing_above_them():
+    graph = room_graph()
+    upward = {node: sorted(graph.get(node, set()) & ABOVE) for node in BOTTOM}
+    assert not {k: v for k, v in upward.items() if v}
+
+
+def test_the_checks_see_a_circle_and_an_entry_point_import():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) is not None
+    assert find_cycle({"a": {"b"}, "b": {"c"}}) is None
+    # ast finds lazy imports: the entry point train.py imports the feature cache inside no function, generate.py's
+    # main composes generation/, and a function-level import counts like a top-level one.
+    assert "sur_lightning.training.feature_cache" in imports("sur_lightning.train")
+    assert "sur_lightning.generation.columns" in imports("sur_lightning.generate")
+
+
+def test_every_conf_target_names_the_module_that_defines_it():
+    """A ``_target_`` in conf/ points at the module where its object is defined, not at a module that imports it."""
+    import importlib
+    import re
+
+    conf = PACKAGE.parent / "conf"
+    wrong = []
+    for path in sorted(conf.rglob("*.yaml")):
+        for target in re.findall(r"_target_:\s*(sur_lightning\.[\w.]+)", path.read_text(encoding="utf-8")):
+            module, _, name = target.rpartition(".")
+            obj = getattr(importlib.import_module(module), name)
+            if getattr(obj, "__module__", module) != module:
+                wrong.append(f"{path.relative_to(conf)}: {target} is defined in {obj.__module__}")
+    assert not wrong
