@@ -36,9 +36,9 @@ def compose(tmp_path, cache_dir, tiny_sdxl, tiny_llm):
 
     tiny = [o for o in tiny_overrides(tmp_path, cache_dir) if not o.startswith("connector.")]
 
-    def _compose(*overrides: str):
+    def _compose(*overrides: str, tiny_models: bool = True):
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            return hydra_compose(config_name="train", overrides=[*tiny, *overrides])
+            return hydra_compose(config_name="train", overrides=[*(tiny if tiny_models else []), *overrides])
 
     return _compose
 
@@ -227,3 +227,47 @@ def test_generation_renders_through_the_sdxl_pipeline_with_the_connector(sdxl):
 
     assert not np.array_equal(np.asarray(same[0]), np.asarray(moved[0]))
     assert not np.array_equal(np.asarray(base[0]), np.asarray(same[0]))
+
+
+@pytest.mark.parametrize("preset", ["sur_sdxl", "ella_sdxl"])
+def test_sdxl_presets_compose_with_the_fields_1024px_settings(compose, preset):
+    cfg = compose(f"+experiment={preset}", tiny_models=False)
+    assert cfg.backbone._target_ == "sur_lightning.models.sdxl.StableDiffusionXLBackbone"
+    assert cfg.backbone.pretrained == "stabilityai/stable-diffusion-xl-base-1.0" and cfg.backbone.gradient_checkpointing
+    assert cfg.data.resolution == 1024 and cfg.data.center_crop and cfg.data.random_flip and cfg.data.batch_size == 1
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.accumulate_grad_batches == 4
+    assert cfg.connector.pooled == ("adapted" if preset == "sur_sdxl" else "clip")
+
+
+@pytest.mark.parametrize("preset", ["sur_sdxl", "ella_sdxl"])
+def test_sdxl_presets_train_on_the_tiny_sdxl(compose, preset):
+    from sur_lightning.train import train
+
+    small = ["connector.num_heads=4", "connector.ff_dim=32"] if preset == "sur_sdxl" else [
+        "connector.num_blocks=1", "connector.num_heads=4", "connector.time_embed_dim=32", "connector.time_channels=32"]
+    # The preset's own settings (bf16-mixed, checkpointing, caption dropout, the cache) on tiny models and data.
+    cfg = compose(
+        f"+experiment={preset}", "backbone=sdxl_tiny", "llm=tiny", "data=synthetic", "data.resolution=64",
+        "data.root.num_images=6", "data.val_size=2", "trainer.accelerator=cpu", "trainer.max_steps=2",
+        "callbacks.sample_grid.num_inference_steps=2", "callbacks.sample_grid.prompts=[two red circles]",
+        "callbacks.sample_grid.seeds=[0]", "backbone.gradient_checkpointing=true", *small,
+    )
+    metrics = train(cfg)
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    assert json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())["global_step"] == 2
+
+
+def test_bench_measures_the_floor_on_sdxl(tmp_path, cache_dir, tiny_sdxl, tiny_llm):
+    from conftest import CONFIG_DIR, tiny_overrides
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from sur_lightning.bench import run
+
+    overrides = [o for o in tiny_overrides(tmp_path, cache_dir) if not o.startswith(("callbacks.", "data.val_size", "connector."))]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = hydra_compose(config_name="bench", overrides=[
+            *overrides, "backbone=sdxl_tiny", "connector=sur_small", "connector.ff_dim=32", "bench.steps=1",
+            "bench.warmup=1", "bench.inference_steps=2", "bench.inference_repeats=1", "bench.cache_off=false"])
+    result = run(cfg)
+    assert result["floor_s"] > 0 and result["warm_cache_ratio_to_floor"] > 0 and result["inference"]["ratio"] > 0
