@@ -167,7 +167,8 @@ class ConnectorConditioning(ClipConditioning):
         conditioning = out.conditioning
         if self.mode == "concat_clip":
             conditioning = torch.cat([features.clip.to(conditioning.dtype), conditioning], dim=1)
-        return ConnectorOutput(conditioning=conditioning, pooled=out.pooled)
+        # A connector written for SD1.x may return any object with `.conditioning` and no pooled embedding.
+        return ConnectorOutput(conditioning=conditioning, pooled=getattr(out, "pooled", None))
 
     def describe(self) -> dict:
         return {"kind": type(self.connector).__name__, "mode": self.mode, "eta": self.eta, "negative": self.negative}
