@@ -120,7 +120,12 @@ def test_each_connector_trains_on_sdxl_with_gradients_to_exactly_its_parameters(
         return unet_forward(*args, **kwargs)
 
     module.backbone.unet.forward = spy
+    masks = []
+    connector_forward = module.connector.forward
+    module.connector.forward = lambda features, t: masks.append(features.llm_mask) or connector_forward(features, t)
     loss = module.training_forward(batch)
+    if connector == "ella":  # the LLM's attention mask reaches the TSC
+        assert masks[0] is not None and masks[0].dtype == torch.bool and masks[0].shape[0] == 2
     loss.backward()
     assert seen["text_embeds"].shape == (2, 32) and seen["time_ids"].shape == (2, 6)
     target = module.backbone.batch_time_ids(batch, torch.zeros(2, 4, 16, 16))
