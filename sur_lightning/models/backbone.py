@@ -95,6 +95,7 @@ class StableDiffusionBackbone(FrozenModule):
     """Frozen SD components, always in eval mode, stored in ``dtype``.
 
     encode_prompt(list[str])         -> [B, 77, d]   CLIP last hidden states (d = cross_attention_dim)
+    encode_text(list[str])           -> ([B, 77, d], None)   the same call as SDXL's (which also returns a pooled embedding)
     encode_images([B,3,H,W] in [-1,1]) -> DiagonalGaussianDistribution over [B, 4, H/f, W/f] latents
     unet(noisy [B,4,h,w], t [B], c [B,N,d]) -> prediction [B,4,h,w]  (float32)
     """

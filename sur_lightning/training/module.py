@@ -56,6 +56,9 @@ def blank(prompts: Sequence[str], dropped: Sequence[bool]) -> list[str]:
 class ConnectorTrainingModule(L.LightningModule):
     """Trains a connector between frozen text encoders and a frozen Stable Diffusion UNet.
 
+    backbone: ``StableDiffusionBackbone`` (SD1.x/2.x) or ``StableDiffusionXLBackbone`` (SDXL: the connector also
+    gets ``pooled_dim``, and the UNet the pooled embedding and each image's size/crop time ids).
+
     connector: an ``nn.Module`` or a partial that takes ``dim`` (the UNet's cross-attention width)
     and ``llm_dim`` (the LLM's hidden width), filled in here from the loaded models.
     seed: keys each training sample's random draws with ``sample_generators`` (with the epoch, the
