@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_DISABLE_TELEMETRY := 1
 export WANDB_SILENT := true
 
-.PHONY: install demo test lint bench bench-mid bench-sd15 bench-data clean
+.PHONY: install demo test lint bench bench-mid bench-sd15 bench-sdxl bench-data clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ bench-mid: install
 bench-sd15: install
 	$(PY) -m sur_lightning.bench backbone=sd15_random data.resolution=256 data.batch_size=1 data.root.num_images=8 \
 		data.val_size=2 bench.steps=8 bench.warmup=2 bench.inference_repeats=1 $(ARGS)
+
+# SDXL base 1.0's proportions (UNet 2.6 B, both text encoders; ~7 GB written once in fp16, ~16 GB RAM in fp32).
+bench-sdxl: install
+	$(PY) -m sur_lightning.bench backbone=sdxl_random data.resolution=256 data.batch_size=1 data.root.num_images=8 \
+		data.val_size=2 bench.steps=3 bench.warmup=1 bench.inference_steps=4 bench.inference_repeats=1 $(ARGS)
 
 # Dataloader samples/s and training steps/s, feature cache warm vs data.cache=off (tiny backbone).
 bench-data: install

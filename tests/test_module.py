@@ -101,9 +101,9 @@ def test_caption_dropout_with_alignment_aligns_dropped_rows_to_the_empty_prompt(
     # LLM distillation then reads the empty prompt's state: what the encoders are asked for shows it.
     _, model, batch = build(compose, "+experiment=sur_paper", f"model.caption_dropout={rate}")
     seen = {"text": [], "clip": []}
-    text_features, clip_states = model.text_features, model.clip_states
+    text_features, clip_features = model.text_features, model.clip_features
     model.text_features = lambda prompts: seen["text"].append(list(prompts)) or text_features(prompts)
-    model.clip_states = lambda prompts: seen["clip"].append(list(prompts)) or clip_states(prompts)
+    model.clip_features = lambda prompts: seen["clip"].append(list(prompts)) or clip_features(prompts)
     loss = model.training_step(batch, 0)
     assert torch.isfinite(loss)
     n = len(batch["simple_prompt"])
@@ -190,9 +190,9 @@ def unet_inputs_by_id(model, batch) -> dict[str, tuple[torch.Tensor, int]]:
     seen = {}
     real = model.backbone.predict
 
-    def spy(noisy, timesteps, conditioning):
+    def spy(noisy, timesteps, conditioning, *added):
         seen.update({i: (noisy[k].clone(), int(timesteps[k])) for k, i in enumerate(batch["id"])})
-        return real(noisy, timesteps, conditioning)
+        return real(noisy, timesteps, conditioning, *added)
 
     model.backbone.predict = spy
     try:
@@ -233,8 +233,8 @@ def test_teacher_prediction_is_the_mse_to_the_frozen_unet_under_clip_of_the_comp
     calls, logged = [], {}
     predict = model.backbone.predict
 
-    def recording_predict(latents, timesteps, conditioning):
-        out = predict(latents, timesteps, conditioning)
+    def recording_predict(latents, timesteps, conditioning, *added):  # added: SDXL's pooled and time ids (None here)
+        out = predict(latents, timesteps, conditioning, *added)
         calls.append((latents, timesteps, conditioning, out))
         return out
 

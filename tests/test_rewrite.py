@@ -148,7 +148,9 @@ def test_prompt_alignment_both_is_the_mean_of_complex_and_rewrite_terms(backbone
             torch.optim.AdamW, prompt_loss=FeatureAlignmentLoss("mse", weight=1.0), align_target=target,
         )
 
-    conditioning = torch.randn(2, 77, backbone.cross_attention_dim)
+    from sur_lightning.models.connectors import ConnectorOutput
+
+    conditioning = ConnectorOutput(conditioning=torch.randn(2, 77, backbone.cross_attention_dim))
     batch = {"complex_prompt": ["two red circles", "one blue square"], "rewrite_prompt": ["three green squares", ""]}
     kept = [False, False]  # no caption dropped
     complex_term = module("complex").prompt_alignment(conditioning, batch, kept)["prompt"]

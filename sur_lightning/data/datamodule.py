@@ -5,6 +5,8 @@ Batches are dicts::
     pixel_values   [B, 3, R, R] float in [-1, 1]     (absent when the latents come from the cache)
     latent_mean    [B, 4, R/f, R/f]                  cached VAE posterior mean  (only with data.cache)
     latent_logvar  [B, 4, R/f, R/f]                  cached VAE posterior log-variance
+    original_size  [B, 2] int64  (height, width) before resizing   } SDXL's micro-conditioning; from the cache
+    crop_top_left  [B, 2] int64  (top, left) of the crop           } only when it was built for SDXL
     simple_prompt  list[str]  (B)   with name dropout (training rows only), some renamed: "a pair of sukebs"
     complex_prompt list[str]  (B)
     id             list[str]  (B)   the row's file name (or table row number)
@@ -43,7 +45,7 @@ from sur_lightning.data.datasets import (
     collate,
     content_hash,
     image_variants,
-    preprocess,
+    preprocess_with_geometry,
 )
 from sur_lightning.data.formats import (
     Row,
@@ -334,10 +336,11 @@ class ImageTextDataModule(L.LightningDataModule):
         """The content hash of a row's image bytes (half of its cache key); ``BadImage`` if it cannot be read."""
         return content_hash(self.train_set.image_bytes(row))
 
-    def cache_pixels(self, row: Row, variant: str) -> torch.Tensor:
-        """[3, R, R] the image as the VAE encodes it for ``variant`` (centre crop, flipped for ``*_flip``)."""
+    def cache_pixels(self, row: Row, variant: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """([3, R, R] the image as the VAE encodes it for ``variant`` (centre crop, flipped for ``*_flip``),
+        its ``original_size`` and ``crop_top_left`` [2] for SDXL's micro-conditioning)."""
         image, _ = load_rgb(self.train_set.image_bytes(row), self.max_image_pixels, self.min_image_side)
-        return preprocess(image, self.resolution, True, variant.endswith("flip"))
+        return preprocess_with_geometry(image, self.resolution, True, variant.endswith("flip"))
 
     def cache_prompts(self) -> tuple[list[str], list[tuple[str, Row]]]:
         """The prompts whose states the current rows need: (CLIP prompts: every simple prompt, renamed variant,

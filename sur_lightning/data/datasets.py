@@ -1,7 +1,8 @@
 """Datasets: rows of (image, simple prompt, complex prompt), map-style or streamed, and their collation.
 
 An example is a dict ``pixel_values`` [3, R, R] in [-1, 1] (or, with a latent store, ``latent_mean`` and
-``latent_logvar`` [4, R/f, R/f]), ``simple_prompt``, ``complex_prompt``, ``id`` (and ``rewrite_prompt``
+``latent_logvar`` [4, R/f, R/f]), ``original_size`` and ``crop_top_left`` [2] (not from stores made for SD1.x/2.x:
+only SDXL reads them), ``simple_prompt``, ``complex_prompt``, ``id`` (and ``rewrite_prompt``
 when the rewriter wrote one); ``collate`` stacks them into the batches ``datamodule.py`` documents.
 ``preprocess`` is diffusers' text-to-image preprocessing; ``content_hash`` and ``image_variants`` name what
 the feature cache stores per image.
@@ -32,6 +33,10 @@ def content_hash(data: bytes | str) -> str:
     return hashlib.sha256(data.encode("utf-8") if isinstance(data, str) else data).hexdigest()
 
 
+# Each image's size before resizing and its crop, [2] each: SDXL's micro-conditioning (``preprocess_with_geometry``).
+GEOMETRY = ("original_size", "crop_top_left")
+
+
 def image_variants(random_flip: bool) -> tuple[str, ...]:
     """The crop/flip variants training uses (and the cache stores) per image."""
     return ("center", "center_flip") if random_flip else ("center",)
@@ -41,16 +46,31 @@ def preprocess(image, resolution: int, center_crop: bool, flip: bool, rng=random
     """diffusers' text-to-image preprocessing: resize the short side, crop, flip, scale to [-1, 1]. [3, R, R]
 
     ``rng`` (a ``random.Random``, or the module) places a random crop."""
+    return preprocess_with_geometry(image, resolution, center_crop, flip, rng)[0]
+
+
+def preprocess_with_geometry(
+    image, resolution: int, center_crop: bool, flip: bool, rng=random
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``preprocess`` and what SDXL's micro-conditioning reads of it: ``original_size`` (height, width) before
+    resizing and ``crop_top_left`` (top, left) in the resized image, in the flipped image when flipped, as
+    diffusers' SDXL training script records them. Each an int64 tensor [2]."""
+    original = (image.height, image.width)
     image = TF.resize(image, resolution, interpolation=TF.InterpolationMode.BILINEAR)
     if center_crop:
-        image = TF.center_crop(image, resolution)
+        top = int(round((image.height - resolution) / 2.0))
+        left = int(round((image.width - resolution) / 2.0))
     else:
         top = rng.randint(0, image.height - resolution)
         left = rng.randint(0, image.width - resolution)
-        image = TF.crop(image, top, left, resolution, resolution)
+    width = image.width
+    image = TF.crop(image, top, left, resolution, resolution)
     if flip:
         image = TF.hflip(image)
-    return TF.normalize(TF.to_tensor(image), [0.5], [0.5])
+        # The script flips before cropping: the same pixels, cropped from the mirrored side.
+        left = width - resolution - left
+    geometry = {"original_size": torch.tensor(original), "crop_top_left": torch.tensor((top, left))}
+    return TF.normalize(TF.to_tensor(image), [0.5], [0.5]), geometry
 
 
 class PromptLimit:
@@ -200,6 +220,8 @@ class ImageTextDataset(Dataset):
             entry = self.latent_store.get(key)
             if entry is not None:
                 example["latent_mean"], example["latent_logvar"] = entry["mean"], entry["logvar"]
+                # Stores made for SDXL keep each image's size and crop (feature_store.py).
+                example.update({k: entry[k] for k in GEOMETRY if k in entry})
                 return example
             if key in self.latent_store.bad:
                 raise BadImage(self.latent_store.bad[key])
@@ -210,8 +232,8 @@ class ImageTextDataset(Dataset):
                 )
         image, repairs = load_rgb(data, self.max_image_pixels, self.min_image_side)
         events.extend({"kind": "repaired", "row": row.where, "id": row.id, "reason": r} for r in repairs)
-        example["pixel_values"] = preprocess(image, self.resolution, self.center_crop, flip, rng)
-        return example
+        example["pixel_values"], geometry = preprocess_with_geometry(image, self.resolution, self.center_crop, flip, rng)
+        return {**example, **geometry}
 
 
 class StreamingImageTextDataset(IterableDataset):
@@ -310,12 +332,8 @@ class StreamingImageTextDataset(IterableDataset):
         if not ok:
             return None
         flip = self.random_flip and random.random() < 0.5
-        return {
-            "pixel_values": preprocess(image, self.resolution, self.center_crop, flip),
-            "simple_prompt": row.simple,
-            "complex_prompt": row.complex,
-            "id": row.id,
-        }
+        pixels, geometry = preprocess_with_geometry(image, self.resolution, self.center_crop, flip)
+        return {"pixel_values": pixels, **geometry, "simple_prompt": row.simple, "complex_prompt": row.complex, "id": row.id}
 
 
 def collate(examples: list[dict]) -> dict:
@@ -335,4 +353,7 @@ def collate(examples: list[dict]) -> dict:
         raise RuntimeError("a batch mixes cached latents and images: the feature cache changed while training")
     else:
         batch["pixel_values"] = torch.stack([e["pixel_values"] for e in examples]).contiguous()
+    for key in GEOMETRY:
+        if all(key in e for e in examples):
+            batch[key] = torch.stack([e[key] for e in examples])
     return batch

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from sur_lightning.models.connectors import TextFeatures
+from sur_lightning.models.connectors import ConnectorOutput, TextFeatures
 
 MODES = ("replace", "concat_clip")
 
@@ -34,15 +34,16 @@ TextFeaturesFn = Callable[[list[str]], TextFeatures]
 
 
 def frozen_text_features(backbone, llm: nn.Module | None = None) -> TextFeaturesFn:
-    """prompts -> TextFeatures(clip [B,77,d], llm/llm_mask from ``llm`` when given), like the training module's."""
+    """prompts -> TextFeatures(clip [B,77,d], pooled [B,P] on SDXL, llm/llm_mask from ``llm`` when given), like the
+    training module's."""
 
     def text_features(prompts: list[str]) -> TextFeatures:
-        clip = backbone.encode_prompt(list(prompts))
+        clip, pooled = backbone.encode_text(list(prompts))
         if llm is None:
-            return TextFeatures(clip=clip)
+            return TextFeatures(clip=clip, pooled=pooled)
         states, mask = llm(list(prompts))
         return TextFeatures(
-            clip=clip, llm=states.to(clip.device), llm_mask=None if mask is None else mask.to(clip.device)
+            clip=clip, llm=states.to(clip.device), llm_mask=None if mask is None else mask.to(clip.device), pooled=pooled
         )
 
     return text_features
@@ -75,7 +76,8 @@ class ClipConditioning:
     """The base model's conditioning: CLIP states of the prompt, whatever the timestep.
 
     ``features(prompts) -> TextFeatures`` (frozen encoders, once per batch);
-    ``apply(features, timesteps [B] or scalar) -> [B, N, d]``;
+    ``output(features, timesteps [B] or scalar) -> ConnectorOutput`` (tokens [B, N, d]; SDXL: pooled [B, P]);
+    ``apply(features, timesteps) -> [B, N, d]``, the tokens alone;
     ``conditioning(prompts, timesteps) -> [B, N, d]`` does both.
     """
 
@@ -86,12 +88,18 @@ class ClipConditioning:
     def features(self, prompts: Sequence[str]) -> TextFeatures:
         return self.text_features(list(prompts))
 
+    def output(self, features: TextFeatures, timesteps: torch.Tensor) -> ConnectorOutput:
+        return ConnectorOutput(conditioning=features.clip, pooled=features.pooled)
+
+    def negative_output(self, features: TextFeatures, timesteps: torch.Tensor) -> ConnectorOutput:
+        """The negative (unconditional) branch under classifier-free guidance."""
+        return self.output(features, timesteps)
+
     def apply(self, features: TextFeatures, timesteps: torch.Tensor) -> torch.Tensor:
-        return features.clip
+        return self.output(features, timesteps).conditioning
 
     def apply_negative(self, features: TextFeatures, timesteps: torch.Tensor) -> torch.Tensor:
-        """The negative (unconditional) branch under classifier-free guidance."""
-        return self.apply(features, timesteps)
+        return self.negative_output(features, timesteps).conditioning
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], timesteps: torch.Tensor | float) -> torch.Tensor:
@@ -132,33 +140,35 @@ class ConnectorConditioning(ClipConditioning):
         self.eta = eta
         # A connector that ignores the timestep (SUR) runs once per prompt batch, not at every sampling step.
         self.timestep_aware = getattr(connector, "timestep_aware", True)
-        self._recent: list[tuple[TextFeatures, torch.Tensor]] = []
+        self._recent: list[tuple[TextFeatures, ConnectorOutput]] = []
 
     @torch.no_grad()
-    def apply(self, features: TextFeatures, timesteps: torch.Tensor | float) -> torch.Tensor:
+    def output(self, features: TextFeatures, timesteps: torch.Tensor | float) -> ConnectorOutput:
         if self.timestep_aware:
-            return self._apply(features, timesteps)
+            return self._output(features, timesteps)
         # The same features object comes back at every sampling step (prompt and negative): reuse its output.
-        for seen, conditioning in self._recent:
+        for seen, out in self._recent:
             if seen is features:
-                return conditioning
-        conditioning = self._apply(features, timesteps)
-        self._recent = [*self._recent, (features, conditioning)][-2:]
-        return conditioning
+                return out
+        out = self._output(features, timesteps)
+        self._recent = [*self._recent, (features, out)][-2:]
+        return out
 
-    def apply_negative(self, features: TextFeatures, timesteps: torch.Tensor | float) -> torch.Tensor:
+    def negative_output(self, features: TextFeatures, timesteps: torch.Tensor | float) -> ConnectorOutput:
         if self.negative == "connector":
-            return self.apply(features, timesteps)
-        return features.clip
+            return self.output(features, timesteps)
+        return ConnectorOutput(conditioning=features.clip, pooled=features.pooled)
 
-    def _apply(self, features: TextFeatures, timesteps: torch.Tensor | float) -> torch.Tensor:
+    def _output(self, features: TextFeatures, timesteps: torch.Tensor | float) -> ConnectorOutput:
         reference = features.clip if features.clip is not None else features.llm
         timesteps = _batch_timesteps(timesteps, reference.shape[0], reference.device)
         with override_eta(self.connector, self.eta):
-            conditioning = self.connector(features, timesteps).conditioning
+            out = self.connector(features, timesteps)
+        conditioning = out.conditioning
         if self.mode == "concat_clip":
             conditioning = torch.cat([features.clip.to(conditioning.dtype), conditioning], dim=1)
-        return conditioning
+        # A connector written for SD1.x may return any object with `.conditioning` and no pooled embedding.
+        return ConnectorOutput(conditioning=conditioning, pooled=getattr(out, "pooled", None))
 
     def describe(self) -> dict:
         return {"kind": type(self.connector).__name__, "mode": self.mode, "eta": self.eta, "negative": self.negative}
@@ -166,9 +176,10 @@ class ConnectorConditioning(ClipConditioning):
 
 @contextmanager
 def conditioning_hook(unet: nn.Module, conditioning: ClipConditioning, features: TextFeatures, negative: TextFeatures):
-    """While active, every call of ``unet`` gets ``encoder_hidden_states`` recomputed by ``conditioning.apply``
+    """While active, every call of ``unet`` gets ``encoder_hidden_states`` recomputed by ``conditioning.output``
     at the timestep of that call: rows [negative; positive] under classifier-free guidance (two separate
-    connector calls), or the positive rows alone without it.
+    connector calls), or the positive rows alone without it. On SDXL the pooled embedding in
+    ``added_cond_kwargs["text_embeds"]`` is replaced the same way (the pipeline's ``time_ids`` are kept).
     """
     batch = (features.clip if features.clip is not None else features.llm).shape[0]
 
@@ -180,18 +191,25 @@ def conditioning_hook(unet: nn.Module, conditioning: ClipConditioning, features:
         t = torch.as_tensor(timestep, device=states.device).reshape(-1)
         if rows == 2 * batch:
             t_neg, t_pos = (t[:batch], t[batch:]) if t.numel() == rows else (t, t)
-            uncond, cond = conditioning.apply_negative(negative, t_neg), conditioning.apply(features, t_pos)
-            if uncond.shape[1:] != cond.shape[1:]:
+            uncond, cond = conditioning.negative_output(negative, t_neg), conditioning.output(features, t_pos)
+            if uncond.conditioning.shape[1:] != cond.conditioning.shape[1:]:
                 raise ValueError(
-                    f"negative={getattr(conditioning, 'negative', '?')}: the negative branch has {uncond.shape[1]} tokens and "
-                    f"the prompt {cond.shape[1]}; negative=base needs a connector with CLIP's token count (SUR)"
+                    f"negative={getattr(conditioning, 'negative', '?')}: the negative branch has {uncond.conditioning.shape[1]} "
+                    f"tokens and the prompt {cond.conditioning.shape[1]}; negative=base needs a connector with CLIP's token count (SUR)"
                 )
-            new = torch.cat([uncond, cond])
+            new = torch.cat([uncond.conditioning, cond.conditioning])
+            pooled = None if cond.pooled is None else torch.cat([uncond.pooled, cond.pooled])
         elif rows == batch:
-            new = conditioning.apply(features, t)
+            out = conditioning.output(features, t)
+            new, pooled = out.conditioning, out.pooled
         else:
             raise RuntimeError(f"UNet called with {rows} rows; expected {batch} prompts or {2 * batch} under CFG")
         new = new.to(states.device, states.dtype)
+        added = kwargs.get("added_cond_kwargs")
+        if pooled is not None:
+            if not added or "text_embeds" not in added:
+                raise RuntimeError("the conditioning has a pooled embedding (SDXL) but the UNet call has no added_cond_kwargs")
+            kwargs["added_cond_kwargs"] = {**added, "text_embeds": pooled.to(states.device, added["text_embeds"].dtype)}
         if in_kwargs:
             kwargs["encoder_hidden_states"] = new
         else:

@@ -24,7 +24,6 @@ from sur_lightning.generation.conditioning import (
     conditioning_hook,
     frozen_text_features,
 )
-from sur_lightning.models.backbone import assemble_pipeline
 
 if TYPE_CHECKING:
     from sur_lightning.generation.columns import Column
@@ -38,7 +37,8 @@ SCHEDULERS = {
 
 
 def build_pipeline(backbone, scheduler: str = "ddim"):
-    """A ``StableDiffusionPipeline`` over the backbone's frozen components (no copies)."""
+    """A ``StableDiffusionPipeline`` (``StableDiffusionXLPipeline`` for SDXL) over the backbone's frozen components
+    (no copies)."""
     import diffusers
 
     if scheduler not in SCHEDULERS:
@@ -47,7 +47,7 @@ def build_pipeline(backbone, scheduler: str = "ddim"):
     # The training scheduler (DDPM) carries clip_sample=True, which SD's DDIM sampling must not use.
     overrides = {"clip_sample": False} if scheduler == "ddim" else {}
     sampler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(config, **overrides)
-    pipeline = assemble_pipeline(backbone.vae, backbone.text_encoder, backbone.tokenizer, backbone.unet, sampler)
+    pipeline = backbone.assemble_pipeline(sampler)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
@@ -75,7 +75,10 @@ def render(
     # device and dtype from these, so one zero token each is enough (running the connector here would
     # cost two calls whose output is thrown away).
     placeholder = torch.zeros(len(prompts), 1, pipeline.unet.config.cross_attention_dim)
-    prompt_embeds, negative_embeds = placeholder, placeholder.clone()
+    embeds = {"prompt_embeds": placeholder, "negative_prompt_embeds": placeholder.clone()}
+    if features.pooled is not None:  # SDXL: the pooled embeddings too (the hook replaces them as well)
+        pooled = torch.zeros(len(prompts), features.pooled.shape[-1])
+        embeds |= {"pooled_prompt_embeds": pooled, "negative_pooled_prompt_embeds": pooled.clone()}
     # Draw the initial latents on the CPU so a seed gives the same image on every device.
     size = height or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
     width = width or size
@@ -85,8 +88,7 @@ def render(
     ).to(device, dtype)
     with conditioning_hook(pipeline.unet, conditioning, features, negative):
         return pipeline(
-            prompt_embeds=prompt_embeds.to(device, dtype),
-            negative_prompt_embeds=negative_embeds.to(device, dtype),
+            **{name: value.to(device, dtype) for name, value in embeds.items()},
             latents=latents,
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,

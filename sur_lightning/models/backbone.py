@@ -95,6 +95,7 @@ class StableDiffusionBackbone(FrozenModule):
     """Frozen SD components, always in eval mode, stored in ``dtype``.
 
     encode_prompt(list[str])         -> [B, 77, d]   CLIP last hidden states (d = cross_attention_dim)
+    encode_text(list[str])           -> ([B, 77, d], None)   the same call as SDXL's (which also returns a pooled embedding)
     encode_images([B,3,H,W] in [-1,1]) -> DiagonalGaussianDistribution over [B, 4, H/f, W/f] latents
     unet(noisy [B,4,h,w], t [B], c [B,N,d]) -> prediction [B,4,h,w]  (float32)
     """
@@ -136,10 +137,17 @@ class StableDiffusionBackbone(FrozenModule):
         if compile_unet:
             self.unet.compile()
 
+    # SDXL's size/crop conditioning (sur_lightning.models.sdxl); SD1.x/2.x has none.
+    micro_conditioning = False
+
     @property
     def cross_attention_dim(self) -> int:
         return int(self.unet.config.cross_attention_dim)
 
+    @property
+    def pooled_dim(self) -> None:
+        """SD1.x/2.x's UNet reads no pooled text embedding (SDXL's does: ``StableDiffusionXLBackbone``)."""
+        return None
 
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         return self.tokenizer(
@@ -154,6 +162,13 @@ class StableDiffusionBackbone(FrozenModule):
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
         return self.text_encoder(self.tokenize(prompts))[0].float()
 
+    def encode_text(self, prompts: list[str]) -> tuple[torch.Tensor, None]:
+        """(CLIP states [B, 77, d], no pooled embedding): the same call as SDXL's backbone."""
+        return self.encode_prompt(prompts), None
+
+    def batch_time_ids(self, batch: dict, latents: torch.Tensor) -> None:
+        return None
+
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor):
         return self.vae.encode(pixel_values.to(self.device, self.dtype)).latent_dist
@@ -161,13 +176,25 @@ class StableDiffusionBackbone(FrozenModule):
     def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
         return latents.float() * self.vae.config.scaling_factor
 
-    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditioning: torch.Tensor) -> torch.Tensor:
-        """UNet prediction; gradients flow to ``conditioning`` (the frozen weights get none)."""
+    def predict(
+        self,
+        noisy_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        conditioning: torch.Tensor,
+        pooled: torch.Tensor | None = None,
+        time_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """UNet prediction; gradients flow to ``conditioning`` (the frozen weights get none). ``pooled`` and
+        ``time_ids`` are SDXL's; this UNet has no use for them."""
         if self.channels_last:
             noisy_latents = noisy_latents.to(memory_format=torch.channels_last)
         return self.unet(
             noisy_latents.to(self.dtype), timesteps, encoder_hidden_states=conditioning.to(self.dtype)
         ).sample.float()
+
+    def assemble_pipeline(self, scheduler):
+        """A ``StableDiffusionPipeline`` over these components (no copies)."""
+        return assemble_pipeline(self.vae, self.text_encoder, self.tokenizer, self.unet, scheduler)
 
 
 # --------------------------------------------------------------------------------------------

@@ -164,21 +164,26 @@ def training_step_time(cfg, cache: str, device, steps: int, warmup: int) -> dict
 
 
 def floor_time(module, batch, device, steps: int, warmup: int, precision=None) -> float:
-    """Seconds for the frozen UNet's forward plus the backward to its conditioning input, alone."""
+    """Seconds for the frozen UNet's forward plus the backward to its conditioning input (SDXL: and the pooled
+    embedding), alone."""
     scheduler = module.backbone.noise_scheduler
     with torch.no_grad():
         latents = module.latents(batch)
-        conditioning = module.condition(batch["simple_prompt"], torch.zeros(latents.shape[0], device=device)).conditioning
+        out = module.condition(batch["simple_prompt"], torch.zeros(latents.shape[0], device=device))
+        conditioning, pooled = out.conditioning, out.pooled
+    # SDXL: the pooled embedding is a conditioning input too, and the time ids come from the batch.
+    time_ids = module.backbone.batch_time_ids(batch, latents)
     noise = torch.randn_like(latents)
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
     times = []
     for step in range(warmup + steps):
         leaf = conditioning.detach().requires_grad_(True)
+        pooled_leaf = None if pooled is None else pooled.detach().requires_grad_(True)
         synchronize(device)
         started = time.perf_counter()
         with autocast(precision, device):
-            prediction = module.backbone.predict(noisy, timesteps, leaf)
+            prediction = module.backbone.predict(noisy, timesteps, leaf, pooled_leaf, time_ids)
         torch.nn.functional.mse_loss(prediction.float(), noise.float()).backward()
         synchronize(device)
         if step >= warmup:

@@ -103,7 +103,7 @@ def fill_text(store: FeatureStore, prompts: list[str], encode, batch_size: int, 
     for batch in tqdm(list(in_batches(prompts, batch_size)), desc=desc, unit="batch"):
         states, mask = encode(batch)
         for i, prompt in enumerate(batch):
-            if isinstance(states, dict):  # llm=multi: {teacher: [B, D]}
+            if isinstance(states, dict):  # llm=multi: {teacher: [B, D]}; SDXL CLIP: {"states", "pooled"}
                 entry = {name: teacher_states[i].to(dtype) for name, teacher_states in states.items()}
             else:
                 entry = {"states": (states[i] if mask is None else states[i][mask[i]]).to(dtype)}
@@ -115,24 +115,40 @@ def fill_text(store: FeatureStore, prompts: list[str], encode, batch_size: int, 
         store.write(pending)
 
 
+def clip_encoder(backbone, store: FeatureStore):
+    """prompts -> (states [B,77,d], None), or for an SDXL store ({"states", "pooled" [B,P]}, None): what ``fill_text`` stores."""
+    if "pooled" not in store.names:
+        return lambda prompts: (backbone.encode_prompt(prompts), None)
+
+    def encode(prompts):
+        states, pooled = backbone.encode_text(prompts)
+        return {"states": states, "pooled": pooled}, None
+
+    return encode
+
+
 def fill_latents(store: FeatureStore, jobs: list, datamodule, backbone, batch_size: int, report) -> None:
     """VAE-encode each (row, variant) and store the posterior mean and log-variance; undecodable images are marked bad."""
     pending: dict[str, dict[str, torch.Tensor]] = {}
     bad: dict[str, str] = {}
     for batch in tqdm(list(in_batches(jobs, batch_size)), desc="latents", unit="batch"):
-        keys, pixels = [], []
+        keys, pixels, geometries = [], [], []
         for key, row, variant in batch:
             try:
-                pixels.append(datamodule.cache_pixels(row, variant))
+                image, geometry = datamodule.cache_pixels(row, variant)
             except BadImage as error:
                 bad[key] = str(error)
                 report.skip(row.where, row.id, str(error))
                 continue
             keys.append(key)
+            pixels.append(image)
+            geometries.append(geometry)
         if keys:
             distribution = backbone.encode_images(torch.stack(pixels))
             for i, key in enumerate(keys):
-                pending[key] = {"mean": distribution.mean[i], "logvar": distribution.logvar[i]}
+                entry = {"mean": distribution.mean[i], "logvar": distribution.logvar[i]}
+                # SDXL stores keep each image's size and crop; SD1.x/2.x stores keep their old entries.
+                pending[key] = {**entry, **{name: geometries[i][name] for name in store.names if name in geometries[i]}}
         if len(pending) + len(bad) >= SHARD_ENTRIES:
             store.write(pending, bad)
             pending, bad = {}, {}
@@ -188,9 +204,7 @@ def build_cache(cfg: DictConfig, datamodule, mode: str = "auto", backbone=None) 
         del llm
     if missing["latents"] or missing["clip"]:
         backbone = backbone if backbone is not None else instantiate(cfg.backbone)
-        fill_text(
-            cache.clip, missing["clip"], lambda ps: (backbone.encode_prompt(ps), None), batch_size, backbone.dtype, "CLIP states"
-        )
+        fill_text(cache.clip, missing["clip"], clip_encoder(backbone, cache.clip), batch_size, backbone.dtype, "CLIP states")
         fill_latents(cache.latents, missing["latents"], datamodule, backbone, batch_size, datamodule.report)
         bad = {row.where: cache.latents.bad[key] for key, row, _ in missing["latents"] if key in cache.latents.bad}
         datamodule.skip_rows(bad)

@@ -3,8 +3,10 @@
 Three kinds of entries, each in its own ``FeatureStore``:
 
     latents   per image and crop/flip variant: VAE posterior ``mean``, ``logvar``  [4, R/f, R/f]
-              (training still samples mean + std·ε, so caching changes nothing but speed)
+              (training still samples mean + std·ε, so caching changes nothing but speed);
+              for SDXL also the image's ``original_size`` and ``crop_top_left``     [2]
     clip      per prompt (simple and complex): CLIP text-encoder ``states``         [77, d]
+              (SDXL: both encoders' states [77, d1+d2] and the ``pooled`` embedding [P])
     llm       per simple prompt: LLM ``states``, pooled [D] or the real tokens'      [T, D]
 
 With name dropout (``llm.rag.name_dropout`` > 0) each training row's simple prompt has K renamed
@@ -34,7 +36,7 @@ import uuid
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from sur_lightning.data.datasets import CacheMissError, content_hash
@@ -190,6 +192,9 @@ class FeatureCache:
     def from_config(cls, cfg: DictConfig) -> FeatureCache:
         root = cfg.data.cache_dir
         data = cfg.data
+        # SDXL's UNet also reads a pooled embedding and each image's size and crop: its stores hold them too.
+        sdxl = bool(getattr(get_class(cfg.backbone._target_), "micro_conditioning", False))
+        geometry = ("original_size", "crop_top_left") if sdxl else ()
         latents = FeatureStore(
             root,
             "latents",
@@ -199,9 +204,12 @@ class FeatureCache:
                 "crop": "center",
                 "max_image_pixels": data.get("max_image_pixels"),
             },
-            ("mean", "logvar"),
+            ("mean", "logvar", *geometry),
         )
-        clip = FeatureStore(root, "clip", {"text_encoder": backbone_fingerprint(cfg.backbone, ("text_encoder", "tokenizer"))}, ("states",))
+        text_parts = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2") if sdxl else ("text_encoder", "tokenizer")
+        clip = FeatureStore(
+            root, "clip", {"text_encoder": backbone_fingerprint(cfg.backbone, text_parts)}, ("states", "pooled") if sdxl else ("states",)
+        )
         llm = FeatureStore(root, "llm", llm_fingerprint(cfg.llm), llm_entry_names(cfg.llm)) if cfg.get("llm") else None
         return cls(latents, clip, llm)
 
@@ -216,19 +224,27 @@ class FeatureCache:
         return int(entry["states"].shape[-1])
 
     def clip_states(self, prompts: list[str], device: torch.device | str = "cpu") -> torch.Tensor:
-        return torch.stack([self.lookup(self.clip, p)["states"] for p in prompts]).float().to(device)
+        return self.clip_features(prompts, device).clip
+
+    def clip_features(self, prompts: list[str], device: torch.device | str = "cpu") -> TextFeatures:
+        """TextFeatures(clip [B,77,d], pooled [B,P] for SDXL stores, else None)."""
+        entries = [self.lookup(self.clip, p) for p in prompts]
+        clip = torch.stack([e["states"] for e in entries]).float().to(device)
+        pooled = torch.stack([e["pooled"] for e in entries]).float().to(device) if "pooled" in self.clip.names else None
+        return TextFeatures(clip=clip, pooled=pooled)
 
     def text_features(self, prompts: list[str], device: torch.device | str = "cpu") -> TextFeatures:
-        clip = self.clip_states(prompts, device)
+        features = self.clip_features(prompts, device)
+        clip, pooled = features.clip, features.pooled
         if self.llm is None:
-            return TextFeatures(clip=clip)
+            return features
         if self.llm.names != ("states",):
             entries = [self.lookup(self.llm, p) for p in prompts]
             teachers = {name: torch.stack([e[name] for e in entries]).float().to(device) for name in self.llm.names}
-            return TextFeatures(clip=clip, llm=teachers)
+            return TextFeatures(clip=clip, llm=teachers, pooled=pooled)
         states = [self.lookup(self.llm, p)["states"].float() for p in prompts]
         if states[0].dim() == 1:
-            return TextFeatures(clip=clip, llm=torch.stack(states).to(device))
+            return TextFeatures(clip=clip, llm=torch.stack(states).to(device), pooled=pooled)
         # Token states: the real tokens were stored; pad with zeros and mark them in the mask.
         length = max(s.shape[0] for s in states)
         padded = torch.zeros(len(states), length, states[0].shape[-1])
@@ -236,7 +252,7 @@ class FeatureCache:
         for i, s in enumerate(states):
             padded[i, : s.shape[0]] = s
             mask[i, : s.shape[0]] = True
-        return TextFeatures(clip=clip, llm=padded.to(device), llm_mask=mask.to(device))
+        return TextFeatures(clip=clip, llm=padded.to(device), llm_mask=mask.to(device), pooled=pooled)
 
     @staticmethod
     def lookup(store: FeatureStore, prompt: str) -> dict[str, torch.Tensor]:

@@ -2,7 +2,7 @@
 
 batch → frozen encoders (VAE latent, CLIP(simple), CLIP(complex), LLM(simple))
       → connector → conditioning
-      → noise + timestep → frozen UNet → denoising loss
+      → noise + timestep → frozen UNet (SDXL: + pooled embedding and size/crop time ids) → denoising loss
       → + λ_prompt · align(conditioning, CLIP(complex) and/or CLIP(LLM rewrite)) + λ_llm · align(encoder output, W0·h_LLM)
       → + λ_teacher · MSE(UNet prediction, the frozen UNet's prediction under CLIP(complex))   (optional)
 Only the connector's parameters (SUR: adapter, η net, W0) are trained.
@@ -56,6 +56,9 @@ def blank(prompts: Sequence[str], dropped: Sequence[bool]) -> list[str]:
 class ConnectorTrainingModule(L.LightningModule):
     """Trains a connector between frozen text encoders and a frozen Stable Diffusion UNet.
 
+    backbone: ``StableDiffusionBackbone`` (SD1.x/2.x) or ``StableDiffusionXLBackbone`` (SDXL: the connector also
+    gets ``pooled_dim``, and the UNet the pooled embedding and each image's size/crop time ids).
+
     connector: an ``nn.Module`` or a partial that takes ``dim`` (the UNet's cross-attention width)
     and ``llm_dim`` (the LLM's hidden width), filled in here from the loaded models.
     seed: keys each training sample's random draws with ``sample_generators`` (with the epoch, the
@@ -89,7 +92,10 @@ class ConnectorTrainingModule(L.LightningModule):
         self.llm = llm
         if not isinstance(connector, nn.Module):
             # With a complete feature cache there is no LLM: its width comes from the cached states.
-            connector = connector(dim=backbone.cross_attention_dim, llm_dim=llm.hidden_size if llm else llm_dim)
+            widths = {"dim": backbone.cross_attention_dim, "llm_dim": llm.hidden_size if llm else llm_dim}
+            if backbone.pooled_dim is not None:  # SDXL: the width of the UNet's pooled text embedding
+                widths["pooled_dim"] = backbone.pooled_dim
+            connector = connector(**widths)
         # Cached CLIP/LLM states by prompt (sur_lightning/training/feature_store.py); None encodes every step.
         self.feature_cache = feature_cache
         self.connector = connector
@@ -143,23 +149,29 @@ class ConnectorTrainingModule(L.LightningModule):
     # ---------------------------------------------------------------- frozen encoders
 
     def text_features(self, prompts: list[str]) -> TextFeatures:
-        """CLIP states of the prompts [B,77,d] and, when an LLM is configured, its features [B,D] or [B,T,D].
+        """CLIP states of the prompts [B,77,d] (SDXL: and the pooled embedding [B,P]) and, when an LLM is
+        configured, its features [B,D] or [B,T,D].
 
         Read from the feature cache when there is one (then no text encoder or LLM runs).
         """
         if self.feature_cache is not None:
             return self.feature_cache.text_features(prompts, device=self.device)
-        clip = self.backbone.encode_prompt(prompts)
+        clip, pooled = self.backbone.encode_text(prompts)
         if self.llm is None:
-            return TextFeatures(clip=clip)
+            return TextFeatures(clip=clip, pooled=pooled)
         llm_states, llm_mask = self.llm(prompts)
-        return TextFeatures(clip=clip, llm=llm_states, llm_mask=llm_mask)
+        return TextFeatures(clip=clip, llm=llm_states, llm_mask=llm_mask, pooled=pooled)
+
+    def clip_features(self, prompts: list[str]) -> TextFeatures:
+        """CLIP states [B,77,d] of the prompts and, for SDXL, their pooled embedding [B,P]; from the cache when there is one."""
+        if self.feature_cache is not None:
+            return self.feature_cache.clip_features(prompts, device=self.device)
+        clip, pooled = self.backbone.encode_text(prompts)
+        return TextFeatures(clip=clip, pooled=pooled)
 
     def clip_states(self, prompts: list[str]) -> torch.Tensor:
         """CLIP states [B,77,d] of the prompts, from the feature cache when there is one."""
-        if self.feature_cache is not None:
-            return self.feature_cache.clip_states(prompts, device=self.device)
-        return self.backbone.encode_prompt(prompts)
+        return self.clip_features(prompts).clip
 
     def latents(self, batch: dict, generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
         """Scaled VAE latents [B,4,h,w] sampled from the encoder's distribution: computed from
@@ -213,8 +225,10 @@ class ConnectorTrainingModule(L.LightningModule):
         out = self.connector(features, timesteps)
         conditioning = out.conditioning if self.denoise_grad_to_connector else out.conditioning.detach()
 
-        # 4. Frozen UNet → denoising loss.
-        prediction = self.backbone.predict(noisy_latents, timesteps, conditioning)
+        # 4. Frozen UNet → denoising loss. SDXL also reads the pooled embedding and each image's size and crop.
+        time_ids = self.backbone.batch_time_ids(batch, latents)
+        pooled = out.pooled if out.pooled is None or self.denoise_grad_to_connector else out.pooled.detach()
+        prediction = self.backbone.predict(noisy_latents, timesteps, conditioning, pooled, time_ids)
         target = self.denoising_loss.target(scheduler, latents, noise, timesteps)
         losses = {"denoising": self.denoising_loss(prediction, target, timesteps, scheduler)}
         loss = losses["denoising"]
@@ -222,7 +236,7 @@ class ConnectorTrainingModule(L.LightningModule):
         # 5. Alignment to CLIP(complex prompt) and/or CLIP(the LLM's rewrite), and distillation of the LLM
         #    state through W0.
         if self.prompt_loss is not None:
-            losses.update(self.prompt_alignment(out.conditioning, batch, dropped))
+            losses.update(self.prompt_alignment(out, batch, dropped))
             loss = loss + self.prompt_loss.weight * losses["prompt"]
         if self.llm_loss is not None:
             losses.update(self.llm_distillation(out.internals["encoder"], out.internals["llm_projected"]))
@@ -231,7 +245,8 @@ class ConnectorTrainingModule(L.LightningModule):
         # 6. Alignment in the UNet's output space: the same x_t and t under CLIP(complex prompt) is the teacher.
         if self.teacher_prediction_loss is not None:
             with torch.no_grad():
-                teacher = self.backbone.predict(noisy_latents, timesteps, self.clip_states(batch["complex_prompt"]))
+                complex_ = self.clip_features(batch["complex_prompt"])
+                teacher = self.backbone.predict(noisy_latents, timesteps, complex_.clip, complex_.pooled, time_ids)
             losses["teacher_prediction"] = self.teacher_prediction_loss(prediction, teacher, timesteps, scheduler)
             loss = loss + self.teacher_prediction_loss.weight * losses["teacher_prediction"]
 
@@ -241,9 +256,10 @@ class ConnectorTrainingModule(L.LightningModule):
         self.log_training(loss, losses, out, batch_size=latents.shape[0])
         return loss
 
-    def prompt_alignment(self, conditioning: torch.Tensor, batch: dict, dropped: list[bool]) -> dict[str, torch.Tensor]:
+    def prompt_alignment(self, out: ConnectorOutput, batch: dict, dropped: list[bool]) -> dict[str, torch.Tensor]:
         """{"prompt": the term that enters the loss} plus, for ``both``, its two halves for logging.
-        A dropped caption (``dropped[i]``) is aligned to CLIP("")."""
+        A dropped caption (``dropped[i]``) is aligned to CLIP(""). On SDXL a connector that changes the pooled
+        embedding (``adapts_pooled``) has it aligned to the target's pooled embedding too, in the same term."""
         if self.align_target != "complex" and "rewrite_prompt" not in batch:
             raise KeyError(
                 f"loss.align_target={self.align_target} needs the LLM's rewrites in the batch (rewrite_prompt): "
@@ -251,12 +267,20 @@ class ConnectorTrainingModule(L.LightningModule):
             )
         terms = {}
         if self.align_target in ("complex", "both"):
-            terms["prompt_complex"] = self.prompt_loss(conditioning, self.clip_states(blank(batch["complex_prompt"], dropped)))
+            terms["prompt_complex"] = self.align(out, self.clip_features(blank(batch["complex_prompt"], dropped)))
         if self.align_target in ("rewrite", "both"):
-            terms["prompt_rewrite"] = self.prompt_loss(conditioning, self.clip_states(blank(batch["rewrite_prompt"], dropped)))
+            terms["prompt_rewrite"] = self.align(out, self.clip_features(blank(batch["rewrite_prompt"], dropped)))
         if len(terms) == 1:
             return {"prompt": next(iter(terms.values()))}
         return {"prompt": (terms["prompt_complex"] + terms["prompt_rewrite"]) / 2, **terms}
+
+    def align(self, out: ConnectorOutput, target: TextFeatures) -> torch.Tensor:
+        """The prompt loss between the connector's output and the target prompt's CLIP features: the tokens, plus
+        the pooled embedding (as one more token) when the connector changes it."""
+        loss = self.prompt_loss(out.conditioning, target.clip)
+        if getattr(self.connector, "adapts_pooled", False) and out.pooled is not None:
+            loss = loss + self.prompt_loss(out.pooled[:, None], target.pooled[:, None])
+        return loss
 
     def llm_distillation(self, encoded: torch.Tensor, projected) -> dict[str, torch.Tensor]:
         """{"llm": the term that enters the loss}. With several teachers (``projected`` a dict, ``llm=multi``) it is
@@ -327,7 +351,8 @@ class ConnectorTrainingModule(L.LightningModule):
         )
         noisy_latents = scheduler.add_noise(latents, noise, timesteps)
         out = self.condition(batch["simple_prompt"], timesteps)
-        prediction = self.backbone.predict(noisy_latents, timesteps, out.conditioning)
+        time_ids = self.backbone.batch_time_ids(batch, latents)
+        prediction = self.backbone.predict(noisy_latents, timesteps, out.conditioning, out.pooled, time_ids)
         target = self.denoising_loss.target(scheduler, latents, noise, timesteps)
         loss = self.denoising_loss(prediction, target, timesteps, scheduler)
         self.log("val/denoising", loss, prog_bar=True, batch_size=latents.shape[0], sync_dist=True)

@@ -27,11 +27,14 @@ class TextFeatures:
     llm:         [B, D] pooled LLM state, or [B, T, D] token states (ELLA), or {teacher: [B, D_teacher]}
                  (``llm=multi``), or None.
     llm_mask:    [B, T] bool, True on real tokens (None when ``llm`` is pooled).
+    pooled:      [B, P] SDXL's pooled text embedding of the prompt (the second CLIP encoder's ``text_embeds``),
+                 None for SD1.x/2.x backbones.
     """
 
     clip: torch.Tensor | None = None
     llm: torch.Tensor | None = None
     llm_mask: torch.Tensor | None = None
+    pooled: torch.Tensor | None = None
 
 
 @dataclass
@@ -42,11 +45,14 @@ class ConnectorOutput:
     eta:          [B] the mixing weight used per prompt (SUR), else None.
     internals:    named intermediate tensors the auxiliary losses read
                   (SUR: ``encoder`` [B,77,d] transformer-encoder output, ``llm_projected`` [B,d]).
+    pooled:       [B, P] the SDXL UNet's ``added_cond_kwargs["text_embeds"]`` (None for SD1.x/2.x).
     """
 
     conditioning: torch.Tensor
+    pooled: torch.Tensor | None = None
     eta: torch.Tensor | None = None
     internals: dict[str, torch.Tensor] = field(default_factory=dict)
+
 
 
 def save_connector(connector: torch.nn.Module, path: str | Path) -> tuple[Path, Path]:

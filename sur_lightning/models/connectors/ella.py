@@ -13,6 +13,12 @@ Data flow (B batch, T tokens, N latents, W = ``dim`` the UNet's cross-attention 
                 latents += c_proj(relu(c_fc(ln_ff(latents)))**2)           (W -> 4W -> W)
     conditioning = latents                                                   [B, N, W] (no proj_out)
 
+On SDXL the UNet also reads a pooled embedding [B, P] (``pooled_dim``); the ELLA authors released no SDXL
+model, so the two choices in use are offered: ``pooled="clip"`` passes the second CLIP encoder's pooled output
+of the prompt through (``features.pooled``; the default: it is what SDXL's UNet was trained on, and the TSC
+then has only the tokens to learn), ``pooled="learned"`` computes it from the TSC alone,
+LayerNorm → Linear(W → P) of the mean output latent (no CLIP at inference).
+
 Every ``ln_*`` is an AdaLN: LayerNorm(no affine, eps 1e-6)(h) * (1 + scale) + shift, with
 [shift, scale] = Linear(SiLU(t_emb)) initialised to zero, so at initialisation it is a plain LayerNorm.
 """
@@ -114,8 +120,12 @@ class TimestepAwareSemanticConnector(nn.Module):
         time_channels: int = 320,
         time_embed_dim: int = 768,
         use_key_padding_mask: bool = True,
+        pooled_dim: int | None = None,
+        pooled: str = "clip",
     ) -> None:
         super().__init__()
+        if pooled not in ("clip", "learned"):
+            raise ValueError(f"connector.pooled must be 'clip' or 'learned' for ELLA, got {pooled!r}")
         if dim % num_heads:
             raise ValueError(f"connector.num_heads={num_heads} must divide the width dim={dim}")
         if llm_dim is None:
@@ -130,6 +140,8 @@ class TimestepAwareSemanticConnector(nn.Module):
             "time_channels": time_channels,
             "time_embed_dim": time_embed_dim,
             "use_key_padding_mask": use_key_padding_mask,
+            "pooled_dim": pooled_dim,
+            "pooled": pooled,
         }
         self.use_key_padding_mask = use_key_padding_mask
         self.time_proj = Timesteps(time_channels, flip_sin_to_cos=True, downscale_freq_shift=0)
@@ -138,6 +150,13 @@ class TimestepAwareSemanticConnector(nn.Module):
         self.time_aware_linear = nn.Linear(time_embed_dim, dim)
         self.proj_in = nn.Linear(llm_dim, dim)
         self.blocks = nn.ModuleList(PerceiverAttentionBlock(dim, num_heads, time_embed_dim) for _ in range(num_blocks))
+        self.pooled_head = None
+        if pooled_dim is not None and pooled == "learned":
+            self.pooled_head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, pooled_dim))
+
+    @property
+    def adapts_pooled(self) -> bool:
+        return self.pooled_head is not None
 
     def forward(self, features: TextFeatures, timesteps: torch.Tensor) -> ConnectorOutput:
         if features.llm is None or features.llm.dim() != 3:
@@ -158,7 +177,8 @@ class TimestepAwareSemanticConnector(nn.Module):
             pad = torch.cat([latents_pad, ~features.llm_mask.bool()], dim=1)
         for block in self.blocks:
             latents = block(x, latents, t_emb, pad)
-        return ConnectorOutput(conditioning=latents)
+        pooled = self.pooled_head(latents.mean(dim=1)) if self.pooled_head is not None else features.pooled
+        return ConnectorOutput(conditioning=latents, pooled=pooled)
 
 
 # Official key prefix -> ours, tried in order (first match wins). Everything after the prefix is identical:

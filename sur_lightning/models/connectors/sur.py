@@ -9,6 +9,14 @@ Large Language Models", arXiv 2305.05189), as in the authors' released module, w
     W0·h_LLM                                       [B, d]       the LLM state projected for distillation
                                                                 (llm=multi: one W0 per teacher)
 
+On SDXL (``pooled_dim`` set, ``features.pooled`` [B, P] the second CLIP encoder's pooled output):
+    pooled' = pooled + η · g(mean_tokens(o))     [B, P]       g's weight and bias start at zero  (pooled="adapted")
+    pooled' = pooled                                                                      (pooled="clip")
+SDXL adds the pooled vector to the timestep embedding of every ResNet block, so with pooled="clip" the
+simple prompt's global meaning would keep steering every block while only the tokens learn the narrative;
+"adapted" starts exactly at CLIP's (g is zero) and the prompt loss aligns it to the complex prompt's pooled
+output, as it aligns the tokens: the default.
+
 ``batch_first=False`` reproduces the released code, whose encoder attends over the batch axis.
 ``train_llm_projection=False`` reproduces its frozen random W0.
 """
@@ -26,8 +34,9 @@ from sur_lightning.models.connectors import ConnectorOutput, TextFeatures
 
 
 class SURAdapter(nn.Module):
-    """forward(TextFeatures(clip [B,77,d], llm [B,D] pooled), timesteps ignored) -> ConnectorOutput:
-    conditioning [B,77,d], eta [B], internals {"encoder": [B,77,d], "llm_projected": [B,d] (when llm given)}.
+    """forward(TextFeatures(clip [B,77,d], llm [B,D] pooled, pooled [B,P] on SDXL), timesteps ignored) -> ConnectorOutput:
+    conditioning [B,77,d], eta [B], internals {"encoder": [B,77,d], "llm_projected": [B,d] (when llm given)},
+    pooled [B,P] on SDXL (see the module docstring; ``adapts_pooled`` says whether the prompt loss covers it).
 
     ``llm_dim`` a dict {teacher: width} (``llm=multi``): one W0 per teacher, ``features.llm`` and
     ``llm_projected`` are then dicts {teacher: [B, ·]}.
@@ -50,8 +59,12 @@ class SURAdapter(nn.Module):
         batch_first: bool = True,
         zero_init_output: bool = True,
         train_llm_projection: bool = True,
+        pooled_dim: int | None = None,
+        pooled: str = "adapted",
     ) -> None:
         super().__init__()
+        if pooled not in ("adapted", "clip"):
+            raise ValueError(f"connector.pooled must be 'adapted' or 'clip' for SUR, got {pooled!r}")
         if dim % num_heads:
             raise ValueError(f"connector.num_heads={num_heads} must divide the CLIP width {dim}")
         self.dim = dim
@@ -75,6 +88,12 @@ class SURAdapter(nn.Module):
         else:
             self.llm_projection = nn.Linear(llm_dim, dim)
         self.llm_projection.requires_grad_(train_llm_projection)
+        # SDXL only: a correction to CLIP's pooled embedding, zero at the start.
+        self.pooled_head = None
+        if pooled_dim is not None and pooled == "adapted":
+            self.pooled_head = nn.Linear(dim, pooled_dim)
+            nn.init.zeros_(self.pooled_head.weight)
+            nn.init.zeros_(self.pooled_head.bias)
         self.config = {
             "_target_": f"{__name__}.SURAdapter",
             "dim": dim,
@@ -87,7 +106,13 @@ class SURAdapter(nn.Module):
             "batch_first": batch_first,
             "zero_init_output": zero_init_output,
             "train_llm_projection": train_llm_projection,
+            "pooled_dim": pooled_dim,
+            "pooled": pooled,
         }
+
+    @property
+    def adapts_pooled(self) -> bool:
+        return self.pooled_head is not None
 
     def forward(self, features: TextFeatures, timesteps: torch.Tensor | None = None) -> ConnectorOutput:
         clip = features.clip
@@ -97,12 +122,15 @@ class SURAdapter(nn.Module):
         out = self.mlp(weighted) + weighted
         eta = self.eta(clip.mean(dim=1))
         conditioning = eta[:, None, None] * self.fc(out) + (1.0 - eta[:, None, None]) * clip
+        pooled = features.pooled
+        if pooled is not None and self.pooled_head is not None:
+            pooled = pooled + eta[:, None] * self.pooled_head(out.mean(dim=1))
         internals = {"encoder": encoded}
         if isinstance(features.llm, dict):
             internals["llm_projected"] = {name: self.llm_projection[name](h) for name, h in features.llm.items()}
         elif features.llm is not None:
             internals["llm_projected"] = self.llm_projection(features.llm)
-        return ConnectorOutput(conditioning=conditioning, eta=eta, internals=internals)
+        return ConnectorOutput(conditioning=conditioning, eta=eta, internals=internals, pooled=pooled)
 
 
 # The authors' adapter_checkpoint*.pt names -> ours. Our encoder is the same nn.TransformerEncoder, so
