@@ -6,6 +6,13 @@ library; none imports another, and no library module imports one (tests/test_lay
 
 The library, imported downward only: ``training`` → ``evaluation`` → ``generation`` → ``models``, ``data``,
 ``knowledge`` (and ``config``, the run's configuration, beside them); ``toyworld`` is the offline proving ground.
+
+The public API for generating with a trained connector in a stock diffusers pipeline (README "Use a trained
+connector in diffusers")::
+
+    connector = sur_lightning.load_connector("outputs/demo/runs/<time>/adapter")   # folder or adapter.safetensors
+    with sur_lightning.attach(pipe, connector):
+        images = pipe(prompt).images
 """
 
 __version__ = "0.1.0"
@@ -14,3 +21,16 @@ from sur_lightning.config import register_resolvers as _register_resolvers
 
 # Config interpolations (${llm_pooling:...}, ${wandb_run_name:...}): registered before any config is composed.
 _register_resolvers()
+
+
+# Imported on first use, so `import sur_lightning` stays light (no torch, diffusers) for the entry points.
+_API = {"load_connector": "sur_lightning.models.connectors", "attach": "sur_lightning.generation.attach"}
+__all__ = ["attach", "load_connector"]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        import importlib
+
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'sur_lightning' has no attribute {name!r}")

@@ -46,6 +46,12 @@ def _hydra():
     return HydraConfig.get() if HydraConfig.initialized() else None
 
 
+def command_line_overrides() -> list[str]:
+    """The job's overrides as typed (``backbone=sd15``, ``adapters=[...]``); empty outside a Hydra main."""
+    hydra_config = _hydra()
+    return list(hydra_config.overrides.task) if hydra_config is not None else []
+
+
 def wandb_run_name(task_name: str) -> str:
     """The task name plus the job's overrides (``demo connector=ella,loss=kl``); the task name alone outside Hydra."""
     hydra = _hydra()

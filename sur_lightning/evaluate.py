@@ -21,19 +21,23 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from sur_lightning.config import CONFIG_DIR, check_config, use_wandb_offline_without_key
+from sur_lightning.config import CONFIG_DIR, check_config, command_line_overrides, use_wandb_offline_without_key
 from sur_lightning.evaluation.evaluator import evaluator_from_config, score_columns
 from sur_lightning.evaluation.report import log_report, markdown_table, toyworld_table, write_report
-from sur_lightning.generation.columns import prepare
+from sur_lightning.generation.columns import prepare, use_recorded
 from sur_lightning.generation.grids import write_grids
 from sur_lightning.generation.manifest import read_manifest, write_manifest
 from sur_lightning.generation.pipeline import render_columns, sampler_kwargs
 
 
-def evaluate(cfg: DictConfig) -> dict:
-    """Load the metrics, generate (or read) the images, score every column, write the report. Returns it."""
+def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
+    """Load the metrics, generate (or read) the images, score every column, write the report. Returns it.
+    The backbone and LLM: the adapters' own unless ``overrides`` (default: the command line) choose them."""
     from hydra.utils import instantiate
 
+    overrides = command_line_overrides() if overrides is None else overrides
+    for note in [] if cfg.get("images_dir") else use_recorded(cfg, overrides):
+        print(note, flush=True)
     resolved = check_config(cfg)
     use_wandb_offline_without_key()
     torch.manual_seed(cfg.seed)
@@ -70,20 +74,22 @@ def evaluate(cfg: DictConfig) -> dict:
 
 
 def latest_adapter(log_dir: Path, experiment: str) -> Path:
-    """The newest ``adapter.safetensors`` of a training preset's runs and multirun jobs under ``log_dir``."""
+    """The newest adapter of a training preset's runs and multirun jobs under ``log_dir``: its ``adapter/`` folder,
+    or for a run older than the folder format its ``adapter.safetensors``."""
     adapters = sorted((log_dir / experiment).glob("*runs/**/adapter.safetensors"), key=lambda p: p.stat().st_mtime)
     if not adapters:
         raise SystemExit(
             f"evaluate +experiment={experiment}: no trained adapter under {log_dir / experiment}. Train one "
             f"(python -m sur_lightning.train +experiment={experiment}) or pass adapters=[path/to/adapter.safetensors]"
         )
-    return adapters[-1]
+    folder = adapters[-1].with_suffix("")  # AdapterExport's adapter/ folder, with what it was trained for
+    return folder if (folder / "config.json").exists() else adapters[-1]
 
 
 def preset_overrides(args: list[str], log_dir: Path) -> list[str]:
     """``+experiment=NAME`` names a training preset, which is not an evaluate config: it becomes the
-    overrides that evaluate NAME's latest adapter with the backbone and LLM it was trained with (and the
-    toy-world suite for a toy-world run). The user's other overrides come after, so they still win."""
+    overrides that evaluate NAME's latest adapter (with the backbone and LLM it recorded, and the toy-world
+    suite for a toy-world run unless the user adds it). The user's other overrides come after, so they still win."""
     presets = [a.partition("=")[2] for a in args if a.partition("=")[0].lstrip("+~") == "experiment"]
     rest = [a for a in args if a.partition("=")[0].lstrip("+~") != "experiment"]
     if not presets:
@@ -95,9 +101,11 @@ def preset_overrides(args: list[str], log_dir: Path) -> list[str]:
     adapter = latest_adapter(log_dir, presets[0])
     hydra_file = adapter.parent / ".hydra" / "hydra.yaml"
     choices = yaml.safe_load(hydra_file.read_text())["hydra"]["runtime"]["choices"] if hydra_file.exists() else {}
+    # The backbone and LLM come from what the adapter recorded (generation.columns.use_recorded).
     overrides = [f"adapters=['{adapter}']"]
-    overrides += [f"{group}={choices[group]}" for group in ("backbone", "llm") if choices.get(group)]
-    if choices.get("data") == "toyworld":
+    # `+suite=toyworld` typed as well (as the README's toy-world commands have it) must not add the suite twice.
+    user_suite = any(a.partition("=")[0].lstrip("+~") == "suite" for a in rest)
+    if choices.get("data") == "toyworld" and not user_suite:
         overrides.append("+suite=toyworld")
     print(f"evaluate +experiment={presets[0]}: {' '.join(overrides)}", flush=True)
     return overrides + rest

@@ -18,19 +18,25 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from sur_lightning.config import CONFIG_DIR, check_config
-from sur_lightning.generation.columns import prepare
+from sur_lightning.config import CONFIG_DIR, check_config, command_line_overrides
+from sur_lightning.generation.columns import prepare, use_recorded
 from sur_lightning.generation.grids import write_grids
 from sur_lightning.generation.manifest import write_manifest
 from sur_lightning.generation.pipeline import render_columns, sampler_kwargs
 
 
-def generate(cfg) -> dict:
+def generate(cfg, overrides: list[str] | None = None) -> dict:
     """Render ``cfg.prompts`` × ``cfg.seeds`` through the base model and every adapter; write images, grid,
-    η strips and ``manifest.json`` into ``cfg.paths.output_dir``. Returns the written paths."""
-    resolved = check_config(cfg)
+    η strips and ``manifest.json`` into ``cfg.paths.output_dir``. Returns the written paths.
+
+    The backbone and LLM are the ones the adapters were trained with, unless ``overrides`` (default: the command
+    line) choose them (``generation.columns.use_recorded``)."""
+    overrides = command_line_overrides() if overrides is None else overrides
     torch.manual_seed(cfg.seed)
     out_dir = Path(cfg.paths.output_dir)
+    for note in use_recorded(cfg, overrides):
+        print(note, flush=True)
+    resolved = check_config(cfg)
     backbone, prompts, columns = prepare(cfg)
     kwargs = sampler_kwargs(cfg.sampler)
     rendered = render_columns(

@@ -77,7 +77,9 @@ def report_outputs(cfg, trainer, callbacks, loggers, metrics: dict[str, float]) 
         lines.append(f"data:       {output_dir / 'data_report.json'} (skipped, repaired and truncated rows)")
     for callback in callbacks:
         name = type(callback).__name__
-        if name == "AdapterExport" and callback.last_path:
+        if name == "AdapterExport" and callback.last_folder:
+            lines.append(f"adapter:    {callback.last_folder} (config.json + model.safetensors; sur_lightning.load_connector)")
+        elif name == "AdapterExport" and callback.last_path:
             lines.append(f"adapter:    {callback.last_path} (+ {callback.last_path.with_suffix('.json').name})")
         elif name == "SampleGrid" and callback.last_path:
             lines.append(f"samples:    {callback.last_path}")

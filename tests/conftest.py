@@ -30,6 +30,13 @@ def tiny_sd(cache_dir) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl(cache_dir) -> str:
+    from sur_lightning.models.sdxl import build_tiny_sdxl
+
+    return build_tiny_sdxl(cache_dir / "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
 def tiny_llm(cache_dir) -> str:
     from sur_lightning.models.llm import build_tiny_causal_lm
 

@@ -202,13 +202,15 @@ def test_evaluation_callback_logs_metrics_during_training(compose, monkeypatch):
     assert "eval/adapter/kid_mean" in json.loads((output / "metrics.json").read_text())
 
 
-def fake_run(log_dir: Path, task: str, stamp: str, connector: torch.nn.Module, choices: dict) -> Path:
-    """A training run folder as train.py leaves it: adapter files and Hydra's .hydra/{config,hydra}.yaml."""
+def fake_run(log_dir: Path, task: str, stamp: str, connector: torch.nn.Module, choices: dict,
+             components: dict | None = None) -> Path:
+    """A training run folder as train.py leaves it: adapter files and Hydra's .hydra/{config,hydra}.yaml
+    (``components``: the run config's backbone/llm nodes)."""
     import yaml
 
     run = log_dir / task / "runs" / stamp
     (run / ".hydra").mkdir(parents=True)
-    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"task_name": task}))
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"task_name": task, **(components or {})}))
     (run / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": {"choices": choices}}}))
     path, _ = save_connector(connector, run / "adapter.safetensors")
     return path
@@ -238,15 +240,23 @@ def test_evaluate_accepts_a_training_preset_and_picks_its_latest_adapter(tmp_pat
 
     sur = SURAdapter(dim=16, llm_dim=8, eta=FixedEta(0.1), num_heads=2, ff_dim=16)
     choices = {"backbone": "toy", "llm": "smollm2", "data": "toyworld", "connector": "sur"}
-    old = fake_run(tmp_path, "demo", "2026-11-24_00-10-04", sur, choices)
-    new = fake_run(tmp_path, "demo", "2026-11-25_09-00-00", sur, choices)
+    toy = {"backbone": {"_target_": "sur_lightning.models.backbone.StableDiffusionBackbone",
+                        "pretrained": {"_target_": "sur_lightning.toyworld.shipped_base", "folder": None}}}
+    old = fake_run(tmp_path, "demo", "2026-11-24_00-10-04", sur, choices, toy)
+    new = fake_run(tmp_path, "demo", "2026-11-25_09-00-00", sur, choices, toy)
     os.utime(old, (1, 1))
     args = preset_overrides(["+experiment=demo", "seeds=[0]"], tmp_path)
-    assert args == [f"adapters=['{new}']", "backbone=toy", "llm=smollm2", "+suite=toyworld", "seeds=[0]"]
+    assert args == [f"adapters=['{new}']", "+suite=toyworld", "seeds=[0]"]
+    # The README's toy-world commands add the suite themselves: it is not added twice.
+    assert preset_overrides(["+experiment=demo", "+suite=toyworld"], tmp_path) == [f"adapters=['{new}']", "+suite=toyworld"]
     # The overrides compose into a toy-world evaluation of that adapter.
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="evaluate", overrides=args)
     assert list(cfg.adapters) == [str(new)] and cfg.toyworld_suite.splits[0] == "adapter_train"
+    # ... with the backbone the run recorded.
+    from sur_lightning.generation.columns import use_recorded
+
+    assert use_recorded(cfg, args) == [f"backbone: shipped_base(folder=None) (recorded by {new}; set backbone=... to choose another)"]
     assert "toyworld" in str(cfg.backbone.pretrained._target_)
     with pytest.raises(SystemExit, match=r"no trained adapter under .*sur_paper.*adapters=\["):
         preset_overrides(["+experiment=sur_paper"], tmp_path)

@@ -14,13 +14,6 @@ from PIL import Image
 from sur_lightning.models.connectors import TextFeatures
 
 @pytest.fixture(scope="session")
-def tiny_sdxl(cache_dir) -> str:
-    from sur_lightning.models.sdxl import build_tiny_sdxl
-
-    return build_tiny_sdxl(cache_dir / "tiny-sdxl")
-
-
-@pytest.fixture(scope="session")
 def sdxl(tiny_sdxl):
     from sur_lightning.models.sdxl import StableDiffusionXLBackbone
 

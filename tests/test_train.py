@@ -47,6 +47,14 @@ def test_demo_writes_checkpoint_adapter_grid_metrics_and_offline_wandb(compose):
     from sur_lightning.models.connectors import load_connector
 
     assert load_connector(output / "adapter.safetensors").config["eta"]["_target_"].endswith("AdaptiveEta")
+    # The adapter/ folder records what the connector was trained for: the run's backbone and LLM, the cache.
+    folder = load_connector(output / "adapter")
+    assert folder.config == load_connector(output / "adapter.safetensors").config
+    trained = folder.trained_with
+    assert trained["backbone"]["config"]["_target_"] == cfg.backbone._target_
+    assert trained["backbone"]["id"].startswith("build_tiny_stable_diffusion(") and trained["backbone"]["cross_attention_dim"] == 32
+    assert trained["llm"]["id"].startswith("build_tiny_causal_lm(") and trained["llm"]["pooling"] == "mean"
+    assert trained["llm"]["layer"] == cfg.llm.layer and trained["llm"]["hidden_size"] == folder.config["llm_dim"]
 
 
 def test_hub_models_fail_at_once_naming_the_id_and_the_key(compose, tmp_path):

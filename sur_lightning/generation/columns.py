@@ -68,15 +68,16 @@ def adapter_entries(adapters) -> list[tuple[str, dict]]:
 ADAPTER_FORMATS = ("sur_lightning", "official")
 
 
-def load_adapter(path, file_format: str = "sur_lightning") -> nn.Module:
-    """A connector from a file this project wrote (``adapter.safetensors`` + config), or from the SUR
-    authors' ``adapter_checkpoint*.pt`` (``format: official``: their released module, η = 0.1)."""
+def load_adapter(path, file_format: str = "sur_lightning", dim: int | None = None) -> nn.Module:
+    """A connector this project wrote (an ``adapter/`` folder, or ``adapter.safetensors`` + config), or the SUR
+    authors' ``adapter_checkpoint*.pt`` (``format: official``: their released module, η = 0.1). ``dim``: the
+    UNet's cross-attention width; a connector trained for another fails naming both."""
     from sur_lightning.models.connectors import load_connector
     from sur_lightning.models.connectors.sur import official_adapter
 
     if file_format not in ADAPTER_FORMATS:
         raise ValueError(f"adapter {path}: format must be one of {ADAPTER_FORMATS}, got {file_format!r}")
-    return official_adapter(path) if file_format == "official" else load_connector(path)
+    return official_adapter(path) if file_format == "official" else load_connector(path, dim=dim)
 
 
 def build_columns(
@@ -98,7 +99,7 @@ def build_columns(
     loaded_llm = llm if isinstance(llm, nn.Module) or llm is None else None
     for name, spec in adapter_entries(adapters):
         path = spec["path"]
-        connector = load_adapter(path, spec.get("format", "sur_lightning")).to(backbone.device)
+        connector = load_adapter(path, spec.get("format", "sur_lightning"), backbone.cross_attention_dim).to(backbone.device)
         uses_llm = needs_llm(connector)
         if uses_llm and loaded_llm is None:
             if llm is None:
@@ -146,8 +147,56 @@ def check_conditioning(conditioning: ClipConditioning, backbone, path) -> None:
         )
 
 
+GROUPS = ("backbone", "llm")
+
+
+def chosen_groups(overrides: Sequence[str]) -> set[str]:
+    """Which of ``backbone`` / ``llm`` the command line chose as a group (``backbone=sd15``, ``llm=null``);
+    a dotted override (``backbone.dtype=bfloat16``) changes a node without choosing it."""
+    keys = {override.partition("=")[0].lstrip("+~") for override in overrides}
+    return {group for group in GROUPS if group in keys}
+
+
+def use_recorded(cfg, overrides: Sequence[str] = ()) -> list[str]:
+    """Give ``cfg`` the backbone and LLM its adapters were trained with (``connector_record``: an adapter folder's
+    ``trained_with``, or the run's ``.hydra/config.yaml`` beside an adapter file), except a group the command line
+    chose. Dotted overrides (``backbone.dtype=bfloat16``) still apply on top of the recorded node. Returns one line
+    per group taken from a record; adapters recorded with different components stop here, naming them."""
+    from omegaconf import OmegaConf, open_dict
+
+    from sur_lightning.models.connectors import connector_record
+
+    chosen = chosen_groups(overrides)
+    records = []
+    for _, spec in adapter_entries(cfg.get("adapters")):
+        if spec.get("format", "sur_lightning") == "sur_lightning" and Path(spec["path"]).exists():
+            records.append((spec["path"], connector_record(spec["path"]) or {}))
+    notes = []
+    for group in GROUPS:
+        if group in chosen:
+            continue
+        found = [(path, record[group]) for path, record in records if record.get(group)]
+        if not found:
+            continue
+        ids = {str(entry.get("id")) for _, entry in found}
+        if len(ids) > 1:
+            listed = ", ".join(f"{path}: {entry.get('id')}" for path, entry in found)
+            raise ValueError(f"the adapters were trained with different {group}s ({listed}): choose one with {group}=...")
+        path, entry = found[0]
+        node = OmegaConf.create(entry["config"])
+        for override in overrides:  # dotted overrides of this group, as the command line set them
+            key = override.partition("=")[0].lstrip("+~")
+            if key.startswith(group + "."):
+                OmegaConf.update(node, key[len(group) + 1 :], OmegaConf.select(cfg, key), force_add=True)
+        with open_dict(cfg):
+            cfg[group] = node
+        notes.append(f"{group}: {entry.get('id')} (recorded by {path}; set {group}=... to choose another)")
+    return notes
+
+
 def prepare(cfg):
-    """Backbone, prompts and columns from a generate/evaluate config (the LLM loads only when needed)."""
+    """Backbone, prompts and columns from a generate/evaluate config (the LLM loads only when needed); run
+    ``use_recorded`` first to build the backbone and LLM the adapters were trained with."""
     from hydra.utils import instantiate
 
     device = pick_device(cfg.device)

@@ -15,7 +15,14 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from sur_lightning.generation.grids import labelled_grid, save_grid
 from sur_lightning.generation.pipeline import render_base_and_adapter
-from sur_lightning.models.connectors import save_connector
+from sur_lightning.models.connectors import save_connector, save_pretrained, training_record
+
+
+def plain(node):
+    """A config node (DictConfig, as Hydra passes it with ``_recursive_: false``) as plain, resolved containers."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
 class EveryNSteps(L.Callback):
@@ -129,8 +136,17 @@ def averaged_weights(pl_module):
 
 
 class AdapterExport(EveryNSteps):
-    """Writes the connector alone (``adapter.safetensors`` + ``adapter.json``) at the end of training, and
-    every ``every_n_steps`` optimizer steps or at each of ``at_steps`` when set (``adapter-step{N}.safetensors``).
+    """Writes the connector alone at the end of training: the folder ``adapter/`` (``save_pretrained``:
+    ``config.json`` with what it was trained for, ``model.safetensors``), which ``sur_lightning.load_connector``
+    and ``generate``/``evaluate`` read, and the single file ``adapter.safetensors`` + ``adapter.json`` that the
+    learning curves and the benchmark read. Every ``every_n_steps`` optimizer steps or at each of ``at_steps``
+    when set it writes ``adapter-step{N}.safetensors`` (files only).
+
+    ``trained_with``: ``{"backbone": <node>, "llm": <node or None>}``, the run's backbone and LLM config nodes.
+    conf/callbacks/*.yaml fill it with ``${backbone}`` / ``${llm}`` and ``_recursive_: false``, so Hydra hands
+    the resolved nodes over instead of building them. That is explicit and works however the config was made
+    (``hydra.compose`` in tests writes no ``.hydra/config.yaml`` to read back). The widths and the feature
+    cache's fingerprints come from the trained module itself at export time.
 
     Each export appends ``{"step", "train_seconds", "file"}`` to ``exports.jsonl``: the learning curve's
     x-axes. ``train_seconds`` is wall time inside ``fit`` since the first step (feature-cache building and
@@ -138,14 +154,35 @@ class AdapterExport(EveryNSteps):
     """
 
     def __init__(
-        self, dirpath: str, filename: str = "adapter", every_n_steps: int | None = None, at_steps: list[int] | None = None
+        self,
+        dirpath: str,
+        filename: str = "adapter",
+        every_n_steps: int | None = None,
+        at_steps: list[int] | None = None,
+        trained_with: dict | None = None,
     ) -> None:
         super().__init__(every_n_steps, at_steps)
         self.dirpath = Path(dirpath)
         self.filename = filename
+        self.trained_with = plain(trained_with) or {}
         self.last_path: Path | None = None
+        self.last_folder: Path | None = None
         self.seconds_before = 0.0  # training seconds of the runs this one resumed
         self._started: float | None = None
+
+    def record(self, pl_module) -> dict:
+        """``training_record`` of this run: the config nodes given, the module's widths and cache fingerprints."""
+        backbone, llm, cache = pl_module.backbone, getattr(pl_module, "llm", None), getattr(pl_module, "feature_cache", None)
+        backbone_node = self.trained_with.get("backbone")
+        if backbone_node is None:  # built without a config (tests, scripts): at least name the model
+            backbone_node = {"_target_": f"{type(backbone).__module__}.{type(backbone).__name__}", "pretrained": getattr(backbone, "pretrained", None)}
+        llm_node = self.trained_with.get("llm")
+        llm_width = getattr(llm, "hidden_size", None) if llm is not None else (cache.llm_dim if cache is not None else None)
+        fingerprints = None
+        if cache is not None:
+            fingerprints = {"latents": cache.latents.fingerprint_hash, "clip": cache.clip.fingerprint_hash,
+                            "llm": cache.llm.fingerprint_hash if cache.llm is not None else None}
+        return training_record(backbone_node, llm_node, getattr(backbone, "cross_attention_dim", None), llm_width, fingerprints)
 
     def train_seconds(self) -> float:
         return self.seconds_before + (time.perf_counter() - self._started if self._started is not None else 0.0)
@@ -154,9 +191,11 @@ class AdapterExport(EveryNSteps):
         self._started = time.perf_counter()
 
     @rank_zero_only
-    def export(self, pl_module, name: str) -> Path:
+    def export(self, pl_module, name: str, folder: bool = False) -> Path:
         with averaged_weights(pl_module):
             path, _ = save_connector(pl_module.connector, self.dirpath / f"{name}.safetensors")
+            if folder:
+                self.last_folder = save_pretrained(pl_module.connector, self.dirpath / name, self.record(pl_module))
         self.last_path = path
         record = {"step": pl_module.global_step, "train_seconds": round(self.train_seconds(), 2), "file": path.name}
         with open(self.dirpath / "exports.jsonl", "a", encoding="utf-8") as log:
@@ -168,7 +207,7 @@ class AdapterExport(EveryNSteps):
             self.export(pl_module, f"{self.filename}-step{trainer.global_step}")
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self.export(pl_module, self.filename)
+        self.export(pl_module, self.filename, folder=True)
 
     def state_dict(self) -> dict:
         return {"train_seconds": self.train_seconds()}

@@ -5,8 +5,10 @@ Every connector has the same call, so the training step and generation treat the
     out = connector(features, timesteps)   # -> ConnectorOutput
     unet(noisy_latents, timesteps, encoder_hidden_states=out.conditioning)
 
-SUR ignores ``timesteps``; ELLA depends on them. ``save_connector`` / ``load_connector`` round-trip a connector
-with its constructor config; adapters written before the layout move load through ``MOVED_MODULES``.
+SUR ignores ``timesteps``; ELLA depends on them. ``save_pretrained`` writes a connector folder (``config.json``:
+its kind, constructor config and what it was trained for, ``trained_with``; ``model.safetensors``);
+``save_connector`` writes the older single file (``adapter.safetensors`` + ``.json``). ``load_connector`` reads
+either, and adapters written before the layout move load through ``MOVED_MODULES``.
 May import: ``models`` only (``eta``).
 """
 
@@ -74,12 +76,15 @@ def save_connector(connector: torch.nn.Module, path: str | Path) -> tuple[Path, 
 
 
 def connector_config(path: str | Path) -> dict:
-    """The constructor config of an adapter written by ``save_connector``: from its .json, else its header."""
+    """The constructor config of a connector: a folder's ``config.json`` (``save_pretrained``), or for an
+    adapter file written by ``save_connector`` its .json, else its safetensors header."""
     from safetensors import safe_open
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"adapter file not found: {path}")
+    if path.is_dir():
+        return read_folder_config(path)["connector"]
     config_path = path.with_suffix(".json")
     if config_path.exists():
         return json.loads(config_path.read_text())
@@ -166,13 +171,187 @@ def pre_layout_targets(config: dict) -> dict:
     return _map_targets(config, {new: old for old, new in MOVED_MODULES.items()})
 
 
-def load_connector(path: str | Path) -> torch.nn.Module:
-    """Rebuild a connector written by ``save_connector`` and load its weights strictly (eval mode).
-    An adapter written before the layout move (``sur_lightning.connectors.sur.SURAdapter``) loads too."""
+# ------------------------------------------------------------------------------------ connector folders
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+class ConnectorMismatchError(ValueError):
+    """A connector loaded for a pipeline or LLM of another width; the message names both widths."""
+
+
+class ConnectorFiles:
+    """``save_pretrained`` / ``from_pretrained`` on every connector class, as diffusers' models have them::
+
+        connector.save_pretrained("my-connector", trained_with=record)   # config.json + model.safetensors
+        SURAdapter.from_pretrained("my-connector", dim=768)               # checks widths, loads strictly
+    """
+
+    def save_pretrained(self, folder: str | Path, trained_with: dict | None = None) -> Path:
+        return save_pretrained(self, folder, trained_with)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, dim: int | None = None, llm_dim: int | dict | None = None):
+        connector = load_connector(folder, dim=dim, llm_dim=llm_dim)
+        if not isinstance(connector, cls):
+            raise TypeError(f"{folder} holds a {type(connector).__name__}, not a {cls.__name__}")
+        return connector
+
+
+def save_pretrained(connector: torch.nn.Module, folder: str | Path, trained_with: dict | None = None) -> Path:
+    """Write ``folder/config.json`` and ``folder/model.safetensors``; return the folder.
+
+    ``config.json``: ``{"kind": "sur"|"ella", "connector": <the Hydra-instantiable constructor config>,
+    "trained_with": <what it was trained for (``training_record``) or null>}``. The constructor config is a node
+    of its own, not merged with ``kind``/``trained_with``, so ``hydra.utils.instantiate(config["connector"])``
+    builds the connector as it is.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"kind": connector_name(connector.config.get("_target_")), "connector": connector.config, "trained_with": trained_with}
+    state = {k: v.detach().contiguous().cpu() for k, v in connector.state_dict().items()}
+    save_file(state, str(folder / WEIGHTS_NAME), metadata={"config": json.dumps(connector.config)})
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+    return folder
+
+
+def read_folder_config(folder: str | Path) -> dict:
+    """A connector folder's ``config.json``, checked: it must hold a ``connector`` node with a ``_target_``."""
+    config_path = Path(folder) / CONFIG_NAME
+    if not config_path.exists():
+        raise FileNotFoundError(f"{folder} is not a connector folder: it has no {CONFIG_NAME} (save_pretrained writes one)")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{config_path} is not valid JSON: {error}") from error
+    if not isinstance(config.get("connector"), dict) or "_target_" not in config["connector"]:
+        raise ValueError(f"{config_path}: key 'connector' must be the connector's config with a '_target_'")
+    return config
+
+
+def pretrained_id(node) -> str | None:
+    """A readable name for a component's ``pretrained``: a hub id or folder as given, or for a builder node
+    (the tiny and toy models) ``build_tiny_stable_diffusion(root=..., width=32, ...)``."""
+    if node is None or isinstance(node, str):
+        return node
+    if isinstance(node, dict) and "_target_" in node:
+        arguments = ", ".join(f"{k}={v}" for k, v in node.items() if not k.startswith("_"))
+        return f"{str(node['_target_']).rpartition('.')[2]}({arguments})"
+    return str(node)
+
+
+def training_record(
+    backbone: dict | None,
+    llm: dict | None,
+    cross_attention_dim: int | None = None,
+    llm_hidden_size: int | dict | None = None,
+    cache_fingerprint: dict | None = None,
+) -> dict:
+    """What a connector was trained for, as ``save_pretrained`` records it under ``trained_with``.
+
+    ``backbone`` / ``llm``: the run's resolved config nodes (plain dicts; ``llm`` None when the run had none).
+    Each is kept whole under ``config`` (so ``generate``/``evaluate`` can instantiate it again, builders of
+    the tiny models included) beside a readable ``id``; the LLM also gets its ``layer`` and ``pooling``.
+    ``cache_fingerprint``: the feature-cache stores' fingerprint hashes ({"clip": ..., "llm": ...}), or None.
+    """
+    from sur_lightning import __version__
+
+    record = {
+        "backbone": None,
+        "llm": None,
+        "cache_fingerprint": cache_fingerprint,
+        "sur_lightning_version": __version__,
+    }
+    if backbone is not None:
+        record["backbone"] = {
+            "id": pretrained_id(backbone.get("pretrained")),
+            "cross_attention_dim": cross_attention_dim,
+            "config": backbone,
+        }
+    if llm is not None:
+        record["llm"] = {
+            "id": pretrained_id(llm.get("pretrained")),
+            "layer": llm.get("layer"),
+            "pooling": llm.get("pooling"),
+            "hidden_size": llm_hidden_size,
+            "config": llm,
+        }
+    return record
+
+
+def run_config_record(path: str | Path) -> dict | None:
+    """For an adapter file or folder inside a training run, ``training_record`` of the backbone and LLM nodes of the
+    run's ``.hydra/config.yaml`` (as Hydra saved them: unresolved, so ``${paths.cache_dir}`` resolves where they
+    are used); None without such a file or without a ``backbone`` in it."""
+    import yaml
+
+    run_config = Path(path).parent / ".hydra" / "config.yaml"
+    if not run_config.exists():
+        return None
+    try:
+        config = yaml.safe_load(run_config.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"{run_config} (the run config of {path}) is not valid YAML: {error}") from error
+    if not isinstance(config, dict) or not isinstance(config.get("backbone"), dict):
+        return None
+    llm = config.get("llm")
+    return training_record(config["backbone"], llm if isinstance(llm, dict) else None)
+
+
+def connector_record(path: str | Path) -> dict | None:
+    """What the connector at ``path`` was trained for (``training_record``'s layout): a folder's ``trained_with``,
+    else, for a folder without one or an ``adapter.safetensors`` file, its run's ``.hydra/config.yaml``; None if
+    neither says."""
+    path = Path(path)
+    if path.is_dir():
+        recorded = read_folder_config(path).get("trained_with")
+        if recorded:
+            return recorded
+    return run_config_record(path)
+
+
+def check_widths(config: dict, where: str, dim: int | None = None, llm_dim=None, dim_source: str = "the UNet",
+                 llm_source: str = "the LLM") -> None:
+    """Raise ``ConnectorMismatchError`` naming both widths when ``dim`` (cross-attention) or ``llm_dim`` differ
+    from the connector config's (``None``: not checked)."""
+    trained_dim, trained_llm = config.get("dim"), config.get("llm_dim")
+    wrong_dim = dim is not None and trained_dim is not None and int(dim) != int(trained_dim)
+    wrong_llm = llm_dim is not None and trained_llm is not None and llm_dim != trained_llm
+    if not (wrong_dim or wrong_llm):
+        return
+    have = []
+    if wrong_dim:
+        have.append(f"{dim_source} cross-attends to width {dim}")
+    if wrong_llm:
+        have.append(f"{llm_source} has width {llm_dim}")
+    raise ConnectorMismatchError(
+        f"connector {where} was trained for cross-attention width {trained_dim} and LLM width {trained_llm}; "
+        f"{' and '.join(have)}. Use the backbone and LLM it was trained with (its config.json 'trained_with')"
+    )
+
+
+def load_connector(path: str | Path, dim: int | None = None, llm_dim: int | dict | None = None) -> torch.nn.Module:
+    """Rebuild a connector and load its weights strictly (eval mode): a folder written by ``save_pretrained``, or an
+    adapter file written by ``save_connector`` (``adapter.safetensors`` + .json or header; one written before
+    the layout move, ``sur_lightning.connectors.sur.SURAdapter``, loads too).
+
+    ``dim`` / ``llm_dim``: the cross-attention width of the UNet and the LLM's hidden width it is meant for;
+    when given and different from the connector's, ``ConnectorMismatchError`` names both before anything loads.
+    The returned module carries ``trained_with`` (``connector_record``, or None).
+    """
     from hydra.utils import instantiate
     from safetensors.torch import load_file
 
     path = Path(path)
-    connector = instantiate(current_targets(connector_config(path)))
-    connector.load_state_dict(load_file(str(path)), strict=True)
+    config = current_targets(connector_config(path))
+    check_widths(config, str(path), dim, llm_dim)
+    connector = instantiate(config)
+    weights = path / WEIGHTS_NAME if path.is_dir() else path
+    if not weights.exists():
+        raise FileNotFoundError(f"connector folder {path} has no {WEIGHTS_NAME}")
+    connector.load_state_dict(load_file(str(weights)), strict=True)
+    connector.trained_with = connector_record(path)
     return connector.eval()

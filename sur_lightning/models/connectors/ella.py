@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
 
-from sur_lightning.models.connectors import ConnectorOutput, TextFeatures
+from sur_lightning.models.connectors import ConnectorFiles, ConnectorOutput, TextFeatures
 
 
 class AdaLayerNorm(nn.Module):
@@ -89,7 +89,7 @@ class PerceiverAttentionBlock(nn.Module):
         return latents + self.mlp(self.ln_ff(latents, t_emb))
 
 
-class TimestepAwareSemanticConnector(nn.Module):
+class TimestepAwareSemanticConnector(ConnectorFiles, nn.Module):
     """ELLA's TSC (arXiv 2403.05135): LLM token states and the diffusion timestep -> UNet conditioning.
 
     Input:  ``features.llm`` [B, T, llm_dim] frozen LLM/T5 token states, ``features.llm_mask`` [B, T] bool

@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sur_lightning.models.connectors import ConnectorOutput, TextFeatures
+from sur_lightning.models.connectors import ConnectorFiles, ConnectorOutput, TextFeatures
 
 
-class SURAdapter(nn.Module):
+class SURAdapter(ConnectorFiles, nn.Module):
     """forward(TextFeatures(clip [B,77,d], llm [B,D] pooled, pooled [B,P] on SDXL), timesteps ignored) -> ConnectorOutput:
     conditioning [B,77,d], eta [B], internals {"encoder": [B,77,d], "llm_projected": [B,d] (when llm given)},
     pooled [B,P] on SDXL (see the module docstring; ``adapts_pooled`` says whether the prompt loss covers it).

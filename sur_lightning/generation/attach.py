@@ -1,0 +1,154 @@
+"""A trained connector inside an unmodified diffusers pipeline, the way people already generate::
+
+    import sur_lightning
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")
+    connector = sur_lightning.load_connector("outputs/demo/runs/<time>/adapter")
+    with sur_lightning.attach(pipe, connector):
+        image = pipe("a cat is chasing a mouse", generator=torch.Generator().manual_seed(0)).images[0]
+
+``attach`` replaces the pipeline's ``encode_prompt`` (on this instance, for the ``with`` block only), so every
+prompt the pipeline encodes goes through the connector:
+
+- **SUR** (its output does not depend on the timestep): the connector's output *is* what ``encode_prompt``
+  returns: ``prompt_embeds`` / ``negative_prompt_embeds`` and, on SDXL, the pooled embeddings.
+- **ELLA** (timestep-aware): ``encode_prompt`` keeps the pipeline's own CLIP embeddings, and a forward pre-hook
+  on the UNet recomputes ``encoder_hidden_states`` (and SDXL's pooled ``text_embeds``) at the timestep of each
+  UNet call: ``conditioning.conditioning_hook``, the mechanism ``python -m sur_lightning.generate`` uses.
+
+Both read the CLIP states from the pipeline's own ``encode_prompt``, which is what the project's backbones compute
+(tests/test_attach.py checks that the images equal ``generate``'s, same seeds). The negative prompt goes through
+the connector too (``negative="connector"``, as ``generate``), with ``""`` when none is given.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+
+import torch
+from torch import nn
+
+from sur_lightning.generation.conditioning import ConnectorConditioning, conditioning_hook
+from sur_lightning.models.connectors import TextFeatures, check_widths
+
+
+def llm_for(connector: nn.Module) -> nn.Module:
+    """The LLM a connector folder recorded (``trained_with.llm.config``), built with token states (ELLA)."""
+    from hydra.utils import instantiate
+
+    record = getattr(connector, "trained_with", None) or {}
+    node = (record.get("llm") or {}).get("config")
+    if node is None:
+        raise ValueError(
+            f"{type(connector).__name__} reads LLM token states but its files record no LLM: pass attach(..., llm=<the "
+            "LLM it was trained with>), e.g. sur_lightning.models.llm.CausalLMFeatures(pretrained=..., pooling='none')"
+        )
+    return instantiate(node, **({"pooling": "none"} if "pooling" in node else {}))
+
+
+def repeat_rows(features: TextFeatures, times: int) -> TextFeatures:
+    """Every row ``times`` times in a row (the pipeline's ``num_images_per_prompt`` layout)."""
+    if times == 1:
+        return features
+
+    def repeat(value):
+        if isinstance(value, dict):
+            return {name: repeat(v) for name, v in value.items()}
+        return None if value is None else value.repeat_interleave(times, dim=0)
+
+    return TextFeatures(
+        clip=repeat(features.clip), llm=repeat(features.llm), llm_mask=repeat(features.llm_mask), pooled=repeat(features.pooled)
+    )
+
+
+def prompt_list(prompt, name: str) -> list[str]:
+    if prompt is None:
+        raise ValueError(
+            f"sur_lightning.attach: the pipeline was called without {name} text; the connector needs the text itself "
+            "(pass prompt=..., not prompt_embeds=...)"
+        )
+    return [prompt] if isinstance(prompt, str) else list(prompt)
+
+
+@contextmanager
+def attach(pipe, connector: nn.Module, llm: nn.Module | None = None, mode: str = "replace", negative: str = "connector",
+           eta: float | None = None):
+    """Within the block, ``pipe`` (a ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``, as diffusers
+    ships it) is conditioned by ``connector``.
+
+    ``llm``: the frozen LLM for a connector that reads token states (ELLA); None builds the one the connector's
+    folder recorded. SUR reads CLIP's states only at inference and needs none. ``mode``, ``negative``, ``eta``:
+    as in ``generate`` (``conditioning.ConnectorConditioning``). The connector moves to the UNet's device.
+    """
+    from sur_lightning.generation.columns import needs_llm
+
+    xl = hasattr(pipe, "text_encoder_2")
+    width = pipe.unet.config.cross_attention_dim
+    check_widths(getattr(connector, "config", {}), type(connector).__name__, dim=width,
+                 dim_source=f"this {type(pipe).__name__}'s UNet")
+    device = pipe.unet.device
+    connector = connector.to(device).eval()
+    if needs_llm(connector):
+        llm = (llm if llm is not None else llm_for(connector)).to(device)
+    else:
+        llm = None
+    conditioning = ConnectorConditioning(connector, None, mode, eta, negative)
+    original = pipe.encode_prompt
+    hooks = ExitStack()
+
+    def features(texts: list[str], clip: torch.Tensor, pooled: torch.Tensor | None) -> TextFeatures:
+        if llm is None:
+            return TextFeatures(clip=clip.float(), pooled=None if pooled is None else pooled.float())
+        states, mask = llm(texts)
+        return TextFeatures(clip=clip.float(), llm=states.to(device), llm_mask=None if mask is None else mask.to(device),
+                            pooled=None if pooled is None else pooled.float())
+
+    def encode_prompt(prompt=None, *args, **kwargs):
+        # SD: (prompt, device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt, ...)
+        # SDXL: (prompt, prompt_2, device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt, ...)
+        names = ["prompt_2", "device"] if xl else ["device"]
+        names += ["num_images_per_prompt", "do_classifier_free_guidance", "negative_prompt"]
+        kwargs |= dict(zip(names, args))
+        texts = prompt_list(prompt, "prompt")
+        cfg = kwargs.get("do_classifier_free_guidance", True)
+        per_prompt = int(kwargs.get("num_images_per_prompt") or 1)
+        negative_prompt = kwargs.get("negative_prompt")
+        negative_texts = [""] * len(texts) if negative_prompt is None else prompt_list(negative_prompt, "negative_prompt")
+        if len(negative_texts) == 1 and len(texts) > 1:
+            negative_texts = negative_texts * len(texts)
+        # The pipeline's own CLIP embeddings, one row per prompt; an empty negative prompt is encoded, not zeroed,
+        # as the project's generation does.
+        if isinstance(kwargs.get("prompt_2"), str):
+            kwargs["prompt_2"] = [kwargs["prompt_2"]] * len(texts)
+        stock = original(texts, **{**kwargs, "num_images_per_prompt": 1, "negative_prompt": negative_texts})
+        positive_clip, negative_clip = stock[0], stock[1]
+        positive_pooled, negative_pooled = (stock[2], stock[3]) if xl else (None, None)
+        positive = repeat_rows(features(texts, positive_clip, positive_pooled), per_prompt)
+        negative_features = repeat_rows(features(negative_texts, negative_clip, negative_pooled), per_prompt) if cfg else None
+        dtype = positive_clip.dtype
+        placeholder = positive.clip.to(dtype), None if negative_features is None else negative_features.clip.to(dtype)
+        if conditioning.timestep_aware:
+            # ELLA: the hook conditions every UNet call at its timestep; the embeddings returned here only set
+            # the batch layout (the pooled ones too: the hook replaces text_embeds).
+            hooks.close()
+            hooks.enter_context(conditioning_hook(pipe.unet, conditioning, positive, negative_features or positive))
+            if not xl:
+                return placeholder
+            pooled = positive.pooled.to(dtype), None if negative_features is None else negative_features.pooled.to(dtype)
+            return placeholder[0], placeholder[1], pooled[0], pooled[1]
+        t = pipe.scheduler.config.num_train_timesteps - 1  # SUR ignores it
+        out = conditioning.output(positive, t)
+        negative_out = None if negative_features is None else conditioning.negative_output(negative_features, t)
+        embeds = out.conditioning.to(dtype), None if negative_out is None else negative_out.conditioning.to(dtype)
+        if not xl:
+            return embeds
+        pooled = (out.pooled.to(dtype), None if negative_out is None else negative_out.pooled.to(dtype))
+        return embeds[0], embeds[1], pooled[0], pooled[1]
+
+    pipe.encode_prompt = encode_prompt
+    try:
+        with hooks:
+            yield pipe
+    finally:
+        del pipe.encode_prompt  # the class's own method again
