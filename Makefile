@@ -37,7 +37,8 @@ bench-sd15: install
 	$(PY) -m sur_lightning.bench backbone=sd15_random data.resolution=256 data.batch_size=1 data.root.num_images=8 \
 		data.val_size=2 bench.steps=8 bench.warmup=2 bench.inference_repeats=1 $(ARGS)
 
-# SDXL base 1.0's proportions (UNet 2.6 B, both text encoders; ~7 GB written once in fp16, ~16 GB RAM in fp32).
+# SDXL base 1.0's proportions (UNet 2.6 B, both text encoders; ~7 GB written once in fp16). On a CPU run it in bf16
+# (ARGS="backbone.dtype=bfloat16 trainer.precision=bf16-mixed": peak 12.4 GB RAM); fp32 needs more than 23 GB.
 bench-sdxl: install
 	$(PY) -m sur_lightning.bench backbone=sdxl_random data.resolution=256 data.batch_size=1 data.root.num_images=8 \
 		data.val_size=2 bench.steps=3 bench.warmup=1 bench.inference_steps=4 bench.inference_repeats=1 $(ARGS)
