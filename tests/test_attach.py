@@ -55,9 +55,9 @@ BACKBONES = {
 
 def generate_images(folder: Path, out: Path, tmp_path: Path, cache_dir: Path) -> dict[tuple[str, int], np.ndarray]:
     """``python -m sur_lightning.generate adapters=[folder]`` with no backbone or LLM chosen: the recorded ones."""
+    from conftest import CONFIG_DIR
     from hydra import compose, initialize_config_dir
 
-    from conftest import CONFIG_DIR
     from sur_lightning.generate import generate
 
     overrides = [f"adapters=['{folder}']", f"prompts=[{','.join(PROMPTS)}]", f"seeds=[{SEEDS[0]},{SEEDS[1]}]",
@@ -106,9 +106,7 @@ def test_a_stock_pipeline_with_the_attached_connector_draws_what_generate_draws(
 
 
 def test_sur_conditions_through_prompt_embeds_and_ella_at_every_timestep(tiny_sd, tiny_llm, llm):
-    from diffusers import StableDiffusionPipeline
-
-    from diffusers import DDIMScheduler
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
@@ -143,12 +141,10 @@ def test_attach_needs_the_prompt_text_and_a_fitting_width(tiny_sd, tiny_sdxl, ll
     with sur_lightning.attach(pipe, sur), pytest.raises(ValueError, match="needs the text itself"):
         pipe(prompt_embeds=torch.zeros(1, 77, pipe.unet.config.cross_attention_dim), num_inference_steps=1)
     wide = sur_connector(48, llm.hidden_size)
-    with pytest.raises(ConnectorMismatchError, match="width 48.*width 32|width 32.*width 48"):
-        with sur_lightning.attach(pipe, wide):
-            pass
-    with pytest.raises(ValueError, match="record no LLM.*llm="):
-        with sur_lightning.attach(pipe, ella_connector(32, llm.hidden_size)):
-            pass
+    with pytest.raises(ConnectorMismatchError, match="width 48.*width 32|width 32.*width 48"), sur_lightning.attach(pipe, wide):
+        pass
+    with pytest.raises(ValueError, match="record no LLM.*llm="), sur_lightning.attach(pipe, ella_connector(32, llm.hidden_size)):
+        pass
 
 
 def test_a_connector_folder_records_kind_backbone_llm_and_cache(tmp_path, tiny_sd, tiny_llm, llm):
@@ -180,9 +176,9 @@ def test_a_connector_folder_records_kind_backbone_llm_and_cache(tmp_path, tiny_s
 def test_generate_takes_an_adapter_files_backbone_from_its_run_and_a_chosen_one_wins(tmp_path, tiny_sdxl, cache_dir):
     """An adapter.safetensors from before the folder format: the backbone comes from its run's .hydra/config.yaml."""
     import yaml
+    from conftest import CONFIG_DIR
     from hydra import compose, initialize_config_dir
 
-    from conftest import CONFIG_DIR
     from sur_lightning.generation.columns import prepare, use_recorded
 
     run = tmp_path / "outputs" / "demo" / "runs" / "2026-12-03_10-00-00"

@@ -13,6 +13,7 @@ from PIL import Image
 
 from sur_lightning.models.connectors import TextFeatures
 
+
 @pytest.fixture(scope="session")
 def sdxl(tiny_sdxl):
     from sur_lightning.models.sdxl import StableDiffusionXLBackbone

@@ -58,8 +58,8 @@ def preprocess_with_geometry(
     original = (image.height, image.width)
     image = TF.resize(image, resolution, interpolation=TF.InterpolationMode.BILINEAR)
     if center_crop:
-        top = int(round((image.height - resolution) / 2.0))
-        left = int(round((image.width - resolution) / 2.0))
+        top = round((image.height - resolution) / 2.0)
+        left = round((image.width - resolution) / 2.0)
     else:
         top = rng.randint(0, image.height - resolution)
         left = rng.randint(0, image.width - resolution)

@@ -29,13 +29,13 @@ from contextlib import ExitStack, contextmanager
 import torch
 from torch import nn
 
-from sur_lightning.generation.conditioning import ConnectorConditioning, conditioning_hook
-from sur_lightning.models.connectors import TextFeatures, check_widths
+from sur_lightning.generation.conditioning import ConnectorConditioning, conditioning_hook, with_llm_states
+from sur_lightning.models.connectors import ConnectorOutput, TextFeatures, check_widths
 
 
 def llm_for(connector: nn.Module) -> nn.Module:
     """The LLM a connector folder recorded (``trained_with.llm.config``), built with token states (ELLA)."""
-    from hydra.utils import instantiate
+    from sur_lightning.generation.columns import token_llm
 
     record = getattr(connector, "trained_with", None) or {}
     node = (record.get("llm") or {}).get("config")
@@ -44,7 +44,7 @@ def llm_for(connector: nn.Module) -> nn.Module:
             f"{type(connector).__name__} reads LLM token states but its files record no LLM: pass attach(..., llm=<the "
             "LLM it was trained with>), e.g. sur_lightning.models.llm.CausalLMFeatures(pretrained=..., pooling='none')"
         )
-    return instantiate(node, **({"pooling": "none"} if "pooling" in node else {}))
+    return token_llm(node)
 
 
 def repeat_rows(features: TextFeatures, times: int) -> TextFeatures:
@@ -60,6 +60,20 @@ def repeat_rows(features: TextFeatures, times: int) -> TextFeatures:
     return TextFeatures(
         clip=repeat(features.clip), llm=repeat(features.llm), llm_mask=repeat(features.llm_mask), pooled=repeat(features.pooled)
     )
+
+
+def clip_output(features: TextFeatures | None) -> ConnectorOutput | None:
+    return None if features is None else ConnectorOutput(conditioning=features.clip, pooled=features.pooled)
+
+
+def pipeline_embeds(out: ConnectorOutput, negative: ConnectorOutput | None, dtype: torch.dtype, xl: bool) -> tuple:
+    """What the pipeline's ``encode_prompt`` returns: (prompt, negative) embeds, and on SDXL the pooled pair too."""
+
+    def cast(value):
+        return None if value is None else value.to(dtype)
+
+    embeds = cast(out.conditioning), cast(negative and negative.conditioning)
+    return (*embeds, cast(out.pooled), cast(negative and negative.pooled)) if xl else embeds
 
 
 def prompt_list(prompt, name: str) -> list[str]:
@@ -98,11 +112,8 @@ def attach(pipe, connector: nn.Module, llm: nn.Module | None = None, mode: str =
     hooks = ExitStack()
 
     def features(texts: list[str], clip: torch.Tensor, pooled: torch.Tensor | None) -> TextFeatures:
-        if llm is None:
-            return TextFeatures(clip=clip.float(), pooled=None if pooled is None else pooled.float())
-        states, mask = llm(texts)
-        return TextFeatures(clip=clip.float(), llm=states.to(device), llm_mask=None if mask is None else mask.to(device),
-                            pooled=None if pooled is None else pooled.float())
+        # The connector runs in float32 whatever the pipeline's dtype, as in training.
+        return with_llm_states(clip.float(), None if pooled is None else pooled.float(), texts, llm)
 
     def encode_prompt(prompt=None, *args, **kwargs):
         # SD: (prompt, device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt, ...)
@@ -126,25 +137,17 @@ def attach(pipe, connector: nn.Module, llm: nn.Module | None = None, mode: str =
         positive_pooled, negative_pooled = (stock[2], stock[3]) if xl else (None, None)
         positive = repeat_rows(features(texts, positive_clip, positive_pooled), per_prompt)
         negative_features = repeat_rows(features(negative_texts, negative_clip, negative_pooled), per_prompt) if cfg else None
-        dtype = positive_clip.dtype
-        placeholder = positive.clip.to(dtype), None if negative_features is None else negative_features.clip.to(dtype)
         if conditioning.timestep_aware:
-            # ELLA: the hook conditions every UNet call at its timestep; the embeddings returned here only set
+            # ELLA: the hook conditions every UNet call at its timestep; the CLIP embeddings returned here only set
             # the batch layout (the pooled ones too: the hook replaces text_embeds).
             hooks.close()
             hooks.enter_context(conditioning_hook(pipe.unet, conditioning, positive, negative_features or positive))
-            if not xl:
-                return placeholder
-            pooled = positive.pooled.to(dtype), None if negative_features is None else negative_features.pooled.to(dtype)
-            return placeholder[0], placeholder[1], pooled[0], pooled[1]
-        t = pipe.scheduler.config.num_train_timesteps - 1  # SUR ignores it
-        out = conditioning.output(positive, t)
-        negative_out = None if negative_features is None else conditioning.negative_output(negative_features, t)
-        embeds = out.conditioning.to(dtype), None if negative_out is None else negative_out.conditioning.to(dtype)
-        if not xl:
-            return embeds
-        pooled = (out.pooled.to(dtype), None if negative_out is None else negative_out.pooled.to(dtype))
-        return embeds[0], embeds[1], pooled[0], pooled[1]
+            out, negative_out = clip_output(positive), clip_output(negative_features)
+        else:
+            t = pipe.scheduler.config.num_train_timesteps - 1  # SUR ignores it
+            out = conditioning.output(positive, t)
+            negative_out = None if negative_features is None else conditioning.negative_output(negative_features, t)
+        return pipeline_embeds(out, negative_out, positive_clip.dtype, xl)
 
     pipe.encode_prompt = encode_prompt
     try:

@@ -194,6 +194,13 @@ def use_recorded(cfg, overrides: Sequence[str] = ()) -> list[str]:
     return notes
 
 
+def token_llm(node) -> nn.Module:
+    """The LLM of config ``node``, built to return token states (``pooling: none``) for a connector that reads them."""
+    from hydra.utils import instantiate
+
+    return instantiate(node, **({"pooling": "none"} if "pooling" in node else {}))
+
+
 def prepare(cfg):
     """Backbone, prompts and columns from a generate/evaluate config (the LLM loads only when needed); run
     ``use_recorded`` first to build the backbone and LLM the adapters were trained with."""
@@ -207,7 +214,7 @@ def prepare(cfg):
         backbone,
         adapters=cfg.adapters,
         # Only connectors that read token states (ELLA) load the LLM here; SUR does not use it at inference.
-        llm=(lambda: instantiate(llm_cfg, **({"pooling": "none"} if "pooling" in llm_cfg else {}))) if llm_cfg is not None else None,
+        llm=(lambda: token_llm(llm_cfg)) if llm_cfg is not None else None,
         mode=cfg.mode,
         eta=cfg.eta,
         eta_sweep=list(cfg.eta_sweep or []),

@@ -39,14 +39,20 @@ def frozen_text_features(backbone, llm: nn.Module | None = None) -> TextFeatures
 
     def text_features(prompts: list[str]) -> TextFeatures:
         clip, pooled = backbone.encode_text(list(prompts))
-        if llm is None:
-            return TextFeatures(clip=clip, pooled=pooled)
-        states, mask = llm(list(prompts))
-        return TextFeatures(
-            clip=clip, llm=states.to(clip.device), llm_mask=None if mask is None else mask.to(clip.device), pooled=pooled
-        )
+        return with_llm_states(clip, pooled, prompts, llm)
 
     return text_features
+
+
+def with_llm_states(clip: torch.Tensor, pooled: torch.Tensor | None, prompts: Sequence[str], llm: nn.Module | None) -> TextFeatures:
+    """TextFeatures of ``prompts`` from their CLIP states [B,77,d] (and SDXL's pooled [B,P]), plus the LLM's
+    states and mask on CLIP's device when ``llm`` is given."""
+    if llm is None:
+        return TextFeatures(clip=clip, pooled=pooled)
+    states, mask = llm(list(prompts))
+    return TextFeatures(
+        clip=clip, llm=states.to(clip.device), llm_mask=None if mask is None else mask.to(clip.device), pooled=pooled
+    )
 
 
 @contextmanager
