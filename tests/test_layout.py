@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "sur_lightning"
 # What users type (`python -m sur_lightning.X`): short Hydra mains that compose library calls.
 ENTRY_POINTS = {
     f"sur_lightning.{name}"
-    for name in ("train", "generate", "evaluate", "cache", "rewrite", "bench", "sweep_report", "embedding_map",
+    for name in ("train", "generate", "evaluate", "explore", "cache", "rewrite", "bench", "sweep_report", "embedding_map",
                  "toyworld.pretrain", "toyworld.probe")
 }
 # The bottom of the house: frozen parts and connectors, data, knowledge. They import none of the rooms above.

@@ -152,12 +152,13 @@ class ConnectorConditioning(ClipConditioning):
     def output(self, features: TextFeatures, timesteps: torch.Tensor | float) -> ConnectorOutput:
         if self.timestep_aware:
             return self._output(features, timesteps)
-        # The same features object comes back at every sampling step (prompt and negative): reuse its output.
+        # The same features object comes back at every sampling step (prompt and negative; a text diff's source
+        # and target too): reuse its output.
         for seen, out in self._recent:
             if seen is features:
                 return out
         out = self._output(features, timesteps)
-        self._recent = [*self._recent, (features, out)][-2:]
+        self._recent = [*self._recent, (features, out)][-4:]
         return out
 
     def negative_output(self, features: TextFeatures, timesteps: torch.Tensor | float) -> ConnectorOutput:

@@ -28,11 +28,12 @@ def write_manifest(out_dir: Path, rendered: Sequence[Rendered], columns: Sequenc
             "complex": r.prompt.complex,
             "target": r.prompt.target,
             "seed": r.seed,
-            **sources[r.column],
+            **sources.get(r.column, {}),
+            **r.info,
         }
         for r in rendered
     ]
-    settings = {k: config.get(k) for k in ("backbone", "llm", "sampler", "negative_prompt", "mode", "device")}
+    settings = {k: config.get(k) for k in ("backbone", "llm", "sampler", "negative_prompt", "mode", "device", "tool")}
     path = out_dir / "manifest.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"settings": settings, "columns": sources, "images": images}, indent=2, default=str))

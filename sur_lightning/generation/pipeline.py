@@ -10,7 +10,7 @@ with the initial latents drawn on the CPU so a seed gives the same image on ever
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -52,6 +52,28 @@ def build_pipeline(backbone, scheduler: str = "ddim"):
     return pipeline
 
 
+def placeholder_embeds(pipeline, features, batch: int) -> dict[str, torch.Tensor]:
+    """The ``prompt_embeds`` (and SDXL's pooled) arguments a diffusers pipeline needs beside the conditioning hook.
+
+    The hook computes the real conditioning at every UNet call; the pipeline only needs the batch size, device
+    and dtype from these, so one zero token each is enough (running the connector here would cost two calls
+    whose output is thrown away)."""
+    placeholder = torch.zeros(batch, 1, pipeline.unet.config.cross_attention_dim)
+    embeds = {"prompt_embeds": placeholder, "negative_prompt_embeds": placeholder.clone()}
+    if features.pooled is not None:  # SDXL: the pooled embeddings too (the hook replaces them as well)
+        pooled = torch.zeros(batch, features.pooled.shape[-1])
+        embeds |= {"pooled_prompt_embeds": pooled, "negative_pooled_prompt_embeds": pooled.clone()}
+    return {name: value.to(pipeline.unet.device, pipeline.unet.dtype) for name, value in embeds.items()}
+
+
+def seeded_noise(pipeline, seed: int, height: int | None = None, width: int | None = None) -> torch.Tensor:
+    """The initial latents [C, h, w] of ``seed``, drawn on the CPU so a seed gives the same image on every device."""
+    size = height or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+    width = width or size
+    shape = (pipeline.unet.config.in_channels, size // pipeline.vae_scale_factor, width // pipeline.vae_scale_factor)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(int(seed)))
+
+
 @torch.no_grad()
 def render(
     pipeline,
@@ -63,33 +85,26 @@ def render(
     guidance_scale: float = 7.5,
     height: int | None = None,
     width: int | None = None,
+    latents: torch.Tensor | None = None,
 ) -> list[Image.Image]:
-    """One image per prompt, prompt i seeded with ``seeds[i]``, conditioned by ``conditioning`` at every step."""
+    """One image per prompt, prompt i seeded with ``seeds[i]``, conditioned by ``conditioning`` at every step.
+    ``latents`` [B, C, h, w]: initial noise to use instead of the seeds' (an interpolated noise path)."""
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
     device = pipeline.unet.device
     dtype = pipeline.unet.dtype
     features = conditioning.features(prompts)
     negative = conditioning.features([negative_prompt] * len(prompts))
-    # The hook computes the real conditioning at every UNet call; the pipeline only needs the batch size,
-    # device and dtype from these, so one zero token each is enough (running the connector here would
-    # cost two calls whose output is thrown away).
-    placeholder = torch.zeros(len(prompts), 1, pipeline.unet.config.cross_attention_dim)
-    embeds = {"prompt_embeds": placeholder, "negative_prompt_embeds": placeholder.clone()}
-    if features.pooled is not None:  # SDXL: the pooled embeddings too (the hook replaces them as well)
-        pooled = torch.zeros(len(prompts), features.pooled.shape[-1])
-        embeds |= {"pooled_prompt_embeds": pooled, "negative_pooled_prompt_embeds": pooled.clone()}
-    # Draw the initial latents on the CPU so a seed gives the same image on every device.
     size = height or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
     width = width or size
-    shape = (pipeline.unet.config.in_channels, size // pipeline.vae_scale_factor, width // pipeline.vae_scale_factor)
-    latents = torch.stack(
-        [torch.randn(shape, generator=torch.Generator().manual_seed(int(seed))) for seed in seeds]
-    ).to(device, dtype)
+    if latents is None:
+        latents = torch.stack([seeded_noise(pipeline, seed, size, width) for seed in seeds])
+    elif latents.shape[0] != len(prompts):
+        raise ValueError(f"got {latents.shape[0]} initial latents for {len(prompts)} prompts")
     with conditioning_hook(pipeline.unet, conditioning, features, negative):
         return pipeline(
-            **{name: value.to(device, dtype) for name, value in embeds.items()},
-            latents=latents,
+            **placeholder_embeds(pipeline, features, len(prompts)),
+            latents=latents.to(device, dtype),
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
             height=size,
@@ -129,13 +144,14 @@ def render_base_and_adapter(
 
 @dataclass
 class Rendered:
-    """One generated image and what produced it."""
+    """One generated image and what produced it; ``info``: a tool's own record of it (t, strength, score)."""
 
     column: str
     prompt: Prompt
     seed: int
     image: Image.Image
     file: str | None = None
+    info: dict = field(default_factory=dict)
 
 
 def render_columns(

@@ -1,0 +1,321 @@
+"""What people do with a text-conditioned generator beyond one prompt → one image (unCLIP, arXiv 2204.06125):
+interpolations, text diffs, variations and best-of-N reranking, on the base's or any connector's conditioning.
+
+Each tool is built from its config (``conf/tool/<name>.yaml``) and ``run(setup)`` renders through the same pipeline
+and per-UNet-call conditioning hook as ``python -m sur_lightning.generate``, so a timestep-aware connector (ELLA) is
+blended, shifted or re-noised at every sampling step. A run returns a ``Picture``: the grid's columns and rows, and
+every image as a ``Rendered`` with what made it in ``info`` (t, strength, score), which ``sur_lightning.explore``
+writes as ``grid.png``, ``images/`` and ``manifest.json``.
+
+- ``Interpolation``: k steps from one conditioning to another for one prompt (base → adapter), or from one prompt
+  to the next through one conditioning; per-token slerp or lerp; optionally the initial noise slerped too.
+- ``TextDiffs``: a prompt's conditioning moved along c(target) − c(source), one image per strength.
+- ``Variations``: an image (given, or drawn from the prompt) re-noised to strength s and denoised again with the
+  same conditioning (SDEdit through diffusers' img2img pipeline); strength 0 is the VAE's round trip.
+- ``BestOfN``: N samples per prompt, the one a scorer ranks highest kept. The scorer is any object with
+  ``score(images, prompts) -> [N]`` (CLIP score for real models, a held-apart scorer on the toy world).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image, ImageDraw
+
+from sur_lightning.data.prompt_suites import Prompt
+from sur_lightning.generation.columns import Column
+from sur_lightning.generation.conditioning import ClipConditioning, conditioning_hook
+from sur_lightning.generation.interpolation import BlendConditioning, TextDiffConditioning, noise_slerp
+from sur_lightning.generation.pipeline import Rendered, placeholder_embeds, render, seeded_noise
+
+REFERENCE_COLUMNS = ("base+complex",)  # the upper bound's column: shown by generate, not explored
+
+
+@dataclass
+class Setup:
+    """What every tool renders with: the pipeline over the frozen parts, the columns (base, adapters), the prompts,
+    the seeds and the sampler's settings (``num_inference_steps``, ``guidance_scale``, ``height``, ``width``)."""
+
+    pipeline: object
+    columns: list[Column]
+    prompts: list[Prompt]
+    seeds: list[int]
+    negative_prompt: str = ""
+    sampler: dict = field(default_factory=dict)
+
+    def column(self, name: str) -> Column:
+        for column in self.columns:
+            if column.name == name:
+                return column
+        raise ValueError(f"no column named {name!r}; the columns are {[c.name for c in self.columns]}")
+
+    @property
+    def explored(self) -> list[Column]:
+        return [c for c in self.columns if c.name not in REFERENCE_COLUMNS]
+
+    @property
+    def adapters(self) -> list[Column]:
+        return [c for c in self.columns if "adapter" in c.source]
+
+    def render(self, conditioning: ClipConditioning, prompts: Sequence[str], seeds: Sequence[int], **kwargs) -> list[Image.Image]:
+        return render(self.pipeline, conditioning, prompts, seeds, negative_prompt=self.negative_prompt, **self.sampler, **kwargs)
+
+
+@dataclass
+class Picture:
+    """A tool's result: ``columns`` {title: one image per row}, ``rows`` (one label each), and every image made,
+    with what made it (``Rendered.info``)."""
+
+    columns: dict[str, list[Image.Image]]
+    rows: list[str]
+    images: list[Rendered]
+
+
+def _grid_columns(titles: Sequence[str], strips: Sequence[Sequence[Image.Image]]) -> dict[str, list[Image.Image]]:
+    return {title: [strip[k] for strip in strips] for k, title in enumerate(titles)}
+
+
+class Interpolation:
+    """Strips of ``steps`` images, t = 0 … 1, conditioned by ``interpolate(c_start, c_end, t)`` per token.
+
+    between="columns": for every prompt, from column ``from_column`` (``base``, or ``base+complex``: the base given
+                       the complex prompt) to every adapter column, same prompt and seed.
+    between="prompts": through every column (base and adapters), from each prompt to the next one.
+    method:            ``slerp`` (per token, norm-preserving) or ``lerp``.
+    noise_to_seed:     also slerp the initial noise, from the row's seed to this seed's (unCLIP's latent
+                       interpolation); None keeps the row's noise along the strip.
+    """
+
+    def __init__(self, steps: int = 5, method: str = "slerp", between: str = "columns", from_column: str = "base",
+                 noise_to_seed: int | None = None) -> None:
+        if steps < 2:
+            raise ValueError(f"tool.steps: an interpolation needs at least 2 steps (both ends), got {steps}")
+        if between not in ("columns", "prompts"):
+            raise ValueError(f"tool.between must be 'columns' or 'prompts', got {between!r}")
+        self.weights = [k / (steps - 1) for k in range(steps)]
+        self.method, self.between, self.from_column, self.noise_to_seed = method, between, from_column, noise_to_seed
+
+    def strips(self, setup: Setup) -> list[tuple[str, str, BlendConditioning, Prompt, dict]]:
+        """(row label, column name, blend, prompt, info) per strip."""
+        if self.between == "columns":
+            start = setup.column(self.from_column)
+            if not setup.adapters:
+                raise ValueError("tool.between=columns interpolates a column into an adapter: give adapters=[...]")
+            for end in setup.adapters:  # before rendering anything: both ends need the same token count
+                shapes = [tuple(c.conditioning.conditioning([""], 0).shape[1:]) for c in (start, end)]
+                if shapes[0] != shapes[1]:
+                    raise ValueError(
+                        f"tool.between=columns: {start.name} gives {shapes[0][0]} tokens and {end.name} {shapes[1][0]}; "
+                        "per-token interpolation needs the same count (base and ELLA cannot be blended): use "
+                        "tool.between=prompts, or tool.from_column=<another adapter with that count>"
+                    )
+            return [
+                (f"{start.name} → {end.name}: {p.prompt}", end.name,
+                 BlendConditioning(start.conditioning, end.conditioning, self.weights, method=self.method), p,
+                 {"from": start.name, "to": end.name})
+                for end in setup.adapters for p in setup.prompts
+            ]
+        if len(setup.prompts) < 2:
+            raise ValueError("tool.between=prompts interpolates each prompt into the next: give at least 2 prompts")
+        pairs = list(zip(setup.prompts, setup.prompts[1:]))
+        return [
+            (f"{column.name}: {a.prompt} → {b.prompt}", column.name,
+             BlendConditioning(column.conditioning, column.conditioning, self.weights, {a.prompt: b.prompt}, self.method),
+             a, {"from": a.prompt, "to": b.prompt})
+            for column in setup.explored for a, b in pairs
+        ]
+
+    def run(self, setup: Setup) -> Picture:
+        strips, rows, images = [], [], []
+        for label, column, blend, prompt, info in self.strips(setup):
+            for seed in setup.seeds:
+                latents = None
+                if self.noise_to_seed is not None:
+                    size = setup.sampler.get("height"), setup.sampler.get("width")
+                    latents = noise_slerp(seeded_noise(setup.pipeline, seed, *size),
+                                          seeded_noise(setup.pipeline, self.noise_to_seed, *size), self.weights)
+                n = len(self.weights)
+                strip = setup.render(blend, [prompt.prompt] * n, [seed] * n, latents=latents)
+                strips.append(strip)
+                rows.append(f"{label} ({seed})" if len(setup.seeds) > 1 else label)
+                extra = {"noise_to_seed": self.noise_to_seed} if self.noise_to_seed is not None else {}
+                images += [
+                    Rendered(column, prompt, seed, image, info={**info, "t": t, "method": self.method, **extra})
+                    for t, image in zip(self.weights, strip)
+                ]
+        return Picture(_grid_columns([f"t={t:.2f}" for t in self.weights], strips), rows, images)
+
+
+class TextDiffs:
+    """Strips over ``strengths``: each prompt's conditioning moved along c(``target``) − c(``source``), through every
+    column (base and adapters); s = 0 is the prompt's own image. ``method``: ``add`` (c + s·diff) or ``slerp``
+    (unCLIP's: toward the difference's direction)."""
+
+    def __init__(self, source: str, target: str, strengths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
+                 method: str = "add") -> None:
+        if not source or not target:
+            raise ValueError("tool.source and tool.target: the two captions whose difference moves the prompt")
+        self.source, self.target, self.strengths, self.method = source, target, [float(s) for s in strengths], method
+
+    def run(self, setup: Setup) -> Picture:
+        strips, rows, images = [], [], []
+        for column in setup.explored:
+            diff = TextDiffConditioning(column.conditioning, self.source, self.target, self.strengths, self.method)
+            for prompt in setup.prompts:
+                for seed in setup.seeds:
+                    n = len(self.strengths)
+                    strip = setup.render(diff, [prompt.prompt] * n, [seed] * n)
+                    strips.append(strip)
+                    label = f"{column.name}: {prompt.prompt} + s·({self.target} − {self.source})"
+                    rows.append(f"{label} ({seed})" if len(setup.seeds) > 1 else label)
+                    info = {"source": self.source, "target": self.target, "method": self.method}
+                    images += [Rendered(column.name, prompt, seed, image, info={**info, "strength": s})
+                               for s, image in zip(self.strengths, strip)]
+        return Picture(_grid_columns([f"s={s:g}" for s in self.strengths], strips), rows, images)
+
+
+class Variations:
+    """For every column and prompt: the input image (``image``, a file; else the column's own image of the prompt at
+    each seed), then ``num_variations`` images re-noised from it to each strength and denoised with the same
+    conditioning (diffusers' img2img pipeline over the same components, with the per-call hook). Strength 0 is the
+    VAE's round trip (encode, decode), the input as the model can represent it."""
+
+    def __init__(self, strengths: Sequence[float] = (0.3, 0.6), num_variations: int = 4, image: str | None = None) -> None:
+        if any(not 0.0 <= s <= 1.0 for s in strengths):
+            raise ValueError(f"tool.strengths must lie in [0, 1], got {list(strengths)}")
+        self.strengths, self.num_variations, self.image = [float(s) for s in strengths], int(num_variations), image
+
+    @staticmethod
+    def img2img(pipeline):
+        from diffusers import AutoPipelineForImage2Image
+
+        img2img = AutoPipelineForImage2Image.from_pipe(pipeline)
+        img2img.set_progress_bar_config(disable=True)
+        return img2img
+
+    @staticmethod
+    @torch.no_grad()
+    def round_trip(pipeline, image: Image.Image) -> Image.Image:
+        """The image through the VAE and back (the latent distribution's mode, no noise)."""
+        pixels = pipeline.image_processor.preprocess(image).to(pipeline.vae.device, pipeline.vae.dtype)
+        latents = pipeline.vae.encode(pixels).latent_dist.mode()
+        return pipeline.image_processor.postprocess(pipeline.vae.decode(latents).sample, output_type="pil")[0]
+
+    @torch.no_grad()
+    def vary(self, setup: Setup, img2img, conditioning: ClipConditioning, prompt: str, image: Image.Image,
+             strength: float, seeds: Sequence[int]) -> list[Image.Image]:
+        if strength == 0.0:
+            return [self.round_trip(setup.pipeline, image)] * len(seeds)
+        steps = setup.sampler.get("num_inference_steps", 30)
+        if int(steps * strength) < 1:
+            raise ValueError(
+                f"tool.strengths: strength {strength:g} at sampler.num_inference_steps={steps} leaves "
+                f"int({steps} × {strength:g}) = 0 denoising steps: raise sampler.num_inference_steps or the strength"
+            )
+        prompts = [prompt] * len(seeds)
+        features = conditioning.features(prompts)
+        negative = conditioning.features([setup.negative_prompt] * len(seeds))
+        size = setup.sampler.get("height") or setup.pipeline.unet.config.sample_size * setup.pipeline.vae_scale_factor
+        with conditioning_hook(setup.pipeline.unet, conditioning, features, negative):
+            return img2img(
+                **placeholder_embeds(setup.pipeline, features, len(seeds)),
+                image=[image.convert("RGB").resize((size, size))] * len(seeds),
+                strength=strength,
+                num_inference_steps=steps,
+                guidance_scale=setup.sampler.get("guidance_scale", 7.5),
+                # CPU generators: a seed gives the same variation on every device.
+                generator=[torch.Generator().manual_seed(int(s)) for s in seeds],
+                output_type="pil",
+            ).images
+
+    def run(self, setup: Setup) -> Picture:
+        img2img = self.img2img(setup.pipeline)
+        given = Image.open(self.image).convert("RGB") if self.image else None
+        titles = ["input"] + [f"#{k + 1}" for k in range(self.num_variations)]
+        strips, rows, images = [], [], []
+        for column in setup.explored:
+            for prompt in setup.prompts:
+                for seed in setup.seeds:
+                    source = given or setup.render(column.conditioning, [prompt.prompt], [seed])[0]
+                    images.append(Rendered(column.name, prompt, seed, source, info={"input": self.image or "drawn"}))
+                    seeds = [seed * self.num_variations + k + 1 for k in range(self.num_variations)]
+                    for strength in self.strengths:
+                        varied = self.vary(setup, img2img, column.conditioning, prompt.prompt, source, strength, seeds)
+                        strips.append([source, *varied])
+                        rows.append(f"{column.name}: {prompt.prompt} ({seed}) s={strength:g}")
+                        images += [Rendered(column.name, prompt, s, image, info={"strength": strength, "input_seed": seed})
+                                   for s, image in zip(seeds, varied)]
+        return Picture(_grid_columns(titles, strips), rows, images)
+
+
+def mark(image: Image.Image, text: str, chosen: bool = False, cell: int = 128) -> Image.Image:
+    """A copy of ``image`` at the grid's cell size with ``text`` written in; a green frame when ``chosen``."""
+    marked = image.convert("RGB").resize((cell, cell))
+    draw = ImageDraw.Draw(marked)
+    draw.rectangle((0, cell - 13, cell, cell), fill="white")
+    draw.text((3, cell - 12), text, fill="black")
+    if chosen:
+        draw.rectangle((0, 0, cell - 1, cell - 1), outline=(0, 170, 0), width=3)
+    return marked
+
+
+class BestOfN:
+    """For every column, prompt and seed s: ``n`` samples (seeds s·n … s·n + n − 1), scored by ``scorer``; the best
+    is kept. The images come back as two columns per conditioning: ``<column>`` (the first sample, what one draw
+    gives) and ``<column> best-of-<n>``, so a metric over both says what reranking adds.
+
+    scorer:       any object with ``score(images, prompts) -> Tensor [N]`` (higher is better), e.g.
+                  ``evaluation.metrics.clip_score.CLIPScorer`` or ``evaluation.rerank.DenoisingScorer``.
+    scorer_text:  what the scorer reads: ``prompt`` (the prompt itself) or ``complex`` (the prompt's complex
+                  form, on suites that have one: the toy world's held-apart scorer reads the description).
+    """
+
+    def __init__(self, scorer, n: int = 4, scorer_text: str = "prompt") -> None:
+        if n < 2:
+            raise ValueError(f"tool.n: best-of-N needs at least 2 samples, got {n}")
+        if scorer_text not in ("prompt", "complex"):
+            raise ValueError(f"tool.scorer_text must be 'prompt' or 'complex', got {scorer_text!r}")
+        self.scorer, self.n, self.scorer_text = scorer, int(n), scorer_text
+
+    def text(self, prompt: Prompt) -> str:
+        if self.scorer_text == "complex":
+            if not prompt.complex:
+                raise ValueError(f"tool.scorer_text=complex but prompt {prompt.id} ({prompt.prompt!r}) has no complex form")
+            return prompt.complex
+        return prompt.prompt
+
+    def choose(self, images: Sequence[Image.Image], text: str) -> tuple[int, list[float]]:
+        """(index of the highest score, every score) for the candidates of one prompt."""
+        scores = torch.as_tensor(self.scorer.score(list(images), [text] * len(images)), dtype=torch.float64).reshape(-1)
+        if scores.numel() != len(images):
+            raise ValueError(f"the scorer gave {scores.numel()} scores for {len(images)} images")
+        return int(torch.argmax(scores)), scores.tolist()
+
+    def best_column(self, name: str) -> str:
+        return f"{name} best-of-{self.n}"
+
+    def run(self, setup: Setup) -> Picture:
+        strips, rows, images = [], [], []
+        # The upper bound (base + complex prompt) once per draw, unranked: a report over the columns then gives
+        # the gap each column closes, with and without reranking.
+        for column in (c for c in setup.columns if c.name in REFERENCE_COLUMNS):
+            for prompt in setup.prompts:
+                for seed in setup.seeds:
+                    image = setup.render(column.conditioning, [prompt.prompt], [seed * self.n])[0]
+                    images.append(Rendered(column.name, prompt, seed * self.n, image, info={"draw": seed}))
+        for column in setup.explored:
+            for prompt in setup.prompts:
+                for seed in setup.seeds:
+                    seeds = [seed * self.n + k for k in range(self.n)]
+                    candidates = setup.render(column.conditioning, [prompt.prompt] * self.n, seeds)
+                    best, scores = self.choose(candidates, self.text(prompt))
+                    info = {"scores": scores, "candidate_seeds": seeds, "chosen": best, "draw": seed}
+                    images.append(Rendered(column.name, prompt, seeds[0], candidates[0], info=info))
+                    images.append(Rendered(self.best_column(column.name), prompt, seeds[best], candidates[best], info=info))
+                    strips.append([mark(image, f"{score:.3g}", k == best) for k, (image, score) in enumerate(zip(candidates, scores))]
+                                  + [mark(candidates[best], f"seed {seeds[best]}", True)])
+                    rows.append(f"{column.name}: {prompt.prompt} ({seed})")
+        titles = [f"#{k + 1}" for k in range(self.n)] + ["best"]
+        return Picture(_grid_columns(titles, strips), rows, images)
