@@ -22,6 +22,7 @@ from pathlib import Path
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
 
 from sur_lightning.config import CONFIG_DIR, check_config, command_line_overrides
 from sur_lightning.evaluation.evaluator import evaluator_from_config, score_columns
@@ -73,14 +74,19 @@ def explore(cfg, overrides: list[str] | None = None) -> dict:
     sampler = sampler_kwargs(cfg.sampler)
     pipeline = build_pipeline(backbone, sampler.pop("scheduler"))
     sampler.pop("batch_size")
-    setup = Setup(pipeline, columns, prompts, list(cfg.seeds), cfg.negative_prompt, sampler)
-    picture = tool.run(setup)
+    with tqdm(desc=tool_name, unit="img") as progress:
+        picture = tool.run(Setup(pipeline, columns, prompts, list(cfg.seeds), cfg.negative_prompt, sampler, progress))
 
     save_images(picture, out_dir, tool_name)
-    written = {"grid": str(save_grid(labelled_grid(picture.columns, picture.rows), out_dir / "grid.png"))}
+    shown = len(picture.rows) if cfg.grid_rows is None else min(len(picture.rows), int(cfg.grid_rows))
+    grid = labelled_grid({title: images[:shown] for title, images in picture.columns.items()}, picture.rows[:shown])
+    written = {"grid": str(save_grid(grid, out_dir / "grid.png"))}
+    if shown < len(picture.rows):
+        print(f"grid.png shows the first {shown} of {len(picture.rows)} rows (grid_rows={cfg.grid_rows}); every image is in images/")
     sources = {c.name: c.source for c in columns}
     if isinstance(tool, BestOfN):
         sources |= {tool.best_column(c.name): {**c.source, "reranked": f"best of {tool.n}"} for c in columns}
+        sources |= {tool.all_column(c.name): {**c.source, "reranked": f"all {tool.n} candidates"} for c in columns}
     named = [Column(name, None, source) for name, source in sources.items()]
     written["manifest"] = str(write_manifest(out_dir, picture.images, named, resolved))
     print(f"\n{tool_name}: {len(picture.images)} images in {out_dir / 'images' / tool_name}\n  grid:     {written['grid']}")

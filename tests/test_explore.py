@@ -189,6 +189,7 @@ def test_best_of_n_keeps_the_scorer_argmax(pipeline, base):
     tool = BestOfN(scorer, n=3)
     picture = tool.run(setup_of(pipeline, [Column("base", base, {"kind": "base"})], seeds=[0, 1]))
     first, best = [r for r in picture.images if r.column == "base"], [r for r in picture.images if r.column == "base best-of-3"]
+    assert [r.info["score"] for r in picture.images if r.column == "base all-3"] == pytest.approx([0.1, 0.9, 0.3] * 2)
     assert [r.seed for r in first] == [0, 3] and [r.seed for r in best] == [1, 4]  # draws 0 and 1: seeds 0-2, 3-5
     candidates = render(pipeline, base, [PROMPT] * 3, [3, 4, 5], **FAST)
     assert np.abs(pixels(best[1].image) - pixels(candidates[1])).max() <= 2
@@ -236,7 +237,7 @@ def compose_explore(tmp_path, cache_dir, *overrides):
         ("interpolate", ["tool.between=prompts", "tool.steps=3", "tool.noise_to_seed=5"], 3, 3, 9),  # base, sur, ella
         ("text_diff", ["tool.strengths=[0,1]"], 6, 2, 12),
         ("variations", ["tool.strengths=[0,0.5]", "tool.num_variations=2", "sampler.num_inference_steps=4"], 12, 3, 6 * 5),  # input + 2 × 2
-        ("best_of_n", ["tool.n=2", "metrics.compute=[shapes]"], 6, 3, 12),
+        ("best_of_n", ["tool.n=2", "metrics.compute=[shapes]"], 6, 3, 6 * 4),  # first, best, 2 candidates
     ],
 )
 def test_each_tool_writes_its_grid_and_manifest(tmp_path, cache_dir, tiny_sd, tiny_llm, adapters, tool, overrides, rows, columns, images):
@@ -251,7 +252,7 @@ def test_each_tool_writes_its_grid_and_manifest(tmp_path, cache_dir, tiny_sd, ti
     assert manifest["settings"]["tool"]["_target_"].startswith("sur_lightning.generation.tools.")
     if tool == "best_of_n":
         report = json.loads((run / "report.json").read_text())
-        assert set(report["columns"]) == {"base", "base best-of-2", "sur", "sur best-of-2", "ella", "ella best-of-2"}
+        assert set(report["columns"]) == {f"{c}{k}" for c in ("base", "sur", "ella") for k in ("", " best-of-2", " all-2")}
         assert {r.column for r in read_manifest(run)} == set(report["columns"])  # evaluate images_dir=<run> reads it
     if tool == "text_diff":
         assert {row["strength"] for row in manifest["images"]} == {0.0, 1.0}

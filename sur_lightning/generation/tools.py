@@ -59,8 +59,13 @@ class Setup:
     def adapters(self) -> list[Column]:
         return [c for c in self.columns if "adapter" in c.source]
 
+    progress: object = None  # a tqdm bar counting rendered images, or None
+
     def render(self, conditioning: ClipConditioning, prompts: Sequence[str], seeds: Sequence[int], **kwargs) -> list[Image.Image]:
-        return render(self.pipeline, conditioning, prompts, seeds, negative_prompt=self.negative_prompt, **self.sampler, **kwargs)
+        images = render(self.pipeline, conditioning, prompts, seeds, negative_prompt=self.negative_prompt, **self.sampler, **kwargs)
+        if self.progress is not None:
+            self.progress.update(len(images))
+        return images
 
 
 @dataclass
@@ -112,7 +117,7 @@ class Interpolation:
                         "tool.between=prompts, or tool.from_column=<another adapter with that count>"
                     )
             return [
-                (f"{start.name} → {end.name}: {p.prompt}", end.name,
+                (f"{start.name} -> {end.name}: {p.prompt}", end.name,
                  BlendConditioning(start.conditioning, end.conditioning, self.weights, method=self.method), p,
                  {"from": start.name, "to": end.name})
                 for end in setup.adapters for p in setup.prompts
@@ -121,7 +126,7 @@ class Interpolation:
             raise ValueError("tool.between=prompts interpolates each prompt into the next: give at least 2 prompts")
         pairs = list(zip(setup.prompts, setup.prompts[1:]))
         return [
-            (f"{column.name}: {a.prompt} → {b.prompt}", column.name,
+            (f"{column.name}: {a.prompt} -> {b.prompt}", column.name,
              BlendConditioning(column.conditioning, column.conditioning, self.weights, {a.prompt: b.prompt}, self.method),
              a, {"from": a.prompt, "to": b.prompt})
             for column in setup.explored for a, b in pairs
@@ -168,7 +173,7 @@ class TextDiffs:
                     n = len(self.strengths)
                     strip = setup.render(diff, [prompt.prompt] * n, [seed] * n)
                     strips.append(strip)
-                    label = f"{column.name}: {prompt.prompt} + s·({self.target} − {self.source})"
+                    label = f"{column.name}: {prompt.prompt} + s*({self.target} - {self.source})"
                     rows.append(f"{label} ({seed})" if len(setup.seeds) > 1 else label)
                     info = {"source": self.source, "target": self.target, "method": self.method}
                     images += [Rendered(column.name, prompt, seed, image, info={**info, "strength": s})
@@ -263,8 +268,9 @@ def mark(image: Image.Image, text: str, chosen: bool = False, cell: int = 128) -
 
 class BestOfN:
     """For every column, prompt and seed s: ``n`` samples (seeds s·n … s·n + n − 1), scored by ``scorer``; the best
-    is kept. The images come back as two columns per conditioning: ``<column>`` (the first sample, what one draw
-    gives) and ``<column> best-of-<n>``, so a metric over both says what reranking adds.
+    is kept. The images come back as three columns per conditioning: ``<column>`` (the first sample, what one draw
+    gives), ``<column> best-of-<n>`` and ``<column> all-<n>`` (every candidate with its score, so another reranker
+    can be tried on the same samples), so a metric over them says what reranking adds.
 
     scorer:       any object with ``score(images, prompts) -> Tensor [N]`` (higher is better), e.g.
                   ``evaluation.metrics.clip_score.CLIPScorer`` or ``evaluation.rerank.DenoisingScorer``.
@@ -296,6 +302,10 @@ class BestOfN:
     def best_column(self, name: str) -> str:
         return f"{name} best-of-{self.n}"
 
+    def all_column(self, name: str) -> str:
+        """Every candidate: its metric is one draw's expected score, with N times the images of ``<column>``."""
+        return f"{name} all-{self.n}"
+
     def run(self, setup: Setup) -> Picture:
         strips, rows, images = [], [], []
         # The upper bound (base + complex prompt) once per draw, unranked: a report over the columns then gives
@@ -314,6 +324,8 @@ class BestOfN:
                     info = {"scores": scores, "candidate_seeds": seeds, "chosen": best, "draw": seed}
                     images.append(Rendered(column.name, prompt, seeds[0], candidates[0], info=info))
                     images.append(Rendered(self.best_column(column.name), prompt, seeds[best], candidates[best], info=info))
+                    images += [Rendered(self.all_column(column.name), prompt, s, image, info={"score": score, "draw": seed})
+                               for s, image, score in zip(seeds, candidates, scores)]
                     strips.append([mark(image, f"{score:.3g}", k == best) for k, (image, score) in enumerate(zip(candidates, scores))]
                                   + [mark(candidates[best], f"seed {seeds[best]}", True)])
                     rows.append(f"{column.name}: {prompt.prompt} ({seed})")
