@@ -65,6 +65,12 @@ def noise_slerp(a: torch.Tensor, b: torch.Tensor, weights: Sequence[float]) -> t
     return flat.reshape(len(weights), *a.shape)
 
 
+def _check_rows(prompts: Sequence[str], values: torch.Tensor, what: str, name: str) -> None:
+    """One prompt per row weight: a conditioning built for a strip renders exactly that strip."""
+    if len(prompts) != len(values):
+        raise ValueError(f"{what} of {len(values)} {name} renders {len(values)} rows, got {len(prompts)} prompts")
+
+
 def _row_weights(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Per-row weights [B] shaped to broadcast over ``like`` [B, ...] with its last axis kept."""
     return values.to(like.device, like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
@@ -109,8 +115,7 @@ class BlendConditioning(ClipConditioning):
 
     @torch.no_grad()
     def features(self, prompts: Sequence[str]) -> BlendFeatures:
-        if len(prompts) != len(self.weights):
-            raise ValueError(f"a blend of {len(self.weights)} weights renders {len(self.weights)} rows, got {len(prompts)} prompts")
+        _check_rows(prompts, self.weights, "a blend", "weights")
         first = self.first.features(prompts)
         second = self.second.features([self.partner.get(p, p) for p in prompts])
         return BlendFeatures(clip=first.clip, pooled=first.pooled, first=first, second=second, weights=self.weights)
@@ -177,8 +182,7 @@ class TextDiffConditioning(ClipConditioning):
 
     @torch.no_grad()
     def features(self, prompts: Sequence[str]) -> TextDiffFeatures:
-        if len(prompts) != len(self.strengths):
-            raise ValueError(f"a text diff of {len(self.strengths)} strengths renders {len(self.strengths)} rows, got {len(prompts)} prompts")
+        _check_rows(prompts, self.strengths, "a text diff", "strengths")
         prompt = self.conditioning.features(prompts)
         return TextDiffFeatures(
             clip=prompt.clip,
