@@ -80,6 +80,11 @@ ROWS: dict[str, tuple[str, list[str], str]] = {
         ["+llm/rag=toyworld", "llm.rag_pooling=all", "llm.rag.name_dropout=0.5"],
         "ella_rag + name dropout 0.5: the object's name becomes a nonsense word in prompt and fact (4 variants)",
     ),
+    "ella_name_dropout_p1": (
+        "ella_demo",
+        ["+llm/rag=toyworld", "llm.rag_pooling=all", "llm.rag.name_dropout=1.0"],
+        "ella_rag + name dropout 1.0: every training name is a nonsense word, so only the fact says what to draw",
+    ),
 }
 SPLIT_SEEDS = {"adapter_train": [0], "held_out_combinations": [0, 1], "held_out_objects": [0, 1, 2]}
 
