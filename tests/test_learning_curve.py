@@ -101,3 +101,46 @@ def test_converged_step_is_where_the_curve_stops_moving():
     assert converged_step(curve([0.0, 0.1, 0.3, 0.6]), SPLIT, "gap") is None
     assert converged_step(curve([0.2, 0.21, 0.2, 0.22]), SPLIT, "gap") == 300
     assert json.dumps(curve([0, 0, 0, 0]))  # plain JSON: the benchmark writes it as it is
+
+
+def test_chart_gives_each_row_its_own_line_style_and_marks_undefined_panels(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from sur_lightning.evaluation.learning_curve import chart
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    cell = {"mean": 0.5, "lo": 0.4, "hi": 0.6}
+    curves = {f"row{i}": {s: {"train_seconds": s / 10, SPLIT: {"gap_color_accuracy": cell, "gap_count_accuracy": None}}
+                          for s in (300, 600)} for i in range(12)}
+    path = chart(curves, [SPLIT], tmp_path / "curve.png", metrics=("gap_color_accuracy", "gap_count_accuracy"))
+    assert path.stat().st_size > 0
+    (fig,) = figures
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == list(curves)  # no axis-line labels
+    drawn, undefined = fig.axes
+    styles = {(line.get_color(), line.get_linestyle()) for line in drawn.lines if not line.get_label().startswith("_")}
+    assert len(styles) == 12  # the default colour cycle would repeat after ten
+    assert not undefined.lines and "undefined" in undefined.texts[0].get_text()
+    assert [int(t) for t in drawn.get_xticks()] == [300, 600]
+
+
+def test_converged_table_reads_each_row_from_its_own_file_and_names_a_missing_one(tmp_path):
+    import importlib.util
+
+    script = Path(__file__).resolve().parent.parent / "experiments" / "toyworld_benchmark" / "converged.py"
+    spec = importlib.util.spec_from_file_location("converged", script)
+    converged = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(converged)
+    cell = {"mean": 0.91, "lo": 0.82, "hi": 0.98}
+    entry = {"seeds": 3, "train_seconds": 577.0, **{s: {"gap_color_accuracy": cell} for s in converged.SPLITS}}
+    (tmp_path / "long").mkdir()
+    (tmp_path / "long" / "summary.json").write_text(json.dumps({"ella_demo": {"2400": entry, "4800": entry}}))
+    (tmp_path / "summary.json").write_text(json.dumps({"sur_demo": {"2400": {**entry, "seeds": 2}}}))
+    read_at = {"ella_demo": ("long/summary.json", 4800), "sur_demo": ("summary.json", 2400)}
+    text = converged.table(read_at, tmp_path)
+    assert "| ella_demo | 4800 | 3 | 577 | 0.91 [0.82, 0.98] | – |" in text
+    assert "| sur_demo | 2400 | 2 |" in text and "`long/summary.json`, `summary.json`" in text
+    assert list(converged.curves(read_at, tmp_path)["ella_demo"]) == [2400, 4800]
+    with pytest.raises(KeyError, match="summary.json has no row 'ella_demo' at step 1200"):
+        converged.table({"ella_demo": ("long/summary.json", 1200)}, tmp_path)

@@ -1,8 +1,10 @@
 """The converged table: every row read at the budget where its learning curve has flattened.
 
 The SUR rows flatten by 1,200 steps, so they are read at 2,400 from the main benchmark (`summary.json`); the ELLA rows
-were still rising at 2,400 and are read at 4,800 from the longer runs (`results_4800/summary.json`). Both files are
-written by `run.py`; this script only reads them and writes `converged.md`.
+were still rising at 2,400 and are read at 4,800 from the longer runs (`results_4800/summary.json`,
+`results_name_dropout/summary.json`). Those files are written by `run.py`; this script only reads them and writes
+`converged.md` and the charts of every row's curve from the runs it is read at (`curve_converged_steps.png`,
+`curve_converged_seconds.png`).
 
     python experiments/toyworld_benchmark/converged.py
 """
@@ -29,6 +31,12 @@ READ_AT = {
     "sur_paper": ("summary.json", 2400),
     "denoising_only": ("summary.json", 2400),
 }
+
+
+def curves(read_at: dict[str, tuple[str, int]] = READ_AT, root: Path = HERE) -> dict[str, dict]:
+    """{row: {step: summary entry}} from each row's own file, steps as ints (the learning-curve chart's input)."""
+    loaded = {file: json.loads((root / file).read_text()) for file in {file for file, _ in read_at.values()}}
+    return {name: {int(step): entry for step, entry in loaded[file][name].items()} for name, (file, _) in read_at.items()}
 
 
 def fmt(cell: dict | None) -> str:
@@ -58,14 +66,22 @@ def table(read_at: dict[str, tuple[str, int]] = READ_AT, root: Path = HERE) -> s
         lines.append(f"| {name} | {step} | {entry['seeds']} | {entry['train_seconds']:.0f} | " + " | ".join(cells) + " |")
     return (
         "Gap closed (colour, shape) and the valid-image rate, each row at its converged budget; means over 3 training "
-        "seeds with 95 % intervals (two-level bootstrap). Written by `converged.py` from `summary.json` and "
-        "`results_4800/summary.json`.\n\n" + "\n".join(lines) + "\n"
+        "seeds with 95 % intervals (two-level bootstrap). Written by `converged.py` from "
+        + ", ".join(f"`{file}`" for file in dict.fromkeys(file for file, _ in read_at.values())) + ".\n\n" + "\n".join(lines) + "\n"
     )
 
 
 def main() -> None:
+    import sys
+
+    sys.path.insert(0, str(HERE.parents[1]))
+    from sur_lightning.evaluation import learning_curve
+
     text = table()
     (HERE / "converged.md").write_text(text)
+    rows = curves()
+    for x in ("step", "train_seconds"):
+        learning_curve.chart(rows, SPLITS, HERE / f"curve_converged_{'steps' if x == 'step' else 'seconds'}.png", x=x)
     print(text)
 
 

@@ -162,6 +162,9 @@ def converged_step(summary: dict, split: str, name: str, tolerance: float = 0.05
     return steps[first]
 
 
+SECONDS_TICKS = (10, 25, 50, 100, 200, 400, 800, 1600, 3200, 6400)
+
+
 def chart(curves: dict[str, dict], splits: Sequence[str], path: str | Path, x: str = "step",
           metrics: Sequence[str] = ("gap_color_accuracy", "gap_shape_accuracy", "gap_count_accuracy", "valid_image")) -> Path:
     """One panel per (split, metric): each row's curve against ``x`` ("step" or "train_seconds"), log-scaled,
@@ -170,29 +173,51 @@ def chart(curves: dict[str, dict], splits: Sequence[str], path: str | Path, x: s
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
+    # tab20 keeps a dozen rows apart (the default cycle repeats after ten); solid lines first, then dashed.
+    palette = plt.get_cmap("tab20").colors
+    styles = {name: (palette[(2 * i) % 20 + (i // 10) % 2], "-" if i < 10 else "--") for i, name in enumerate(curves)}
     fig, axes = plt.subplots(len(splits), len(metrics), figsize=(3.6 * len(metrics), 2.9 * len(splits)), squeeze=False)
     for i, split in enumerate(splits):
         for j, metric in enumerate(metrics):
             ax = axes[i][j]
+            ticks: set[float] = set()
             for name, summary in curves.items():
                 steps = [s for s in sorted(summary) if summary[s][split].get(metric)]
                 if not steps:
                     continue
                 xs = [s if x == "step" else summary[s]["train_seconds"] for s in steps]
+                # Steps are the export points; seconds get round numbers in the range.
+                ticks.update(xs if x == "step" else [t for t in SECONDS_TICKS if min(xs) / 1.5 <= t <= max(xs) * 1.5])
                 cells = [summary[s][split][metric] for s in steps]
-                (line,) = ax.plot(xs, [c["mean"] for c in cells], marker="o", ms=3, label=name)
-                ax.fill_between(xs, [c["lo"] for c in cells], [c["hi"] for c in cells], color=line.get_color(), alpha=0.15)
-            ax.set_xscale("log")
-            ax.axhline(0, color="black", lw=0.6)
-            ax.axhline(1, color="grey", lw=0.6, ls="--")
+                color, style = styles[name]
+                ax.plot(xs, [c["mean"] for c in cells], marker="o", ms=3, color=color, ls=style, label=name)
+                ax.fill_between(xs, [c["lo"] for c in cells], [c["hi"] for c in cells], color=color, alpha=0.12)
+            if not ax.lines:
+                # A gap is undefined where base + simple already matches base + complex (counts on some splits).
+                ax.text(0.5, 0.5, "undefined: the base's two\ncolumns do not differ", ha="center", va="center",
+                        transform=ax.transAxes, fontsize=8, color="grey")
+                ax.set_xticks([])
+                ax.set_yticks([])
+            else:
+                ax.set_xscale("log")
+                ax.axhline(0, color="black", lw=0.6)
+                ax.axhline(1, color="grey", lw=0.6, ls="--")
+                ax.xaxis.set_minor_formatter(NullFormatter())
+                if ticks:
+                    ax.set_xticks(sorted(ticks))
+                    ax.xaxis.set_major_formatter(ScalarFormatter())
+                    ax.tick_params(axis="x", labelsize=7)
             ax.set_title(f"{split.replace('_', ' ')}: {metric.replace('gap_', 'gap ').replace('_accuracy', '')}", fontsize=9)
             if i == len(splits) - 1:
                 ax.set_xlabel("training steps" if x == "step" else "training seconds (2 CPU cores)")
-    axes[0][-1].legend(fontsize=7, loc="best")
+    handles = {line.get_label(): line for ax in axes.flat for line in ax.lines if not line.get_label().startswith("_")}
+    # Outside the panels: inside one it hides that panel's curves.
+    fig.legend(list(handles.values()), list(handles), fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.suptitle("Toy world: share of the base's simple-vs-complex gap closed (mean over seeds, 95 % band)", fontsize=10)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
