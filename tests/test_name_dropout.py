@@ -139,6 +139,20 @@ def test_the_renamed_prompt_and_its_fact_share_the_placeholder_and_name_neither_
         renaming_retriever.augment(["a pair of sukebs and a zemip"])
 
 
+def test_anonymise_reads_every_named_prompt_as_its_variant_0_and_leaves_the_rest(renaming_retriever, renamer):
+    anonymous = Retriever(renaming_retriever.knowledge_base, renaming_retriever.encoder, anonymise=True)
+    plain = Retriever(renaming_retriever.knowledge_base, renaming_retriever.encoder)
+    for prompt in ("a pair of tomatoes", "a single plum on a table", "a trio of emeralds"):
+        (text,) = anonymous.augment([prompt])
+        assert text == renaming_retriever.augment([renamer.variant(prompt, 0)])[0] != plain.augment([prompt])[0]
+        assert not names_word(text, *renamer.names[renamer.find(prompt)])
+        # A prompt name dropout renamed already keeps its own variant.
+        renamed = renamer.variant(prompt, 2)
+        assert anonymous.augment([renamed]) == renaming_retriever.augment([renamed])
+    assert anonymous.augment(["a violin concert", "two red circles"]) == plain.augment(["a violin concert", "two red circles"])
+    assert anonymous.fingerprint()["anonymise"] is True and "anonymise" not in plain.fingerprint()
+
+
 def test_the_rate_is_respected_and_the_variant_is_uniform(renamer):
     prompt = "a pair of tomatoes on a table"
     draws = [renamer.draw(prompt, 0.3, f"0:{epoch}:row{i}") for epoch in range(4) for i in range(1000)]
@@ -177,6 +191,8 @@ def test_p0_changes_no_fingerprint_and_no_prompt(tmp_path, cache_dir, tiny_sd, t
     assert llm_fingerprint(default.llm) == llm_fingerprint(before.llm)
     assert llm_fingerprint(compose_world(tmp_path, cache_dir, *rag, "llm.rag.name_variants=2").llm) == llm_fingerprint(before.llm)
     assert "name_dropout" not in llm_fingerprint(default.llm)["rag"]
+    anonymous = compose_world(tmp_path, cache_dir, *rag, "llm.rag.anonymise=true")
+    assert instantiate(anonymous.llm.rag).anonymise and llm_fingerprint(anonymous.llm)["rag"]["anonymise"] is True
     on = {p: llm_fingerprint(compose_world(tmp_path, cache_dir, *rag, f"llm.rag.name_dropout={p}").llm) for p in (0.25, 0.5)}
     assert on[0.25] == on[0.5] != llm_fingerprint(default.llm) and on[0.5]["rag"]["name_dropout"]["version"] == 1
 

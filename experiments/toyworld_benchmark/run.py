@@ -85,6 +85,13 @@ ROWS: dict[str, tuple[str, list[str], str]] = {
         ["+llm/rag=toyworld", "llm.rag_pooling=all", "llm.rag.name_dropout=1.0"],
         "ella_rag + name dropout 1.0: every training name is a nonsense word, so only the fact says what to draw",
     ),
+    # Training is ella_name_dropout_p1's (every training name is renamed already, so anonymise changes nothing there):
+    # its runs' exports can be copied here and scored, not trained again.
+    "ella_name_dropout_p1_anonymise": (
+        "ella_demo",
+        ["+llm/rag=toyworld", "llm.rag_pooling=all", "llm.rag.name_dropout=1.0", "llm.rag.anonymise=true"],
+        "ella_name_dropout_p1 read anonymised at inference too: every name becomes a nonsense word after retrieval",
+    ),
 }
 SPLIT_SEEDS = {"adapter_train": [0], "held_out_combinations": [0, 1], "held_out_objects": [0, 1, 2]}
 

@@ -50,6 +50,11 @@ class Retriever:
     placeholder word that is no renamed variant is an error (the data and the LLM disagree on K or the
     knowledge base). With p = 0 (the default) nothing is renamed or undone, and the fingerprint is the
     one it had before name dropout existed.
+
+    ``anonymise``: every prompt that names a knowledge-base object is read as its renamed variant 0, in
+    training and at inference, prompt and fact alike, so the object's name serves retrieval only and the
+    LLM reads a nonsense word where the name was. A connector trained with name dropout p = 1 then reads
+    at inference what it read in training.
     """
 
     def __init__(
@@ -63,6 +68,7 @@ class Retriever:
         separator: str = " ",
         name_dropout: float = 0.0,
         name_variants: int = 4,
+        anonymise: bool = False,
     ) -> None:
         if top_k < 1:
             raise ValueError(f"rag.top_k must be at least 1, got {top_k}")
@@ -75,8 +81,10 @@ class Retriever:
         if not 0.0 <= float(name_dropout) <= 1.0:
             raise ValueError(f"rag.name_dropout is a probability in [0, 1], got {name_dropout}")
         self.name_dropout = float(name_dropout)
-        # Only with name dropout on does a renamed prompt mean anything here.
-        self.renamer = NameDropout(name_lexicon(self.knowledge_base), name_variants) if self.name_dropout > 0 else None
+        self.anonymise = bool(anonymise)
+        # Only with name dropout or anonymising on does a renamed prompt mean anything here.
+        renames = self.name_dropout > 0 or self.anonymise
+        self.renamer = NameDropout(name_lexicon(self.knowledge_base), name_variants) if renames else None
         if isinstance(encoder, SentenceEncoderFeatures):
             if encoder.pooling != "mean":
                 raise ValueError(f"the retriever's encoder must pool (pooling='mean'), got pooling={encoder.pooling!r}")
@@ -115,6 +123,7 @@ class Retriever:
             "separator": self.separator,
             # Only with name dropout on, so every fingerprint made without it stays as it was.
             **({"name_dropout": self.renamer.fingerprint()} if self.renamer is not None else {}),
+            **({"anonymise": True} if self.anonymise else {}),
         }
 
     # ------------------------------------------------------------------ index
@@ -204,7 +213,7 @@ class Retriever:
         return head + prompt + after, len(head)
 
     def augment_spans(self, prompts: list[str]) -> list[tuple[str, int]]:
-        prompts = list(prompts)
+        prompts = [self.anonymised(p) for p in prompts] if self.anonymise else list(prompts)
         queries, renamed = self.undo_renaming(prompts)
         spans = []
         for prompt, rename, passages in zip(prompts, renamed, self.retrieve(queries)):
@@ -212,6 +221,12 @@ class Retriever:
                 passages = [Passage(p.title, self.renamer.rename_fact(p.text, *rename), p.score) for p in passages]
             spans.append(self.fill(prompt, passages))
         return spans
+
+    def anonymised(self, prompt: str) -> str:
+        """``prompt`` with its object renamed (variant 0); unchanged when it names none or is renamed already."""
+        if self.renamer.placeholders_in(prompt):
+            return prompt
+        return self.renamer.variant(prompt, 0) or prompt
 
     def undo_renaming(self, prompts: list[str]) -> tuple[list[str], list[tuple[int, str] | None]]:
         """The prompts to retrieve with (a renamed one's original) and, per prompt, (object index,
