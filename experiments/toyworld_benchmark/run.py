@@ -85,6 +85,11 @@ ROWS: dict[str, tuple[str, list[str], str]] = {
         ["+llm/rag=toyworld", "llm.rag_pooling=all", "llm.rag.name_dropout=1.0"],
         "ella_rag + name dropout 1.0: every training name is a nonsense word, so only the fact says what to draw",
     ),
+    "ella_name_dropout_p1_k7": (
+        "ella_demo",
+        ["+llm/rag=toyworld", "llm.rag_pooling=all", "llm.rag.name_dropout=1.0", "llm.rag.name_variants=7"],
+        "ella_name_dropout_p1 with 7 nonsense words per caption (the most 157 words allow for 20 names) instead of 4",
+    ),
     # Training is ella_name_dropout_p1's (every training name is renamed already, so anonymise changes nothing there):
     # its runs' exports can be copied here and scored, not trained again.
     "ella_name_dropout_p1_anonymise": (
