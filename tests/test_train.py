@@ -236,8 +236,10 @@ def test_sigkill_mid_epoch_then_ckpt_path_last_continues_with_the_uninterrupted_
         sys.executable, "-m", "sur_lightning.train", "+experiment=sur_demo", *tiny_overrides(tmp_path, cache_dir), *common,
         "trainer.max_steps=100000", f"paths.output_dir={output}", f"hydra.run.dir={output}",
     ]
-    # Two threads, as conftest gives this process: the same float reduction order on both sides.
-    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    # As many threads as this process has (conftest caps it at 2; OMP_NUM_THREADS=1 makes it 1): the same float
+    # reduction order on both sides.
+    threads = str(torch.get_num_threads())
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": threads}
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 300
