@@ -153,6 +153,26 @@ def test_anonymise_reads_every_named_prompt_as_its_variant_0_and_leaves_the_rest
     assert anonymous.fingerprint()["anonymise"] is True and "anonymise" not in plain.fingerprint()
 
 
+def test_the_unseen_objects_preset_is_the_benchmark_row_that_reads_facts_anonymised(compose):
+    import importlib.util
+
+    from omegaconf import OmegaConf
+
+    script = Path(__file__).resolve().parent.parent / "experiments" / "toyworld_benchmark" / "run.py"
+    spec = importlib.util.spec_from_file_location("toyworld_benchmark_run", script)
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    preset, overrides, _ = run.ROWS["ella_name_dropout_p1_anonymise"]
+    cfg = compose("+experiment=ella_unseen_objects", tiny=False)
+    row = compose(f"+experiment={preset}", *overrides, "trainer.max_steps=4800", "task_name=ella_unseen_objects",
+                  tiny=False)
+    assert OmegaConf.to_container(cfg.llm) == OmegaConf.to_container(row.llm)
+    assert cfg.llm.rag.anonymise and cfg.data.name_dropout == 1.0 and cfg.trainer.max_steps == 4800
+    # Everything else too, but the tags (unresolved: the loggers interpolate the tags).
+    preset_cfg, row_cfg = OmegaConf.to_container(cfg), OmegaConf.to_container(row)
+    assert preset_cfg.pop("tags") != row_cfg.pop("tags") and preset_cfg == row_cfg
+
+
 def test_the_rate_is_respected_and_the_variant_is_uniform(renamer):
     prompt = "a pair of tomatoes on a table"
     draws = [renamer.draw(prompt, 0.3, f"0:{epoch}:row{i}") for epoch in range(4) for i in range(1000)]

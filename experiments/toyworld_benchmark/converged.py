@@ -18,8 +18,10 @@ HERE = Path(__file__).resolve().parent
 SPLITS = ("adapter_train", "held_out_combinations", "held_out_objects")
 # (summary file, step) each row is read at; the order is the table's.
 READ_AT = {
+    "ella_name_dropout_p1_anonymise": ("results_name_dropout/summary.json", 4800),
     "ella_rag": ("results_4800/summary.json", 4800),
     "ella_name_dropout": ("results_4800/summary.json", 4800),
+    "ella_name_dropout_p1": ("results_name_dropout/summary.json", 4800),
     "ella_demo": ("results_4800/summary.json", 4800),
     "ella": ("results_4800/summary.json", 4800),
     "sur_multi_teacher": ("summary.json", 2400),
