@@ -14,6 +14,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
+
+
+def load_experiment_script(relative: str, name: str):
+    """An ``experiments/`` script (not a package) imported as module ``name``: ``load_experiment_script("loss_table/run.py", ...)``."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, EXPERIMENTS_DIR / relative)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")

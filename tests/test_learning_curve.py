@@ -126,12 +126,9 @@ def test_chart_gives_each_row_its_own_line_style_and_marks_undefined_panels(tmp_
 
 
 def test_converged_table_reads_each_row_from_its_own_file_and_names_a_missing_one(tmp_path):
-    import importlib.util
+    from conftest import load_experiment_script
 
-    script = Path(__file__).resolve().parent.parent / "experiments" / "toyworld_benchmark" / "converged.py"
-    spec = importlib.util.spec_from_file_location("converged", script)
-    converged = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(converged)
+    converged = load_experiment_script("toyworld_benchmark/converged.py", "converged")
     cell = {"mean": 0.91, "lo": 0.82, "hi": 0.98}
     entry = {"seeds": 3, "train_seconds": 577.0, **{s: {"gap_color_accuracy": cell} for s in converged.SPLITS}}
     (tmp_path / "long").mkdir()

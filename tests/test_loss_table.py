@@ -1,21 +1,15 @@
 """experiments/loss_table/run.py: one row per pair with every encoder's losses, and a summary, in CSV and markdown."""
 
 import csv
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
-
-SCRIPT = Path(__file__).resolve().parent.parent / "experiments" / "loss_table" / "run.py"
+from conftest import load_experiment_script
 
 
 @pytest.fixture(scope="module")
 def loss_table():
-    spec = importlib.util.spec_from_file_location("loss_table_run", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment_script("loss_table/run.py", "loss_table_run")
 
 
 def test_the_script_writes_one_row_per_pair_with_every_loss(loss_table, tmp_path, llm):

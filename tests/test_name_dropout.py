@@ -154,14 +154,10 @@ def test_anonymise_reads_every_named_prompt_as_its_variant_0_and_leaves_the_rest
 
 
 def test_the_unseen_objects_preset_is_the_benchmark_row_that_reads_facts_anonymised(compose):
-    import importlib.util
-
+    from conftest import load_experiment_script
     from omegaconf import OmegaConf
 
-    script = Path(__file__).resolve().parent.parent / "experiments" / "toyworld_benchmark" / "run.py"
-    spec = importlib.util.spec_from_file_location("toyworld_benchmark_run", script)
-    run = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(run)
+    run = load_experiment_script("toyworld_benchmark/run.py", "toyworld_benchmark_run")
     preset, overrides, _ = run.ROWS["ella_name_dropout_p1_anonymise"]
     cfg = compose("+experiment=ella_unseen_objects", tiny=False)
     row = compose(f"+experiment={preset}", *overrides, "trainer.max_steps=4800", "task_name=ella_unseen_objects",

@@ -12,9 +12,14 @@ were still rising at 2,400 and are read at 4,800 from the longer runs (`results_
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1]))
+
+from sur_lightning.evaluation.learning_curve import chart, fmt
+
 SPLITS = ("adapter_train", "held_out_combinations", "held_out_objects")
 # (summary file, step) each row is read at; the order is the table's.
 READ_AT = {
@@ -38,28 +43,22 @@ READ_AT = {
 def curves(read_at: dict[str, tuple[str, int]] = READ_AT, root: Path = HERE) -> dict[str, dict]:
     """{row: {step: summary entry}} from each row's own file, steps as ints (the learning-curve chart's input)."""
     loaded = {file: json.loads((root / file).read_text()) for file in {file for file, _ in read_at.values()}}
-    return {name: {int(step): entry for step, entry in loaded[file][name].items()} for name, (file, _) in read_at.items()}
-
-
-def fmt(cell: dict | None) -> str:
-    if cell is None:
-        return "–"
-    return f"{cell['mean']:.2f} [{cell['lo']:.2f}, {cell['hi']:.2f}]"
+    rows = {}
+    for name, (file, step) in read_at.items():
+        rows[name] = {int(s): entry for s, entry in loaded[file].get(name, {}).items()}
+        if step not in rows[name]:
+            raise KeyError(f"{root / file} has no row {name!r} at step {step}")
+    return rows
 
 
 def table(read_at: dict[str, tuple[str, int]] = READ_AT, root: Path = HERE) -> str:
-    summaries: dict[str, dict] = {}
     header = "| row | step | seeds | train s |" + "".join(
         f" {split}: colour | shape | valid |" for split in SPLITS
     )
     lines = [header, "|---" * (4 + 3 * len(SPLITS)) + "|"]
-    for name, (file, step) in read_at.items():
-        if file not in summaries:
-            summaries[file] = json.loads((root / file).read_text())
-        try:
-            entry = summaries[file][name][str(step)]
-        except KeyError as error:
-            raise KeyError(f"{root / file} has no row {name!r} at step {step}") from error
+    for name, summary in curves(read_at, root).items():
+        step = read_at[name][1]
+        entry = summary[step]
         cells = []
         for split in SPLITS:
             cell = entry[split]
@@ -74,16 +73,11 @@ def table(read_at: dict[str, tuple[str, int]] = READ_AT, root: Path = HERE) -> s
 
 
 def main() -> None:
-    import sys
-
-    sys.path.insert(0, str(HERE.parents[1]))
-    from sur_lightning.evaluation import learning_curve
-
     text = table()
     (HERE / "converged.md").write_text(text)
     rows = curves()
-    for x in ("step", "train_seconds"):
-        learning_curve.chart(rows, SPLITS, HERE / f"curve_converged_{'steps' if x == 'step' else 'seconds'}.png", x=x)
+    for x, suffix in (("step", "steps"), ("train_seconds", "seconds")):
+        chart(rows, SPLITS, HERE / f"curve_converged_{suffix}.png", x=x)
     print(text)
 
 
