@@ -138,6 +138,8 @@ def test_converged_table_reads_each_row_from_its_own_file_and_names_a_missing_on
     text = converged.table(read_at, tmp_path)
     assert "| ella_demo | 4800 | 3 | 577 | 0.91 [0.82, 0.98] | – |" in text
     assert "| sur_demo | 2400 | 2 |" in text and "`long/summary.json`, `summary.json`" in text
+    # Flat from 2,400 on both held-out splits (the two steps agree); one step says nothing.
+    assert text.splitlines()[4].endswith("| 2400 / 2400 |") and text.splitlines()[5].endswith("| – |")
     assert list(converged.curves(read_at, tmp_path)["ella_demo"]) == [2400, 4800]
     with pytest.raises(KeyError, match="summary.json has no row 'ella_demo' at step 1200"):
         converged.table({"ella_demo": ("long/summary.json", 1200)}, tmp_path)

@@ -18,9 +18,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
-from sur_lightning.evaluation.learning_curve import chart, fmt
+from sur_lightning.evaluation.learning_curve import chart, converged_step, fmt
 
 SPLITS = ("adapter_train", "held_out_combinations", "held_out_objects")
+HELD_OUT = ("held_out_combinations", "held_out_objects")
+# A curve has flattened from the first step whose colour gap stays within this of the last one (learning_curve).
+TOLERANCE = 0.05
 # (summary file, step) each row is read at; the order is the table's.
 READ_AT = {
     "ella_name_dropout_p1_anonymise": ("results_name_dropout/summary.json", 4800),
@@ -54,8 +57,8 @@ def curves(read_at: dict[str, tuple[str, int]] = READ_AT, root: Path = HERE) -> 
 def table(read_at: dict[str, tuple[str, int]] = READ_AT, root: Path = HERE) -> str:
     header = "| row | step | seeds | train s |" + "".join(
         f" {split}: colour | shape | valid |" for split in SPLITS
-    )
-    lines = [header, "|---" * (4 + 3 * len(SPLITS)) + "|"]
+    ) + " colour flat from (held-out combinations / objects) |"
+    lines = [header, "|---" * (5 + 3 * len(SPLITS)) + "|"]
     for name, summary in curves(read_at, root).items():
         step = read_at[name][1]
         entry = summary[step]
@@ -64,10 +67,16 @@ def table(read_at: dict[str, tuple[str, int]] = READ_AT, root: Path = HERE) -> s
             cell = entry[split]
             cells += [fmt(cell.get("gap_color_accuracy")), fmt(cell.get("gap_shape_accuracy")),
                       fmt(cell.get("valid_image"))]
+        # Only the steps up to the one read: "still rising" means the last doubling moved it more than TOLERANCE.
+        read = {s: e for s, e in summary.items() if s <= step}
+        flat = [converged_step(read, split, "gap_color_accuracy", TOLERANCE) for split in HELD_OUT]
+        cells.append("–" if len(read) < 2 else " / ".join("still moving" if s is None else str(s) for s in flat))
         lines.append(f"| {name} | {step} | {entry['seeds']} | {entry['train_seconds']:.0f} | " + " | ".join(cells) + " |")
     return (
-        "Gap closed (colour, shape) and the valid-image rate, each row at its converged budget; means over 3 training "
-        "seeds with 95 % intervals (two-level bootstrap). Written by `converged.py` from "
+        "Gap closed (colour, shape) and the valid-image rate, each row at the longest budget measured for it; means over "
+        "3 training seeds with 95 % intervals (two-level bootstrap). The last column is the step from which the "
+        f"held-out colour gap stays within ±{TOLERANCE} of that budget's value, or \"still moving\" where the last "
+        "step moved it more (– with one step). Written by `converged.py` from "
         + ", ".join(f"`{file}`" for file in dict.fromkeys(file for file, _ in read_at.values())) + ".\n\n" + "\n".join(lines) + "\n"
     )
 
