@@ -17,6 +17,13 @@ connector in diffusers")::
 
 __version__ = "0.1.0"
 
+import os as _os
+
+# MKL and OpenMP may otherwise pick fewer threads than asked from one call to the next, and a run's float sums
+# would depend on the machine's load. Read when they first start, so set before anything imports torch.
+_os.environ.setdefault("MKL_DYNAMIC", "FALSE")
+_os.environ.setdefault("OMP_DYNAMIC", "FALSE")
+
 from sur_lightning.config import register_resolvers as _register_resolvers
 
 # Config interpolations (${llm_pooling:...}, ${wandb_run_name:...}): registered before any config is composed.

@@ -1,6 +1,6 @@
 """Train a connector: ``python -m sur_lightning.train +experiment=demo``.
 
-Reads like a recipe: check the config, seed, build data, model, callbacks, loggers and trainer from
+Reads like a recipe: check the config, pin the threads, seed, build data, model, callbacks, loggers and trainer from
 the config, log the resolved config, fit, write ``metrics.json`` and say where everything went.
 """
 
@@ -23,6 +23,7 @@ from sur_lightning.config import (
     datamodule_arguments,
     use_wandb_offline_without_key,
 )
+from sur_lightning.runtime import environment, pin_threads
 from sur_lightning.training.feature_cache import prepare_feature_cache
 
 
@@ -36,6 +37,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
             "(sur_lightning.data.datamodule.EpochSampler), which is what makes DDP match one process and resume mid-epoch"
         )
     use_wandb_offline_without_key()
+    # Before any work: a run's float sums, and so its result, depend on the thread count (sur_lightning/runtime.py).
+    pin_threads(cfg.get("threads"))
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data, **datamodule_arguments(cfg))
@@ -45,7 +48,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in loggers:
-        logger.log_hyperparams(resolved)
+        logger.log_hyperparams({**resolved, "environment": environment()})
 
     try:
         trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"),
@@ -71,7 +74,8 @@ def report_outputs(cfg, trainer, callbacks, loggers, metrics: dict[str, float]) 
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = output_dir / "metrics.json"
-    metrics_path.write_text(json.dumps({"global_step": trainer.global_step, **metrics}, indent=2, sort_keys=True))
+    record = {"global_step": trainer.global_step, **metrics, "environment": environment()}
+    metrics_path.write_text(json.dumps(record, indent=2, sort_keys=True))
     lines = [f"metrics:    {metrics_path}"]
     if (output_dir / "data_report.json").exists():
         lines.append(f"data:       {output_dir / 'data_report.json'} (skipped, repaired and truncated rows)")

@@ -124,14 +124,20 @@ def test_world_folder_manifest_and_suites(tmp_path):
 
     image = Image.open(out / "adapter_train" / first["file_name"])
     assert shapes.check(image, target=(first["count"], obj.color, obj.shape))["exact"]
-    prompts = world.suite(out, ["held_out_combinations", "held_out_objects"], images_per_combo=3)
+    prompts = world.suite(tmp_path / "world", ["held_out_combinations", "held_out_objects"], images_per_combo=3)
     assert {p.category for p in prompts} == {"held_out_combinations", "held_out_objects"}
     assert all(p.complex and p.target for p in prompts)
-    assert len(world.suite(out, "held_out_objects", images_per_combo=3, per_split=5)) == 5
+    assert len(world.suite(tmp_path / "world", "held_out_objects", images_per_combo=3, per_split=5)) == 5
     # Written once: a second call with the same settings reuses the folder.
     stamp = (out / "manifest.json").stat().st_mtime_ns
     world.write_world(tmp_path / "world", seed=0, images_per_combo=3)
     assert (out / "manifest.json").stat().st_mtime_ns == stamp
+    # Another split seed gets its own folder and leaves this world's files as they were.
+    other = world.write_world(tmp_path / "world", seed=1, images_per_combo=3)
+    assert other != out and json.loads((other / "manifest.json").read_text())["settings"]["seed"] == 1
+    assert (out / "manifest.json").stat().st_mtime_ns == stamp
+    assert world.suite(tmp_path / "world", "held_out_objects", seed=1, images_per_combo=3) != world.suite(
+        tmp_path / "world", "held_out_objects", seed=0, images_per_combo=3)
 
 
 # ---------------------------------------------------------------- the shipped base

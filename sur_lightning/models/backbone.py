@@ -20,6 +20,8 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from sur_lightning.models.rng import keeps_global_rng
+
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -224,6 +226,7 @@ def write_clip_tokenizer_files(folder: str | Path) -> Path:
     return folder
 
 
+@keeps_global_rng
 def build_tiny_stable_diffusion(
     root: str | Path,
     width: int = 32,
@@ -329,6 +332,7 @@ def save_stable_diffusion(root: Path, unet, vae, text_encoder) -> None:
     assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler).save_pretrained(root)
 
 
+@keeps_global_rng
 def build_random_stable_diffusion(root: str | Path, shape: str = "sd15", sample_size: int = 32, seed: int = 0) -> str:
     """Write a random Stable Diffusion of real proportions into ``root`` (once, fp16); return its path. For
     benchmarks, which need the cost of the real architecture, not its weights (none ship offline):

@@ -19,6 +19,7 @@ from typing import NamedTuple
 import torch
 
 from sur_lightning.models.backbone import FrozenModule, load_pretrained, resolve_dtype
+from sur_lightning.models.rng import keeps_global_rng
 
 
 class TokenStates(NamedTuple):
@@ -359,6 +360,7 @@ def find_smollm2_gguf() -> Path:
     return files[0]
 
 
+@keeps_global_rng
 def convert_smollm2_gguf(out_dir: str | Path) -> str:
     """Convert SmolLM2-135M-Instruct from its GGUF to a plain transformers folder (once); return its path."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -390,6 +392,7 @@ def convert_smollm2_gguf(out_dir: str | Path) -> str:
     return str(out_dir)
 
 
+@keeps_global_rng
 def build_tiny_causal_lm(root: str | Path, hidden_size: int = 32, num_layers: int = 2, seed: int = 0) -> str:
     """Write a small random LLaMA (with the CLIP BPE tokenizer) into ``root`` (once); return its path.
 
@@ -424,6 +427,7 @@ def build_tiny_causal_lm(root: str | Path, hidden_size: int = 32, num_layers: in
     return str(root)
 
 
+@keeps_global_rng
 def build_tiny_t5_encoder(root: str | Path, d_model: int = 32, num_layers: int = 2, seed: int = 0) -> str:
     """Write a small random T5 encoder into ``root`` (once) in the hub layout; return its path.
 

@@ -26,6 +26,7 @@ from sur_lightning.models.backbone import (
     resolve_dtype,
     write_clip_tokenizer_files,
 )
+from sur_lightning.models.rng import keeps_global_rng
 
 
 class StableDiffusionXLBackbone(FrozenModule):
@@ -239,6 +240,7 @@ def _sdxl_unet(sample_size: int, blocks, layers, heads, cross_dim: int, pooled_d
     )
 
 
+@keeps_global_rng
 def build_tiny_sdxl(root: str | Path, sample_size: int = 16, seed: int = 0) -> str:
     """Write a small random SDXL into ``root`` (once); return its path. For tests.
 
@@ -265,6 +267,7 @@ def build_tiny_sdxl(root: str | Path, sample_size: int = 16, seed: int = 0) -> s
     return str(root)
 
 
+@keeps_global_rng
 def build_random_sdxl(root: str | Path, sample_size: int = 32, seed: int = 0) -> str:
     """Write a random SDXL base 1.0 of real proportions into ``root`` (once, float16); return its path. For
     benchmarks, which need the architecture's cost, not its weights: UNet (320, 640, 1280) with 1/2/10

@@ -18,6 +18,7 @@ import torch
 
 from sur_lightning.models.backbone import FrozenModule, load_pretrained, resolve_dtype
 from sur_lightning.models.llm import masked_mean
+from sur_lightning.models.rng import keeps_global_rng
 
 
 class SentenceEncoderFeatures(FrozenModule):
@@ -99,6 +100,7 @@ def minilm_path() -> str:
     return str(folder)
 
 
+@keeps_global_rng
 def build_tiny_bert(root: str | Path, hidden_size: int = 32, num_layers: int = 2, seed: int = 0) -> str:
     """Write a small random BERT encoder with all-MiniLM-L6-v2's WordPiece tokenizer into ``root`` (once); return its path.
 

@@ -16,7 +16,9 @@ narrative prompts that need world knowledge to draw.
 
 ``write_world`` writes the adapter-train dataset in the SURD layout (``adapter_train/metadata.jsonl``
 with ``text`` = simple and ``prompt`` = complex prompt), one prompt suite per split
-(``suites/<split>.jsonl``, each row with its target count, colour and shape), and ``manifest.json``.
+(``suites/<split>.jsonl``, each row with its target count, colour and shape), and ``manifest.json``, into a
+folder of ``out`` named by its settings (``data/toyworld/seed0_n16_64px``): worlds of other split seeds
+never share or rewrite each other's files.
 
     python -m sur_lightning.toyworld.world --out data/toyworld
 
@@ -183,16 +185,30 @@ def random_complex_example(rng: random.Random, size: int = IMAGE_SIZE) -> tuple[
     return draw_example(*target, rng, size), complex_prompt(*target), target
 
 
+def world_folder(out: str | Path, seed: int = 0, images_per_combo: int = 16, image_size: int = IMAGE_SIZE) -> Path:
+    """The folder of ``out`` that holds the world of these settings: ``out/seed<seed>_n<images>_<size>px``."""
+    return Path(out) / f"seed{seed}_n{images_per_combo}_{image_size}px"
+
+
 def write_world(
     out: str | Path, seed: int = 0, images_per_combo: int = 16, image_size: int = IMAGE_SIZE
 ) -> Path:
-    """Write the world into ``out`` (once; reused when its manifest matches) and return ``out``.
+    """Write the world into ``world_folder(out, ...)`` (once; reused when its manifest matches) and return that folder.
 
-    ``out/adapter_train/``: ``images_per_combo`` images per adapter-train combination, SURD layout;
-    ``out/suites/<split>.jsonl``: the evaluation prompts of each split with their targets;
-    ``out/manifest.json``: the settings and every split's combinations.
+    ``adapter_train/``: ``images_per_combo`` images per adapter-train combination, SURD layout;
+    ``suites/<split>.jsonl``: the evaluation prompts of each split with their targets;
+    ``manifest.json``: the settings and every split's combinations (written last: a world with it is whole).
+    Two processes asking for the same world at once: one writes it, the other waits for the lock and reuses it.
     """
-    out = Path(out)
+    from filelock import FileLock
+
+    folder = world_folder(out, seed, images_per_combo, image_size)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(folder.with_name(folder.name + ".lock")):
+        return write_world_unlocked(folder, seed, images_per_combo, image_size)
+
+
+def write_world_unlocked(out: Path, seed: int, images_per_combo: int, image_size: int) -> Path:
     splits = make_splits(seed)
     settings = {"seed": seed, "images_per_combo": images_per_combo, "image_size": image_size, "version": 1}
     manifest_file = out / "manifest.json"

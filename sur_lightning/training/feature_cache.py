@@ -14,8 +14,10 @@ into the datamodule.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
+from filelock import FileLock, Timeout
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
@@ -92,22 +94,21 @@ def count(missing: dict[str, list]) -> int:
     return sum(len(v) for v in missing.values())
 
 
-def in_batches(items: list, size: int):
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+def fill_text(store: FeatureStore, prompts: list[str], encode, dtype: torch.dtype, desc: str) -> None:
+    """Encode each prompt alone and store its states (pooled [D] or its real tokens [T, D]).
 
-
-def fill_text(store: FeatureStore, prompts: list[str], encode, batch_size: int, dtype: torch.dtype, desc: str) -> None:
-    """Encode prompts in batches and store, per prompt, its states (pooled [D] or its real tokens [T, D])."""
+    One prompt at a time: in a padded batch an LLM's states depend on the batch's longest prompt (SmolLM2's
+    differ by up to 0.03), so a batched entry would depend on which prompts happened to be missing together,
+    that is on the cache's history. Text encoders are cheap next to training (SmolLM2: ~30 ms a prompt on a CPU).
+    """
     pending: dict[str, dict[str, torch.Tensor]] = {}
-    for batch in tqdm(list(in_batches(prompts, batch_size)), desc=desc, unit="batch"):
-        states, mask = encode(batch)
-        for i, prompt in enumerate(batch):
-            if isinstance(states, dict):  # llm=multi: {teacher: [B, D]}; SDXL CLIP: {"states", "pooled"}
-                entry = {name: teacher_states[i].to(dtype) for name, teacher_states in states.items()}
-            else:
-                entry = {"states": (states[i] if mask is None else states[i][mask[i]]).to(dtype)}
-            pending[store.key(content_hash(prompt))] = entry
+    for prompt in tqdm(prompts, desc=desc, unit="prompt"):
+        states, mask = encode([prompt])
+        if isinstance(states, dict):  # llm=multi: {teacher: [1, D]}; SDXL CLIP: {"states", "pooled"}
+            entry = {name: teacher_states[0].to(dtype) for name, teacher_states in states.items()}
+        else:
+            entry = {"states": (states[0] if mask is None else states[0][mask[0]]).to(dtype)}
+        pending[store.key(content_hash(prompt))] = entry
         if len(pending) >= SHARD_ENTRIES:
             store.write(pending)
             pending = {}
@@ -127,28 +128,22 @@ def clip_encoder(backbone, store: FeatureStore):
     return encode
 
 
-def fill_latents(store: FeatureStore, jobs: list, datamodule, backbone, batch_size: int, report) -> None:
-    """VAE-encode each (row, variant) and store the posterior mean and log-variance; undecodable images are marked bad."""
+def fill_latents(store: FeatureStore, jobs: list, datamodule, backbone, report) -> None:
+    """VAE-encode each (row, variant) alone and store the posterior mean and log-variance; undecodable images are
+    marked bad. One image at a time, like ``fill_text``: an entry must not depend on which images shared its batch."""
     pending: dict[str, dict[str, torch.Tensor]] = {}
     bad: dict[str, str] = {}
-    for batch in tqdm(list(in_batches(jobs, batch_size)), desc="latents", unit="batch"):
-        keys, pixels, geometries = [], [], []
-        for key, row, variant in batch:
-            try:
-                image, geometry = datamodule.cache_pixels(row, variant)
-            except BadImage as error:
-                bad[key] = str(error)
-                report.skip(row.where, row.id, str(error))
-                continue
-            keys.append(key)
-            pixels.append(image)
-            geometries.append(geometry)
-        if keys:
-            distribution = backbone.encode_images(torch.stack(pixels))
-            for i, key in enumerate(keys):
-                entry = {"mean": distribution.mean[i], "logvar": distribution.logvar[i]}
-                # SDXL stores keep each image's size and crop; SD1.x/2.x stores keep their old entries.
-                pending[key] = {**entry, **{name: geometries[i][name] for name in store.names if name in geometries[i]}}
+    for key, row, variant in tqdm(jobs, desc="latents", unit="image"):
+        try:
+            image, geometry = datamodule.cache_pixels(row, variant)
+        except BadImage as error:
+            bad[key] = str(error)
+            report.skip(row.where, row.id, str(error))
+            continue
+        distribution = backbone.encode_images(image.unsqueeze(0))
+        entry = {"mean": distribution.mean[0], "logvar": distribution.logvar[0]}
+        # SDXL stores keep each image's size and crop; SD1.x/2.x stores keep their old entries.
+        pending[key] = {**entry, **{name: geometry[name] for name in store.names if name in geometry}}
         if len(pending) + len(bad) >= SHARD_ENTRIES:
             store.write(pending, bad)
             pending, bad = {}, {}
@@ -182,16 +177,42 @@ def build_cache(cfg: DictConfig, datamodule, mode: str = "auto", backbone=None) 
     """
     check_name_dropout(cfg, datamodule)
     datamodule.setup("fit")
-    cache = FeatureCache.from_config(cfg)
-    missing = missing_entries(cache, datamodule, extra_prompts(cfg))
-    if not count(missing):
-        return cache, backbone
     if mode == "require":
-        raise CacheMissError(
-            f"data.cache=require and {count(missing)} entries are missing; the first: {describe_first_missing(missing)}. "
-            "Build them with `python -m sur_lightning.cache` and the same overrides."
-        )
-    batch_size = int(cfg.data.batch_size)
+        # Reading needs no lock: shards and the index are written to temporary names and renamed.
+        cache = FeatureCache.from_config(cfg)
+        missing = missing_entries(cache, datamodule, extra_prompts(cfg))
+        if count(missing):
+            raise CacheMissError(
+                f"data.cache=require and {count(missing)} entries are missing; the first: {describe_first_missing(missing)}. "
+                "Build them with `python -m sur_lightning.cache` and the same overrides."
+            )
+        return cache, backbone
+    with build_lock(cfg.data.cache_dir):
+        # Read the stores only now: a job that held the lock before this one may have written what this one needs.
+        cache = FeatureCache.from_config(cfg)
+        missing = missing_entries(cache, datamodule, extra_prompts(cfg))
+        if count(missing):
+            backbone = fill(cfg, cache, missing, datamodule, backbone)
+            datamodule.write_report()
+    return cache, backbone
+
+
+def build_lock(cache_dir) -> FileLock:
+    """One builder at a time per cache folder (a sweep's jobs, the demo beside a benchmark): a second job waits,
+    then computes only what the first left missing, so every entry is written once."""
+    folder = Path(cache_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(folder / ".build.lock")
+    try:
+        lock.acquire(timeout=0)
+        lock.release()
+    except Timeout:
+        print(f"Waiting for another job that is building the feature cache in {folder} ({lock.lock_file}) ...", flush=True)
+    return lock
+
+
+def fill(cfg: DictConfig, cache: FeatureCache, missing: dict[str, list], datamodule, backbone):
+    """Compute and store the missing entries; returns the backbone if one was loaded."""
     if missing["llm"]:
         llm = instantiate(cfg.llm)
         if hasattr(llm, "missing_prompts"):
@@ -200,16 +221,15 @@ def build_cache(cfg: DictConfig, datamodule, mode: str = "auto", backbone=None) 
             datamodule.skip_rows({row.where: f"simple prompt not in {llm.path}" for p, row in missing["llm"] if p in absent and row})
             missing["llm"] = [(p, row) for p, row in missing["llm"] if p not in absent]
         dtype = resolve_dtype(cfg.llm.get("dtype", "float32"))
-        fill_text(cache.llm, [p for p, _ in missing["llm"]], llm, batch_size, dtype, "LLM states")
+        fill_text(cache.llm, [p for p, _ in missing["llm"]], llm, dtype, "LLM states")
         del llm
     if missing["latents"] or missing["clip"]:
         backbone = backbone if backbone is not None else instantiate(cfg.backbone)
-        fill_text(cache.clip, missing["clip"], clip_encoder(backbone, cache.clip), batch_size, backbone.dtype, "CLIP states")
-        fill_latents(cache.latents, missing["latents"], datamodule, backbone, batch_size, datamodule.report)
+        fill_text(cache.clip, missing["clip"], clip_encoder(backbone, cache.clip), backbone.dtype, "CLIP states")
+        fill_latents(cache.latents, missing["latents"], datamodule, backbone, datamodule.report)
         bad = {row.where: cache.latents.bad[key] for key, row, _ in missing["latents"] if key in cache.latents.bad}
         datamodule.skip_rows(bad)
-    datamodule.write_report()
-    return cache, backbone
+    return backbone
 
 
 def wait_for_cache(cfg: DictConfig, datamodule, rank: int, poll_s: float = 5.0, timeout_s: float = 7200.0):

@@ -61,8 +61,9 @@ class ConnectorTrainingModule(L.LightningModule):
 
     connector: an ``nn.Module`` or a partial that takes ``dim`` (the UNet's cross-attention width)
     and ``llm_dim`` (the LLM's hidden width), filled in here from the loaded models.
-    seed: keys each training sample's random draws with ``sample_generators`` (with the epoch, the
-    global step and the batch's ``id``).
+    seed: initialises the connector built here (a generator seeded by it alone, so a run's starting weights do not
+    depend on what was loaded or cached before), and keys each training sample's random draws with
+    ``sample_generators`` (with the epoch, the global step and the batch's ``id``).
     """
 
     def __init__(
@@ -95,7 +96,11 @@ class ConnectorTrainingModule(L.LightningModule):
             widths = {"dim": backbone.cross_attention_dim, "llm_dim": llm.hidden_size if llm else llm_dim}
             if backbone.pooled_dim is not None:  # SDXL: the width of the UNet's pooled text embedding
                 widths["pooled_dim"] = backbone.pooled_dim
-            connector = connector(**widths)
+            # Initial weights from the run's seed alone: whatever loading the frozen parts drew from the global
+            # generator (a cold cache builds and converts models, a warm one does not) cannot shift them.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                connector = connector(**widths)
         # Cached CLIP/LLM states by prompt (sur_lightning/training/feature_store.py); None encodes every step.
         self.feature_cache = feature_cache
         self.connector = connector
