@@ -15,7 +15,7 @@ Distance
 --------
 Euclidean between representation vectors (in the representation space, never in the 2-D map). Not a
 cosine: in the toy CLIP space any two prompts' states have cosine ≈ 0.94, because what all prompts share
-dominates them (DESIGN.md). A Euclidean distance does not change when that shared part is subtracted
+dominates them (experiments/toyworld_benchmark/README.md). A Euclidean distance does not change when that shared part is subtracted
 (centring every feature over the suite), so it sees only what differs, as a cosine of centred features
 would, without a centre to choose; for the same reason the points are not centred here (PCA centres,
 t-SNE reads distances). t-SNE keeps neighbourhoods, not distances: read distances from the JSON.

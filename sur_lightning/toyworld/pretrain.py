@@ -90,7 +90,7 @@ def train_vae(cfg: DictConfig, work: Path) -> torch.nn.Module:
     schedule = linear_decay(optimizer, cfg.vae.steps, warmup=50, final=0.05)
     start, ckpt = 0, work / "vae_state.pt"
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, weights_only=True)
         vae.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
@@ -128,7 +128,7 @@ def encode_dataset(cfg: DictConfig, work: Path, vae) -> dict:
 
     path = work / "latents.pt"
     if path.exists():
-        return torch.load(path, weights_only=False)
+        return torch.load(path, weights_only=True)
     rng = random.Random(f"latents-{cfg.seed}")
     means, stds, prompts = [], [], []
     vae.eval()
@@ -200,7 +200,7 @@ def train_unet(cfg: DictConfig, work: Path, vae, latents: dict):
     ema = EMAModel(params, decay=cfg.unet.ema_decay)
     start, ckpt = 0, work / "unet_state.pt"
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, weights_only=True)
         unet.load_state_dict(state["unet"])
         text_encoder.load_state_dict(state["text_encoder"])
         optimizer.load_state_dict(state["optimizer"])

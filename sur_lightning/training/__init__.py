@@ -1,4 +1,4 @@
-"""Training: the LightningModule (one readable step, in DESIGN.md's data-flow order), its losses, the callbacks
+"""Training: the LightningModule (one readable step, in the data-flow order of docs/architecture.md), its losses, the callbacks
 (adapter export, sample grid, evaluation, EMA), and the feature cache (``feature_store``: what is stored and
 under which fingerprint; ``feature_cache``: filling it for a config and opening it for training).
 

@@ -1,4 +1,4 @@
-"""The LightningModule: one training step, read top to bottom, in the order of DESIGN.md's data flow.
+"""The LightningModule: one training step, read top to bottom, in the order of the data flow in docs/architecture.md.
 
 batch → frozen encoders (VAE latent, CLIP(simple), CLIP(complex), LLM(simple))
       → connector → conditioning
