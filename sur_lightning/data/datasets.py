@@ -1,9 +1,10 @@
 """Datasets: rows of (image, simple prompt, complex prompt), map-style or streamed, and their collation.
 
 An example is a dict ``pixel_values`` [3, R, R] in [-1, 1] (or, with a latent store, ``latent_mean`` and
-``latent_logvar`` [4, R/f, R/f]), ``original_size`` and ``crop_top_left`` [2] (not from stores made for SD1.x/2.x:
-only SDXL reads them), ``simple_prompt``, ``complex_prompt``, ``id`` (and ``rewrite_prompt``
-when the rewriter wrote one); ``collate`` stacks them into the batches ``datamodule.py`` documents.
+``latent_logvar`` [4, R/f, R/f]; or, from a code database, ``codes`` [G, G] int64: ``code_lmdb.py``),
+``original_size`` and ``crop_top_left`` [2] (not from stores made for SD1.x/2.x: only SDXL reads them),
+``simple_prompt``, ``complex_prompt``, ``id`` (and ``rewrite_prompt`` when the rewriter wrote one); ``collate``
+stacks them into the batches ``datamodule.py`` documents.
 ``preprocess`` is diffusers' text-to-image preprocessing; ``content_hash`` and ``image_variants`` name what
 the feature cache stores per image.
 """
@@ -346,7 +347,10 @@ def collate(examples: list[dict]) -> dict:
     if "rewrite_prompt" in examples[0]:
         batch["rewrite_prompt"] = [e["rewrite_prompt"] for e in examples]
     cached = ["latent_mean" in e for e in examples]
-    if all(cached):
+    if "codes" in examples[0]:
+        # Rows of a code database (code_lmdb.CodeDataset): the prior reads codes, not pixels.
+        batch["codes"] = torch.stack([e["codes"] for e in examples])
+    elif all(cached):
         batch["latent_mean"] = torch.stack([e["latent_mean"] for e in examples])
         batch["latent_logvar"] = torch.stack([e["latent_logvar"] for e in examples])
     elif any(cached):
