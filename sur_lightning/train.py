@@ -214,6 +214,9 @@ def quiet_third_party_noise() -> None:
     files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
     for name in ("lightning.pytorch", "lightning.fabric"):  # each has its own console handler and does not propagate
         lightning_logger = logging.getLogger(name)
+        # A multirun in one process gives each job a new file handler: drop the previous job's.
+        for handler in [h for h in lightning_logger.handlers if isinstance(h, logging.FileHandler) and h not in files]:
+            lightning_logger.removeHandler(handler)
         for handler in files:
             if handler not in lightning_logger.handlers:
                 lightning_logger.addHandler(handler)
