@@ -14,12 +14,19 @@ a check of every job's combination before the first job starts, and W&B names pe
   train together (ELLA with an alignment loss, SUR with token states, caption dropout with the UNet teacher).
   ``train`` calls it first; ``PreflightCheck`` (a Hydra callback) calls it for every job of a
   multirun before the first one starts.
-- ``${wandb_run_name:${task_name}}``, ``${wandb_group:${task_name}}``, ``${connector_name:...}``: the
-  W&B run is named from its overrides, grouped per sweep, and its ``job_type`` is the connector.
+- ``${wandb_run_name:${task_name},<connector>,${seed}}``, ``${wandb_group:${task_name}}``, ``${connector_name:...}``:
+  a short W&B run name (task, connector, seed and a hash of the overrides), one group per sweep, and its
+  ``job_type`` is the connector.
+
+Resuming a run in place: ``${run_dir:<a fresh folder>,${ckpt_path}}`` (conf/hydra/default.yaml) is the folder
+Hydra runs the job in: the run being resumed for ``ckpt_path=last`` (the newest run of the task with a
+checkpoint) or ``ckpt_path=<run folder>``, else the fresh one. ``run_checkpoint(folder)`` is that run's newest
+checkpoint.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -52,11 +59,17 @@ def command_line_overrides() -> list[str]:
     return list(hydra_config.overrides.task) if hydra_config is not None else []
 
 
-def wandb_run_name(task_name: str) -> str:
-    """The task name plus the job's overrides (``demo connector=ella,loss=kl``); the task name alone outside Hydra."""
+def wandb_run_name(task_name: str, connector: str | None = None, seed: int | None = None) -> str:
+    """``demo-ella-s42-3f9c1a``: the task, the connector, the seed and a 6-hex hash of the job's overrides
+    (hydra.job.override_dirname, which leaves out paths, the preset and ckpt_path), so two jobs of a sweep get
+    two names that fit in W&B's run list. No hash without overrides or outside Hydra. The overrides themselves
+    are in the run's config (``overrides``, logged by train.py)."""
     hydra = _hydra()
     overrides = hydra.job.override_dirname if hydra is not None else ""
-    return f"{task_name} {overrides}".strip()
+    parts = [task_name, connector, f"s{seed}" if seed is not None else None]
+    if overrides:
+        parts.append(hashlib.sha1(overrides.encode()).hexdigest()[:6])
+    return "-".join(str(p) for p in parts if p)
 
 
 def wandb_group(task_name: str) -> str:
@@ -73,9 +86,54 @@ def register_resolvers() -> None:
         "connector_name": connector_name,
         "wandb_run_name": wandb_run_name,
         "wandb_group": wandb_group,
+        "run_dir": run_dir,
+        "hydra_subdir": hydra_subdir,
     }.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, function)
+
+
+# ------------------------------------------------------------------------------------------ resuming a run folder
+
+# What Lightning's ckpt_path="last" picks from: ModelCheckpoint(save_last=True) and OnExceptionCheckpoint, both
+# written to <run>/checkpoints by conf/callbacks/*.yaml.
+RESUMABLE = ("last.ckpt", "on_exception.ckpt")
+
+
+def run_checkpoint(folder: str | Path) -> Path | None:
+    """The newest of ``<folder>/checkpoints/{last,on_exception}.ckpt`` (the step a killed or crashed run
+    reached), or None."""
+    found = [p for p in (Path(folder) / "checkpoints" / name for name in RESUMABLE) if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def newest_run(runs: str | Path) -> Path | None:
+    """The run folder under ``runs`` (``outputs/<task>/runs``) whose checkpoint was written last: the run
+    trained most recently, which a resumed run is too, whatever its folder's time stamp says."""
+    folders = [p for p in Path(runs).iterdir() if p.is_dir()] if Path(runs).is_dir() else []
+    checkpoints = [c for c in map(run_checkpoint, folders) if c is not None]
+    return max(checkpoints, key=lambda p: p.stat().st_mtime).parent.parent if checkpoints else None
+
+
+def run_dir(fresh: str, ckpt_path: str | None) -> str:
+    """The folder Hydra runs a training job in (``hydra.run.dir``), chosen before the job starts.
+
+    ``ckpt_path=last``: the newest run of this task under ``fresh``'s parent (``newest_run``), resumed in place;
+    ``ckpt_path=<a run folder>``: that folder; otherwise (no ckpt_path, a .ckpt file, or nothing to resume)
+    the fresh folder. ``train`` then stops with a message where ``ckpt_path`` asked for a resume it cannot find."""
+    if ckpt_path is None:
+        return fresh
+    if str(ckpt_path) == "last":
+        found = newest_run(Path(fresh).parent)
+        return str(found) if found is not None else fresh
+    return str(ckpt_path) if Path(ckpt_path).is_dir() else fresh
+
+
+def hydra_subdir(run_folder: str, stamp: str) -> str:
+    """Where Hydra writes the job's config.yaml/overrides.yaml (``hydra.output_subdir``): ``.hydra``, or in a
+    folder that already has one (a run resumed in place) ``.hydra/resumed-<stamp>``, so the run's original
+    config stays beside each resume's."""
+    return f".hydra/resumed-{stamp}" if (Path(run_folder) / ".hydra" / "config.yaml").exists() else ".hydra"
 
 
 # ------------------------------------------------------------------------------------------ checks

@@ -229,7 +229,9 @@ def toy_demo_overrides(tmp_path, cache_dir) -> list[str]:
     ]
 
 
-def test_demo_on_the_toy_base_prints_the_table_and_draws_three_columns(tmp_path, cache_dir, tiny_llm, capsys):
+def test_demo_on_the_toy_base_prints_the_table_and_draws_three_columns(tmp_path, cache_dir, tiny_llm, caplog):
+    import logging
+
     from hydra import compose, initialize_config_dir
     from PIL import Image
 
@@ -238,8 +240,9 @@ def test_demo_on_the_toy_base_prints_the_table_and_draws_three_columns(tmp_path,
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=["+experiment=demo", *toy_demo_overrides(tmp_path, cache_dir)])
-    metrics = train(cfg)
-    out = capsys.readouterr().out
+    with caplog.at_level(logging.INFO, logger="sur_lightning"):
+        metrics = train(cfg)
+    out = caplog.text  # the table is logged: Hydra's handlers print it and write it to train.log
     assert "| held_out_combinations | base + simple | 4 |" in out
     assert "| held_out_combinations | base + complex | 4 |" in out
     assert "| held_out_combinations | adapter + simple | 4 |" in out
@@ -252,6 +255,10 @@ def test_demo_on_the_toy_base_prints_the_table_and_draws_three_columns(tmp_path,
     assert grid.size == (160 + 3 * 128, 16 + 2 * 128)
     report = json.loads(next((tmp_path / "run" / "evaluation").glob("*.json")).read_text())
     assert set(report["columns"]) == {"base", "base+complex", "adapter"}
+    # The run folder keeps the table beside metrics.json: report.md as printed, report.json with every image's row.
+    assert "| held_out_objects | adapter + simple | 4 |" in (tmp_path / "run" / "report.md").read_text()
+    saved = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert saved["settings"]["step"] == 2 and len(saved["images"]) == 3 * 2 * 4 and "gap_closed" in saved
 
 
 def test_gap_closed_on_a_hand_made_report():

@@ -104,6 +104,9 @@ def test_multirun_eta_by_loss_runs_to_the_end(tmp_path, cache_dir, tiny_sd, tiny
     jobs = {tuple(sorted(o for o in (p.parent / ".hydra" / "overrides.yaml").read_text().split() if o.startswith(("eta=", "loss="))))
             for p in metrics}
     assert jobs == {("eta=fixed", "loss=kl"), ("eta=fixed", "loss=cosine"), ("eta=adaptive", "loss=kl"), ("eta=adaptive", "loss=cosine")}
+    # Each job's train.log holds its own run's log, Lightning's lines included, and no other job's.
+    logs = [(p.parent / "train.log").read_text() for p in metrics]
+    assert all(log.count("Run finished at step 1") == 1 and log.count("GPU available") == 1 for log in logs)
 
 
 def test_optuna_search_runs_trials_and_reports_the_best(tmp_path, cache_dir, tiny_sd, tiny_llm):

@@ -29,6 +29,7 @@ split, streaming set-up, cache methods and loaders share its state.
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -59,6 +60,8 @@ from sur_lightning.data.formats import (
 from sur_lightning.data.images import MAX_IMAGE_PIXELS, BadImage, check_image, load_rgb
 from sur_lightning.data.report import DataReport
 from sur_lightning.data.sampler import EpochSampler, ResumableDataLoader
+
+log = logging.getLogger(__name__)
 
 CACHE_MODES = ("auto", "require", "off")
 
@@ -384,7 +387,7 @@ class ImageTextDataModule(L.LightningDataModule):
         if self.trainer is not None:
             self.report.log_to(self.trainer.loggers)
             if self.report.events["skipped"] or self.report.events["truncated"]:
-                print(f"{self.report}\n  report: {path}")
+                log.info(f"{self.report}\n  report: {path}")
 
     # ---------------------------------------------------------------- loaders
 

@@ -147,6 +147,31 @@ def toyworld_table(report: dict, splits: Sequence[str] | None = None) -> str:
     return "\n".join(lines)
 
 
+def split_rows(report: dict) -> tuple[list[str], list[list]]:
+    """``toyworld_table`` as (column names, rows) for a W&B Table: one row per (split, column) with each accuracy
+    and the valid-image rate and their 95 % half-widths, and for adapter columns the gap closed per accuracy
+    with its bootstrap interval (``gap_closed/<accuracy>``, ``_low``, ``_high``); None where a value has none."""
+    scores = split_scores(report)
+    closed = report.get("gap_closed") or gap_closed(report)
+    intervals = report.get("gap_closed_ci95") or gap_closed_intervals(report)
+    rates = (*ACCURACIES, "valid_image")
+    columns = ["split", "column", "n", *(f"{n}{s}" for n in rates for s in ("", "_ci95")),
+               *(f"gap_closed/{n}{s}" for n in ACCURACIES for s in ("", "_low", "_high"))]
+    rows = []
+    for split in dict.fromkeys(s for column in scores.values() for s in column):
+        for column, by_split in scores.items():
+            if split not in by_split:
+                continue
+            entry = by_split[split]
+            row = [split, column, entry["n"], *(entry.get(f"{n}{s}") for n in rates for s in ("", "_ci95"))]
+            gap = closed.get(column, {}).get(split) or {}
+            interval = intervals.get(column, {}).get(split) or {}
+            for name in ACCURACIES:
+                row += [gap.get(name), *(interval.get(name) or (None, None))]
+            rows.append(row)
+    return columns, rows
+
+
 def _gap_cell(value: float | None, interval: Sequence[float] | None) -> str:
     if value is None:
         return "–"
@@ -177,7 +202,8 @@ def write_report(out_dir: Path, report: dict, settings: dict) -> tuple[Path, Pat
     lines = ["# Evaluation", "", markdown_table(report["columns"]), ""]
     if "gap_closed" in report:
         lines += ["## Toy world: accuracy by split, and the gap each adapter closes", "", toyworld_table(report), ""]
-    for column, categories in report["categories"].items():
+    # The training callback's report has no per-category summaries; evaluate's has.
+    for column, categories in report.get("categories", {}).items():
         lines += [f"## {column} by category", "", markdown_table(categories), ""]
     md_path = out_dir / "report.md"
     md_path.write_text("\n".join(lines))

@@ -6,16 +6,20 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from sur_lightning.generation.grids import labelled_grid, save_grid
 from sur_lightning.generation.pipeline import render_base_and_adapter
-from sur_lightning.models.connectors import save_connector, save_pretrained, training_record
+from sur_lightning.models.connectors import CONFIG_NAME, save_connector, save_pretrained, training_record
+
+log = logging.getLogger(__name__)
 
 
 def plain(node):
@@ -208,6 +212,25 @@ class AdapterExport(EveryNSteps):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.export(pl_module, self.filename, folder=True)
+        self.log_artifact(trainer)
+
+    @rank_zero_only
+    def log_artifact(self, trainer) -> None:
+        """The ``adapter/`` folder as a W&B artifact of type "model" (``adapter-<run id>``, aliases ``latest`` and
+        ``step<N>``), with its ``config.json``'s connector config and ``trained_with`` as the artifact's metadata,
+        so the W&B UI shows what the adapter was trained for and ``run.use_artifact`` fetches it."""
+        runs = [logger.experiment for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+        if not runs or self.last_folder is None:
+            return
+        import wandb
+
+        config = json.loads((self.last_folder / CONFIG_NAME).read_text())
+        metadata = {"step": trainer.global_step, "kind": config.get("kind"), "connector": config.get("connector"),
+                    "trained_with": config.get("trained_with")}
+        for run in runs:
+            artifact = wandb.Artifact(f"adapter-{run.id}", type="model", metadata=metadata)
+            artifact.add_dir(str(self.last_folder))
+            run.log_artifact(artifact, aliases=["latest", f"step{trainer.global_step}"])
 
     def state_dict(self) -> dict:
         return {"train_seconds": self.train_seconds()}
@@ -223,7 +246,8 @@ class SampleGrid(EveryNSteps):
     ``prompts``: a list of strings, or anything ``generate.load_prompt_list`` reads (a toy-world suite).
     When the prompts carry a ``complex`` prompt, a third column shows the base model given that one:
     base + simple | adapter + simple | base + complex, the lower bound, the method and the upper bound.
-    Runs every ``every_n_steps`` optimizer steps (when set) and once at the end of training.
+    Runs every ``every_n_steps`` optimizer steps (when set), at each of ``at_steps`` (conf/callbacks/toyworld.yaml:
+    the adapter's export steps) and once at the end of training.
     ``mode``: "replace" or "concat_clip" (ELLA + CLIP), as in ``sur_lightning.generate``.
     """
 
@@ -238,10 +262,11 @@ class SampleGrid(EveryNSteps):
         scheduler: str = "ddim",
         resolution: int | None = None,
         mode: str = "replace",
+        at_steps: list[int] | None = None,
     ) -> None:
         from sur_lightning.data.prompt_suites import load_prompt_list
 
-        super().__init__(every_n_steps)
+        super().__init__(every_n_steps, at_steps)
         self.dirpath = Path(dirpath)
         loaded = load_prompt_list(prompts)
         self.prompts = [p.prompt for p in loaded]
@@ -301,8 +326,12 @@ class EvaluationCallback(EveryNSteps):
 
     With a toy-world suite (prompts that carry a ``complex`` prompt and a target) the base model also
     renders the complex prompts ("base+complex", the upper bound), and the share of the base's
-    simple-vs-complex gap the adapter closes is logged per split as ``eval/gap_closed/<split>/<metric>``;
-    ``print_table`` prints the accuracy table at the end of training.
+    simple-vs-complex gap the adapter closes is logged per split as ``eval/gap_closed/<split>/<metric>``, and
+    to W&B as the table ``eval/splits`` (one row per split and column, with the gap closed and its interval)
+    at every evaluation; ``print_table`` logs the accuracy table at the end of training.
+
+    ``report_dir``: at the end of training, the last evaluation is written there as ``report.json`` and
+    ``report.md`` (conf/callbacks: the run folder, beside ``metrics.json``).
     """
 
     def __init__(
@@ -323,6 +352,7 @@ class EvaluationCallback(EveryNSteps):
         batch_size: int = 8,
         mode: str = "replace",
         print_table: bool = False,
+        report_dir: str | None = None,
     ) -> None:
         from sur_lightning.data.prompt_suites import load_prompt_list
 
@@ -343,6 +373,7 @@ class EvaluationCallback(EveryNSteps):
             "batch_size": batch_size,
         }
         self.print_table = print_table
+        self.report_dir = Path(report_dir) if report_dir is not None else None
         self.evaluator = None
         self.base_scores: dict | None = None
         self.base_rows: list[dict] = []
@@ -364,7 +395,7 @@ class EvaluationCallback(EveryNSteps):
     @rank_zero_only
     def evaluate(self, trainer, pl_module) -> dict[str, float]:
         from sur_lightning.evaluation.evaluator import score_columns
-        from sur_lightning.evaluation.report import gap_closed
+        from sur_lightning.evaluation.report import gap_closed, gap_closed_intervals, split_rows
         from sur_lightning.generation.columns import Column, complex_prompt_column
         from sur_lightning.generation.conditioning import ClipConditioning, ConnectorConditioning, frozen_text_features
         from sur_lightning.generation.pipeline import render_columns
@@ -393,11 +424,16 @@ class EvaluationCallback(EveryNSteps):
         report = {"columns": scores, "images": self.base_rows + [r for r in report["images"] if r["column"] == "adapter"]}
         if "base+complex" in scores:
             report["gap_closed"] = gap_closed(report)
+            # Bootstrapped once here for the W&B table, the printed table and the report files alike.
+            report["gap_closed_ci95"] = gap_closed_intervals(report)
             for split, closed in report["gap_closed"]["adapter"].items():
                 metrics |= {f"eval/gap_closed/{split}/{k}": float(v) for k, v in closed.items() if v is not None}
         self.last_report = report
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
+            if "gap_closed" in report and isinstance(logger, WandbLogger):
+                columns, rows = split_rows(report)
+                logger.log_table(key="eval/splits", columns=columns, data=rows, step=step)
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
         self.dirpath.mkdir(parents=True, exist_ok=True)
         self.last_path = self.dirpath / f"step{step:06d}.json"
@@ -412,7 +448,16 @@ class EvaluationCallback(EveryNSteps):
     def on_train_end(self, trainer, pl_module) -> None:
         if self.due(trainer.global_step, at_end=True):
             self.evaluate(trainer, pl_module)
-        if self.print_table and trainer.is_global_zero and self.last_report and "gap_closed" in self.last_report:
+        if not trainer.is_global_zero or not self.last_report:
+            return
+        if self.print_table and "gap_closed" in self.last_report:
             from sur_lightning.evaluation.report import toyworld_table
 
-            print("\nToy world, step", trainer.global_step, "\n" + toyworld_table(self.last_report) + "\n")
+            log.info(f"\nToy world, step {trainer.global_step}\n{toyworld_table(self.last_report)}\n")
+        if self.report_dir is not None:
+            from sur_lightning.evaluation.report import write_report
+
+            settings = {"step": trainer.global_step, "prompts": len(self.prompts), "seeds": self.seeds,
+                        "metrics": self.metrics, "mode": self.mode, **self.kwargs}
+            json_path, md_path = write_report(self.report_dir, self.last_report, settings)
+            log.info(f"evaluation report: {md_path} (+ {json_path.name})")

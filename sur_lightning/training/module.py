@@ -11,6 +11,7 @@ Only the connector's parameters (SUR: adapter, η net, W0) are trained.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -25,6 +26,8 @@ from sur_lightning.models.connectors import ConnectorOutput, TextFeatures
 from sur_lightning.models.llm import CausalLMFeatures
 from sur_lightning.models.llm import teacher_weights as normalised_teacher_weights
 from sur_lightning.training.losses import DenoisingLoss, FeatureAlignmentLoss, TeacherPredictionLoss, TeacherWeights
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from sur_lightning.training.feature_store import FeatureCache
@@ -318,7 +321,7 @@ class ConnectorTrainingModule(L.LightningModule):
                 f"{self.nonfinite_in_a_row} non-finite losses in a row (step {self.global_step}: {bad}); stopping. "
                 "Lower model.optimizer.lr, check the data, or raise model.max_nonfinite_in_a_row"
             )
-        print(f"step {self.global_step}: skipped, non-finite loss ({bad}); {self.nonfinite_skipped} skipped so far", flush=True)
+        log.warning(f"step {self.global_step}: skipped, non-finite loss ({bad}); {self.nonfinite_skipped} skipped so far")
 
     def dropped_captions(self, generators: list[torch.Generator]) -> list[bool]:
         """Per sample: is its caption replaced by the empty prompt (probability ``caption_dropout``, one draw each)."""
