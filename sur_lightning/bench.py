@@ -31,6 +31,7 @@ from sur_lightning.config import CONFIG_DIR, use_wandb_offline_without_key
 from sur_lightning.training.benchmark import (
     batches,
     build,
+    floor_ratio_rounds,
     floor_time,
     inference_latency,
     machine,
@@ -51,12 +52,16 @@ def run(cfg: DictConfig) -> dict:
     result = {"machine": machine()}
     if settings.steps:
         warm = training_step_time(cfg, "auto", device, settings.steps, settings.warmup)
-        module, batch = warm.pop("module"), warm.pop("batch")
+        module, batch, optimizer, data = warm.pop("module"), warm.pop("batch"), warm.pop("optimizer"), warm.pop("data")
         floor = floor_time(module, batch, device, settings.steps, settings.warmup, cfg.trainer.get("precision"))
+        rounds = floor_ratio_rounds(module, optimizer, data, batch, device, settings.ratio_rounds, settings.round_steps,
+                                    cfg.trainer.get("precision")) if settings.ratio_rounds else None
         result.update({
             "floor_s": floor,
             "warm_cache": warm["seconds"],
-            "warm_cache_ratio_to_floor": warm["seconds"]["step"] / floor,
+            # The ratio from alternating rounds when measured (bench.ratio_rounds), else from the two runs above.
+            "warm_cache_ratio_to_floor": rounds["ratio_median"] if rounds else warm["seconds"]["step"] / floor,
+            "floor_ratio": rounds,
             # CUDA allocated on a GPU, current RSS on a CPU; run bench.steps=200 for the leak check.
             "memory_growth_mb_over_steps": warm["memory_growth_mb"],
         })

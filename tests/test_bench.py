@@ -13,8 +13,12 @@ def test_bench_reports_floor_phases_cache_and_inference(tmp_path, cache_dir, tin
     overrides = [o for o in tiny_overrides(tmp_path, cache_dir) if not o.startswith(("callbacks.", "data.val_size"))]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="bench", overrides=[*overrides, "bench.steps=2", "bench.warmup=1",
-                                                      "bench.inference_steps=2", "bench.inference_repeats=1"])
+                                                      "bench.inference_steps=2", "bench.inference_repeats=1",
+                                                      "bench.ratio_rounds=3", "bench.round_steps=1"])
     result = run(cfg)
+    rounds = result["floor_ratio"]
+    assert len(rounds["ratios"]) == 3 and rounds["ratio_min"] <= rounds["ratio_median"] <= rounds["ratio_max"]
+    assert result["warm_cache_ratio_to_floor"] == rounds["ratio_median"]
     phases = ("data", "connector", "unet_forward", "other_forward", "backward", "optimizer")
     for key in ("warm_cache", "cache_off"):
         assert all(result[key][p] >= 0 for p in phases)
@@ -128,3 +132,16 @@ def test_bench_applies_the_trainers_precision_as_lightning_does():
         assert layer(torch.randn(2, 4)).dtype == torch.float32
     with pytest.raises(ValueError, match="trainer.precision=64-true"):
         autocast("64-true", cpu)
+
+
+def test_a_floor_ratio_below_one_is_flagged_as_noise_not_reported():
+    rounds = {"rounds": 5, "ratios": [0.9, 0.94, 0.95, 1.0, 1.02], "ratio_median": 0.95, "ratio_min": 0.9,
+              "ratio_max": 1.02, "below_one": True}
+    result = {"warm_cache": dict.fromkeys(("data", "connector", "unet_forward", "other_forward", "backward",
+                                           "optimizer", "step"), 0.1),
+              "floor_s": 0.105, "warm_cache_ratio_to_floor": 0.95, "floor_ratio": rounds, "peak_rss_mb": 1.0,
+              "config": {"steps": 2}, "machine": {"cpu": "x", "threads": 2, "gpu": None, "torch": "t", "diffusers": "d",
+                                                 "lightning": "l"}}
+    text = table(result)
+    assert "median of 5 alternating rounds; range 0.90–1.02" in text and "BELOW 1" in text
+    assert "BELOW 1" not in table({**result, "floor_ratio": {**rounds, "ratio_median": 1.1, "below_one": False}})

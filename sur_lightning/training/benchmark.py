@@ -160,7 +160,39 @@ def training_step_time(cfg, cache: str, device, steps: int, warmup: int) -> dict
     # Growth from the end of the warm-up to the last step: 0 for a step that frees all it allocates.
     first = memory[warmup - 1] if warmup else memory[0]
     return {"seconds": totals, "batch_size": int(cfg.data.batch_size), "memory_growth_mb": memory[-1] - first,
-            "module": module, "batch": batch}
+            "module": module, "batch": batch, "optimizer": optimizer, "data": data}
+
+
+def step_time(module, optimizer, data, device, step: int, precision=None) -> float:
+    """Seconds for one whole training step: the next batch, the forward, the backward and the optimizer."""
+    synchronize(device)
+    started = time.perf_counter()
+    batch = next(data)
+    with autocast(precision, device):
+        loss = module.training_step(batch, step)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    synchronize(device)
+    return time.perf_counter() - started
+
+
+def floor_ratio_rounds(module, optimizer, data, batch, device, rounds: int, steps: int, precision=None) -> dict:
+    """The warm step against the floor, measured in alternating rounds: each round times ``steps`` floors, then
+    ``steps`` whole training steps, and takes the ratio of their medians. A shared machine's load drifts over
+    seconds; alternating puts both measurements under the same drift, and the spread over rounds shows how
+    much remains. A step contains the floor's work, so a ratio below 1 is noise, and is flagged as such."""
+    floors, step_times, ratios = [], [], []
+    for _ in range(rounds):
+        floor = floor_time(module, batch, device, steps, 1, precision)
+        step = statistics.median(step_time(module, optimizer, data, device, i, precision) for i in range(steps))
+        floors.append(floor)
+        step_times.append(step)
+        ratios.append(step / floor)
+    median = statistics.median(ratios)
+    return {"rounds": rounds, "steps_per_round": steps, "ratios": ratios, "ratio_median": median,
+            "ratio_min": min(ratios), "ratio_max": max(ratios), "floor_median_s": statistics.median(floors),
+            "step_median_s": statistics.median(step_times), "below_one": median < 1.0}
 
 
 def floor_time(module, batch, device, steps: int, warmup: int, precision=None) -> float:
@@ -237,7 +269,13 @@ def table(result: dict) -> str:
         for phase in ("data", "connector", "unet_forward", "other_forward", "backward", "optimizer", "step"):
             lines.append(f"| {phase} | {ms(result['warm_cache'][phase])} | {ms(cold[phase]) if phase in cold else '–'} |")
         lines.append(f"| floor (UNet fwd + bwd to conditioning) | {ms(result['floor_s'])} | |")
-        lines.append(f"\nwarm step / floor: {result['warm_cache_ratio_to_floor']:.2f}×"
+        rounds = result.get("floor_ratio")
+        spread = (f" (median of {rounds['rounds']} alternating rounds; range {rounds['ratio_min']:.2f}–{rounds['ratio_max']:.2f})"
+                  if rounds else "")
+        flag = ("\nBELOW 1: a step cannot cost less than the floor it contains, so the machine's noise is larger than "
+                "this figure's precision; rerun on an idle machine or with more bench.ratio_rounds"
+                if rounds and rounds["below_one"] else "")
+        lines.append(f"\nwarm step / floor: {result['warm_cache_ratio_to_floor']:.2f}×{spread}{flag}"
                      + (f"; warm step / cache-off step: {result['warm_cache_ratio_to_cache_off']:.2f}× "
                         f"(cache speed-up {result['cache_speedup']:.2f}×)" if "cache_speedup" in result else ""))
     if "inference" in result:
