@@ -13,6 +13,7 @@ into the datamodule.
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from sur_lightning.models.backbone import resolve_dtype
 from sur_lightning.training.feature_store import FeatureCache, FeatureStore
 
 SHARD_ENTRIES = 512
+log = logging.getLogger(__name__)
 
 
 def extra_prompts(cfg: DictConfig) -> list[str]:
@@ -207,7 +209,7 @@ def build_lock(cache_dir) -> FileLock:
         lock.acquire(timeout=0)
         lock.release()
     except Timeout:
-        print(f"Waiting for another job that is building the feature cache in {folder} ({lock.lock_file}) ...", flush=True)
+        log.info(f"Waiting for another job that is building the feature cache in {folder} ({lock.lock_file}) ...")
     return lock
 
 
