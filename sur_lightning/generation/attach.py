@@ -65,8 +65,10 @@ def repeat_rows(features: TextFeatures, times: int) -> TextFeatures:
             return {name: repeat(v) for name, v in value.items()}
         return None if value is None else value.repeat_interleave(times, dim=0)
 
+    prompts = None if features.prompts is None else [text for text in features.prompts for _ in range(times)]
     return TextFeatures(
-        clip=repeat(features.clip), llm=repeat(features.llm), llm_mask=repeat(features.llm_mask), pooled=repeat(features.pooled)
+        clip=repeat(features.clip), llm=repeat(features.llm), llm_mask=repeat(features.llm_mask), pooled=repeat(features.pooled),
+        prompts=prompts,
     )
 
 

@@ -17,7 +17,12 @@ from pathlib import Path
 from torch import nn
 
 from sur_lightning.data.prompt_suites import Prompt, load_prompt_list
-from sur_lightning.generation.conditioning import ClipConditioning, ConnectorConditioning, frozen_text_features
+from sur_lightning.generation.conditioning import (
+    ClipConditioning,
+    ConnectorConditioning,
+    NonFiniteConditioningError,
+    frozen_text_features,
+)
 from sur_lightning.generation.pipeline import pick_device
 from sur_lightning.models.connectors import TextFeatures
 
@@ -135,6 +140,8 @@ def check_conditioning(conditioning: ClipConditioning, backbone, path) -> None:
     """Run the conditioning on one empty prompt; a shape or width mismatch is an error naming the adapter."""
     try:
         out = conditioning([""], backbone.noise_scheduler.config.num_train_timesteps - 1)
+    except NonFiniteConditioningError as error:
+        raise NonFiniteConditioningError(f"adapter {path}: {error}") from error
     except (RuntimeError, ValueError, AttributeError, TypeError) as error:
         raise ValueError(
             f"adapter {path} does not fit this backbone/LLM ({type(error).__name__}: {error}); "

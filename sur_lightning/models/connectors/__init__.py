@@ -33,12 +33,15 @@ class TextFeatures:
     llm_mask:    [B, T] bool, True on real tokens (None when ``llm`` is pooled).
     pooled:      [B, P] SDXL's pooled text embedding of the prompt (the second CLIP encoder's ``text_embeds``),
                  None for SD1.x/2.x backbones.
+    prompts:     the B texts these are features of, where generation knows them (so an error can name the
+                 prompt), else None.
     """
 
     clip: torch.Tensor | None = None
     llm: torch.Tensor | None = None
     llm_mask: torch.Tensor | None = None
     pooled: torch.Tensor | None = None
+    prompts: list[str] | None = None
 
 
 @dataclass
