@@ -201,6 +201,22 @@ def use_recorded(cfg, overrides: Sequence[str] = ()) -> list[str]:
     return notes
 
 
+def random_backbone_warning(backbone, adapters) -> str | None:
+    """A warning for generating without an adapter on a random test backbone (``backbone=tiny``, generate's
+    default, or a ``*_random`` one): its images are noise by construction, which looks like a bug without it.
+    None otherwise."""
+    from sur_lightning.models.backbone import is_random_test_model
+
+    pretrained = getattr(backbone, "pretrained", None)
+    if adapter_entries(adapters) or pretrained is None or not is_random_test_model(pretrained):
+        return None
+    return (
+        f"Warning: the backbone {pretrained} is a random test model (random weights, built for tests and "
+        "benchmarks): its images will be noise. For real pictures choose backbone=toy (the shipped toy-world base: "
+        "coloured shapes, e.g. 'two red circles') or backbone=sd15 / backbone=sdxl (from the Hugging Face hub)."
+    )
+
+
 def token_llm(node) -> nn.Module:
     """The LLM of config ``node``, built to return token states (``pooling: none``) for a connector that reads them."""
     from hydra.utils import instantiate

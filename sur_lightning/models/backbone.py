@@ -226,6 +226,17 @@ class StableDiffusionBackbone(FrozenModule):
 # --------------------------------------------------------------------------------------------
 # The offline tiny backbone
 
+# The spec file each random-weight builder (build_tiny_stable_diffusion, build_random_stable_diffusion and
+# sdxl's build_tiny_sdxl, build_random_sdxl) writes into the folder it fills: it marks a random test model.
+RANDOM_MODEL_SPECS = ("tiny_spec.json", "random_spec.json")
+
+
+def is_random_test_model(pretrained: str | Path) -> bool:
+    """Whether ``pretrained`` is a folder written by one of the random-weight builders (backbone=tiny, sdxl_tiny,
+    sd15_random, mid_random, sdxl_random): its images are noise by construction. False for hub ids and real
+    or trained folders (the toy world's base)."""
+    return any((Path(pretrained) / name).is_file() for name in RANDOM_MODEL_SPECS)
+
 
 def write_clip_tokenizer_files(folder: str | Path) -> Path:
     """Write ``vocab.json`` and ``merges.txt`` of the real CLIP BPE from open_clip's bundled vocabulary.
