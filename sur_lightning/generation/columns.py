@@ -141,7 +141,7 @@ def check_conditioning(conditioning: ClipConditioning, backbone, path) -> None:
     try:
         out = conditioning([""], backbone.noise_scheduler.config.num_train_timesteps - 1)
     except NonFiniteConditioningError as error:
-        raise NonFiniteConditioningError(f"adapter {path}: {error}") from error
+        raise NonFiniteConditioningError(f"adapter {path}, checked on the empty prompt before drawing: {error}") from error
     except (RuntimeError, ValueError, AttributeError, TypeError) as error:
         raise ValueError(
             f"adapter {path} does not fit this backbone/LLM ({type(error).__name__}: {error}); "
