@@ -12,6 +12,7 @@ per base/adapter/η, one row per prompt and seed), ``strips/<adapter>/<prompt id
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import hydra
@@ -19,7 +20,7 @@ import torch
 from omegaconf import DictConfig
 
 from sur_lightning.config import CONFIG_DIR, check_config, command_line_overrides
-from sur_lightning.generation.columns import prepare, use_recorded
+from sur_lightning.generation.columns import prepare, random_backbone_warning, use_recorded
 from sur_lightning.generation.grids import write_grids
 from sur_lightning.generation.manifest import write_manifest
 from sur_lightning.generation.pipeline import render_columns, sampler_kwargs
@@ -38,6 +39,9 @@ def generate(cfg, overrides: list[str] | None = None) -> dict:
         print(note, flush=True)
     resolved = check_config(cfg)
     backbone, prompts, columns = prepare(cfg)
+    warning = random_backbone_warning(backbone, cfg.adapters)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     kwargs = sampler_kwargs(cfg.sampler)
     rendered = render_columns(
         backbone, columns, prompts, list(cfg.seeds), out_dir, negative_prompt=cfg.negative_prompt, **kwargs

@@ -199,3 +199,74 @@ def test_generate_takes_an_adapter_files_backbone_from_its_run_and_a_chosen_one_
     assert use_recorded(cfg, overrides) == []
     with pytest.raises(ConnectorMismatchError, match="cross-attention width 48 .*width 32"):
         prepare(cfg)
+
+
+def draw(pipe, connector) -> np.ndarray:
+    """One 2-step image of PROMPTS[0] through ``connector`` attached to ``pipe``."""
+    with sur_lightning.attach(pipe, connector) as attached:
+        image = attached(PROMPTS[0], num_inference_steps=2, guidance_scale=4.0,
+                         generator=torch.Generator().manual_seed(0)).images[0]
+    return np.asarray(image, dtype=np.int16)
+
+
+@pytest.fixture
+def tiny_pipe(tiny_sd):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("connector_kind", ["sur", "ella"])
+def test_the_folder_and_the_single_file_both_load_and_attach_alike(connector_kind, tiny_pipe, tiny_sd, tiny_llm, llm, tmp_path):
+    """What AdapterExport writes: ``adapter/`` (config.json + model.safetensors) and ``adapter.safetensors`` + .json,
+    both with the record; the file alone (no run config beside it) must give ELLA its LLM as the folder does."""
+    build = sur_connector if connector_kind == "sur" else ella_connector
+    connector = build(32, llm.hidden_size)
+    trained_with = record(BACKBONES["sd"][0], tiny_sd, tiny_llm)
+    folder = connector.save_pretrained(tmp_path / "adapter", trained_with=trained_with)
+    file, _ = save_connector(connector, tmp_path / "adapter.safetensors", trained_with)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "adapter.json", "adapter.safetensors"]
+
+    from_folder, from_file = sur_lightning.load_connector(folder), sur_lightning.load_connector(file)
+    assert from_file.trained_with == from_folder.trained_with == trained_with
+    images = [draw(tiny_pipe, loaded) for loaded in (from_folder, from_file)]
+    assert np.array_equal(images[0], images[1])
+
+
+def test_an_adapter_file_without_a_record_resolves_its_runs_saved_config(tiny_pipe, tiny_llm, llm, tmp_path, monkeypatch):
+    """An ELLA adapter.safetensors written before the header held the record: its LLM comes from the run's
+    .hydra/config.yaml, which Hydra saves unresolved (``${paths.cache_dir}``, ``${hydra:runtime.cwd}``)."""
+    import yaml
+
+    monkeypatch.delenv("SUR_LIGHTNING_ROOT", raising=False)
+    monkeypatch.delenv("SUR_LIGHTNING_CACHE", raising=False)
+    cache = Path(tiny_llm).parent
+    run = tmp_path / "outputs" / "ella_demo" / "runs" / "2026-12-06_10-00-00"
+    (run / ".hydra").mkdir(parents=True)
+    saved = {  # as Hydra writes it (conf/paths/default.yaml, conf/llm/tiny.yaml), trimmed
+        "task_name": "ella_demo",
+        "paths": {"root_dir": "${oc.env:SUR_LIGHTNING_ROOT,${hydra:runtime.cwd}}",
+                  "cache_dir": "${oc.env:SUR_LIGHTNING_CACHE,${paths.root_dir}/" + cache.name + "}"},
+        "connector": {"_target_": "sur_lightning.models.connectors.ella.TimestepAwareSemanticConnector"},
+        "backbone": {"_target_": BACKBONES["sd"][0], "pretrained": "${paths.cache_dir}/tiny-sd"},
+        "llm": {"_target_": "sur_lightning.models.llm.CausalLMFeatures",
+                "pretrained": {"_target_": "sur_lightning.models.llm.build_tiny_causal_lm", "root": "${paths.cache_dir}/tiny-llm"},
+                "layer": -1, "pooling": "${llm_pooling:${oc.select:connector._target_,null}}"},
+    }
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(saved))
+    (run / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": {"cwd": str(cache.parent)}}}))
+    connector = ella_connector(32, llm.hidden_size)
+    path, _ = save_connector(connector, run / "adapter.safetensors")
+
+    loaded = sur_lightning.load_connector(path)
+    assert loaded.trained_with["llm"]["config"]["pretrained"]["root"] == tiny_llm
+    assert loaded.trained_with["llm"]["config"]["pooling"] == "none"
+    assert loaded.trained_with["backbone"]["id"] == str(cache / "tiny-sd")
+    assert draw(tiny_pipe, loaded).shape == (64, 64, 3)  # built the recorded LLM and drew
+    # Without the saved Hydra values the node stays as saved, and attach says what to pass instead of an
+    # OmegaConf traceback.
+    (run / ".hydra" / "hydra.yaml").unlink()
+    with pytest.raises(ValueError, match=r"do not resolve outside its training run.*attach\(\.\.\., llm="):
+        draw(tiny_pipe, sur_lightning.load_connector(path))

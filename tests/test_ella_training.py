@@ -213,6 +213,9 @@ def test_ella_demo_trains_fast_dev_run_through_the_entry_point(compose_ella):
     assert json.loads((output / "metrics.json").read_text())["global_step"] == 1
     adapter = load_connector(output / "adapter.safetensors")
     assert isinstance(adapter, TimestepAwareSemanticConnector) and adapter.config["dim"] == 32
+    # The file's header holds the folder's record, resolved: the file alone builds the LLM (attach, generate).
+    assert adapter.trained_with == load_connector(output / "adapter").trained_with
+    assert adapter.trained_with["llm"]["config"]["pooling"] == "none" and "${" not in json.dumps(adapter.trained_with)
     # The AdaLN modulations start at zero: one AdamW step on the denoising loss has moved them.
     assert all(block.ln_1.linear.weight.abs().max() > 0 for block in adapter.blocks)
     assert list((output / "samples").glob("*.png"))

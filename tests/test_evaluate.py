@@ -300,6 +300,9 @@ def test_evaluator_scores_valid_images_and_rows_carry_their_count():
     by_count = split_scores(report)["sur"]["held_out"]["valid_by_count"]
     assert {count: entry["valid_image"] for count, entry in by_count.items()} == {1: 0.0, 2: 1.0, 3: 1.0}
     assert "gap_closed_ci95" in report
+    # Three images per split: no gap closed is stated, and report.json says why beside the None.
+    assert report["gap_closed"]["sur"]["held_out"]["color_accuracy"] is None
+    assert report["gap_closed_reasons"]["sur"]["held_out"]["color_accuracy"] == "n=3"
 
 
 def test_split_scores_give_the_valid_rate_per_split_and_count():
@@ -355,4 +358,40 @@ def test_toyworld_table_shows_the_valid_rate_and_gap_intervals():
     sur = next(line for line in table.splitlines() if "| sur + simple |" in line)
     assert "| a | sur + simple | 20 | 0.75 ± 0.19 | 0.75 ± 0.19 | 1.00 ± 0.00 | 0.90 ± 0.13 | 1: 1.00, 3: 0.00 |" in sur
     low, high = gap_closed_intervals(report)["sur"]["a"]["color_accuracy"]
-    assert f"| 0.67 [{low:.2f}, {high:.2f}] / 0.67 [" in sur and sur.endswith(" / – |")
+    assert f"| 0.67 [{low:.2f}, {high:.2f}] / 0.67 [" in sur and sur.endswith(" / – (no gap) |")
+
+
+def test_small_or_inverted_or_overlapping_bounds_state_no_gap_closed():
+    """Issue 32: at per_split=1 the table printed "1.00 [1.00, 1.00]" for a wrong adapter, because base + simple
+    was right and base + complex wrong (inverted bounds), and one pair's bootstrap has one value."""
+    from sur_lightning.evaluation.report import gap_closed, gap_closed_intervals, gap_closed_reasons, toyworld_table
+
+    def report(base, upper, adapter, repeat):
+        rows = []
+        for r in range(repeat):
+            rows += toy_rows("base", "a", base, offset=len(base) * r) + toy_rows("base+complex", "a", upper, offset=len(base) * r)
+            rows += toy_rows("sur", "a", adapter, offset=len(base) * r)
+        return {"columns": {}, "images": rows}
+
+    def gap_cells(table):
+        return next(line for line in table.splitlines() if "| sur + simple |" in line).rsplit("|", 2)[1].strip()
+
+    one = report([1], [0], [0], repeat=1)  # the issue's case: n=1, inverted bounds, the adapter wrong
+    assert gap_closed(one)["sur"]["a"]["color_accuracy"] is None
+    assert gap_closed_reasons(one)["sur"]["a"] == {"color_accuracy": "n=1", "shape_accuracy": "n=1", "count_accuracy": "n=1"}
+    assert gap_cells(toyworld_table(one)) == "– (n=1) / – (n=1) / – (n=1)"
+
+    inverted = report([1, 1, 0, 1], [0, 0, 0, 1], [0, 0, 0, 1], repeat=3)  # n=12: base + simple above base + complex
+    assert gap_closed_reasons(inverted)["sur"]["a"]["color_accuracy"] == "bounds inverted"
+    assert gap_closed_intervals(inverted)["sur"]["a"]["color_accuracy"] is None
+    assert gap_cells(toyworld_table(inverted)).startswith("– (bounds inverted) / – (bounds inverted) / – (no gap)")
+
+    overlap = report([0, 0, 1, 0], [0, 1, 1, 0], [0, 1, 1, 0], repeat=3)  # 0.25 ± 0.24 against 0.50 ± 0.28
+    assert gap_closed_reasons(overlap)["sur"]["a"]["color_accuracy"] == "bounds overlap"
+    assert gap_cells(toyworld_table(overlap)).startswith("– (bounds overlap)")
+
+    clear = report([0, 0, 0, 1], [1, 1, 1, 1], [1, 0, 1, 1], repeat=3)  # 0.25 ± 0.24 against 1.00: a gap to close
+    assert gap_closed(clear)["sur"]["a"]["color_accuracy"] == pytest.approx(2 / 3)
+    assert gap_closed_reasons(clear)["sur"]["a"] == {"count_accuracy": "no gap"}
+    low, high = gap_closed_intervals(clear)["sur"]["a"]["color_accuracy"]
+    assert low <= 2 / 3 <= high and gap_cells(toyworld_table(clear)).startswith(f"0.67 [{low:.2f}, {high:.2f}]")

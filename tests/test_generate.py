@@ -268,3 +268,18 @@ def test_generate_with_an_ella_adapter_reads_token_states(tmp_path, cache_dir, t
     assert default.llm.pooling == "mean"
     generate(default)
     assert (tmp_path / "default" / "images" / "ella").is_dir()
+
+
+def test_generate_without_an_adapter_warns_that_a_random_test_backbone_draws_noise(tmp_path, cache_dir, tiny_sd, capsys):
+    """`python -m sur_lightning.generate 'prompts=[two red circles]'`: the default backbone is the random tiny one."""
+    from sur_lightning.generation.columns import random_backbone_warning
+
+    cfg = compose_generate(tmp_path, cache_dir, "prompts=[two red circles]")
+    generate(cfg)
+    err = capsys.readouterr().err
+    assert f"Warning: the backbone {tiny_sd} is a random test model" in err
+    assert "images will be noise" in err and "backbone=toy" in err and "backbone=sd15" in err
+    # An adapter, or a folder no random-weight builder wrote (the toy base, a trained model): no warning.
+    assert random_backbone_warning(SimpleNamespace(pretrained=tiny_sd), ["adapter.safetensors"]) is None
+    assert random_backbone_warning(SimpleNamespace(pretrained=str(tmp_path)), None) is None
+    assert random_backbone_warning(SimpleNamespace(pretrained="stable-diffusion-v1-5/stable-diffusion-v1-5"), None) is None

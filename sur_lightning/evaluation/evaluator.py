@@ -25,7 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from sur_lightning.evaluation.report import gap_closed, gap_closed_intervals
+from sur_lightning.evaluation.report import gap_closed, gap_closed_intervals, gap_closed_reasons
 from sur_lightning.generation.pipeline import Rendered, pick_device
 
 METRICS = ("shapes", "fid", "clip", "captions", "diversity")
@@ -217,5 +217,6 @@ def score_columns(evaluator: Evaluator, rendered: Sequence[Rendered]) -> dict:
             report["images"].append(row | {name: values[index] for name, values in per_image.items()})
     if "base+complex" in report["columns"]:
         report["gap_closed"] = gap_closed(report)
+        report["gap_closed_reasons"] = gap_closed_reasons(report)  # why a gap_closed value is None
         report["gap_closed_ci95"] = gap_closed_intervals(report)
     return report

@@ -52,27 +52,67 @@ def split_scores(report: dict) -> dict[str, dict[str, dict]]:
     return scores
 
 
-def gap_closed(report: dict, min_gap: float = 0.05) -> dict[str, dict[str, dict[str, float | None]]]:
-    """{column: {split: {accuracy: (column − base) / (base+complex − base)}}} for every adapter column.
+# Below this many images per split (pairs of prompt and seed) the paired percentile bootstrap cannot give an
+# interval: its resamples take few distinct values (at n = 1 exactly one, so "1.00 [1.00, 1.00]"), and the
+# normal-approximation intervals of the bounds have zero width at 0 or 1 right. No gap closed is stated then.
+MIN_GAP_N = 10
 
-    "base" is the base model on the simple prompts (the lower bound), "base+complex" the base model on
-    the complex prompts (the upper bound). None where the bounds differ by less than ``min_gap`` (no gap
-    worth closing: the ratio of two near-equal accuracies is noise)."""
+
+def gap_verdicts(report: dict, min_gap: float = 0.05) -> dict[str, dict[str, dict[str, tuple[float | None, str | None]]]]:
+    """{column: {split: {accuracy: (share of the gap closed or None, why None or None)}}} for every adapter column.
+
+    The share is (column − base) / (base+complex − base): "base" is the base model on the simple prompts (the
+    lower bound), "base+complex" the base model on the complex prompts (the upper bound). It is None, with the
+    reason, where it would be noise rather than a measurement:
+    ``"n=3"``: fewer than ``MIN_GAP_N`` images in the split (the smallest of the three columns');
+    ``"bounds inverted"``: base + simple scores above base + complex (the ratio's sign would flip: an adapter
+    as wrong as base + complex would "close" the whole gap);
+    ``"no gap"``: the bounds differ by less than ``min_gap``;
+    ``"bounds overlap"``: the 95% intervals of the two bounds (``split_scores``) overlap."""
     scores = split_scores(report)
     low, high = scores["base"], scores["base+complex"]
-    closed: dict = {}
+    verdicts: dict = {}
     for column, splits in scores.items():
         if column in ("base", "base+complex"):
             continue
         for split, entry in splits.items():
-            closed.setdefault(column, {})[split] = {
-                name: (entry[name] - low[split][name]) / (high[split][name] - low[split][name])
-                if name in entry and abs(high[split][name] - low[split][name]) >= min_gap
-                else None
-                for name in ACCURACIES
-                if name in entry
-            }
-    return closed
+            n = min(entry["n"], low[split]["n"], high[split]["n"])
+            cells = {}
+            for name in ACCURACIES:
+                if name not in entry:
+                    continue
+                lower, upper = low[split][name], high[split][name]
+                lower_ci, upper_ci = low[split][f"{name}_ci95"], high[split][f"{name}_ci95"]
+                if n < MIN_GAP_N:
+                    cells[name] = (None, f"n={n}")
+                elif upper < lower:
+                    cells[name] = (None, "bounds inverted")
+                elif upper - lower < min_gap:
+                    cells[name] = (None, "no gap")
+                elif lower + lower_ci >= upper - upper_ci:
+                    cells[name] = (None, "bounds overlap")
+                else:
+                    cells[name] = ((entry[name] - lower) / (upper - lower), None)
+            verdicts.setdefault(column, {})[split] = cells
+    return verdicts
+
+
+def gap_closed(report: dict, min_gap: float = 0.05) -> dict[str, dict[str, dict[str, float | None]]]:
+    """{column: {split: {accuracy: (column − base) / (base+complex − base)}}} for every adapter column, None where
+    ``gap_verdicts`` gives a reason instead (``gap_closed_reasons``)."""
+    return {
+        column: {split: {name: value for name, (value, _) in cells.items()} for split, cells in splits.items()}
+        for column, splits in gap_verdicts(report, min_gap).items()
+    }
+
+
+def gap_closed_reasons(report: dict, min_gap: float = 0.05) -> dict[str, dict[str, dict[str, str]]]:
+    """{column: {split: {accuracy: reason}}} for each accuracy ``gap_closed`` leaves None: ``"n=1"``,
+    ``"bounds inverted"``, ``"no gap"`` or ``"bounds overlap"`` (``gap_verdicts``)."""
+    return {
+        column: {split: {name: reason for name, (_, reason) in cells.items() if reason} for split, cells in splits.items()}
+        for column, splits in gap_verdicts(report, min_gap).items()
+    }
 
 
 def gap_closed_intervals(
@@ -83,8 +123,8 @@ def gap_closed_intervals(
     Each of ``n_boot`` resamples draws a split's (prompt_id, seed) pairs with replacement and takes the
     same draw in the base, base+complex and adapter columns: they share prompts and seeds, so their
     errors are correlated and resampling them apart would overstate the spread. Only pairs present in
-    all three columns count. None where ``gap_closed`` is None (gap below ``min_gap``); resamples whose
-    own gap falls below ``min_gap`` have no ratio and are left out. Rows without ``prompt_id`` and
+    all three columns count. None where ``gap_closed`` is None (``gap_closed_reasons`` says why); resamples
+    whose own gap falls below ``min_gap`` (or is inverted) have no ratio and are left out. Rows without ``prompt_id`` and
     ``seed`` give no interval (the split is left out). Deterministic: a fixed-seed numpy Generator per
     (column, split), so one column's interval does not depend on which other columns the report holds."""
     point = gap_closed(report, min_gap)
@@ -108,7 +148,7 @@ def gap_closed_intervals(
                 values = [np.array([t[k][name] for k in keys], dtype=float) for t in tables]  # 3 x [n]
                 low, high, adapter = (v[draws].mean(1) for v in values)  # each [n_boot]
                 gap = high - low
-                ok = np.abs(gap) >= min_gap
+                ok = gap >= min_gap  # an inverted resample's ratio has the wrong sign: no ratio
                 ratios = (adapter[ok] - low[ok]) / gap[ok]
                 entry[name] = tuple(float(q) for q in np.percentile(ratios, [2.5, 97.5])) if ratios.size else None
             intervals.setdefault(column, {})[split] = entry
@@ -120,7 +160,8 @@ def toyworld_table(report: dict, splits: Sequence[str] | None = None) -> str:
     ± 95% CI (and that rate per target count), and the share of the base's simple-vs-complex gap each
     adapter closes with its bootstrap 95% interval (``gap_closed_intervals``)."""
     scores = split_scores(report)
-    closed = report.get("gap_closed") or gap_closed(report)
+    # The points and reasons from the rows, so a report.json written before the small-n rules reads honestly too.
+    verdicts = gap_verdicts(report)
     intervals = report.get("gap_closed_ci95") or gap_closed_intervals(report)
     splits = list(splits or dict.fromkeys(s for column in scores.values() for s in column))
     lines = [
@@ -139,9 +180,9 @@ def toyworld_table(report: dict, splits: Sequence[str] | None = None) -> str:
             ]
             by_count = entry.get("valid_by_count", {})
             cells.append(", ".join(f"{count}: {c['valid_image']:.2f}" for count, c in by_count.items()) or "–")
-            gap = closed.get(column, {}).get(split)
+            gap = verdicts.get(column, {}).get(split)
             interval = intervals.get(column, {}).get(split, {})
-            gap_cell = " / ".join(_gap_cell(gap[n], interval.get(n)) for n in ACCURACIES) if gap else ""
+            gap_cell = " / ".join(_gap_cell(*gap.get(n, (None, None)), interval.get(n)) for n in ACCURACIES) if gap else ""
             label = names.get(column, f"{column} + simple")
             lines.append(f"| {split} | {label} | {entry['n']} | " + " | ".join(cells) + f" | {gap_cell} |")
     return "\n".join(lines)
@@ -172,10 +213,14 @@ def split_rows(report: dict) -> tuple[list[str], list[list]]:
     return columns, rows
 
 
-def _gap_cell(value: float | None, interval: Sequence[float] | None) -> str:
+def _gap_cell(value: float | None, reason: str | None, interval: Sequence[float] | None) -> str:
+    """``0.67 [0.40, 0.90]``, ``0.67`` without an interval, or ``– (n=1)`` with the reason there is no value."""
     if value is None:
-        return "–"
-    return f"{value:.2f}" if interval is None else f"{value:.2f} [{interval[0]:.2f}, {interval[1]:.2f}]"
+        return f"– ({reason})" if reason else "–"
+    # An interval that does not hold its own point, or whose ends are inverted, is not printed.
+    if interval is None or not interval[0] <= value <= interval[1]:
+        return f"{value:.2f}"
+    return f"{value:.2f} [{interval[0]:.2f}, {interval[1]:.2f}]"
 
 
 def markdown_table(columns: dict[str, dict[str, float]]) -> str:

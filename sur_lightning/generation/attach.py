@@ -35,16 +35,24 @@ from sur_lightning.models.connectors import ConnectorOutput, TextFeatures, check
 
 def llm_for(connector: nn.Module) -> nn.Module:
     """The LLM a connector folder recorded (``trained_with.llm.config``), built with token states (ELLA)."""
+    from omegaconf.errors import OmegaConfBaseException
+
     from sur_lightning.generation.columns import token_llm
 
     record = getattr(connector, "trained_with", None) or {}
     node = (record.get("llm") or {}).get("config")
+    hint = ("pass attach(..., llm=<the LLM it was trained with>), e.g. "
+            "sur_lightning.models.llm.CausalLMFeatures(pretrained=..., pooling='none')")
     if node is None:
+        raise ValueError(f"{type(connector).__name__} reads LLM token states but its files record no LLM: {hint}")
+    try:
+        return token_llm(node)
+    except OmegaConfBaseException as error:
+        # An adapter file from before its header held the record, in a run whose config no longer resolves.
         raise ValueError(
-            f"{type(connector).__name__} reads LLM token states but its files record no LLM: pass attach(..., llm=<the "
-            "LLM it was trained with>), e.g. sur_lightning.models.llm.CausalLMFeatures(pretrained=..., pooling='none')"
-        )
-    return token_llm(node)
+            f"the LLM recorded for this {type(connector).__name__} ({record['llm'].get('id')}) has config values that "
+            f"do not resolve outside its training run ({type(error).__name__}: {error}): {hint}"
+        ) from error
 
 
 def repeat_rows(features: TextFeatures, times: int) -> TextFeatures:
@@ -57,8 +65,10 @@ def repeat_rows(features: TextFeatures, times: int) -> TextFeatures:
             return {name: repeat(v) for name, v in value.items()}
         return None if value is None else value.repeat_interleave(times, dim=0)
 
+    prompts = None if features.prompts is None else [text for text in features.prompts for _ in range(times)]
     return TextFeatures(
-        clip=repeat(features.clip), llm=repeat(features.llm), llm_mask=repeat(features.llm_mask), pooled=repeat(features.pooled)
+        clip=repeat(features.clip), llm=repeat(features.llm), llm_mask=repeat(features.llm_mask), pooled=repeat(features.pooled),
+        prompts=prompts,
     )
 
 

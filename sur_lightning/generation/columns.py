@@ -17,7 +17,12 @@ from pathlib import Path
 from torch import nn
 
 from sur_lightning.data.prompt_suites import Prompt, load_prompt_list
-from sur_lightning.generation.conditioning import ClipConditioning, ConnectorConditioning, frozen_text_features
+from sur_lightning.generation.conditioning import (
+    ClipConditioning,
+    ConnectorConditioning,
+    NonFiniteConditioningError,
+    frozen_text_features,
+)
 from sur_lightning.generation.pipeline import pick_device
 from sur_lightning.models.connectors import TextFeatures
 
@@ -135,6 +140,8 @@ def check_conditioning(conditioning: ClipConditioning, backbone, path) -> None:
     """Run the conditioning on one empty prompt; a shape or width mismatch is an error naming the adapter."""
     try:
         out = conditioning([""], backbone.noise_scheduler.config.num_train_timesteps - 1)
+    except NonFiniteConditioningError as error:
+        raise NonFiniteConditioningError(f"adapter {path}, checked on the empty prompt before drawing: {error}") from error
     except (RuntimeError, ValueError, AttributeError, TypeError) as error:
         raise ValueError(
             f"adapter {path} does not fit this backbone/LLM ({type(error).__name__}: {error}); "
@@ -192,6 +199,22 @@ def use_recorded(cfg, overrides: Sequence[str] = ()) -> list[str]:
             cfg[group] = node
         notes.append(f"{group}: {entry.get('id')} (recorded by {path}; set {group}=... to choose another)")
     return notes
+
+
+def random_backbone_warning(backbone, adapters) -> str | None:
+    """A warning for generating without an adapter on a random test backbone (``backbone=tiny``, generate's
+    default, or a ``*_random`` one): its images are noise by construction, which looks like a bug without it.
+    None otherwise."""
+    from sur_lightning.models.backbone import is_random_test_model
+
+    pretrained = getattr(backbone, "pretrained", None)
+    if adapter_entries(adapters) or pretrained is None or not is_random_test_model(pretrained):
+        return None
+    return (
+        f"Warning: the backbone {pretrained} is a random test model (random weights, built for tests and "
+        "benchmarks): its images will be noise. For real pictures choose backbone=toy (the shipped toy-world base: "
+        "coloured shapes, e.g. 'two red circles') or backbone=sd15 / backbone=sdxl (from the Hugging Face hub)."
+    )
 
 
 def token_llm(node) -> nn.Module:

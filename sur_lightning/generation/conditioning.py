@@ -48,10 +48,34 @@ def with_llm_states(clip: torch.Tensor, pooled: torch.Tensor | None, prompts: Se
     """TextFeatures of ``prompts`` from their CLIP states [B,77,d] (and SDXL's pooled [B,P]), plus the LLM's
     states and mask on CLIP's device when ``llm`` is given."""
     if llm is None:
-        return TextFeatures(clip=clip, pooled=pooled)
+        return TextFeatures(clip=clip, pooled=pooled, prompts=list(prompts))
     states, mask = llm(list(prompts))
     return TextFeatures(
-        clip=clip, llm=states.to(clip.device), llm_mask=None if mask is None else mask.to(clip.device), pooled=pooled
+        clip=clip, llm=states.to(clip.device), llm_mask=None if mask is None else mask.to(clip.device), pooled=pooled,
+        prompts=list(prompts),
+    )
+
+
+class NonFiniteConditioningError(FloatingPointError):
+    """A connector's conditioning holds NaN or inf; the message names the prompts (and the column, in ``generate``)."""
+
+
+def check_finite_conditioning(out: ConnectorOutput, features: TextFeatures, connector: nn.Module, timesteps: torch.Tensor) -> None:
+    """Raise ``NonFiniteConditioningError`` when a row of ``out.conditioning`` [B, N, d] (or SDXL's ``out.pooled``
+    [B, P]) is not finite: the UNet would turn it into a black image without any error. Names the prompts of
+    those rows (``features.prompts``) and the timestep [B]."""
+    bad = ~torch.isfinite(out.conditioning).flatten(1).all(dim=1)  # [B]
+    if out.pooled is not None:
+        bad |= ~torch.isfinite(out.pooled).flatten(1).all(dim=1)
+    if not bool(bad.any()):
+        return
+    rows = bad.nonzero().flatten().tolist()
+    texts = features.prompts
+    named = ", ".join(repr(texts[i]) if texts is not None else f"row {i}" for i in rows)
+    raise NonFiniteConditioningError(
+        f"{type(connector).__name__} gave non-finite conditioning (NaN or inf) for prompt {named} at timestep "
+        f"{int(timesteps.reshape(-1)[rows[0]])}: its weights or the features it reads are broken (a diverged "
+        "training run?); the UNet would draw a black image from it"
     )
 
 
@@ -175,7 +199,9 @@ class ConnectorConditioning(ClipConditioning):
         if self.mode == "concat_clip":
             conditioning = torch.cat([features.clip.to(conditioning.dtype), conditioning], dim=1)
         # A connector written for SD1.x may return any object with `.conditioning` and no pooled embedding.
-        return ConnectorOutput(conditioning=conditioning, pooled=getattr(out, "pooled", None))
+        out = ConnectorOutput(conditioning=conditioning, pooled=getattr(out, "pooled", None))
+        check_finite_conditioning(out, features, self.connector, timesteps)
+        return out
 
     def describe(self) -> dict:
         return {"kind": type(self.connector).__name__, "mode": self.mode, "eta": self.eta, "negative": self.negative}
@@ -198,7 +224,9 @@ def conditioning_hook(unet: nn.Module, conditioning: ClipConditioning, features:
         t = torch.as_tensor(timestep, device=states.device).reshape(-1)
         if rows == 2 * batch:
             t_neg, t_pos = (t[:batch], t[batch:]) if t.numel() == rows else (t, t)
-            uncond, cond = conditioning.negative_output(negative, t_neg), conditioning.output(features, t_pos)
+            # The prompt's first: a non-finite conditioning then names the user's prompt, not the negative one.
+            cond = conditioning.output(features, t_pos)
+            uncond = conditioning.negative_output(negative, t_neg)
             if uncond.conditioning.shape[1:] != cond.conditioning.shape[1:]:
                 raise ValueError(
                     f"negative={getattr(conditioning, 'negative', '?')}: the negative branch has {uncond.conditioning.shape[1]} "

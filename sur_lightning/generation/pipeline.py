@@ -21,6 +21,7 @@ from sur_lightning.data.prompt_suites import Prompt
 from sur_lightning.generation.conditioning import (
     ClipConditioning,
     ConnectorConditioning,
+    NonFiniteConditioningError,
     conditioning_hook,
     frozen_text_features,
 )
@@ -177,14 +178,17 @@ def render_columns(
     with tqdm(total=len(columns) * len(jobs), desc="generating", unit="img", disable=not progress) as bar:
         for column in columns:
             for batch in batches:
-                images = render(
-                    pipeline,
-                    column.conditioning,
-                    [p.prompt for p, _ in batch],
-                    [s for _, s in batch],
-                    negative_prompt=negative_prompt,
-                    **kwargs,
-                )
+                try:
+                    images = render(
+                        pipeline,
+                        column.conditioning,
+                        [p.prompt for p, _ in batch],
+                        [s for _, s in batch],
+                        negative_prompt=negative_prompt,
+                        **kwargs,
+                    )
+                except NonFiniteConditioningError as error:
+                    raise NonFiniteConditioningError(f"column {column.name!r}: {error}") from error
                 for (prompt, seed), image in zip(batch, images):
                     item = Rendered(column.name, prompt, seed, image)
                     if out_dir is not None:

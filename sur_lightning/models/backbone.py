@@ -18,9 +18,11 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from sur_lightning.models.rng import keeps_global_rng
+from sur_lightning.models.weights import WeightsError, check_model_finite, weights_source
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -66,8 +68,14 @@ def load_pretrained(cls, pretrained: str, config_key: str, **kwargs):
         # transformers 5 builds an empty tokenizer when its files are missing instead of raising.
         if hasattr(loaded, "get_vocab") and len(loaded) < 100:
             raise OSError(f"no tokenizer files found (the tokenizer built has {len(loaded)} tokens)")
-        return loaded
-    except (OSError, ValueError) as error:
+    except (SafetensorError, OSError, ValueError) as error:
+        # A malformed weights file is not a missing model: name the file, without the offline download hint.
+        # transformers lets safetensors' own error through, which names no file ("header too large"); diffusers
+        # wraps it in an OSError.
+        broken = safetensors_error_in(error)
+        if broken is not None:
+            source = weights_source(pretrained, kwargs.get("subfolder"))
+            raise WeightsError(f"{source} is not a readable safetensors file (SafetensorError: {broken})") from error
         what = f"{pretrained!r}" + (f" (subfolder {kwargs['subfolder']!r})" if kwargs.get("subfolder") else "")
         raise ModelNotAvailableError(
             f"Could not load {cls.__name__} from {what}: {error}\n"
@@ -75,6 +83,23 @@ def load_pretrained(cls, pretrained: str, config_key: str, **kwargs):
             f"(`huggingface-cli download {pretrained}`) and point the config at the local folder: "
             f"`{config_key}=/path/to/local/copy`."
         ) from error
+    if isinstance(loaded, nn.Module):
+        # NaN/inf weights would only show as black images. One pass over the state dict (weights.is_finite), on a
+        # busy 2-core CPU: 52 ms for the tiny SD's 396 tensors (its whole load: 1.1 s); 1-1.5 ns per value, so
+        # about 1.5 s for SD1.5's 1.07 B values, whose load takes longer.
+        check_model_finite(loaded, pretrained, kwargs.get("subfolder"))
+    return loaded
+
+
+def safetensors_error_in(error: BaseException) -> SafetensorError | None:
+    """The ``SafetensorError`` that ``error`` is or was raised from (its ``__cause__``/``__context__`` chain), if any."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, SafetensorError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 class FrozenModule(nn.Module):
@@ -201,6 +226,17 @@ class StableDiffusionBackbone(FrozenModule):
 
 # --------------------------------------------------------------------------------------------
 # The offline tiny backbone
+
+# The spec file each random-weight builder (build_tiny_stable_diffusion, build_random_stable_diffusion and
+# sdxl's build_tiny_sdxl, build_random_sdxl) writes into the folder it fills: it marks a random test model.
+RANDOM_MODEL_SPECS = ("tiny_spec.json", "random_spec.json")
+
+
+def is_random_test_model(pretrained: str | Path) -> bool:
+    """Whether ``pretrained`` is a folder written by one of the random-weight builders (backbone=tiny, sdxl_tiny,
+    sd15_random, mid_random, sdxl_random): its images are noise by construction. False for hub ids and real
+    or trained folders (the toy world's base)."""
+    return any((Path(pretrained) / name).is_file() for name in RANDOM_MODEL_SPECS)
 
 
 def write_clip_tokenizer_files(folder: str | Path) -> Path:

@@ -146,7 +146,8 @@ class AdapterExport(EveryNSteps):
     learning curves and the benchmark read. Every ``every_n_steps`` optimizer steps or at each of ``at_steps``
     when set it writes ``adapter-step{N}.safetensors`` (files only).
 
-    ``trained_with``: ``{"backbone": <node>, "llm": <node or None>}``, the run's backbone and LLM config nodes.
+    ``trained_with``: ``{"backbone": <node>, "llm": <node or None>}``, the run's backbone and LLM config nodes;
+    ``training_record`` of them goes into ``adapter/config.json`` and into every file's safetensors header.
     conf/callbacks/*.yaml fill it with ``${backbone}`` / ``${llm}`` and ``_recursive_: false``, so Hydra hands
     the resolved nodes over instead of building them. That is explicit and works however the config was made
     (``hydra.compose`` in tests writes no ``.hydra/config.yaml`` to read back). The widths and the feature
@@ -196,14 +197,17 @@ class AdapterExport(EveryNSteps):
 
     @rank_zero_only
     def export(self, pl_module, name: str, folder: bool = False) -> Path:
+        # The file's header carries the record too, so the file alone is as usable as the folder (the run's
+        # .hydra/config.yaml is unresolved: `${paths.cache_dir}` means nothing outside this run's config).
+        record = self.record(pl_module)
         with averaged_weights(pl_module):
-            path, _ = save_connector(pl_module.connector, self.dirpath / f"{name}.safetensors")
+            path, _ = save_connector(pl_module.connector, self.dirpath / f"{name}.safetensors", record)
             if folder:
-                self.last_folder = save_pretrained(pl_module.connector, self.dirpath / name, self.record(pl_module))
+                self.last_folder = save_pretrained(pl_module.connector, self.dirpath / name, record)
         self.last_path = path
-        record = {"step": pl_module.global_step, "train_seconds": round(self.train_seconds(), 2), "file": path.name}
+        export = {"step": pl_module.global_step, "train_seconds": round(self.train_seconds(), 2), "file": path.name}
         with open(self.dirpath / "exports.jsonl", "a", encoding="utf-8") as log:
-            log.write(json.dumps(record) + "\n")
+            log.write(json.dumps(export) + "\n")
         return path
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

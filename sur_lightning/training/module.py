@@ -25,6 +25,7 @@ from sur_lightning.models.backbone import StableDiffusionBackbone
 from sur_lightning.models.connectors import ConnectorOutput, TextFeatures
 from sur_lightning.models.llm import CausalLMFeatures
 from sur_lightning.models.llm import teacher_weights as normalised_teacher_weights
+from sur_lightning.models.weights import check_finite
 from sur_lightning.training.losses import DenoisingLoss, FeatureAlignmentLoss, TeacherPredictionLoss, TeacherWeights
 
 log = logging.getLogger(__name__)
@@ -380,6 +381,11 @@ class ConnectorTrainingModule(L.LightningModule):
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Resuming from NaN/inf weights would go on training and exporting garbage: stop, naming the file and tensor.
+        source = getattr(self._trainer, "ckpt_path", None) or "the checkpoint"
+        check_finite(checkpoint.get("state_dict", {}).items(), str(source))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {

@@ -9,7 +9,7 @@ SUR ignores ``timesteps``; ELLA depends on them. ``save_pretrained`` writes a co
 its kind, constructor config and what it was trained for, ``trained_with``; ``model.safetensors``);
 ``save_connector`` writes the older single file (``adapter.safetensors`` + ``.json``). ``load_connector`` reads
 either, and adapters written before the layout move load through ``MOVED_MODULES``.
-May import: ``models`` only (``eta``).
+May import: ``models`` only (``eta``, ``weights``).
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from sur_lightning.models.weights import read_safetensors, safetensors_metadata
 
 
 @dataclass
@@ -31,12 +33,15 @@ class TextFeatures:
     llm_mask:    [B, T] bool, True on real tokens (None when ``llm`` is pooled).
     pooled:      [B, P] SDXL's pooled text embedding of the prompt (the second CLIP encoder's ``text_embeds``),
                  None for SD1.x/2.x backbones.
+    prompts:     the B texts these are features of, where generation knows them (so an error can name the
+                 prompt), else None.
     """
 
     clip: torch.Tensor | None = None
     llm: torch.Tensor | None = None
     llm_mask: torch.Tensor | None = None
     pooled: torch.Tensor | None = None
+    prompts: list[str] | None = None
 
 
 @dataclass
@@ -57,19 +62,23 @@ class ConnectorOutput:
 
 
 
-def save_connector(connector: torch.nn.Module, path: str | Path) -> tuple[Path, Path]:
+def save_connector(connector: torch.nn.Module, path: str | Path, trained_with: dict | None = None) -> tuple[Path, Path]:
     """Write the connector's weights to ``path`` (.safetensors) and its constructor config beside it (.json).
 
     The config is Hydra-instantiable (``_target_`` plus arguments) and is also stored in the
-    safetensors header, so either file alone is enough to rebuild the connector.
+    safetensors header, so either file alone is enough to rebuild the connector. ``trained_with``
+    (``training_record``, resolved: no ``${...}`` left) goes into the header too, so the file alone also says
+    which backbone and LLM to load it with, as a folder's config.json does.
     """
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    config = json.dumps(connector.config)
+    metadata = {"config": json.dumps(connector.config)}
+    if trained_with is not None:
+        metadata["trained_with"] = json.dumps(trained_with)
     state = {k: v.detach().contiguous().cpu() for k, v in connector.state_dict().items()}
-    save_file(state, str(path), metadata={"config": config})
+    save_file(state, str(path), metadata=metadata)
     config_path = path.with_suffix(".json")
     config_path.write_text(json.dumps(connector.config, indent=2))
     return path, config_path
@@ -78,8 +87,6 @@ def save_connector(connector: torch.nn.Module, path: str | Path) -> tuple[Path, 
 def connector_config(path: str | Path) -> dict:
     """The constructor config of a connector: a folder's ``config.json`` (``save_pretrained``), or for an
     adapter file written by ``save_connector`` its .json, else its safetensors header."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"adapter file not found: {path}")
@@ -87,9 +94,11 @@ def connector_config(path: str | Path) -> dict:
         return read_folder_config(path)["connector"]
     config_path = path.with_suffix(".json")
     if config_path.exists():
-        return json.loads(config_path.read_text())
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
+        try:
+            return json.loads(config_path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{config_path} (the config of {path.name}) is not valid JSON: {error}") from error
+    metadata = safetensors_metadata(path)
     if "config" not in metadata:
         raise ValueError(f"{path} has no connector config: expected {config_path} or a 'config' header entry")
     return json.loads(metadata["config"])
@@ -282,10 +291,32 @@ def training_record(
     return record
 
 
+def resolved_run_node(config: dict, group: str, run_dir: Path):
+    """``config[group]`` of a run's saved ``.hydra/config.yaml`` with its ``${...}`` resolved against the whole run
+    config (``${paths.cache_dir}`` -> the run's cache folder), so it can be built outside any Hydra config
+    (``attach``). Hydra's ``${hydra:...}`` resolver exists only inside a Hydra run; the run saved those values in
+    ``.hydra/hydra.yaml``, so they are read from there. The node as saved (unresolved) when that fails: generate
+    and evaluate still resolve it inside their own config."""
+    import yaml
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    hydra_file = run_dir / "hydra.yaml"
+    try:
+        hydra_node = (yaml.safe_load(hydra_file.read_text()) or {}).get("hydra", {}) if hydra_file.exists() else {}
+        # `${hydra:runtime.cwd}` -> `${hydra.runtime.cwd}`: a plain interpolation into the saved values.
+        text = yaml.safe_dump(config).replace("${hydra:", "${hydra.")
+        run = OmegaConf.create(yaml.safe_load(text))
+        run.hydra = {key: hydra_node.get(key, {}) for key in ("runtime", "job")}
+        return OmegaConf.to_container(run[group], resolve=True)
+    except (OmegaConfBaseException, yaml.YAMLError, AttributeError):
+        return config[group]
+
+
 def run_config_record(path: str | Path) -> dict | None:
     """For an adapter file or folder inside a training run, ``training_record`` of the backbone and LLM nodes of the
-    run's ``.hydra/config.yaml`` (as Hydra saved them: unresolved, so ``${paths.cache_dir}`` resolves where they
-    are used); None without such a file or without a ``backbone`` in it."""
+    run's ``.hydra/config.yaml``, resolved (``resolved_run_node``); None without such a file or without a
+    ``backbone`` in it. Adapter files written before their header held ``trained_with`` are read this way."""
     import yaml
 
     run_config = Path(path).parent / ".hydra" / "config.yaml"
@@ -297,19 +328,26 @@ def run_config_record(path: str | Path) -> dict | None:
         raise ValueError(f"{run_config} (the run config of {path}) is not valid YAML: {error}") from error
     if not isinstance(config, dict) or not isinstance(config.get("backbone"), dict):
         return None
-    llm = config.get("llm")
-    return training_record(config["backbone"], llm if isinstance(llm, dict) else None)
+    backbone = resolved_run_node(config, "backbone", run_config.parent)
+    llm = resolved_run_node(config, "llm", run_config.parent) if isinstance(config.get("llm"), dict) else None
+    return training_record(backbone, llm)
 
 
 def connector_record(path: str | Path) -> dict | None:
     """What the connector at ``path`` was trained for (``training_record``'s layout): a folder's ``trained_with``,
-    else, for a folder without one or an ``adapter.safetensors`` file, its run's ``.hydra/config.yaml``; None if
-    neither says."""
+    or an adapter file's ``trained_with`` header entry (``save_connector``); else, for a folder or file without
+    one, its run's ``.hydra/config.yaml``; None if none of them says."""
     path = Path(path)
     if path.is_dir():
         recorded = read_folder_config(path).get("trained_with")
-        if recorded:
-            return recorded
+    else:
+        header = safetensors_metadata(path).get("trained_with")
+        try:
+            recorded = json.loads(header) if header else None
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: header entry 'trained_with' is not valid JSON: {error}") from error
+    if recorded:
+        return recorded
     return run_config_record(path)
 
 
@@ -343,7 +381,6 @@ def load_connector(path: str | Path, dim: int | None = None, llm_dim: int | dict
     The returned module carries ``trained_with`` (``connector_record``, or None).
     """
     from hydra.utils import instantiate
-    from safetensors.torch import load_file
 
     path = Path(path)
     config = current_targets(connector_config(path))
@@ -352,6 +389,7 @@ def load_connector(path: str | Path, dim: int | None = None, llm_dim: int | dict
     weights = path / WEIGHTS_NAME if path.is_dir() else path
     if not weights.exists():
         raise FileNotFoundError(f"connector folder {path} has no {WEIGHTS_NAME}")
-    connector.load_state_dict(load_file(str(weights)), strict=True)
+    # A malformed file or NaN/inf weights stop here, naming the file and the tensor (not as black images later).
+    connector.load_state_dict(read_safetensors(weights), strict=True)
     connector.trained_with = connector_record(path)
     return connector.eval()

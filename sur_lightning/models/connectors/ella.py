@@ -206,8 +206,8 @@ def load_official_state_dict(
     To reproduce the released model exactly, build ``module`` with ``use_key_padding_mask=False``.
     """
     if not isinstance(state_dict, dict):
-        from safetensors.torch import load_file
+        from sur_lightning.models.weights import read_safetensors
 
-        state_dict = load_file(str(state_dict))
+        state_dict = read_safetensors(state_dict)
     module.load_state_dict({official_key_to_ours(k): v for k, v in state_dict.items()}, strict=True)
     return module

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from sur_lightning.models.connectors import ConnectorFiles, ConnectorOutput, TextFeatures
+from sur_lightning.models.weights import check_finite
 
 
 class SURAdapter(ConnectorFiles, nn.Module):
@@ -159,6 +160,7 @@ def read_official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     state = torch.load(str(path), map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} is not a state dict of tensors (expected the authors' adapter_checkpoint*.pt)")
+    check_finite(state.items(), str(path))
     return state
 
 
