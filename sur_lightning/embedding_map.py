@@ -45,7 +45,7 @@ from sur_lightning.evaluation.embeddings import (
     tsne_perplexity,
 )
 from sur_lightning.generation.columns import Column, build_columns, complex_prompt_column
-from sur_lightning.generation.pipeline import pick_device
+from sur_lightning.runtime import pick_device
 
 
 def load_columns(cfg, backbone, prompts: Sequence[Prompt]) -> list[Column]:

@@ -7,6 +7,7 @@ thread count (``threads``) instead of inheriting it, with MKL's and OpenMP's dyn
 (set in ``sur_lightning/__init__.py``, before torch loads them).
 
 - ``pin_threads(threads)``: torch's intra-op threads (OpenMP and MKL) for this process.
+- ``pick_device(device)``: ``auto`` (CUDA when present) or the device named.
 - ``environment()``: library versions, thread count and CPU model, for ``metrics.json`` and the W&B config.
   Runs are bit-identical only on the same CPU model with the same library versions and thread count.
 """
@@ -29,6 +30,13 @@ def pin_threads(threads: int | None) -> int:
             raise ValueError(f"threads must be >= 1 (or null for torch's default), got {threads}")
         torch.set_num_threads(int(threads))
     return torch.get_num_threads()
+
+
+def pick_device(device: str) -> torch.device:
+    """``auto``: the first CUDA device when there is one, else the CPU; any other value names the device."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
 
 
 def cpu_model() -> str:

@@ -96,6 +96,57 @@ def test_packages_import_each_other_in_no_circle():
     assert find_cycle(room_graph()) is None
 
 
+def module_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected groups of more than one module (Tarjan): every import circle between files."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    groups: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in sorted(graph.get(node, ())):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                group.append(member)
+                if member == node:
+                    break
+            if len(group) > 1:
+                groups.append(sorted(group))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return groups
+
+
+def test_files_import_each_other_in_no_circle():
+    """File by file, the package root and type-checking imports included: a circle between two modules of one room
+    (generation/columns.py and pipeline.py once) or through the root (connectors reading ``__version__`` from the
+    root, which imports config, which imports connectors) is a knot even where the rooms' graph has none."""
+    assert module_cycles({name: imports(name) for name in MODULES}) == []
+
+
+def test_the_file_check_sees_the_two_knots_it_was_written_for():
+    root_knot = {"sur_lightning": {"sur_lightning.config"}, "sur_lightning.config": {"sur_lightning.models.connectors"},
+                 "sur_lightning.models.connectors": {"sur_lightning"}}
+    room_knot = {"sur_lightning.generation.columns": {"sur_lightning.generation.pipeline"},
+                 "sur_lightning.generation.pipeline": {"sur_lightning.generation.columns"}}
+    assert sorted(module_cycles({**root_knot, **room_knot})) == sorted([sorted(room_knot), sorted(root_knot)])
+    assert module_cycles({"a": {"b"}, "b": {"c"}}) == []
+
+
 def test_the_bottom_rooms_import_nothing_above_them():
     graph = room_graph()
     upward = {node: sorted(graph.get(node, set()) & ABOVE) for node in BOTTOM}

@@ -26,7 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from sur_lightning.evaluation.report import gap_closed, gap_closed_intervals, gap_closed_reasons
-from sur_lightning.generation.pipeline import Rendered, pick_device
+from sur_lightning.generation.pipeline import Rendered
+from sur_lightning.runtime import pick_device
 
 METRICS = ("shapes", "fid", "clip", "captions", "diversity")
 

@@ -23,8 +23,8 @@ from sur_lightning.generation.conditioning import (
     NonFiniteConditioningError,
     frozen_text_features,
 )
-from sur_lightning.generation.pipeline import pick_device
 from sur_lightning.models.connectors import TextFeatures
+from sur_lightning.runtime import pick_device
 
 
 @dataclass

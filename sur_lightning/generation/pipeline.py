@@ -201,12 +201,6 @@ def render_columns(
     return results
 
 
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def sampler_kwargs(sampler) -> dict:
     """The pipeline knobs of the ``sampler`` config node."""
     return {

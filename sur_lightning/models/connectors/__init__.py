@@ -266,13 +266,18 @@ def training_record(
     the tiny models included) beside a readable ``id``; the LLM also gets its ``layer`` and ``pooling``.
     ``cache_fingerprint``: the feature-cache stores' fingerprint hashes ({"clip": ..., "llm": ...}), or None.
     """
-    from sur_lightning import __version__
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
+        # The installed distribution's version; importing the package root here would close a circle through config.
+        package_version = version("sur_lightning")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        package_version = None
     record = {
         "backbone": None,
         "llm": None,
         "cache_fingerprint": cache_fingerprint,
-        "sur_lightning_version": __version__,
+        "sur_lightning_version": package_version,
     }
     if backbone is not None:
         record["backbone"] = {
