@@ -243,7 +243,7 @@ def test_teacher_prediction_is_the_mse_to_the_frozen_unet_under_clip_of_the_comp
     loss = model.training_step(batch, 0)
     (student_x, student_t, _, student), (teacher_x, teacher_t, teacher_c, teacher) = calls
     assert torch.equal(teacher_x, student_x) and torch.equal(teacher_t, student_t)  # same x_t and t
-    torch.testing.assert_close(teacher_c, model.clip_states(batch["complex_prompt"]))
+    torch.testing.assert_close(teacher_c, model.clip_features(batch["complex_prompt"]).clip)
     assert not teacher.requires_grad  # the teacher is frozen and takes no gradient
     torch.testing.assert_close(logged["teacher_prediction"], torch.nn.functional.mse_loss(student, teacher))
     torch.testing.assert_close(loss, logged["denoising"] + 2.0 * logged["teacher_prediction"])

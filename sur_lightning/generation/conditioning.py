@@ -128,9 +128,6 @@ class ClipConditioning:
     def apply(self, features: TextFeatures, timesteps: torch.Tensor) -> torch.Tensor:
         return self.output(features, timesteps).conditioning
 
-    def apply_negative(self, features: TextFeatures, timesteps: torch.Tensor) -> torch.Tensor:
-        return self.negative_output(features, timesteps).conditioning
-
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], timesteps: torch.Tensor | float) -> torch.Tensor:
         return self.apply(self.features(prompts), timesteps)

@@ -223,9 +223,6 @@ class FeatureCache:
             return {name: int(t.shape[-1]) for name, t in entry.items()}
         return int(entry["states"].shape[-1])
 
-    def clip_states(self, prompts: list[str], device: torch.device | str = "cpu") -> torch.Tensor:
-        return self.clip_features(prompts, device).clip
-
     def clip_features(self, prompts: list[str], device: torch.device | str = "cpu") -> TextFeatures:
         """TextFeatures(clip [B,77,d], pooled [B,P] for SDXL stores, else None)."""
         entries = [self.lookup(self.clip, p) for p in prompts]

@@ -178,10 +178,6 @@ class ConnectorTrainingModule(L.LightningModule):
         clip, pooled = self.backbone.encode_text(prompts)
         return TextFeatures(clip=clip, pooled=pooled)
 
-    def clip_states(self, prompts: list[str]) -> torch.Tensor:
-        """CLIP states [B,77,d] of the prompts, from the feature cache when there is one."""
-        return self.clip_features(prompts).clip
-
     def latents(self, batch: dict, generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
         """Scaled VAE latents [B,4,h,w] sampled from the encoder's distribution: computed from
         ``pixel_values``, or rebuilt from the cached ``latent_mean``/``latent_logvar`` (no encoder runs).

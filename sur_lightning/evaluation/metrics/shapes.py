@@ -147,13 +147,6 @@ def template_ious(component: np.ndarray) -> dict[str, float]:
     }
 
 
-def classify_component(component: np.ndarray) -> str:
-    """The shape ("circle", "square" or "triangle") whose ideal mask in the component's bounding box
-    overlaps the component [H, W] (bool) with the highest IoU."""
-    ious = template_ious(component)
-    return max(SHAPES, key=lambda kind: ious[kind])
-
-
 @dataclass
 class Component:
     """One connected foreground region of at least ``min_area`` pixels, as the checker reads it."""
