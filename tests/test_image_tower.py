@@ -1,10 +1,11 @@
 """The toy world's image tower (issue 34): its loss, save/load, its training command, the shipped tower's hash and
-gate."""
+gate, and the offline CLIP scorer built on it."""
 
 from __future__ import annotations
 
 import json
 import math
+import random
 import shutil
 import subprocess
 import sys
@@ -12,13 +13,16 @@ import sys
 import pytest
 import torch
 
+from sur_lightning.evaluation.rerank import ImageTowerScorer
 from sur_lightning.models.image_tower import ImageTower
 from sur_lightning.toyworld import (
     IMAGE_TOWER_DIR,
     IMAGE_TOWER_RECORD,
+    shipped_base,
     shipped_image_tower,
     verify_base,
     verify_image_tower,
+    world,
 )
 
 TINY = {"channels": (8, 8, 16, 16), "text_dim": 12, "embedding_dim": 6, "groups": 4}
@@ -144,3 +148,48 @@ def test_shipped_tower_matches_its_hash_passed_its_gate_and_reads_the_shipped_ba
                              check=False, cwd=IMAGE_TOWER_DIR, capture_output=True)
     assert ignored.returncode == 1, "the shipped tower's weights are git-ignored"
     assert json.loads((IMAGE_TOWER_DIR / "config.json").read_text())["_class_name"] == "ImageTower"
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    return ImageTowerScorer(shipped_image_tower(), shipped_base())
+
+
+def test_the_shipped_tower_retrieves_fresh_images_of_every_target(scorer):
+    """One new image of each of the 54 targets (a stream of its own): the nearest complex prompt is its own."""
+    targets = world.all_targets()
+    rng = random.Random("test-image-tower")
+    images = [world.draw_example(*target, rng) for target in targets]
+    similarity = scorer.embed_images(images) @ scorer.embed_texts([world.complex_prompt(*t) for t in targets]).T
+    accuracy = (similarity.argmax(dim=1) == torch.arange(len(targets))).float().mean().item()
+    assert accuracy >= 0.95
+
+
+def test_the_scorer_ranks_the_matching_image_first(scorer):
+    from torchvision.transforms.functional import to_tensor
+
+    rng = random.Random(3)
+    candidates = [world.draw_example(*target, rng) for target in
+                  [(3, "red", "circle"), (2, "red", "circle"), (2, "blue", "circle"), (2, "red", "square")]]
+    prompt = world.complex_prompt(2, "red", "circle")
+    scores = scorer.score(candidates, [prompt] * 4)
+    assert scores.shape == (4,) and scores.abs().max() <= 1 + 1e-5
+    assert int(scores.argmax()) == 1, scores
+    # A tensor [B, 3, H, W] in [0, 1] scores the same, and other sizes are resized to the tower's.
+    pixels = torch.stack([to_tensor(image) for image in candidates])
+    torch.testing.assert_close(scorer.score(pixels, [prompt] * 4), scores, atol=1e-5, rtol=0)
+    assert int(scorer.score(torch.nn.functional.interpolate(pixels, size=128), [prompt] * 4).argmax()) == 1
+    with pytest.raises(ValueError, match="2 images but 1 prompts"):
+        scorer.score(candidates[:2], [prompt])
+
+
+def test_best_of_n_composes_the_image_tower_scorer():
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from sur_lightning.config import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="explore", overrides=["tool=best_of_n", "tool/scorer=image_tower", "tool.scorer_text=complex"])
+    scorer = instantiate(cfg.tool.scorer)
+    assert isinstance(scorer, ImageTowerScorer) and cfg.tool.scorer_text == "complex"
