@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "sur_lightning"
 ENTRY_POINTS = {
     f"sur_lightning.{name}"
     for name in ("train", "generate", "evaluate", "explore", "cache", "rewrite", "bench", "sweep_report", "embedding_map",
-                 "toyworld.pretrain", "toyworld.probe")
+                 "toyworld.pretrain", "toyworld.image_tower", "toyworld.probe")
 }
 # The bottom of the house: frozen parts and connectors, data, knowledge. They import none of the rooms above.
 BOTTOM = {"models", "data", "knowledge"}

@@ -2,8 +2,11 @@
 deterministic splits (``world``), and a small text-to-image base model this project trains on it
 (``pretrain``) and ships in ``base/``, in Stable Diffusion's folder layout (``backbone=toy``).
 
-``pretrain`` and ``probe`` are entry points (``python -m sur_lightning.toyworld.pretrain`` / ``.probe``); the rest
-is library. May import: ``data`` (the shapes and their palette); the entry points also ``models``, ``knowledge``,
+Beside the base ships its image tower (``base/image_tower/``, ``models/image_tower.py``): a contrastive image–text
+space for unCLIP and an offline CLIP score, trained by ``python -m sur_lightning.toyworld.image_tower``.
+
+``pretrain``, ``image_tower`` and ``probe`` are entry points (``python -m sur_lightning.toyworld.pretrain`` /
+``.image_tower`` / ``.probe``); the rest is library. May import: ``data`` (the shapes and their palette); the entry points also ``models``, ``knowledge``,
 ``evaluation`` and ``config``."""
 
 from __future__ import annotations
@@ -23,6 +26,23 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def verify_hashes(folder: Path, record_file: Path, what: str) -> dict:
+    """Check every file that ``record_file``'s ``sha256`` names (relative to ``folder``) against its recorded
+    SHA-256; returns the record. A missing or changed file is an error naming it."""
+    record = json.loads(record_file.read_text())
+    for name, expected in record["sha256"].items():
+        path = folder / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{what}: {path} is missing (recorded in {record_file})")
+        actual = file_sha256(path)
+        if actual != expected:
+            raise ValueError(
+                f"{what}: {path} has SHA-256 {actual}, but {record_file} records {expected}; "
+                "the file is damaged or was replaced (git checkout it, or retrain with the recorded command)"
+            )
+    return record
+
+
 def verify_base(folder: str | Path = BASE_DIR) -> dict:
     """Check every weight file of a base folder against the SHA-256 its ``base.json`` records; returns
     that record. A missing or changed file is an error naming it."""
@@ -33,18 +53,7 @@ def verify_base(folder: str | Path = BASE_DIR) -> dict:
             f"{record_file} not found: {folder} is not a toy-world base "
             "(make one with `python -m sur_lightning.toyworld.pretrain`)"
         )
-    record = json.loads(record_file.read_text())
-    for name, expected in record["sha256"].items():
-        path = folder / name
-        if not path.is_file():
-            raise FileNotFoundError(f"toy-world base: {path} is missing (recorded in {record_file})")
-        actual = file_sha256(path)
-        if actual != expected:
-            raise ValueError(
-                f"toy-world base: {path} has SHA-256 {actual}, but {record_file} records {expected}; "
-                "the file is damaged or was replaced (git checkout it, or retrain with the recorded command)"
-            )
-    return record
+    return verify_hashes(folder, record_file, "toy-world base")
 
 
 def shipped_base(folder: str | Path | None = None, verify: bool = True) -> str:
@@ -53,4 +62,30 @@ def shipped_base(folder: str | Path | None = None, verify: bool = True) -> str:
     folder = BASE_DIR if folder is None else Path(folder)
     if verify:
         verify_base(folder)
+    return str(folder)
+
+
+IMAGE_TOWER_DIR = BASE_DIR / "image_tower"
+IMAGE_TOWER_RECORD = "image_tower.json"
+
+
+def verify_image_tower(folder: str | Path = IMAGE_TOWER_DIR) -> dict:
+    """Check an image tower's weights against the SHA-256 its ``image_tower.json`` records; returns that record.
+    A missing or changed file is an error naming it."""
+    folder = Path(folder)
+    record_file = folder / IMAGE_TOWER_RECORD
+    if not record_file.is_file():
+        raise FileNotFoundError(
+            f"{record_file} not found: {folder} is not a toy-world image tower "
+            "(make one with `python -m sur_lightning.toyworld.image_tower`)"
+        )
+    return verify_hashes(folder, record_file, "toy-world image tower")
+
+
+def shipped_image_tower(folder: str | Path | None = None, verify: bool = True) -> str:
+    """The folder of the toy world's image tower (``models.image_tower.ImageTower``), checked against its recorded
+    hash. ``folder``: a tower made by ``sur_lightning.toyworld.image_tower``; None is the shipped one."""
+    folder = IMAGE_TOWER_DIR if folder is None else Path(folder)
+    if verify:
+        verify_image_tower(folder)
     return str(folder)

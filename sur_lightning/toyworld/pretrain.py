@@ -36,7 +36,6 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from sur_lightning.config import CONFIG_DIR
-from sur_lightning.data.synthetic import COLORS, SHAPES
 from sur_lightning.models.backbone import assemble_pipeline
 from sur_lightning.toyworld import file_sha256
 from sur_lightning.toyworld.base_model import (
@@ -47,7 +46,7 @@ from sur_lightning.toyworld.base_model import (
     build_unet,
     build_vae,
 )
-from sur_lightning.toyworld.world import COUNTS, IMAGE_SIZE, complex_prompt, random_complex_example
+from sur_lightning.toyworld.world import IMAGE_SIZE, all_targets, complex_prompt, random_complex_example
 
 
 def image_batch(rng: random.Random, batch_size: int) -> torch.Tensor:
@@ -152,10 +151,6 @@ def encode_dataset(cfg: DictConfig, work: Path, vae) -> dict:
 
 
 # ------------------------------------------------------------------------------------ stage 3: UNet
-
-
-def all_targets() -> list[tuple[int, str, str]]:
-    return [(count, color, shape) for count in COUNTS for color in sorted(COLORS) for shape in SHAPES]
 
 
 @torch.no_grad()

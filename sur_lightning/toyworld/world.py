@@ -179,6 +179,11 @@ def draw_example(count: int, color: str, shape: str, rng: random.Random, size: i
     return image
 
 
+def all_targets() -> list[tuple[int, str, str]]:
+    """Every (count, colour, shape) the world draws (3 x 6 x 3 = 54), in a fixed order."""
+    return [(count, color, shape) for count in COUNTS for color in sorted(COLORS) for shape in SHAPES]
+
+
 def random_complex_example(rng: random.Random, size: int = IMAGE_SIZE) -> tuple[Image.Image, str, tuple[int, str, str]]:
     """A uniformly random (count, colour, shape): its image, complex prompt and target."""
     target = (rng.choice(COUNTS), rng.choice(sorted(COLORS)), rng.choice(SHAPES))
