@@ -21,6 +21,7 @@ demo: install
 	$(PY) -m sur_lightning.train +experiment=demo
 
 test: install
+	$(PY) -m ruff check sur_lightning tests
 	$(PY) -m pytest tests
 
 # A training step against the floor (frozen UNet fwd + bwd to its conditioning), cache on/off, generation overhead.
