@@ -397,7 +397,7 @@ class EvaluationCallback(EveryNSteps):
             )
 
     @rank_zero_only
-    def evaluate(self, trainer, pl_module) -> dict[str, float]:
+    def evaluate(self, trainer, pl_module, progress: bool = False) -> dict[str, float]:
         from sur_lightning.evaluation.evaluator import score_columns
         from sur_lightning.evaluation.report import gap_closed, gap_closed_intervals, split_rows
         from sur_lightning.generation.columns import Column, complex_prompt_column
@@ -415,7 +415,7 @@ class EvaluationCallback(EveryNSteps):
         try:
             with torch.no_grad(), averaged_weights(pl_module):
                 rendered = render_columns(
-                    pl_module.backbone, columns, self.prompts, self.seeds, progress=False, **self.kwargs
+                    pl_module.backbone, columns, self.prompts, self.seeds, progress=progress, **self.kwargs
                 )
         finally:
             pl_module.connector.train(was_training)
@@ -451,7 +451,8 @@ class EvaluationCallback(EveryNSteps):
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self.due(trainer.global_step, at_end=True):
-            self.evaluate(trainer, pl_module)
+            # The end-of-training evaluation renders hundreds of images after the training bar has closed: show a bar.
+            self.evaluate(trainer, pl_module, progress=True)
         if not trainer.is_global_zero or not self.last_report:
             return
         if self.print_table and "gap_closed" in self.last_report:
