@@ -17,6 +17,8 @@ from pathlib import Path
 import hydra
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
@@ -31,6 +33,7 @@ from sur_lightning.config import (
     use_wandb_offline_without_key,
 )
 from sur_lightning.runtime import environment, pin_threads
+from sur_lightning.training.callbacks import AdapterExport, SampleGrid
 from sur_lightning.training.feature_cache import prepare_feature_cache
 
 # `python -m sur_lightning.train` runs this module as __main__: name its logger as the module.
@@ -75,7 +78,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.is_global_zero:
         report_outputs(cfg, trainer, callbacks, loggers, metrics)
-    if any(type(logger).__name__ == "WandbLogger" for logger in loggers):
+    if any(isinstance(logger, WandbLogger) for logger in loggers):
         import wandb
 
         # Close the run so the next job of a multirun in this process starts its own.
@@ -93,17 +96,16 @@ def report_outputs(cfg, trainer, callbacks, loggers, metrics: dict[str, float]) 
     if (output_dir / "data_report.json").exists():
         lines.append(f"data:       {output_dir / 'data_report.json'} (skipped, repaired and truncated rows)")
     for callback in callbacks:
-        name = type(callback).__name__
-        if name == "AdapterExport" and callback.last_folder:
+        if isinstance(callback, AdapterExport) and callback.last_folder:
             lines.append(f"adapter:    {callback.last_folder} (config.json + model.safetensors; sur_lightning.load_connector)")
-        elif name == "AdapterExport" and callback.last_path:
+        elif isinstance(callback, AdapterExport) and callback.last_path:
             lines.append(f"adapter:    {callback.last_path} (+ {callback.last_path.with_suffix('.json').name})")
-        elif name == "SampleGrid" and callback.last_path:
+        elif isinstance(callback, SampleGrid) and callback.last_path:
             lines.append(f"samples:    {callback.last_path}")
-        elif name == "ModelCheckpoint" and callback.last_model_path:
+        elif isinstance(callback, ModelCheckpoint) and callback.last_model_path:
             lines.append(f"checkpoint: {callback.last_model_path}")
     for logger in loggers:
-        if type(logger).__name__ == "WandbLogger":
+        if isinstance(logger, WandbLogger):
             mode = os.environ.get("WANDB_MODE", "online")
             run = logger.experiment
             lines.append(f"wandb:      {Path(run.dir).parent} ({mode}): run {run.name!r}, group {run.group!r}, job_type {run.job_type!r}")
