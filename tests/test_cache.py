@@ -138,6 +138,9 @@ def test_with_a_complete_cache_no_llm_is_built_and_no_vae_encoder_runs(compose, 
     monkeypatch.setattr(Encoder, "forward", refuse)
     kwargs = prepare_feature_cache(cfg, instantiate(cfg.data))
     assert kwargs["llm"] is None and kwargs["llm_dim"] == 32 and kwargs["backbone"].vae.encoder is None
+    # Encoding with that backbone later says why it cannot, instead of failing on a None inside diffusers.
+    with pytest.raises(RuntimeError, match=r"VAE encoder was dropped \(training reads cached latents: data.cache=require\)"):
+        kwargs["backbone"].encode_images(torch.zeros(1, 3, 64, 64))
     metrics = train(cfg)
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
 

@@ -117,6 +117,18 @@ class FrozenModule(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    def drop_vae_encoder(self, reason: str) -> None:
+        """Free the VAE's encoder (training from cached latents never runs it); a later ``encode_images`` then fails
+        naming ``reason`` rather than with a bare ``NoneType`` error."""
+        self.vae.encoder = None
+        self.vae.quant_conv = None
+        self.vae_encoder_dropped = reason
+
+    def check_vae_encoder(self) -> None:
+        reason = getattr(self, "vae_encoder_dropped", None)
+        if reason:
+            raise RuntimeError(f"this backbone's VAE encoder was dropped ({reason}); build another backbone to encode images")
+
 
 class StableDiffusionBackbone(FrozenModule):
     """Frozen SD components, always in eval mode, stored in ``dtype``.
@@ -198,6 +210,7 @@ class StableDiffusionBackbone(FrozenModule):
 
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor):
+        self.check_vae_encoder()
         return self.vae.encode(pixel_values.to(self.device, self.dtype)).latent_dist
 
     def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:

@@ -122,6 +122,7 @@ class StableDiffusionXLBackbone(FrozenModule):
 
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor):
+        self.check_vae_encoder()
         return self.vae.encode(pixel_values.to(self.device, self.vae.dtype)).latent_dist
 
     def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:

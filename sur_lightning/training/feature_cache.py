@@ -275,6 +275,5 @@ def prepare_feature_cache(cfg: DictConfig, datamodule, rank: int | None = None, 
     # so the VAE encoder is dropped (the decoder stays for sampling).
     backbone = backbone if backbone is not None else instantiate(cfg.backbone)
     datamodule.use_latent_store(cache.latents)
-    backbone.vae.encoder = None
-    backbone.vae.quant_conv = None
+    backbone.drop_vae_encoder("training reads cached latents: data.cache=" + str(mode))
     return {"backbone": backbone, "llm": None, "llm_dim": cache.llm_dim, "feature_cache": cache}
