@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_DISABLE_TELEMETRY := 1
 export WANDB_SILENT := true
 
-.PHONY: install demo test lint bench bench-mid bench-sd15 bench-sdxl bench-data clean
+.PHONY: install demo test test-fast lint bench bench-mid bench-sd15 bench-sdxl bench-data clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ demo: install
 test: install
 	$(PY) -m ruff check sur_lightning tests
 	$(PY) -m pytest tests
+
+# The edit loop: everything but the tests marked slow (DDP, kill and resume, Optuna, demo-like runs).
+test-fast: install
+	$(PY) -m pytest tests -m "not slow"
 
 # A training step against the floor (frozen UNet fwd + bwd to its conditioning), cache on/off, generation overhead.
 bench: install

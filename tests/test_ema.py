@@ -83,6 +83,7 @@ def test_diffusers_warmup_decay_and_bad_decay_named():
         ConnectorEMA(decay=1.0)
 
 
+@pytest.mark.slow
 def test_ema_state_survives_ckpt_path_resume(compose, tmp_path):
     common = ("+experiment=sur_demo", "callbacks/ema=on", "callbacks.ema.decay=0.5", "callbacks.sample_grid=null",
               "trainer.val_check_interval=100000", "callbacks.model_checkpoint.every_n_train_steps=2")

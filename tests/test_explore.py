@@ -240,6 +240,7 @@ def compose_explore(tmp_path, cache_dir, *overrides):
         ("best_of_n", ["tool.n=2", "metrics.compute=[shapes]"], 6, 3, 6 * 4),  # first, best, 2 candidates
     ],
 )
+@pytest.mark.slow
 def test_each_tool_writes_its_grid_and_manifest(tmp_path, cache_dir, tiny_sd, tiny_llm, adapters, tool, overrides, rows, columns, images):
     sur_path, ella_path = adapters
     chosen = [sur_path] if tool == "interpolate" and "tool.between=prompts" not in overrides else [sur_path, ella_path]

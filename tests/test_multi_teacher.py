@@ -95,6 +95,7 @@ def test_bad_multi_teacher_configs_are_named(backbone, teachers, tiny_llm):
         m.llm_distillation(out.internals["encoder"], out.internals["llm_projected"])
 
 
+@pytest.mark.slow
 def test_smollm2_and_minilm_train_together_each_with_its_own_w0_and_logged_term(compose):
     """The two real offline teachers (SmolLM2-135M, all-MiniLM-L6-v2), through the feature cache."""
     from sur_lightning.models.connectors import load_connector

@@ -259,6 +259,7 @@ def test_name_dropout_without_retrieval_or_with_other_variants_is_an_error(tmp_p
         check_name_dropout(cfg, instantiate(cfg.data))
 
 
+@pytest.mark.slow
 def test_the_cache_holds_every_variant_so_a_cached_training_step_needs_no_llm(tmp_path, cache_dir, tiny_sd, tiny_llm, monkeypatch):
     from sur_lightning.models.llm import CausalLMFeatures
     from sur_lightning.train import train

@@ -4,6 +4,7 @@ they were written. Their configs name the old module paths (``sur_lightning.conn
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from sur_lightning.models.connectors import TextFeatures, connector_config, current_targets, load_connector
@@ -50,6 +51,7 @@ def test_the_header_alone_loads_too(tmp_path):
     assert isinstance(load_connector(copy), SURAdapter)
 
 
+@pytest.mark.slow
 def test_a_pre_layout_checkpoint_resumes(compose):
     cfg = compose("+experiment=sur_demo", "trainer.max_steps=2", "trainer.val_check_interval=2",
                   "callbacks.model_checkpoint.every_n_train_steps=2", f"ckpt_path={FIXTURES / 'sur_demo_tiny_step1.ckpt'}")

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import tiny_overrides
 from safetensors import safe_open
@@ -28,6 +29,7 @@ def step_losses(csv_dir: Path) -> dict[int, float]:
         return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
 
 
+@pytest.mark.slow
 def test_cold_and_warm_cache_give_the_same_initial_weights_and_losses(compose, tmp_path, monkeypatch):
     """A cold cache folder builds the tiny backbone and LLM and encodes the features before the connector is built
     (drawing from the global generator, as SmolLM2's GGUF conversion does); a warm one loads them. Same seed: the
@@ -91,6 +93,7 @@ def shard_entries(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
     return entries
 
 
+@pytest.mark.slow
 def test_two_jobs_on_one_empty_cache_both_train_and_each_entry_is_written_once(tmp_path, cache_dir, tiny_sd, tiny_llm):
     def command(name: str, features: Path) -> list[str]:
         output = tmp_path / name

@@ -13,6 +13,7 @@ import time
 import zlib
 from pathlib import Path
 
+import pytest
 from conftest import tiny_overrides
 from test_toyworld import toy_demo_overrides
 
@@ -59,6 +60,7 @@ def test_ckpt_path_last_with_nothing_to_resume_stops_and_says_so(tmp_path, cache
     assert not list(runs.glob("*/checkpoints"))
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_in_place_through_ckpt_path_last(tmp_path, cache_dir, tiny_sd, tiny_llm):
     """SIGKILL after the step-3 checkpoint, then the same command with ckpt_path=last: the newest run of the task
     continues in its own folder (an older run with a damaged checkpoint is left alone), with the same W&B run id,
@@ -143,6 +145,7 @@ def history_row(history) -> dict:
     return row
 
 
+@pytest.mark.slow
 def test_the_run_folder_and_the_offline_wandb_run_hold_the_report_images_and_adapter(tmp_path, cache_dir, tiny_llm):
     """+experiment=demo on the shipped toy base, 2 steps with the smoke evaluation, an adapter export at step 1:
     the run folder has train.log with the table and report.md/report.json; the offline W&B run has the per-split

@@ -191,6 +191,7 @@ def test_feature_cache_stores_pooled_embeddings_and_image_geometry(compose):
     assert batch["crop_top_left"].tolist() == [[0, 0], [0, 0]]
 
 
+@pytest.mark.slow
 def test_sdxl_training_from_the_cache_resumes_and_generates(compose):
     from sur_lightning.train import train
 

@@ -174,6 +174,7 @@ def test_a_damaged_base_file_is_named(tmp_path):
 # ---------------------------------------------------------------- pretraining
 
 
+@pytest.mark.slow
 def test_pretraining_runs_resumes_and_exports_a_loadable_base(tmp_path):
     tiny = [
         f"work_dir={tmp_path}/work",
@@ -229,6 +230,7 @@ def toy_demo_overrides(tmp_path, cache_dir) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_demo_on_the_toy_base_prints_the_table_and_draws_three_columns(tmp_path, cache_dir, tiny_llm, caplog):
     import logging
 

@@ -88,6 +88,7 @@ def test_missing_mandatory_value_is_named(compose):
         train(compose("+experiment=sur_demo", "data.root=???"))
 
 
+@pytest.mark.slow
 def test_multirun_eta_by_loss_runs_to_the_end(tmp_path, cache_dir, tiny_sd, tiny_llm):
     sweep = tmp_path / "multirun"
     overrides = [o for o in tiny_overrides(tmp_path, cache_dir) if not o.startswith("paths.output_dir")]
@@ -109,6 +110,7 @@ def test_multirun_eta_by_loss_runs_to_the_end(tmp_path, cache_dir, tiny_sd, tiny
     assert all(log.count("Run finished at step 1") == 1 and log.count("GPU available") == 1 for log in logs)
 
 
+@pytest.mark.slow
 def test_optuna_search_runs_trials_and_reports_the_best(tmp_path, cache_dir, tiny_sd, tiny_llm):
     sweep = tmp_path / "optuna"
     overrides = [o for o in tiny_overrides(tmp_path, cache_dir) if not o.startswith("paths.output_dir")]
@@ -159,6 +161,7 @@ def test_sur_released_trains_with_flips_from_the_cache_and_no_validation_rows(co
     assert len(FeatureCache.from_config(cfg).latents) == 24
 
 
+@pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_that_ckpt_path_last_resumes(tmp_path, cache_dir, tiny_sd, tiny_llm, compose):
     import signal
     import time
@@ -190,6 +193,7 @@ def test_sigterm_writes_a_checkpoint_that_ckpt_path_last_resumes(tmp_path, cache
     assert json.loads((output / "metrics.json").read_text())["global_step"] == step + 2
 
 
+@pytest.mark.slow
 def test_ddp_cpu_trains_two_gloo_processes_and_builds_the_cache_once(tmp_path, cache_dir, tiny_sd, tiny_llm):
     output = tmp_path / "run"
     command = [
@@ -216,6 +220,7 @@ def step_losses(csv_dir: Path) -> dict[int, float]:
         return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_ckpt_path_last_continues_with_the_uninterrupted_losses(
     tmp_path, cache_dir, tiny_sd, tiny_llm, compose
 ):
@@ -266,6 +271,7 @@ def test_sigkill_mid_epoch_then_ckpt_path_last_continues_with_the_uninterrupted_
     assert {s: after[s] for s in after} == {s: expected[s] for s in after}
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one_process_with_the_doubled_batch(tmp_path, cache_dir, tiny_sd, tiny_llm, compose):
     """3 steps of 2 ranks × batch 2 against 1 process × batch 4 (connector dropout off: the ranks' masks
     cannot equal one process's). EpochSampler gives rank r order[r::2], so each step's union of the ranks'
