@@ -87,11 +87,12 @@ def test_a_connector_sweep_runs_every_job_names_wandb_runs_and_reports(tmp_path,
     group = f"sur_demo-{sweep.name}"
     import re
 
+    names = []
     for connector in ("sur", "ella"):
-        # The name: the task, then the job's overrides (here also the tiny test overrides), without paths.
-        pattern = rf"run 'sur_demo [^']*connector={connector},[^']*loss=denoising[^']*', group '{group}', job_type '{connector}'"
-        [name] = re.findall(pattern, result.stdout)
-        assert "paths." not in name and "experiment" not in name
+        # The name: the task, the connector, the seed and a short hash of the job's overrides (which are in the config).
+        pattern = rf"run '(sur_demo-{connector}-s42-[0-9a-f]{{6}})', group '{group}', job_type '{connector}'"
+        names += re.findall(pattern, result.stdout)
+    assert len(names) == 2 and len(set(names)) == 2, result.stdout[-3000:]
     assert len(list(sweep.glob("*/wandb/offline-run-*"))) == 2
 
     report = sweep_report(sweep)
