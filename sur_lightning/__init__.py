@@ -23,6 +23,9 @@ import os as _os
 # would depend on the machine's load. Read when they first start, so set before anything imports torch.
 _os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 _os.environ.setdefault("OMP_DYNAMIC", "FALSE")
+# torch's OpenMP (libgomp) spins 300,000 rounds before a waiting thread sleeps. Beside another busy process that
+# made the demo's steps ~10x slower than spinning briefly (docs/performance.md); speed only, the numbers are the same.
+_os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 from sur_lightning.config import register_resolvers as _register_resolvers
 

@@ -67,5 +67,6 @@ def environment() -> dict:
         "cpu_count": os.cpu_count(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
-        "env": {name: os.environ.get(name) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MKL_DYNAMIC", "OMP_DYNAMIC")},
+        "env": {name: os.environ.get(name) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MKL_DYNAMIC", "OMP_DYNAMIC",
+                                                          "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")},
     }
