@@ -26,9 +26,12 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def verify_hashes(folder: Path, record_file: Path, what: str) -> dict:
+def verify_hashes(folder: Path, record_file: Path, what: str, command: str) -> dict:
     """Check every file that ``record_file``'s ``sha256`` names (relative to ``folder``) against its recorded
-    SHA-256; returns the record. A missing or changed file is an error naming it."""
+    SHA-256; returns the record. A missing record, or a missing or changed file, is an error naming it;
+    ``command`` is how to make one."""
+    if not record_file.is_file():
+        raise FileNotFoundError(f"{record_file} not found: {folder} is not a {what} (make one with `{command}`)")
     record = json.loads(record_file.read_text())
     for name, expected in record["sha256"].items():
         path = folder / name
@@ -47,13 +50,7 @@ def verify_base(folder: str | Path = BASE_DIR) -> dict:
     """Check every weight file of a base folder against the SHA-256 its ``base.json`` records; returns
     that record. A missing or changed file is an error naming it."""
     folder = Path(folder)
-    record_file = folder / "base.json"
-    if not record_file.is_file():
-        raise FileNotFoundError(
-            f"{record_file} not found: {folder} is not a toy-world base "
-            "(make one with `python -m sur_lightning.toyworld.pretrain`)"
-        )
-    return verify_hashes(folder, record_file, "toy-world base")
+    return verify_hashes(folder, folder / "base.json", "toy-world base", "python -m sur_lightning.toyworld.pretrain")
 
 
 def shipped_base(folder: str | Path | None = None, verify: bool = True) -> str:
@@ -73,13 +70,8 @@ def verify_image_tower(folder: str | Path = IMAGE_TOWER_DIR) -> dict:
     """Check an image tower's weights against the SHA-256 its ``image_tower.json`` records; returns that record.
     A missing or changed file is an error naming it."""
     folder = Path(folder)
-    record_file = folder / IMAGE_TOWER_RECORD
-    if not record_file.is_file():
-        raise FileNotFoundError(
-            f"{record_file} not found: {folder} is not a toy-world image tower "
-            "(make one with `python -m sur_lightning.toyworld.image_tower`)"
-        )
-    return verify_hashes(folder, record_file, "toy-world image tower")
+    return verify_hashes(folder, folder / IMAGE_TOWER_RECORD, "toy-world image tower",
+                         "python -m sur_lightning.toyworld.image_tower")
 
 
 def shipped_image_tower(folder: str | Path | None = None, verify: bool = True) -> str:

@@ -7,7 +7,6 @@ connector. Measures only; nothing is asserted.
 from __future__ import annotations
 
 import os
-import platform
 import resource
 import statistics
 import time
@@ -18,6 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from sur_lightning.config import datamodule_arguments
+from sur_lightning.runtime import cpu_model
 from sur_lightning.training.feature_cache import prepare_feature_cache
 
 
@@ -78,18 +78,13 @@ def machine() -> dict:
     import lightning
 
     info = {
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "lightning": lightning.__version__,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     return info
 
 
