@@ -143,3 +143,82 @@ def test_converged_table_reads_each_row_from_its_own_file_and_names_a_missing_on
     assert list(converged.curves(read_at, tmp_path)["ella_demo"]) == [2400, 4800]
     with pytest.raises(KeyError, match="summary.json has no row 'ella_demo' at step 1200"):
         converged.table({"ella_demo": ("long/summary.json", 1200)}, tmp_path)
+
+
+# ------------------------------------------------------------------ split seeds: several worlds pooled
+
+
+def world_runs(adapter: list[float], seeds: int = 2):
+    """One world: every training seed scores ``adapter`` per prompt at step 100; the base scores 0, complex 1."""
+    run = {100: {"train_seconds": 10.0, "images": rows({"color_accuracy": adapter})}}
+    return ({s: run for s in range(seeds)}, rows({"color_accuracy": [0.0] * len(adapter)}),
+            rows({"color_accuracy": [1.0] * len(adapter)}))
+
+
+def test_pooling_weighs_each_world_equally_and_names_the_worst_one():
+    from sur_lightning.evaluation.learning_curve import summarise_pooled
+
+    easy, hard = world_runs([1.0] * 8), world_runs([1.0, 0.0, 0.0, 0.0])
+    pooled = summarise_pooled({0: easy, 3: hard}, [SPLIT], n_boot=200)[100]
+    assert pooled["split_seeds"] == 2 and pooled["seeds"] == 4
+    # Equal weights although world 0 has twice the prompts: (1.0 + 0.25) / 2.
+    gap = pooled[SPLIT]["gap_color_accuracy"]
+    assert gap["mean"] == pytest.approx(0.625) and gap["lo"] < 0.625 < gap["hi"]
+    assert pooled["worst"][SPLIT]["gap_color_accuracy"] == {"split_seed": 3, "mean": pytest.approx(0.25)}
+    # One world pooled is that world's own summary.
+    alone = summarise_pooled({0: hard}, [SPLIT], n_boot=200)[100][SPLIT]["gap_color_accuracy"]["mean"]
+    assert alone == pytest.approx(summarise(*hard, [SPLIT], n_boot=200)[100][SPLIT]["gap_color_accuracy"]["mean"])
+
+
+def test_breakdown_groups_one_splits_images():
+    from sur_lightning.evaluation.learning_curve import breakdown
+    from sur_lightning.toyworld.world import prompt_object
+
+    images = [
+        {"prompt_id": "held_out_objects-pine_tree-2-t0", "seed": 0, "category": "held_out_objects", "color_accuracy": 1.0},
+        {"prompt_id": "held_out_objects-pine_tree-3-t1", "seed": 1, "category": "held_out_objects", "color_accuracy": 0.0},
+        {"prompt_id": "held_out_objects-cherry-1-t0", "seed": 0, "category": "held_out_objects", "color_accuracy": 1.0},
+        {"prompt_id": "held_out_combinations-tomato-2-t0", "seed": 0, "category": "held_out_combinations",
+         "color_accuracy": 0.0},
+    ]
+    assert breakdown(images, prompt_object, "held_out_objects") == {
+        "cherry": {"images": 1, "color_accuracy": 1.0}, "pine tree": {"images": 2, "color_accuracy": 0.5}}
+    with pytest.raises(ValueError, match="not a toy-world prompt id"):
+        prompt_object("p0")
+
+
+def test_the_benchmark_report_pools_worlds_and_breaks_held_out_objects_down(tmp_path):
+    from argparse import Namespace
+
+    from conftest import load_experiment_script
+
+    run = load_experiment_script("toyworld_benchmark/run.py", "toyworld_benchmark_run")
+
+    def world(split_seed: int, correct: float) -> dict:
+        images = []
+        for obj in run.held_out_objects(split_seed):
+            for count in (1, 2):
+                images.append({"prompt_id": f"held_out_objects-{obj.replace(' ', '_')}-{count}-t0", "seed": 0,
+                               "category": "held_out_objects", "color_accuracy": correct, "shape_accuracy": 1.0,
+                               "count_accuracy": 1.0, "valid_image": 1.0})
+        base = [{**r, "color_accuracy": 0.0, "shape_accuracy": 0.0} for r in images]
+        return {"base": {"base": base, "base+complex": images if correct == 1.0 else
+                         [{**r, "color_accuracy": 1.0} for r in images]},
+                "runs": {"ella_demo": {0: {2400: {"train_seconds": 5.0, "images": images}}}}}
+
+    results = {"splits": {0: world(0, 1.0), 3: world(3, 0.0)}}
+    run.save_results(tmp_path / "results.json", results)
+    assert run.load_results(tmp_path / "results.json") == results  # int keys survive JSON
+    args = Namespace(split_seeds=[0, 3], seeds=[0], eval_steps=15, guidance_scale=4.0)
+    curves = run.pooled_summaries(results, ["ella_demo"], [0, 3])
+    text = run.pooled_markdown(curves, results, args)
+    assert "0: cherry, emerald, orange, sapphire; 3: grape, lemon, pine tree, traffic cone" in text
+    assert "| ella_demo | 2400 | 2 | 2 | 0.50 [" in text and "0.00 (split 3)" in text
+    assert "| pine tree | triangle | green | 3 | 2 | 0.00 | 1.00 | 1.00 | 1.00 |" in text
+    assert "| circle | cherry, grape, lemon, orange | 8 | 0.50 |" in text
+    # A results file from before split seeds were an axis reads as split seed 0's.
+    (tmp_path / "old.json").write_text(json.dumps({"base": None, "runs": {"ella": {"1": {"300": {}}}}}))
+    assert run.load_results(tmp_path / "old.json") == {"splits": {0: {"base": None, "runs": {"ella": {1: {300: {}}}}}}}
+    # The covering split seeds hold out each of the 20 objects exactly once.
+    held = [o for s in run.COVERING_SPLIT_SEEDS for o in run.held_out_objects(s)]
+    assert len(held) == len(set(held)) == 20

@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -314,3 +315,27 @@ def test_llm_probe_separates_features_that_carry_the_colour():
     identity = torch.randn(len(world.OBJECTS), 16, generator=generator).repeat_interleave(3, dim=0)
     result = linear_probe(identity, names, colors)
     assert result["accuracy"] < 0.5 and result["chance"] == pytest.approx(1 / 6)
+
+
+def _write(out, seed):
+    from sur_lightning.toyworld.world import write_world
+
+    return str(write_world(out, seed=seed, images_per_combo=1))
+
+
+def test_two_split_seeds_worlds_are_written_at_once_without_clobbering_each_other(tmp_path):
+    from concurrent.futures import ProcessPoolExecutor
+
+    from sur_lightning.toyworld.world import make_splits
+
+    def lines(path: Path) -> list[dict]:
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    with ProcessPoolExecutor(2) as pool:
+        folders = [Path(f) for f in pool.map(_write, [tmp_path] * 4, [0, 3, 0, 3])]
+    assert folders[0] == folders[2] != folders[1] == folders[3]
+    for seed, folder in ((0, folders[0]), (3, folders[1])):
+        held = {name for name, _ in make_splits(seed).held_out_objects}
+        assert {row["object"] for row in lines(folder / "suites" / "held_out_objects.jsonl")} == held
+        assert json.loads((folder / "manifest.json").read_text())["settings"]["seed"] == seed
+        assert not {row["object"] for row in lines(folder / "adapter_train" / "metadata.jsonl")} & held

@@ -4,6 +4,14 @@ splits; the table and the charts give, per step, the mean over seeds of the gap 
 
     python experiments/toyworld_benchmark/run.py                                  # every row, seeds 0 1 2
     python experiments/toyworld_benchmark/run.py --rows ella sur_demo --seeds 0 --steps 300 600
+    python experiments/toyworld_benchmark/run.py --rows ella_unseen_objects --split-seeds 0 3 85 141 192
+
+Split seeds (``--split-seeds``, default 0) are worlds: each draws its own held-out objects and combinations
+(``data.root.seed``), lives in its own world folder, and has its own base columns, runs and images under
+``<out>/split<S>/``. With several, the tables pool every row over the worlds (each weighted equally; intervals
+resample split seeds, then training seeds, then prompt × seed pairs), name the worst world beside the pooled
+figure, and break the held-out objects down object by object and shape by shape. ``COVERING_SPLIT_SEEDS`` hold out
+each of the world's 20 objects exactly once.
 
 Resumable at every level: a finished run is not trained again, a killed run resumes from its last checkpoint
 (``ckpt_path``; the training clock continues), and each scored step is written to ``results.json`` at once, so
@@ -98,10 +106,23 @@ ROWS: dict[str, tuple[str, list[str], str]] = {
         "ella_name_dropout_p1 read anonymised at inference too: every name becomes a nonsense word after retrieval",
     ),
 }
+# "ella_unseen_objects" is the preset itself (conf/experiment/ella_unseen_objects.yaml), whatever recipe it holds.
+ROWS["ella_unseen_objects"] = ("ella_unseen_objects", [], "the +experiment=ella_unseen_objects preset as it stands")
+# Evaluation seeds of each split (seeds of the sampler's noise, not of the world).
 SPLIT_SEEDS = {"adapter_train": [0], "held_out_combinations": [0, 1], "held_out_objects": [0, 1, 2]}
+# Five worlds that together hold out every object once (found by search over make_splits(0..299)):
+#   0: cherry, emerald, orange, sapphire      3: grape, lemon, pine tree, traffic cone
+#   85, 141, 192: the other twelve (held_out_objects(S) lists them).
+COVERING_SPLIT_SEEDS = (0, 3, 85, 141, 192)
 
 
-def compose(preset: str, overrides: list[str], out: Path, args, seed: int, steps: list[int]):
+def held_out_objects(split_seed: int) -> list[str]:
+    from sur_lightning.toyworld.world import make_splits
+
+    return sorted({name for name, _ in make_splits(split_seed).held_out_objects})
+
+
+def compose(preset: str, overrides: list[str], out: Path, args, seed: int, steps: list[int], split_seed: int = 0):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
@@ -109,6 +130,7 @@ def compose(preset: str, overrides: list[str], out: Path, args, seed: int, steps
     common = [
         f"+experiment={preset}",
         f"seed={seed}",
+        f"data.root.seed={split_seed}",
         f"threads={args.threads}",
         f"trainer.max_steps={max(steps)}",
         f"trainer.val_check_interval={min(steps)}",
@@ -126,27 +148,32 @@ def compose(preset: str, overrides: list[str], out: Path, args, seed: int, steps
         return hydra_compose(config_name="train", overrides=common + overrides)
 
 
-def train_run(name: str, seed: int, args) -> Path:
-    """Train one (row, seed) to the last step, resuming a killed run; returns its folder."""
+def world_out(args, split_seed: int) -> Path:
+    """Everything of one world (split seed): its base columns' images and its runs. No two worlds share a file."""
+    return args.out / f"split{split_seed}"
+
+
+def train_run(name: str, seed: int, split_seed: int, args) -> Path:
+    """Train one (row, seed) on one world to the last step, resuming a killed run; returns its folder."""
     from sur_lightning.train import train
 
-    out = args.out / "runs" / name / f"seed{seed}"
+    out = world_out(args, split_seed) / "runs" / name / f"seed{seed}"
     if (out / "adapter.safetensors").exists():
         return out
     preset, overrides, _ = ROWS[name]
-    cfg = compose(preset, overrides, out, args, seed, args.steps)
+    cfg = compose(preset, overrides, out, args, seed, args.steps, split_seed)
     last = out / "checkpoints" / "last.ckpt"
     if last.exists():
         cfg.ckpt_path = str(last)
     started = time.time()
     train(cfg)
-    print(f"{name} seed {seed}: trained in {time.time() - started:.0f} s", flush=True)
+    print(f"{name} seed {seed} split seed {split_seed}: trained in {time.time() - started:.0f} s", flush=True)
     return out
 
 
 class Scorer:
-    """The toy base, the three splits' prompts (each split with its own evaluation seeds, ≥ 128 images), the
-    sampler and the checker, loaded once; renders and scores columns."""
+    """The toy base, each world's three splits' prompts (each split with its own evaluation seeds, ≥ 128 images),
+    the sampler and the checker, loaded once; renders and scores columns."""
 
     def __init__(self, args) -> None:
         from hydra.utils import instantiate
@@ -156,32 +183,36 @@ class Scorer:
 
         cfg = compose("sur_demo", [], args.out / "eval", args, 0, [1])
         self.backbone = instantiate(cfg.backbone)
-        self.prompts = {split: world.suite(ROOT / "data" / "toyworld", split) for split in SPLITS}
+        self.prompts = {
+            split_seed: {split: world.suite(ROOT / "data" / "toyworld", split, seed=split_seed) for split in SPLITS}
+            for split_seed in args.split_seeds
+        }
         self.evaluator = Evaluator(compute=["shapes"])
         self.kwargs = {"num_inference_steps": args.eval_steps, "guidance_scale": args.guidance_scale, "batch_size": 32}
         self.llms: dict[str, torch.nn.Module] = {}
         self.args = args
 
-    def rows(self, columns, out_dir: Path) -> dict[str, list[dict]]:
-        """{column: per-image rows} over every split, each split with its seeds. The images are kept under
+    def rows(self, columns, out_dir: Path, split_seed: int) -> dict[str, list[dict]]:
+        """{column: per-image rows} over every split of one world, each split with its seeds. The images are kept under
         ``out_dir`` (``images/<column>/<prompt id>_seed<k>.png``, 3 KB each), so a revised checker can rescore them."""
         from sur_lightning.evaluation.evaluator import score_columns
         from sur_lightning.generation.pipeline import render_columns
 
         rendered = []
-        for split, prompts in self.prompts.items():
+        for split, prompts in self.prompts[split_seed].items():
             rendered += render_columns(self.backbone, columns, prompts, SPLIT_SEEDS[split], out_dir=out_dir,
                                        progress=False, **self.kwargs)
         report = score_columns(self.evaluator, rendered)
         return {column.name: learning_curve.image_rows(report, column.name) for column in columns}
 
-    def base_rows(self) -> dict[str, list[dict]]:
+    def base_rows(self, split_seed: int) -> dict[str, list[dict]]:
         from sur_lightning.generation.columns import Column, complex_prompt_column
         from sur_lightning.generation.conditioning import ClipConditioning, frozen_text_features
 
-        every = [p for prompts in self.prompts.values() for p in prompts]
+        every = [p for prompts in self.prompts[split_seed].values() for p in prompts]
         base = Column("base", ClipConditioning(frozen_text_features(self.backbone)))
-        return self.rows([base, complex_prompt_column(self.backbone, every)], self.args.out / "base")
+        columns = [base, complex_prompt_column(self.backbone, every)]
+        return self.rows(columns, world_out(self.args, split_seed) / "base", split_seed)
 
     def llm(self, name: str) -> torch.nn.Module:
         """The row's LLM (its own config: RAG rows read facts at inference too), loaded once per distinct config."""
@@ -195,24 +226,32 @@ class Scorer:
             self.llms[key] = instantiate(llm_cfg).to(self.backbone.device)
         return self.llms[key]
 
-    def adapter(self, name: str, path: Path) -> list[dict]:
+    def adapter(self, name: str, path: Path, split_seed: int) -> list[dict]:
         from sur_lightning.generation.columns import build_columns
 
         (column,) = build_columns(self.backbone, [str(path)], llm=lambda: self.llm(name), include_base=False)
         column.name = "adapter"
-        return self.rows([column], path.parent / "eval" / path.stem)["adapter"]
+        return self.rows([column], path.parent / "eval" / path.stem, split_seed)["adapter"]
 
 
 def load_results(path: Path) -> dict:
+    """``{"splits": {split seed: {"base": {column: rows} or None, "runs": {row: {seed: {step: result}}}}}}``.
+    A file from before split seeds were an axis (``{"base", "runs"}`` at the top) is split seed 0's."""
     if not path.exists():
-        return {"base": None, "runs": {}}
+        return {"splits": {}}
     results = json.loads(path.read_text())
-    # JSON keys are strings; seeds and steps are ints here.
-    results["runs"] = {
-        row: {int(seed): {int(step): v for step, v in steps.items()} for seed, steps in seeds.items()}
-        for row, seeds in results["runs"].items()
-    }
-    return results
+    worlds = results.get("splits", {"0": results})
+    # JSON keys are strings; split seeds, training seeds and steps are ints here.
+    return {"splits": {
+        int(split_seed): {
+            "base": world["base"],
+            "runs": {
+                row: {int(seed): {int(step): v for step, v in steps.items()} for seed, steps in seeds.items()}
+                for row, seeds in world["runs"].items()
+            },
+        }
+        for split_seed, world in worlds.items()
+    }}
 
 
 def save_results(path: Path, results: dict) -> None:
@@ -221,18 +260,34 @@ def save_results(path: Path, results: dict) -> None:
     tmp.replace(path)
 
 
-def summaries(results: dict, rows: list[str]) -> dict[str, dict]:
-    base = results["base"]
+def summaries(world: dict, rows: list[str]) -> dict[str, dict]:
+    """One world's ``{row: summarise(...)}``."""
+    base = world["base"]
     return {
-        name: learning_curve.summarise(results["runs"][name], base["base"], base["base+complex"], SPLITS)
+        name: learning_curve.summarise(world["runs"][name], base["base"], base["base+complex"], SPLITS)
         for name in rows
-        if results["runs"].get(name)
+        if world["runs"].get(name)
     }
 
 
-def markdown(curves: dict[str, dict], results: dict, args) -> str:
-    """The curve table (every row × step, held-out splits' colour and shape gaps) and the table at each row's last
-    common step, with 95 % intervals; plus the base's bounds and the valid-image rates."""
+def pooled_summaries(results: dict, rows: list[str], split_seeds: list[int]) -> dict[str, dict]:
+    """``{row: summarise_pooled(...)}`` over the split seeds where the row has runs."""
+    curves = {}
+    for name in rows:
+        worlds = {
+            s: (results["splits"][s]["runs"][name], results["splits"][s]["base"]["base"],
+                results["splits"][s]["base"]["base+complex"])
+            for s in split_seeds
+            if s in results["splits"] and results["splits"][s]["runs"].get(name)
+        }
+        if worlds:
+            curves[name] = learning_curve.summarise_pooled(worlds, SPLITS)
+    return curves
+
+
+def markdown(curves: dict[str, dict], world: dict, args) -> str:
+    """One world's curve table (every row × step, every split's accuracies and gaps closed, with 95 % intervals),
+    after the base's bounds."""
     fmt = learning_curve.fmt
     lines = [
         (f"Training seeds {args.seeds} (a row's figures average the seeds it has finished; `seeds` says how many), "
@@ -247,7 +302,7 @@ def markdown(curves: dict[str, dict], results: dict, args) -> str:
     for split in SPLITS:
         cells = []
         for column in ("base", "base+complex"):
-            split_rows = [r for r in results["base"][column] if r["category"] == split]
+            split_rows = [r for r in world["base"][column] if r["category"] == split]
             rates = [sum(r.get(m, 0) for r in split_rows) / len(split_rows) for m in learning_curve.RATES]
             cells.append(" / ".join(f"{v:.2f}" for v in rates))
         lines.append(f"| {split} | {len(split_rows)} | {cells[0]} | {cells[1]} |")
@@ -274,10 +329,100 @@ def markdown(curves: dict[str, dict], results: dict, args) -> str:
     return "\n".join(lines) + "\n"
 
 
+def pooled_markdown(curves: dict[str, dict], results: dict, args) -> str:
+    """The rows pooled over worlds, with the worst world beside each gap; then, at each row's last step, every
+    held-out object's and every shape's accuracies and valid-image rate, pooled over training seeds."""
+    from sur_lightning.toyworld.world import OBJECTS_BY_NAME, prompt_object
+
+    fmt = learning_curve.fmt
+    worlds = [s for s in args.split_seeds if s in results["splits"]]
+    lines = [
+        (f"Split seeds (worlds) {worlds}, training seeds {args.seeds}, evaluation seeds per split {SPLIT_SEEDS}, "
+         f"DDIM {args.eval_steps} steps, CFG {args.guidance_scale}. Pooled: each world weighted equally; 95 % "
+         "intervals from a three-level bootstrap (split seeds, training seeds, prompt × seed pairs). Worst: the "
+         "world whose own mean gap closed is lowest."),
+        "",
+        "Held-out objects of each world: "
+        + "; ".join(f"{s}: {', '.join(held_out_objects(s))}" for s in worlds) + ".",
+    ]
+    for split in SPLITS[1:]:
+        lines += [
+            "",
+            f"### {split}: gap closed, pooled over worlds",
+            "",
+            "| row | step | worlds | runs | colour | worst world | shape | worst world | count | valid |",
+            "|---" * 10 + "|",
+        ]
+        for name, summary in curves.items():
+            for step, entry in sorted(summary.items()):
+                cell, worst = entry[split], entry["worst"][split]
+
+                def worst_cell(metric, worst=worst):
+                    w = worst.get(metric)
+                    return f"{w['mean']:.2f} (split {w['split_seed']})" if w else "–"
+
+                lines.append(
+                    f"| {name} | {step} | {entry['split_seeds']} | {entry['seeds']} | "
+                    f"{fmt(cell.get('gap_color_accuracy'))} | {worst_cell('gap_color_accuracy')} | "
+                    f"{fmt(cell.get('gap_shape_accuracy'))} | {worst_cell('gap_shape_accuracy')} | "
+                    f"{fmt(cell.get('gap_count_accuracy'))} | {fmt(cell.get('valid_image'))} |"
+                )
+    split = "held_out_objects"
+    for name, summary in curves.items():
+        step = max(summary)
+        images, base_by_object = [], {}
+        for s in worlds:
+            world = results["splits"][s]
+            runs = world["runs"].get(name, {})
+            if not runs or any(step not in r for r in runs.values()):
+                continue
+            images += [row for r in runs.values() for row in r[step]["images"]]
+            for column in ("base", "base+complex"):
+                for obj, cell in learning_curve.breakdown(world["base"][column], prompt_object, split).items():
+                    base_by_object.setdefault(obj, {})[column] = cell
+        if not images:
+            continue
+
+        def shape_of(prompt_id: str) -> str:
+            return OBJECTS_BY_NAME[prompt_object(prompt_id)].shape
+
+        def rates(cell: dict) -> str:
+            return " | ".join(f"{cell.get(m, float('nan')):.2f}" for m in learning_curve.RATES)
+
+        lines += [
+            "",
+            f"### {name} at step {step}: held-out objects one by one (pooled over training seeds)",
+            "",
+            ("| object | shape | colour | world | images | colour | shape | count | valid "
+             "| base + simple: colour / shape | base + complex: colour / shape |"),
+            "|---" * 11 + "|",
+        ]
+        by_object = learning_curve.breakdown(images, prompt_object, split)
+        for obj in sorted(by_object, key=lambda o: (OBJECTS_BY_NAME[o].shape, o)):
+            info, cell = OBJECTS_BY_NAME[obj], by_object[obj]
+            owner = ", ".join(str(s) for s in worlds if obj in held_out_objects(s))
+            bounds = [
+                " / ".join(f"{base_by_object.get(obj, {}).get(c, {}).get(m, float('nan')):.2f}"
+                           for m in ("color_accuracy", "shape_accuracy"))
+                for c in ("base", "base+complex")
+            ]
+            lines.append(f"| {obj} | {info.shape} | {info.color} | {owner} | {cell['images']} | {rates(cell)} "
+                         f"| {bounds[0]} | {bounds[1]} |")
+        lines += ["", "| shape | held-out objects | images | colour | shape | count | valid |", "|---" * 7 + "|"]
+        for shape, cell in learning_curve.breakdown(images, shape_of, split).items():
+            objects = sorted(o for o in by_object if OBJECTS_BY_NAME[o].shape == shape)
+            lines.append(f"| {shape} | {', '.join(objects)} | {cell['images']} | {rates(cell)} |")
+    lines += ["", "Rows:", ""] + [f"- `{name}`: {ROWS[name][2]} (`{' '.join(ROWS[name][1]) or ROWS[name][0]}`)"
+                                  for name in curves]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--split-seeds", nargs="+", type=int, default=[0],
+                        help=f"worlds; {' '.join(map(str, COVERING_SPLIT_SEEDS))} hold out every object once")
     parser.add_argument("--steps", nargs="+", type=int, default=[300, 600, 1200, 2400])
     parser.add_argument("--eval-steps", type=int, default=15)
     parser.add_argument("--guidance-scale", type=float, default=4.0)
@@ -295,28 +440,49 @@ def main() -> None:
 
     if not args.report_only:
         scorer = Scorer(args)
-        if results["base"] is None:
-            results["base"] = scorer.base_rows()
-            save_results(results_file, results)
+        for split_seed in args.split_seeds:
+            world = results["splits"].setdefault(split_seed, {"base": None, "runs": {}})
+            if world["base"] is None:
+                world["base"] = scorer.base_rows(split_seed)
+                save_results(results_file, results)
+        # Seed-major: every row's training seed 0 on every world lands before any seed 1.
         for seed in args.seeds:
-            for name in args.rows:
-                done = results["runs"].setdefault(name, {}).setdefault(seed, {})
-                if all(step in done for step in args.steps):
-                    continue
-                run = train_run(name, seed, args)
+            for split_seed in args.split_seeds:
+                world = results["splits"][split_seed]
+                for name in args.rows:
+                    done = world["runs"].setdefault(name, {}).setdefault(seed, {})
+                    if all(step in done for step in args.steps):
+                        continue
+                    run = train_run(name, seed, split_seed, args)
 
-                def on_step(step, result, name=name, seed=seed):
-                    results["runs"][name][seed][step] = result
-                    save_results(results_file, results)
-                    gaps = learning_curve.summarise({0: {step: result}}, results["base"]["base"],
-                                                    results["base"]["base+complex"], SPLITS, n_boot=10)[step]
-                    shown = {s: learning_curve.fmt(gaps[s].get("gap_color_accuracy")) for s in SPLITS}
-                    print(f"{name} seed {seed} step {step}: colour gap closed {shown}", flush=True)
+                    def on_step(step, result, name=name, seed=seed, world=world, split_seed=split_seed):
+                        world["runs"][name][seed][step] = result
+                        save_results(results_file, results)
+                        gaps = learning_curve.summarise({0: {step: result}}, world["base"]["base"],
+                                                        world["base"]["base+complex"], SPLITS, n_boot=10)[step]
+                        shown = {s: learning_curve.fmt(gaps[s].get("gap_color_accuracy")) for s in SPLITS}
+                        print(f"{name} seed {seed} split seed {split_seed} step {step}: colour gap closed {shown}",
+                              flush=True)
 
-                learning_curve.score_run(run, lambda path, name=name: scorer.adapter(name, path), done, on_step)
+                    learning_curve.score_run(
+                        run, lambda path, name=name, s=split_seed: scorer.adapter(name, path, s), done, on_step
+                    )
 
-    curves = summaries(results, [n for n in args.rows if n in results["runs"]])
-    table = markdown(curves, results, args)
+    worlds = [s for s in args.split_seeds if s in results["splits"] and results["splits"][s]["base"]]
+    per_world = {s: summaries(results["splits"][s], [n for n in args.rows if n in results["splits"][s]["runs"]])
+                 for s in worlds}
+    if len(worlds) == 1:
+        curves = per_world[worlds[0]]
+        table = markdown(curves, results["splits"][worlds[0]], args)
+    else:
+        curves = pooled_summaries(results, args.rows, worlds)
+        table = pooled_markdown(curves, results, args) + "".join(
+            f"\n## World {s} (held out: {', '.join(held_out_objects(s))})\n\n" + markdown(per_world[s], results["splits"][s], args)
+            for s in worlds
+        )
+        (args.out / "summary_by_split.json").write_text(json.dumps(
+            {str(s): {k: {str(step): v for step, v in c.items()} for k, c in per_world[s].items()} for s in worlds},
+            indent=1))
     (args.out / "results.md").write_text(table)
     (args.out / "summary.json").write_text(json.dumps({k: {str(s): v for s, v in c.items()} for k, c in curves.items()}, indent=1))
     learning_curve.chart(curves, SPLITS, args.out / "curve_steps.png", x="step")

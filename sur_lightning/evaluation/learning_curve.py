@@ -137,6 +137,103 @@ def summarise(
     return summary
 
 
+def summarise_pooled(
+    splits_runs: dict[int, tuple[dict, Sequence[dict], Sequence[dict]]],
+    splits: Sequence[str],
+    n_boot: int = 1000,
+    min_gap: float = 0.05,
+    seed: int = 0,
+) -> dict:
+    """``summarise`` pooled over several worlds (split seeds), each weighted equally, with a 95 % three-level
+    bootstrap: resample the split seeds, then within each the training seeds, then the (prompt, evaluation seed)
+    pairs, the same pairs for the adapter and the base's two columns.
+
+    ``splits_runs``: ``{split seed: (runs, base_rows, complex_rows)}`` as ``summarise`` takes them. The pooled
+    gap is that of the pooled means, ``(mean adapter - mean base) / (mean complex - mean base)``, so a world
+    whose base columns barely differ weighs in by its accuracies, not by a ratio near 0/0. Returns, per step
+    present in every run of every world, ``{"train_seconds", "seeds", "split_seeds", split: {metric, gap_<metric>}}``
+    as ``summarise`` does, plus ``"worst"``: ``{split: {gap_<metric>: {"split_seed", "mean"}}}``, the world
+    with the lowest gap closed (read from each world's own ``summarise``).
+    """
+    rng = np.random.default_rng(seed)
+    worlds = sorted(splits_runs)
+    step_sets = [set(run) for w in worlds for run in splits_runs[w][0].values()]
+    steps = sorted(set.intersection(*step_sets)) if step_sets else []
+    own = {w: summarise(*splits_runs[w], splits, n_boot=200, min_gap=min_gap, seed=seed) for w in worlds}
+    summary: dict = {}
+    for step in steps:
+        entry = {
+            "train_seconds": float(np.mean([r[step]["train_seconds"] for w in worlds for r in splits_runs[w][0].values()])),
+            "seeds": sum(len(splits_runs[w][0]) for w in worlds),
+            "split_seeds": len(worlds),
+            "worst": {},
+        }
+        for split in splits:
+            entry[split], entry["worst"][split] = {}, {}
+            for name in RATES:
+                # Per world: [training seeds, pairs] of the adapter, [pairs] of the base's two columns.
+                per_world = []
+                for w in worlds:
+                    runs, base_rows, complex_rows = splits_runs[w]
+                    adapter = [_by_pair(runs[s][step]["images"], split, name) for s in sorted(runs)]
+                    pairs = sorted(set.intersection(*(set(a) for a in adapter)))
+                    low, high = _by_pair(base_rows, split, name), _by_pair(complex_rows, split, name)
+                    bounds = name in ACCURACIES and pairs and all(p in low and p in high for p in pairs)
+                    per_world.append((
+                        np.array([[values[p] for p in pairs] for values in adapter]),
+                        np.array([low[p] for p in pairs]) if bounds else None,
+                        np.array([high[p] for p in pairs]) if bounds else None,
+                    ))
+                if any(a.size == 0 for a, _, _ in per_world):
+                    continue
+                a_mean = float(np.mean([a.mean() for a, _, _ in per_world]))
+                a_boot, lo_boot, hi_boot = np.empty(n_boot), np.empty(n_boot), np.empty(n_boot)
+                for b in range(n_boot):
+                    a_sum = lo_sum = hi_sum = 0.0
+                    for j in rng.integers(0, len(worlds), len(worlds)):
+                        a, lo, hi = per_world[j]
+                        pick_seeds = rng.integers(0, a.shape[0], a.shape[0])
+                        pick_pairs = rng.integers(0, a.shape[1], a.shape[1])
+                        a_sum += a[pick_seeds][:, pick_pairs].mean()
+                        if lo is not None:
+                            lo_sum += lo[pick_pairs].mean()
+                            hi_sum += hi[pick_pairs].mean()
+                    a_boot[b], lo_boot[b], hi_boot[b] = a_sum / len(worlds), lo_sum / len(worlds), hi_sum / len(worlds)
+                entry[split][name] = _interval(a_mean, a_boot)
+                if any(lo is None for _, lo, _ in per_world):
+                    continue
+                lo_mean = float(np.mean([lo.mean() for _, lo, _ in per_world]))
+                hi_mean = float(np.mean([hi.mean() for _, _, hi in per_world]))
+                if abs(hi_mean - lo_mean) < min_gap:
+                    entry[split][f"gap_{name}"] = None
+                    continue
+                spread = np.where(np.abs(hi_boot - lo_boot) < 1e-9, np.nan, hi_boot - lo_boot)
+                gap_boot = (a_boot - lo_boot) / spread
+                gap = (a_mean - lo_mean) / (hi_mean - lo_mean)
+                entry[split][f"gap_{name}"] = _interval(gap, gap_boot[np.isfinite(gap_boot)])
+                gaps = {w: (own[w].get(step, {}).get(split, {}).get(f"gap_{name}") or {}).get("mean") for w in worlds}
+                gaps = {w: g for w, g in gaps.items() if g is not None}
+                if gaps:
+                    worst = min(gaps, key=gaps.get)
+                    entry["worst"][split][f"gap_{name}"] = {"split_seed": worst, "mean": gaps[worst]}
+        summary[step] = entry
+    return summary
+
+
+def breakdown(rows: Sequence[dict], group_of: Callable[[str], str], split: str) -> dict[str, dict[str, float]]:
+    """Per group (e.g. each held-out object, or each shape) of one split's per-image rows: the mean of every rate
+    and the image count, ``{group: {"images": n, "color_accuracy": ..., "valid_image": ...}}``.
+    ``group_of(prompt_id)`` names a row's group."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        if row["category"] == split:
+            groups.setdefault(group_of(row["prompt_id"]), []).append(row)
+    return {
+        group: {"images": len(members), **{m: float(np.mean([r[m] for r in members])) for m in RATES if m in members[0]}}
+        for group, members in sorted(groups.items())
+    }
+
+
 def _interval(mean: float, boot: np.ndarray) -> dict[str, float]:
     lo, hi = np.percentile(boot, [2.5, 97.5]) if len(boot) else (np.nan, np.nan)
     return {"mean": mean, "lo": float(lo), "hi": float(hi)}

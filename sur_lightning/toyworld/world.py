@@ -173,6 +173,14 @@ def suite_rows(splits: Splits, split: str) -> list[dict]:
     return rows
 
 
+def prompt_object(prompt_id: str) -> str:
+    """The object an evaluation prompt names, from its id (``held_out_objects-pine_tree-2-t0`` -> "pine tree")."""
+    parts = prompt_id.split("-")
+    if len(parts) != 4 or parts[0] not in SPLITS or parts[1].replace("_", " ") not in OBJECTS_BY_NAME:
+        raise ValueError(f"{prompt_id!r} is not a toy-world prompt id (<split>-<object>-<count>-t<template>)")
+    return parts[1].replace("_", " ")
+
+
 def draw_example(count: int, color: str, shape: str, rng: random.Random, size: int = IMAGE_SIZE) -> Image.Image:
     """One world image: ``count`` shapes of one colour and kind, at least 4 px apart."""
     image, _ = draw_shapes(count, color, shape, size, rng, side=SHAPE_SIDE * size // IMAGE_SIZE)
