@@ -222,3 +222,17 @@ def test_the_benchmark_report_pools_worlds_and_breaks_held_out_objects_down(tmp_
     # The covering split seeds hold out each of the 20 objects exactly once.
     held = [o for s in run.COVERING_SPLIT_SEEDS for o in run.held_out_objects(s)]
     assert len(held) == len(set(held)) == 20
+
+
+def test_the_text_encoder_ablation_rows_differ_from_the_demo_recipe_in_the_text_model_alone(compose):
+    from conftest import load_experiment_script
+    from omegaconf import OmegaConf
+
+    run = load_experiment_script("toyworld_benchmark/run.py", "toyworld_benchmark_run")
+    reference = OmegaConf.to_container(compose("+experiment=ella_demo", tiny=False))
+    for row in ("ella_minilm", "ella_base_clip"):
+        preset, overrides, _ = run.ROWS[row]
+        cfg = OmegaConf.to_container(compose(f"+experiment={preset}", *overrides, tiny=False))
+        changed = {k for k in reference if reference[k] != cfg[k]}
+        assert changed == {"llm"}, (row, changed)
+        assert "llm_pooling" in cfg["llm"]["pooling"]  # token states for ELLA, whichever text model

@@ -69,3 +69,19 @@ def test_llm_minilm_follows_the_connector_and_has_a_cache_fingerprint(connector,
     if pooling == "mean":
         features = instantiate(cfg.llm)
         assert features.hidden_size == 384 and features(["a lemon"])[0].shape == (1, 384)
+
+
+def test_a_base_models_own_clip_text_encoder_reads_as_a_text_model(tiny_sd, backbone):
+    """llm=base_clip: the token states the frozen UNet is conditioned on, read from the pipeline folder."""
+    clip = SentenceEncoderFeatures(tiny_sd, pooling="none", normalize=False, max_length=77,
+                                   subfolder="text_encoder", tokenizer_subfolder="tokenizer")
+    states, mask = clip(["two red circles", ""])
+    assert clip.hidden_size == backbone.text_encoder.config.hidden_size
+    ids = backbone.tokenizer(["two red circles"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        reference = backbone.text_encoder(ids).last_hidden_state
+    real = int(mask[0].sum())
+    assert int(mask[1].sum()) == 2  # the empty prompt: start and end tokens
+    torch.testing.assert_close(states[0, :real], reference[0, :real], atol=1e-5, rtol=1e-5)
+    with pytest.raises(Exception, match="subfolder 'no_such'"):
+        SentenceEncoderFeatures(tiny_sd, subfolder="no_such", tokenizer_subfolder="tokenizer")

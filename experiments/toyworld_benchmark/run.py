@@ -106,6 +106,12 @@ ROWS: dict[str, tuple[str, list[str], str]] = {
         "ella_name_dropout_p1 read anonymised at inference too: every name becomes a nonsense word after retrieval",
     ),
 }
+# The text-encoder ablation (ELLA's central question): the demo recipe, only the text model the connector reads
+# changes. ella_demo is its SmolLM2-135M row.
+ROWS["ella_minilm"] = ("ella_demo", ["llm=minilm"], "the ELLA demo recipe reading all-MiniLM-L6-v2's token states (384-d)")
+ROWS["ella_base_clip"] = (
+    "ella_demo", ["llm=base_clip"], "the ELLA demo recipe reading the base's own CLIP text encoder's token states (control)"
+)
 # "ella_unseen_objects" is the preset itself (conf/experiment/ella_unseen_objects.yaml), whatever recipe it holds.
 ROWS["ella_unseen_objects"] = ("ella_unseen_objects", [], "the +experiment=ella_unseen_objects preset as it stands")
 # Evaluation seeds of each split (seeds of the sampler's noise, not of the world).

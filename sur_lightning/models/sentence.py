@@ -30,7 +30,9 @@ class SentenceEncoderFeatures(FrozenModule):
       pooling="none": states [B, T, D] token states (never normalised),  mask [B, T] bool
 
     ``max_length=256`` is all-MiniLM-L6-v2's ``max_seq_length`` (its ``sentence_bert_config.json``).
-    ``pretrained=None`` means the bundled all-MiniLM-L6-v2 (``minilm_path()``).
+    ``pretrained=None`` means the bundled all-MiniLM-L6-v2 (``minilm_path()``). ``subfolder`` and
+    ``tokenizer_subfolder`` read an encoder inside a diffusers pipeline folder: a base model's own CLIP text
+    encoder is ``pretrained=<base> subfolder=text_encoder tokenizer_subfolder=tokenizer`` (``llm=base_clip``).
     """
 
     def __init__(
@@ -41,6 +43,8 @@ class SentenceEncoderFeatures(FrozenModule):
         max_length: int = 256,
         dtype: str = "float32",
         revision: str | None = None,
+        subfolder: str | None = None,
+        tokenizer_subfolder: str | None = None,
     ) -> None:
         super().__init__()
         from transformers import AutoModel, AutoTokenizer
@@ -51,10 +55,14 @@ class SentenceEncoderFeatures(FrozenModule):
         self.pooling = pooling
         self.normalize = normalize
         self.max_length = max_length
-        self.tokenizer = load_pretrained(AutoTokenizer, self.pretrained, "llm.pretrained", revision=revision)
+        # from_pretrained reads "" as the folder itself.
+        self.tokenizer = load_pretrained(
+            AutoTokenizer, self.pretrained, "llm.pretrained", revision=revision, subfolder=tokenizer_subfolder or ""
+        )
         self.tokenizer.padding_side = "right"
         self.model = load_pretrained(
-            AutoModel, self.pretrained, "llm.pretrained", revision=revision, dtype=resolve_dtype(dtype)
+            AutoModel, self.pretrained, "llm.pretrained", revision=revision, dtype=resolve_dtype(dtype),
+            subfolder=subfolder or "",
         )
         self.freeze()
 
