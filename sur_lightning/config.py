@@ -3,7 +3,8 @@ that run before any model loads, and what the process needs to know about its en
 
 - ``CONFIG_DIR``, ``check_config(cfg)`` (resolve every value now), ``use_wandb_offline_without_key()``,
   ``process_rank()`` (before torch.distributed starts), ``datamodule_arguments(cfg)`` (the rewriter the
-  datamodule needs for a training config, or nothing).
+  datamodule needs for a training config, or nothing), ``feature_cache_arguments(cfg)`` (what names its
+  feature cache: ``FeatureCache.open(**feature_cache_arguments(cfg))``).
 
 What makes one Hydra multirun compare connectors, LLMs and losses: configs that follow the connector,
 a check of every job's combination before the first job starts, and W&B names per job and sweep.
@@ -310,3 +311,16 @@ def datamodule_arguments(cfg: DictConfig) -> dict:
     if cfg.get("rewriter") is None:
         raise ValueError("loss.align_target=rewrite|both and data.simple_from=llm need a rewriter: add rewriter=smollm2")
     return {"rewriter": instantiate(cfg.rewriter), "rewrite": rewrite}
+
+
+def feature_cache_arguments(cfg: DictConfig) -> dict:
+    """What names a training config's feature cache (``FeatureCache.open``): its folder, the backbone's and the
+    LLM's config nodes (the producers, also built from them to fill what is missing), and how images are read."""
+    return {
+        "cache_dir": cfg.data.cache_dir,
+        "backbone": cfg.backbone,
+        "llm": cfg.get("llm"),
+        "resolution": cfg.data.resolution,
+        "max_image_pixels": cfg.data.get("max_image_pixels"),
+    }
+
