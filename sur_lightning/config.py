@@ -34,7 +34,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from sur_lightning.models.connectors import connector_name, reads_token_states
+from sur_lightning.models.connectors import connector_config, connector_name, reads_token_states
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -350,6 +350,26 @@ def column_arguments(cfg: DictConfig) -> dict:
         "include_base": cfg.include_base,
         "negative": cfg.get("negative", "connector"),
     }
+
+
+def adapter_label(path: str | Path) -> str:
+    """A name for an adapter file: its stem, or for a run's ``adapter.safetensors`` the connector and the
+    run's experiment (``sur-demo``, ``ella_demo``, ``sur_paper``), read from its config and ``.hydra/config.yaml``."""
+    import yaml
+
+    path = Path(path)
+    if path.stem != "adapter":
+        return path.stem
+    try:
+        target = connector_config(path).get("_target_", "")
+    except (OSError, ValueError):
+        target = ""
+    kind = connector_name(target) if target else "adapter"
+    run_config = path.parent / ".hydra" / "config.yaml"
+    task = yaml.safe_load(run_config.read_text()).get("task_name") if run_config.exists() else None
+    if not task:
+        return kind
+    return str(task) if kind in str(task) else f"{kind}-{task}"
 
 
 GROUPS = ("backbone", "llm")

@@ -51,7 +51,7 @@ def adapter_entries(adapters) -> list[tuple[str, dict]]:
     from each adapter (``adapter_label``: ``sur-demo``), with the run folder added only to tell two apart."""
     from omegaconf import OmegaConf
 
-    from sur_lightning.models.connectors import adapter_label
+    from sur_lightning.config import adapter_label
 
     if OmegaConf.is_config(adapters):
         adapters = OmegaConf.to_container(adapters, resolve=True)
