@@ -25,12 +25,17 @@ from pathlib import Path
 
 import hydra
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from sur_lightning.config import CONFIG_DIR, use_wandb_offline_without_key
+from sur_lightning.config import (
+    CONFIG_DIR,
+    datamodule_arguments,
+    feature_cache_arguments,
+    use_wandb_offline_without_key,
+)
 from sur_lightning.training.benchmark import (
     batches,
-    build,
     floor_ratio_rounds,
     floor_time,
     inference_latency,
@@ -39,6 +44,34 @@ from sur_lightning.training.benchmark import (
     table,
     training_step_time,
 )
+from sur_lightning.training.feature_cache import check_name_dropout, extra_prompts, prepare_feature_cache
+from sur_lightning.training.feature_store import FeatureCache
+
+
+def build(cfg: DictConfig, cache: str, device: torch.device):
+    """Datamodule, module (frozen encoders replaced by the cache when it is on) and optimizer, as train.py builds them."""
+    cfg = cfg.copy()
+    OmegaConf.set_struct(cfg, False)
+    cfg.data.cache = cache
+    datamodule = instantiate(cfg.data, **datamodule_arguments(cfg))
+    check_name_dropout(datamodule, OmegaConf.select(cfg, "llm.rag"))
+    if cache == "off":
+        frozen = {"backbone": instantiate(cfg.backbone), "llm": instantiate(cfg.llm) if cfg.get("llm") else None}
+    else:
+        feature_cache = FeatureCache.open(**feature_cache_arguments(cfg))
+        frozen = prepare_feature_cache(datamodule, feature_cache, extra_prompts(cfg.get("callbacks")), wait_s=cfg.get("cache_wait_s"))
+    module = instantiate(cfg.model, **frozen).to(device)
+    datamodule.setup("fit")
+    optimizer = module.configure_optimizers()
+    optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
+    return datamodule, module, optimizer
+
+
+def training_step_time_of(cfg: DictConfig, cache: str, device: torch.device, steps: int, warmup: int) -> dict:
+    """``training_step_time`` of the module ``build`` gives for ``data.cache=<cache>``, built after seeding with 0."""
+    torch.manual_seed(0)
+    datamodule, module, optimizer = build(cfg, cache, device)
+    return training_step_time(datamodule, module, optimizer, device, steps, warmup, cfg.trainer.get("precision"))
 
 
 def run(cfg: DictConfig) -> dict:
@@ -51,7 +84,7 @@ def run(cfg: DictConfig) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     result = {"machine": machine()}
     if settings.steps:
-        warm = training_step_time(cfg, "auto", device, settings.steps, settings.warmup)
+        warm = training_step_time_of(cfg, "auto", device, settings.steps, settings.warmup)
         module, batch, optimizer, data = warm.pop("module"), warm.pop("batch"), warm.pop("optimizer"), warm.pop("data")
         floor = floor_time(module, batch, device, settings.steps, settings.warmup, cfg.trainer.get("precision"))
         rounds = floor_ratio_rounds(module, optimizer, data, batch, device, settings.ratio_rounds, settings.round_steps,
@@ -77,7 +110,7 @@ def run(cfg: DictConfig) -> dict:
         "steps": settings.steps, "warmup": settings.warmup,
     }
     if settings.steps and settings.cache_off:
-        cold = training_step_time(cfg, "off", device, settings.steps, settings.warmup)
+        cold = training_step_time_of(cfg, "off", device, settings.steps, settings.warmup)
         # Generation encodes its prompts itself: time it on the module without the cache.
         module = cold.pop("module")
         cold.pop("batch")

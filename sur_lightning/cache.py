@@ -14,8 +14,9 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from sur_lightning.config import CONFIG_DIR, datamodule_arguments
-from sur_lightning.training.feature_cache import build_cache
+from sur_lightning.config import CONFIG_DIR, datamodule_arguments, feature_cache_arguments
+from sur_lightning.training.feature_cache import build_cache, extra_prompts
+from sur_lightning.training.feature_store import FeatureCache
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
@@ -23,7 +24,8 @@ def main(cfg: DictConfig) -> None:
     datamodule = instantiate(cfg.data, **datamodule_arguments(cfg))
     mode = "require" if cfg.data.get("cache") == "require" else "auto"
     started = time.perf_counter()
-    cache, _ = build_cache(cfg, datamodule, mode)
+    cache = FeatureCache.open(**feature_cache_arguments(cfg))
+    build_cache(datamodule, cache, extra_prompts(cfg.get("callbacks")), mode)
     print(datamodule.report)
     print(f"Feature cache complete in {time.perf_counter() - started:.1f} s:")
     for store in (cache.latents, cache.clip, cache.llm):

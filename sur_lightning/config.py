@@ -3,7 +3,8 @@ that run before any model loads, and what the process needs to know about its en
 
 - ``CONFIG_DIR``, ``check_config(cfg)`` (resolve every value now), ``use_wandb_offline_without_key()``,
   ``process_rank()`` (before torch.distributed starts), ``datamodule_arguments(cfg)`` (the rewriter the
-  datamodule needs for a training config, or nothing).
+  datamodule needs for a training config, or nothing), ``feature_cache_arguments(cfg)`` (what names its
+  feature cache: ``FeatureCache.open(**feature_cache_arguments(cfg))``).
 
 What makes one Hydra multirun compare connectors, LLMs and losses: configs that follow the connector,
 a check of every job's combination before the first job starts, and W&B names per job and sweep.
@@ -33,7 +34,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from sur_lightning.models.connectors import connector_name, reads_token_states
+from sur_lightning.models.connectors import connector_config, connector_name, reads_token_states
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -310,3 +311,103 @@ def datamodule_arguments(cfg: DictConfig) -> dict:
     if cfg.get("rewriter") is None:
         raise ValueError("loss.align_target=rewrite|both and data.simple_from=llm need a rewriter: add rewriter=smollm2")
     return {"rewriter": instantiate(cfg.rewriter), "rewrite": rewrite}
+
+
+def feature_cache_arguments(cfg: DictConfig) -> dict:
+    """What names a training config's feature cache (``FeatureCache.open``): its folder, the backbone's and the
+    LLM's config nodes (the producers, also built from them to fill what is missing), and how images are read."""
+    return {
+        "cache_dir": cfg.data.cache_dir,
+        "backbone": cfg.backbone,
+        "llm": cfg.get("llm"),
+        "resolution": cfg.data.resolution,
+        "max_image_pixels": cfg.data.get("max_image_pixels"),
+    }
+
+
+# ------------------------------------------------------------------------------------------ wiring a generate/evaluate config
+
+
+def evaluator_arguments(cfg: DictConfig) -> dict:
+    """``Evaluator``'s arguments from an evaluate/explore config: ``metrics`` (compute and each metric's settings),
+    ``reference``, ``reference_size`` and ``device``; diversity without two seeds per prompt is refused here."""
+    metrics = OmegaConf.to_container(cfg.metrics, resolve=True)
+    if "diversity" in metrics["compute"] and len(cfg.seeds) < 2 and not cfg.get("images_dir"):
+        raise ValueError("metrics.compute has diversity, which needs at least 2 seeds per prompt: set seeds=[0,1,2,3]")
+    return {"reference": cfg.get("reference"), "reference_size": cfg.get("reference_size"), "device": cfg.device, **metrics}
+
+
+def column_arguments(cfg: DictConfig) -> dict:
+    """``generation.columns.grid_columns``'s arguments after the backbone and prompts, from a generate/evaluate/
+    explore config: the adapters, the LLM's config node (built only for a connector that reads token states),
+    mode, η or its sweep, whether the base columns are drawn, and the negative prompt's conditioning."""
+    return {
+        "adapters": cfg.adapters,
+        "llm_config": cfg.get("llm"),
+        "mode": cfg.mode,
+        "eta": cfg.eta,
+        "eta_sweep": list(cfg.eta_sweep or []),
+        "include_base": cfg.include_base,
+        "negative": cfg.get("negative", "connector"),
+    }
+
+
+def adapter_label(path: str | Path) -> str:
+    """A name for an adapter file: its stem, or for a run's ``adapter.safetensors`` the connector and the
+    run's experiment (``sur-demo``, ``ella_demo``, ``sur_paper``), read from its config and ``.hydra/config.yaml``."""
+    import yaml
+
+    path = Path(path)
+    if path.stem != "adapter":
+        return path.stem
+    try:
+        target = connector_config(path).get("_target_", "")
+    except (OSError, ValueError):
+        target = ""
+    kind = connector_name(target) if target else "adapter"
+    run_config = path.parent / ".hydra" / "config.yaml"
+    task = yaml.safe_load(run_config.read_text()).get("task_name") if run_config.exists() else None
+    if not task:
+        return kind
+    return str(task) if kind in str(task) else f"{kind}-{task}"
+
+
+GROUPS = ("backbone", "llm")
+
+
+def chosen_groups(overrides) -> set[str]:
+    """Which of ``backbone`` / ``llm`` the command line chose as a group (``backbone=sd15``, ``llm=null``);
+    a dotted override (``backbone.dtype=bfloat16``) changes a node without choosing it."""
+    keys = {override.partition("=")[0].lstrip("+~") for override in overrides}
+    return {group for group in GROUPS if group in keys}
+
+
+def use_recorded(cfg: DictConfig, records: list[tuple[str, dict]], overrides=()) -> list[str]:
+    """Give ``cfg`` the backbone and LLM its adapters were trained with, except a group the command line chose.
+    ``records``: (adapter path, what it was trained with) per adapter (``generation.columns.adapter_records``).
+    Dotted overrides (``backbone.dtype=bfloat16``) still apply on top of the recorded node. Returns one line per
+    group taken from a record; adapters recorded with different components stop here, naming them."""
+    from omegaconf import open_dict
+
+    chosen = chosen_groups(overrides)
+    notes = []
+    for group in GROUPS:
+        if group in chosen:
+            continue
+        found = [(path, record[group]) for path, record in records if record.get(group)]
+        if not found:
+            continue
+        ids = {str(entry.get("id")) for _, entry in found}
+        if len(ids) > 1:
+            listed = ", ".join(f"{path}: {entry.get('id')}" for path, entry in found)
+            raise ValueError(f"the adapters were trained with different {group}s ({listed}): choose one with {group}=...")
+        path, entry = found[0]
+        node = OmegaConf.create(entry["config"])
+        for override in overrides:  # dotted overrides of this group, as the command line set them
+            key = override.partition("=")[0].lstrip("+~")
+            if key.startswith(group + "."):
+                OmegaConf.update(node, key[len(group) + 1 :], OmegaConf.select(cfg, key), force_add=True)
+        with open_dict(cfg):
+            cfg[group] = node
+        notes.append(f"{group}: {entry.get('id')} (recorded by {path}; set {group}=... to choose another)")
+    return notes

@@ -21,13 +21,23 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from sur_lightning.config import CONFIG_DIR, check_config, command_line_overrides, use_wandb_offline_without_key
-from sur_lightning.evaluation.evaluator import evaluator_from_config, score_columns
+from sur_lightning.config import (
+    CONFIG_DIR,
+    check_config,
+    column_arguments,
+    command_line_overrides,
+    evaluator_arguments,
+    use_recorded,
+    use_wandb_offline_without_key,
+)
+from sur_lightning.data.prompt_suites import load_prompt_list
+from sur_lightning.evaluation.evaluator import Evaluator, score_columns
 from sur_lightning.evaluation.report import log_report, markdown_table, toyworld_table, write_report
-from sur_lightning.generation.columns import prepare, use_recorded
+from sur_lightning.generation.columns import adapter_records, grid_columns
 from sur_lightning.generation.grids import write_grids
 from sur_lightning.generation.manifest import read_manifest, write_manifest
 from sur_lightning.generation.pipeline import render_columns, sampler_kwargs
+from sur_lightning.runtime import pick_device
 
 
 def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
@@ -36,18 +46,20 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     from hydra.utils import instantiate
 
     overrides = command_line_overrides() if overrides is None else overrides
-    for note in [] if cfg.get("images_dir") else use_recorded(cfg, overrides):
+    for note in [] if cfg.get("images_dir") else use_recorded(cfg, adapter_records(cfg.get("adapters")), overrides):
         print(note, flush=True)
     resolved = check_config(cfg)
     use_wandb_offline_without_key()
     torch.manual_seed(cfg.seed)
     out_dir = Path(cfg.paths.output_dir)
-    evaluator = evaluator_from_config(cfg)  # weights first: a missing file fails before any generation
+    evaluator = Evaluator(**evaluator_arguments(cfg))  # weights first: a missing file fails before any generation
 
     if cfg.get("images_dir"):
         rendered = read_manifest(cfg.images_dir)
     else:
-        backbone, prompts, columns = prepare(cfg)
+        backbone = instantiate(cfg.backbone).to(pick_device(cfg.device))
+        prompts = load_prompt_list(cfg.prompts, cfg.get("num_prompts"))
+        columns = grid_columns(backbone, prompts, **column_arguments(cfg))
         rendered = render_columns(
             backbone, columns, prompts, list(cfg.seeds), out_dir, negative_prompt=cfg.negative_prompt,
             **sampler_kwargs(cfg.sampler),
@@ -101,7 +113,7 @@ def preset_overrides(args: list[str], log_dir: Path) -> list[str]:
     adapter = latest_adapter(log_dir, presets[0])
     hydra_file = adapter.parent / ".hydra" / "hydra.yaml"
     choices = yaml.safe_load(hydra_file.read_text())["hydra"]["runtime"]["choices"] if hydra_file.exists() else {}
-    # The backbone and LLM come from what the adapter recorded (generation.columns.use_recorded).
+    # The backbone and LLM come from what the adapter recorded (config.use_recorded).
     overrides = [f"adapters=['{adapter}']"]
     # `+suite=toyworld` typed as well (as the README's toy-world commands have it) must not add the suite twice.
     user_suite = any(a.partition("=")[0].lstrip("+~") == "suite" for a in rest)

@@ -21,24 +21,32 @@ from pathlib import Path
 
 import hydra
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from sur_lightning.config import CONFIG_DIR, check_config, command_line_overrides
-from sur_lightning.evaluation.evaluator import evaluator_from_config, score_columns
+from sur_lightning.config import (
+    CONFIG_DIR,
+    check_config,
+    column_arguments,
+    command_line_overrides,
+    evaluator_arguments,
+    use_recorded,
+)
+from sur_lightning.data.prompt_suites import load_prompt_list
+from sur_lightning.evaluation.evaluator import Evaluator, score_columns
 from sur_lightning.evaluation.report import markdown_table, toyworld_table, write_report
-from sur_lightning.generation.columns import Column, prepare, use_recorded
+from sur_lightning.generation.columns import Column, adapter_records, grid_columns
 from sur_lightning.generation.grids import labelled_grid, save_grid
 from sur_lightning.generation.manifest import write_manifest
 from sur_lightning.generation.pipeline import build_pipeline, sampler_kwargs
 from sur_lightning.generation.tools import BestOfN, Setup
+from sur_lightning.runtime import pick_device
 
 
 def build_tool(node, backbone):
     """The tool of config ``node``. Its scorer (best-of-N), when the config makes it a partial (``_partial_: true``),
     is completed with the loaded backbone, so it reuses the frozen parts instead of loading a second copy."""
-    from hydra.utils import instantiate
-
     if "scorer" not in node:
         return instantiate(node)
     scorer = instantiate(node.scorer)
@@ -62,11 +70,13 @@ def explore(cfg, overrides: list[str] | None = None) -> dict:
     overrides = command_line_overrides() if overrides is None else overrides
     torch.manual_seed(cfg.seed)
     out_dir = Path(cfg.paths.output_dir)
-    for note in use_recorded(cfg, overrides):
+    for note in use_recorded(cfg, adapter_records(cfg.get("adapters")), overrides):
         print(note, flush=True)
     resolved = check_config(cfg)
-    evaluator = evaluator_from_config(cfg) if cfg.metrics.compute else None  # weights first: fail before rendering
-    backbone, prompts, columns = prepare(cfg)
+    evaluator = Evaluator(**evaluator_arguments(cfg)) if cfg.metrics.compute else None  # weights first: fail before rendering
+    backbone = instantiate(cfg.backbone).to(pick_device(cfg.device))
+    prompts = load_prompt_list(cfg.prompts, cfg.get("num_prompts"))
+    columns = grid_columns(backbone, prompts, **column_arguments(cfg))
     tool = build_tool(cfg.tool, backbone)
     tool_name = re.sub(r"(?<!^)(?=[A-Z])", "_", type(tool).__name__).lower()  # Interpolation -> interpolation
     if evaluator is not None and not isinstance(tool, BestOfN):

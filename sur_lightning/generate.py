@@ -17,13 +17,16 @@ from pathlib import Path
 
 import hydra
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from sur_lightning.config import CONFIG_DIR, check_config, command_line_overrides
-from sur_lightning.generation.columns import prepare, random_backbone_warning, use_recorded
+from sur_lightning.config import CONFIG_DIR, check_config, column_arguments, command_line_overrides, use_recorded
+from sur_lightning.data.prompt_suites import load_prompt_list
+from sur_lightning.generation.columns import adapter_records, grid_columns, random_backbone_warning
 from sur_lightning.generation.grids import write_grids
 from sur_lightning.generation.manifest import write_manifest
 from sur_lightning.generation.pipeline import render_columns, sampler_kwargs
+from sur_lightning.runtime import pick_device
 
 
 def generate(cfg, overrides: list[str] | None = None) -> dict:
@@ -31,14 +34,16 @@ def generate(cfg, overrides: list[str] | None = None) -> dict:
     η strips and ``manifest.json`` into ``cfg.paths.output_dir``. Returns the written paths.
 
     The backbone and LLM are the ones the adapters were trained with, unless ``overrides`` (default: the command
-    line) choose them (``generation.columns.use_recorded``)."""
+    line) choose them (``config.use_recorded``)."""
     overrides = command_line_overrides() if overrides is None else overrides
     torch.manual_seed(cfg.seed)
     out_dir = Path(cfg.paths.output_dir)
-    for note in use_recorded(cfg, overrides):
+    for note in use_recorded(cfg, adapter_records(cfg.get("adapters")), overrides):
         print(note, flush=True)
     resolved = check_config(cfg)
-    backbone, prompts, columns = prepare(cfg)
+    backbone = instantiate(cfg.backbone).to(pick_device(cfg.device))
+    prompts = load_prompt_list(cfg.prompts, cfg.get("num_prompts"))
+    columns = grid_columns(backbone, prompts, **column_arguments(cfg))
     warning = random_backbone_warning(backbone, cfg.adapters)
     if warning:
         print(warning, file=sys.stderr, flush=True)

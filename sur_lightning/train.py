@@ -1,7 +1,8 @@
 """Train a connector: ``python -m sur_lightning.train +experiment=demo``.
 
-Reads like a recipe: check the config, pin the threads, seed, build data, model, callbacks, loggers and trainer from
-the config, log the resolved config, fit, write ``metrics.json`` and say where everything went.
+Reads like a recipe: check the config, pin the threads, seed, build the data, the frozen backbone and LLM (or the
+feature cache that replaces them), the model with them, callbacks, loggers and trainer from the config, log the
+resolved config, fit, write ``metrics.json`` and say where everything went.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from sur_lightning.config import (
     CONFIG_DIR,
@@ -28,13 +29,16 @@ from sur_lightning.config import (
     check_config,
     command_line_overrides,
     datamodule_arguments,
+    feature_cache_arguments,
     process_rank,
     run_checkpoint,
     use_wandb_offline_without_key,
 )
+from sur_lightning.data.surd import PrecomputedLLMFeatures
 from sur_lightning.runtime import environment, pin_threads
 from sur_lightning.training.callbacks import AdapterExport, SampleGrid
-from sur_lightning.training.feature_cache import prepare_feature_cache
+from sur_lightning.training.feature_cache import check_name_dropout, extra_prompts, prepare_feature_cache
+from sur_lightning.training.feature_store import FeatureCache
 
 # `python -m sur_lightning.train` runs this module as __main__: name its logger as the module.
 log = logging.getLogger("sur_lightning.train")
@@ -57,8 +61,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data, **datamodule_arguments(cfg))
-    # data.cache=auto|require: fill or check the feature cache; with it complete, no LLM is built.
-    model = instantiate(cfg.model, **prepare_feature_cache(cfg, datamodule))
+    # Name dropout renames training prompts only if the LLM's retriever undoes it (checked with the cache off too).
+    check_name_dropout(datamodule, OmegaConf.select(cfg, "llm.rag"))
+    if datamodule.cache == "off":
+        # The frozen encoders run every step.
+        frozen = {"backbone": instantiate(cfg.backbone), "llm": instantiate(cfg.llm) if cfg.get("llm") else None}
+        if isinstance(frozen["llm"], PrecomputedLLMFeatures):
+            datamodule.use_precomputed_llm(frozen["llm"])  # a simple prompt without a vector is a skipped row
+    else:
+        # data.cache=auto|require: fill or check the feature cache; with it complete, no LLM is built and the
+        # backbone drops its VAE encoder.
+        cache = FeatureCache.open(**feature_cache_arguments(cfg))
+        frozen = prepare_feature_cache(datamodule, cache, extra_prompts(cfg.get("callbacks")), wait_s=cfg.get("cache_wait_s"))
+    model = instantiate(cfg.model, **frozen)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = instantiate_loggers(cfg, checkpoint)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)

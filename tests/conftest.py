@@ -68,6 +68,14 @@ def llm(tiny_llm):
     return CausalLMFeatures(tiny_llm)
 
 
+def open_cache(cfg):
+    """The feature cache of a training config, opened as the entry points open it."""
+    from sur_lightning.config import feature_cache_arguments
+    from sur_lightning.training.feature_store import FeatureCache
+
+    return FeatureCache.open(**feature_cache_arguments(cfg))
+
+
 def tiny_overrides(root: Path, cache: Path) -> list[str]:
     """Overrides that make any experiment run offline in seconds on the CPU."""
     return [

@@ -178,8 +178,10 @@ def test_generate_takes_an_adapter_files_backbone_from_its_run_and_a_chosen_one_
     import yaml
     from conftest import CONFIG_DIR
     from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
 
-    from sur_lightning.generation.columns import prepare, use_recorded
+    from sur_lightning.config import column_arguments, use_recorded
+    from sur_lightning.generation.columns import adapter_records, grid_columns
 
     run = tmp_path / "outputs" / "demo" / "runs" / "2026-12-03_10-00-00"
     (run / ".hydra").mkdir(parents=True)
@@ -193,12 +195,12 @@ def test_generate_takes_an_adapter_files_backbone_from_its_run_and_a_chosen_one_
             return compose(config_name="generate", overrides=overrides), overrides
 
     cfg, overrides = configured("backbone.dtype=bfloat16")
-    assert use_recorded(cfg, overrides) == [f"backbone: {tiny_sdxl} (recorded by {path}; set backbone=... to choose another)"]
+    assert use_recorded(cfg, adapter_records(cfg.adapters), overrides) == [f"backbone: {tiny_sdxl} (recorded by {path}; set backbone=... to choose another)"]
     assert cfg.backbone.pretrained == tiny_sdxl and cfg.backbone.dtype == "bfloat16"  # the dotted override still applies
     cfg, overrides = configured("backbone=tiny")
-    assert use_recorded(cfg, overrides) == []
+    assert use_recorded(cfg, adapter_records(cfg.adapters), overrides) == []
     with pytest.raises(ConnectorMismatchError, match="cross-attention width 48 .*width 32"):
-        prepare(cfg)
+        grid_columns(instantiate(cfg.backbone), [], **column_arguments(cfg))
 
 
 def draw(pipe, connector) -> np.ndarray:

@@ -55,7 +55,7 @@ def test_bench_memory_growth_sees_a_step_that_keeps_what_it_allocates(tmp_path, 
     import torch
     from conftest import tiny_overrides
 
-    from sur_lightning.training import benchmark as bench
+    from sur_lightning.bench import training_step_time_of
     from sur_lightning.training.module import ConnectorTrainingModule
 
     kept = []
@@ -68,9 +68,9 @@ def test_bench_memory_growth_sees_a_step_that_keeps_what_it_allocates(tmp_path, 
     overrides = [o for o in tiny_overrides(tmp_path, cache_dir) if not o.startswith(("callbacks.", "data.val_size"))]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="bench", overrides=overrides)
-    plain = bench.training_step_time(cfg, "auto", torch.device("cpu"), steps=2, warmup=1)
+    plain = training_step_time_of(cfg, "auto", torch.device("cpu"), steps=2, warmup=1)
     monkeypatch.setattr(ConnectorTrainingModule, "training_step", leaky_step)
-    leaky = bench.training_step_time(cfg, "auto", torch.device("cpu"), steps=2, warmup=1)
+    leaky = training_step_time_of(cfg, "auto", torch.device("cpu"), steps=2, warmup=1)
     assert len(kept) == 3
     assert leaky["memory_growth_mb"] > 56 and leaky["memory_growth_mb"] > plain["memory_growth_mb"] + 48
 

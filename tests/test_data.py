@@ -326,13 +326,8 @@ def test_precomputed_llm_features_match_the_llm_and_name_missing_rows(tmp_path, 
     with pytest.raises(MissingPrecomputedFeature, match="no precomputed LLM feature"):
         precomputed([prompts[0]])
 
-    class Trainer:
-        class lightning_module:
-            pass
-
-    Trainer.lightning_module.llm = precomputed
     datamodule = ImageTextDataModule(str(shapes), resolution=32, val_size=0)
-    datamodule.trainer = Trainer()
+    datamodule.use_precomputed_llm(precomputed)  # as train() does with llm=precomputed and the cache off
     datamodule.setup("fit")
     skipped = datamodule.report.events["skipped"]
     assert skipped and all("not in" in e["reason"] and e["row"].startswith("metadata.jsonl:") for e in skipped)

@@ -87,12 +87,13 @@ def offline_run(tmp_path_factory, cache_dir, tiny_sd, tiny_llm, tiny_clip_checkp
 
 
 def test_offline_default_uses_the_bundled_inception(tmp_path, cache_dir):
-    from sur_lightning.evaluation.evaluator import evaluator_from_config
+    from sur_lightning.config import evaluator_arguments
+    from sur_lightning.evaluation.evaluator import Evaluator
     from sur_lightning.evaluation.metrics.fid import InceptionFeatures
 
     cfg = compose_evaluate(tmp_path, cache_dir, "reference.num_images=2")
     assert list(cfg.metrics.compute) == ["shapes", "fid"] and cfg.metrics.fid.inception is None
-    evaluator = evaluator_from_config(cfg)
+    evaluator = Evaluator(**evaluator_arguments(cfg))
     assert isinstance(evaluator.distribution.feature, InceptionFeatures)
     assert evaluator.reference_features.shape == (2, 2048)
 
@@ -254,9 +255,10 @@ def test_evaluate_accepts_a_training_preset_and_picks_its_latest_adapter(tmp_pat
         cfg = compose(config_name="evaluate", overrides=args)
     assert list(cfg.adapters) == [str(new)] and cfg.toyworld_suite.splits[0] == "adapter_train"
     # ... with the backbone the run recorded.
-    from sur_lightning.generation.columns import use_recorded
+    from sur_lightning.config import use_recorded
+    from sur_lightning.generation.columns import adapter_records
 
-    assert use_recorded(cfg, args) == [f"backbone: shipped_base(folder=None) (recorded by {new}; set backbone=... to choose another)"]
+    assert use_recorded(cfg, adapter_records(cfg.adapters), args) == [f"backbone: shipped_base(folder=None) (recorded by {new}; set backbone=... to choose another)"]
     assert "toyworld" in str(cfg.backbone.pretrained._target_)
     with pytest.raises(SystemExit, match=r"no trained adapter under .*sur_paper.*adapters=\["):
         preset_overrides(["+experiment=sur_paper"], tmp_path)

@@ -12,12 +12,11 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import tiny_overrides
+from conftest import open_cache, tiny_overrides
 
 import sur_lightning.models.backbone as backbone_module
 import sur_lightning.models.llm as llm_module
 import sur_lightning.training.feature_store as store_module
-from sur_lightning.training.feature_store import FeatureCache
 
 REPO = str(Path(__file__).resolve().parent.parent)
 
@@ -63,7 +62,7 @@ def store_fingerprints(compose, tmp_path, cache_dir, name: str) -> dict[str, str
     small = [o for o in tiny_overrides(tmp_path, cache_dir) if not o.startswith("connector.")] if tiny else []
     paths = [] if tiny else [f"paths.root_dir={tmp_path}", f"paths.cache_dir={cache_dir}"]
     cfg = compose(*small, *paths, *overrides, tiny=False)
-    cache = FeatureCache.from_config(cfg)
+    cache = open_cache(cfg)
     out = {}
     for store in (cache.latents, cache.clip, cache.llm):
         # The folder is named by the hash of the raw fingerprint (with this machine's paths).

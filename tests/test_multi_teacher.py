@@ -98,9 +98,10 @@ def test_bad_multi_teacher_configs_are_named(backbone, teachers, tiny_llm):
 @pytest.mark.slow
 def test_smollm2_and_minilm_train_together_each_with_its_own_w0_and_logged_term(compose):
     """The two real offline teachers (SmolLM2-135M, all-MiniLM-L6-v2), through the feature cache."""
+    from conftest import open_cache
+
     from sur_lightning.models.connectors import load_connector
     from sur_lightning.train import train
-    from sur_lightning.training.feature_store import FeatureCache
 
     cfg = compose("llm=multi", "loss=cosine", "data.cache=auto", "trainer.max_steps=2", "trainer.val_check_interval=2",
                   "llm.weights.smollm2=3", "llm.weights.minilm=1")
@@ -109,7 +110,7 @@ def test_smollm2_and_minilm_train_together_each_with_its_own_w0_and_logged_term(
     assert metrics["train/teacher_weight/smollm2"] == pytest.approx(0.75)
     adapter = load_connector(f"{cfg.paths.output_dir}/adapter.safetensors")
     assert adapter.llm_projection["smollm2"].in_features == 576 and adapter.llm_projection["minilm"].in_features == 384
-    assert FeatureCache.from_config(cfg).llm_dim == {"smollm2": 576, "minilm": 384}
+    assert open_cache(cfg).llm_dim == {"smollm2": 576, "minilm": 384}
 
 
 def test_ella_with_several_teachers_is_refused_before_training(compose):

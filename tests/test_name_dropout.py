@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONFIG_DIR, tiny_overrides
+from conftest import CONFIG_DIR, open_cache, tiny_overrides
 from hydra.utils import instantiate
 
 from sur_lightning.knowledge.knowledge_base import KnowledgeBase, bundled_knowledge_base
@@ -253,17 +253,17 @@ def test_name_dropout_without_retrieval_or_with_other_variants_is_an_error(tmp_p
         instantiate(compose_world(tmp_path, cache_dir, "data.name_dropout=0.5").data)
     cfg = compose_world(tmp_path, cache_dir, "+llm/rag=toyworld", "data.name_dropout=0.5")
     with pytest.raises(ValueError, match="llm.rag.name_dropout is off"):
-        check_name_dropout(cfg, instantiate(cfg.data))
+        check_name_dropout(instantiate(cfg.data), cfg.llm.get("rag"))
     cfg = compose_world(tmp_path, cache_dir, "+llm/rag=toyworld", "llm.rag.name_dropout=0.5", "data.name_variants=2")
     with pytest.raises(ValueError, match="data.name_variants=2 but llm.rag.name_variants=4"):
-        check_name_dropout(cfg, instantiate(cfg.data))
+        check_name_dropout(instantiate(cfg.data), cfg.llm.get("rag"))
 
 
 @pytest.mark.slow
 def test_the_cache_holds_every_variant_so_a_cached_training_step_needs_no_llm(tmp_path, cache_dir, tiny_sd, tiny_llm, monkeypatch):
     from sur_lightning.models.llm import CausalLMFeatures
     from sur_lightning.train import train
-    from sur_lightning.training.feature_cache import build_cache, missing_entries
+    from sur_lightning.training.feature_cache import build_cache, extra_prompts, missing_entries
     from sur_lightning.training.feature_store import FeatureCache
 
     overrides = [
@@ -274,7 +274,8 @@ def test_the_cache_holds_every_variant_so_a_cached_training_step_needs_no_llm(tm
     ]  # fmt: skip
     cfg = compose_world(tmp_path, cache_dir, *overrides)
     datamodule = instantiate(cfg.data)
-    cache, _ = build_cache(cfg, datamodule)
+    cache = open_cache(cfg)
+    build_cache(datamodule, cache, extra_prompts(cfg.get("callbacks")))
     variants = datamodule.renamed_prompts()
     assert len(variants) == 4 * len(datamodule.train_set.rows)
     assert sum(len(v) for v in missing_entries(cache, datamodule, [""]).values()) == 0

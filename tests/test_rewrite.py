@@ -170,9 +170,8 @@ def test_training_aligns_to_cached_rewrites_and_caches_their_clip_states(compose
                   "rewriter.max_new_tokens=4", "data.cache=auto", "trainer.max_steps=2", "trainer.val_check_interval=2")
     metrics = train(cfg)
     assert {"train/prompt_complex", "train/prompt_rewrite"} <= set(metrics)
+    from conftest import open_cache
     from hydra.utils import instantiate
-
-    from sur_lightning.training.feature_store import FeatureCache
 
     cached = [json.loads(line) for line in Path(cfg.rewriter.cache_file).read_text().splitlines()]
     datamodule = instantiate(cfg.data)
@@ -181,7 +180,7 @@ def test_training_aligns_to_cached_rewrites_and_caches_their_clip_states(compose
     rewrites = [row["rewrite"] for row in cached]
     from sur_lightning.data.datasets import content_hash
 
-    cache = FeatureCache.from_config(cfg)
+    cache = open_cache(cfg)
     assert all(cache.clip.key(content_hash(r)) in cache.clip for r in rewrites)
 
 

@@ -171,14 +171,16 @@ def test_ella_pooled_modes(sdxl):
 
 
 def test_feature_cache_stores_pooled_embeddings_and_image_geometry(compose):
+    from conftest import open_cache
     from hydra.utils import instantiate
 
     from sur_lightning.config import datamodule_arguments
-    from sur_lightning.training.feature_cache import build_cache
+    from sur_lightning.training.feature_cache import build_cache, extra_prompts
 
     cfg = compose(*sdxl_overrides("sur"), "data.cache=auto")
     datamodule = instantiate(cfg.data, **datamodule_arguments(cfg))
-    cache, backbone = build_cache(cfg, datamodule)
+    cache = open_cache(cfg)
+    backbone = build_cache(datamodule, cache, extra_prompts(cfg.get("callbacks")))
     assert cache.clip.names == ("states", "pooled")
     assert cache.latents.names == ("mean", "logvar", "original_size", "crop_top_left")
     features = cache.text_features(["two red circles", ""])

@@ -155,10 +155,10 @@ def test_sur_released_trains_with_flips_from_the_cache_and_no_validation_rows(co
                   "callbacks.sample_grid=null")
     metrics = train(cfg)
     assert "train/loss" in metrics and "val/denoising" not in metrics
-    from sur_lightning.training.feature_store import FeatureCache
+    from conftest import open_cache
 
     # Both flips of every training image were cached: 12 images, 24 latents.
-    assert len(FeatureCache.from_config(cfg).latents) == 24
+    assert len(open_cache(cfg).latents) == 24
 
 
 @pytest.mark.slow

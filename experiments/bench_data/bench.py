@@ -23,8 +23,13 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from sur_lightning.config import CONFIG_DIR
-from sur_lightning.training.feature_cache import build_cache, prepare_feature_cache
+from sur_lightning.config import CONFIG_DIR, feature_cache_arguments
+from sur_lightning.training.feature_cache import build_cache, extra_prompts, prepare_feature_cache
+from sur_lightning.training.feature_store import FeatureCache
+
+
+def open_cache(cfg) -> FeatureCache:
+    return FeatureCache.open(**feature_cache_arguments(cfg))
 
 
 def config(root: Path, cache: str, args) -> object:
@@ -85,7 +90,8 @@ def measure(root: Path, cache: str, args) -> dict:
     datamodule = instantiate(cfg.data)
     started = time.perf_counter()
     datamodule.setup("fit")
-    model_kwargs = prepare_feature_cache(cfg, datamodule)
+    # data.cache=off: the model builds its frozen encoders itself (not timed as setup).
+    model_kwargs = {} if cache == "off" else prepare_feature_cache(datamodule, open_cache(cfg), extra_prompts(cfg.get("callbacks")))
     setup_s = time.perf_counter() - started
     samples_per_s = loader_rate(datamodule, args.loader_batches)
     model = instantiate(cfg.model, **model_kwargs)
@@ -118,7 +124,7 @@ def main() -> None:
         root = Path(tmp)
         build_started = time.perf_counter()
         cfg = config(root, "auto", args)
-        build_cache(cfg, instantiate(cfg.data))
+        build_cache(instantiate(cfg.data), open_cache(cfg), extra_prompts(cfg.get("callbacks")))
         build_s = time.perf_counter() - build_started
         results = [measure(root, "off", args), measure(root, "require", args)]
     print(f"\ncache build (cold, {args.images} images, llm={args.llm}): {build_s:.1f} s")

@@ -60,6 +60,7 @@ from sur_lightning.data.formats import (
 from sur_lightning.data.images import MAX_IMAGE_PIXELS, BadImage, check_image, load_rgb
 from sur_lightning.data.report import DataReport
 from sur_lightning.data.sampler import EpochSampler, ResumableDataLoader
+from sur_lightning.data.surd import PrecomputedLLMFeatures
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +170,7 @@ class ImageTextDataModule(L.LightningDataModule):
         self.train_set = None
         self.val_set = None
         self.latent_store = None
+        self.precomputed_llm: PrecomputedLLMFeatures | None = None
         self.train_sampler: EpochSampler | None = None
 
     def name_renamer(self, variants: int, knowledge_base: str | None):
@@ -203,9 +205,9 @@ class ImageTextDataModule(L.LightningDataModule):
             else:
                 self.setup_rows()
             self.write_report()
-        llm = getattr(getattr(self.trainer, "lightning_module", None), "llm", None) if self.trainer else None
-        if hasattr(llm, "missing_prompts"):
+        if self.precomputed_llm is not None:
             # Precomputed LLM features (SURD's prompt2vec): a prompt absent from the file is a skipped row.
+            llm = self.precomputed_llm
             rows = self.train_set.rows + (self.val_set.rows if self.val_set else [])
             self.skip_rows({r.where: f"simple prompt not in {llm.path}" for r in llm.missing_prompts(rows)})
 
@@ -359,6 +361,11 @@ class ImageTextDataModule(L.LightningDataModule):
         for prompt, row in renamed:
             llm.setdefault(prompt, row)
         return clip, list(llm.items())
+
+    def use_precomputed_llm(self, features: PrecomputedLLMFeatures) -> None:
+        """The model reads its LLM states from ``features`` (``llm=precomputed``, with the cache off): at setup, the
+        rows whose simple prompt has no vector there are skipped and reported."""
+        self.precomputed_llm = features
 
     def use_latent_store(self, store) -> None:
         """Read training and validation latents from ``store`` (a ``cache.FeatureStore``) instead of decoding and encoding images."""

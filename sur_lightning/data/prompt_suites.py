@@ -17,6 +17,7 @@ and callbacks call: it also takes a list of strings, a dataset folder or a datas
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -221,13 +222,12 @@ def load_prompt_list(source, num_prompts: int | None = None) -> list[Prompt]:
     a DPG-Bench folder, a dataset folder in the SURD layout (its ``metadata.jsonl`` simple prompts), or
     a dataset config (``_target_`` returning such a folder). ``num_prompts`` keeps the first N."""
     from hydra.utils import instantiate
-    from omegaconf import DictConfig, ListConfig
 
-    if isinstance(source, dict | DictConfig):
+    if isinstance(source, Mapping):  # a config node, or a dict
         source = instantiate(source)
     if isinstance(source, list | tuple) and source and all(isinstance(p, Prompt) for p in source):
         prompts = list(source)
-    elif isinstance(source, list | tuple | ListConfig):
+    elif isinstance(source, Sequence) and not isinstance(source, str):  # a list (or a config's list) of strings
         prompts = [Prompt(f"prompt-{i:03d}", str(text), "custom") for i, text in enumerate(source)]
     elif Path(str(source), "metadata.jsonl").is_file():
         folder = Path(str(source))

@@ -17,12 +17,11 @@ with the metric's own message naming the weights and the config key. Nothing is 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from sur_lightning.evaluation.report import gap_closed, gap_closed_intervals, gap_closed_reasons
@@ -93,7 +92,7 @@ class Evaluator:
             fid = dict(fid or {})
             inception = InceptionFeatures(fid.pop("inception", None)).to(self.device)
             self.distribution = ImageDistributionMetrics(inception, **fid)
-            if isinstance(reference, dict | DictConfig):
+            if isinstance(reference, Mapping):  # a builder node (the toy world's reference images)
                 from hydra.utils import instantiate
 
                 reference = instantiate(reference)
@@ -180,15 +179,6 @@ class Evaluator:
             pixels = to_uint8_batch(images).float() / 255
             summary["lpips_diversity"] = diversity_by_prompt(pixels, list(prompts), self.lpips)["mean"]
         return summary, per_image
-
-
-def evaluator_from_config(cfg: DictConfig) -> Evaluator:
-    metrics = OmegaConf.to_container(cfg.metrics, resolve=True)
-    if "diversity" in metrics["compute"] and len(cfg.seeds) < 2 and not cfg.get("images_dir"):
-        raise ValueError("metrics.compute has diversity, which needs at least 2 seeds per prompt: set seeds=[0,1,2,3]")
-    return Evaluator(
-        reference=cfg.get("reference"), reference_size=cfg.get("reference_size"), device=cfg.device, **metrics
-    )
 
 
 def score_columns(evaluator: Evaluator, rendered: Sequence[Rendered]) -> dict:

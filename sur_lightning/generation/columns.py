@@ -3,20 +3,20 @@
 A ``Column`` is a name, a conditioning and a description of its source. ``build_columns`` gives the base
 column and one per adapter (or per η of a sweep), each checked against the backbone and LLM on an empty
 prompt, so a mismatch fails naming the adapter file. ``complex_prompt_column`` is the base model given
-each prompt's complex prompt (the upper bound). ``prepare(cfg)`` builds backbone, prompts and columns
-from a generate/evaluate config.
+each prompt's complex prompt (the upper bound). ``grid_columns`` gives a grid's columns from the values of
+a generate/evaluate config (``config.column_arguments``).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch import nn
 
-from sur_lightning.data.prompt_suites import Prompt, load_prompt_list
+from sur_lightning.data.prompt_suites import Prompt
 from sur_lightning.generation.conditioning import (
     ClipConditioning,
     ConnectorConditioning,
@@ -24,7 +24,6 @@ from sur_lightning.generation.conditioning import (
     frozen_text_features,
 )
 from sur_lightning.models.connectors import TextFeatures
-from sur_lightning.runtime import pick_device
 
 
 @dataclass
@@ -50,15 +49,15 @@ def adapter_entries(adapters) -> list[tuple[str, dict]]:
     """``adapters``: a list of paths, or a mapping name -> path or name -> {path, mode, eta, format}.
     Returns (name, {path, mode?, eta?, format?}) pairs. A mapping's keys are the names; a list's names come
     from each adapter (``adapter_label``: ``sur-demo``), with the run folder added only to tell two apart."""
-    from omegaconf import DictConfig, OmegaConf
+    from omegaconf import OmegaConf
 
-    from sur_lightning.models.connectors import adapter_label
+    from sur_lightning.config import adapter_label
 
-    if isinstance(adapters, DictConfig):
+    if OmegaConf.is_config(adapters):
         adapters = OmegaConf.to_container(adapters, resolve=True)
     if not adapters:
         return []
-    if isinstance(adapters, dict):
+    if isinstance(adapters, Mapping):
         items = [(str(k), v if isinstance(v, dict) else {"path": v}) for k, v in adapters.items()]
     else:
         items = [(adapter_label(entry), {"path": str(entry)}) for entry in adapters]
@@ -154,51 +153,17 @@ def check_conditioning(conditioning: ClipConditioning, backbone, path) -> None:
         )
 
 
-GROUPS = ("backbone", "llm")
-
-
-def chosen_groups(overrides: Sequence[str]) -> set[str]:
-    """Which of ``backbone`` / ``llm`` the command line chose as a group (``backbone=sd15``, ``llm=null``);
-    a dotted override (``backbone.dtype=bfloat16``) changes a node without choosing it."""
-    keys = {override.partition("=")[0].lstrip("+~") for override in overrides}
-    return {group for group in GROUPS if group in keys}
-
-
-def use_recorded(cfg, overrides: Sequence[str] = ()) -> list[str]:
-    """Give ``cfg`` the backbone and LLM its adapters were trained with (``connector_record``: an adapter folder's
-    ``trained_with``, or the run's ``.hydra/config.yaml`` beside an adapter file), except a group the command line
-    chose. Dotted overrides (``backbone.dtype=bfloat16``) still apply on top of the recorded node. Returns one line
-    per group taken from a record; adapters recorded with different components stop here, naming them."""
-    from omegaconf import OmegaConf, open_dict
-
+def adapter_records(adapters) -> list[tuple[str, dict]]:
+    """(path, what it was trained with) for each of ``adapters`` (as ``adapter_entries`` reads them) that this
+    project wrote and that exists: ``connector_record``, an adapter folder's ``trained_with`` or the run's
+    ``.hydra/config.yaml`` beside an adapter file; ``{}`` when none says. ``config.use_recorded`` reads them."""
     from sur_lightning.models.connectors import connector_record
 
-    chosen = chosen_groups(overrides)
     records = []
-    for _, spec in adapter_entries(cfg.get("adapters")):
+    for _, spec in adapter_entries(adapters):
         if spec.get("format", "sur_lightning") == "sur_lightning" and Path(spec["path"]).exists():
             records.append((spec["path"], connector_record(spec["path"]) or {}))
-    notes = []
-    for group in GROUPS:
-        if group in chosen:
-            continue
-        found = [(path, record[group]) for path, record in records if record.get(group)]
-        if not found:
-            continue
-        ids = {str(entry.get("id")) for _, entry in found}
-        if len(ids) > 1:
-            listed = ", ".join(f"{path}: {entry.get('id')}" for path, entry in found)
-            raise ValueError(f"the adapters were trained with different {group}s ({listed}): choose one with {group}=...")
-        path, entry = found[0]
-        node = OmegaConf.create(entry["config"])
-        for override in overrides:  # dotted overrides of this group, as the command line set them
-            key = override.partition("=")[0].lstrip("+~")
-            if key.startswith(group + "."):
-                OmegaConf.update(node, key[len(group) + 1 :], OmegaConf.select(cfg, key), force_add=True)
-        with open_dict(cfg):
-            cfg[group] = node
-        notes.append(f"{group}: {entry.get('id')} (recorded by {path}; set {group}=... to choose another)")
-    return notes
+    return records
 
 
 def random_backbone_warning(backbone, adapters) -> str | None:
@@ -224,29 +189,36 @@ def token_llm(node) -> nn.Module:
     return instantiate(node, **({"pooling": "none"} if "pooling" in node else {}))
 
 
-def prepare(cfg):
-    """Backbone, prompts and columns from a generate/evaluate config (the LLM loads only when needed); run
-    ``use_recorded`` first to build the backbone and LLM the adapters were trained with."""
-    from hydra.utils import instantiate
-
-    device = pick_device(cfg.device)
-    backbone = instantiate(cfg.backbone).to(device)
-    prompts = load_prompt_list(cfg.prompts, cfg.get("num_prompts"))
-    llm_cfg = cfg.get("llm")
+def grid_columns(
+    backbone,
+    prompts: Sequence[Prompt],
+    adapters=None,
+    llm_config=None,
+    mode: str = "replace",
+    eta: float | None = None,
+    eta_sweep: Sequence[float] = (),
+    include_base: bool = True,
+    negative: str = "connector",
+) -> list[Column]:
+    """A grid's columns: ``build_columns`` (the LLM built from ``llm_config``, its config node, only when a
+    connector reads its token states), with ``base+complex`` second when ``include_base`` and a prompt has a
+    complex one. ``config.column_arguments(cfg)`` gives every argument after ``prompts`` from a
+    generate/evaluate/explore config; run ``config.use_recorded`` first for the backbone and LLM the adapters
+    were trained with."""
     columns = build_columns(
         backbone,
-        adapters=cfg.adapters,
+        adapters=adapters,
         # Only connectors that read token states (ELLA) load the LLM here; SUR does not use it at inference.
-        llm=(lambda: token_llm(llm_cfg)) if llm_cfg is not None else None,
-        mode=cfg.mode,
-        eta=cfg.eta,
-        eta_sweep=list(cfg.eta_sweep or []),
-        include_base=cfg.include_base,
-        negative=cfg.get("negative", "connector"),
+        llm=(lambda: token_llm(llm_config)) if llm_config is not None else None,
+        mode=mode,
+        eta=eta,
+        eta_sweep=list(eta_sweep or []),
+        include_base=include_base,
+        negative=negative,
     )
-    complex_column = complex_prompt_column(backbone, prompts) if cfg.include_base else None
+    complex_column = complex_prompt_column(backbone, prompts) if include_base else None
     if complex_column is not None:
         columns.insert(1, complex_column)
     if not columns:
         raise ValueError("nothing to render: include_base=false and no adapters given")
-    return backbone, prompts, columns
+    return columns

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 TASKS = ("expand", "simplify")
@@ -34,7 +34,7 @@ PLACEHOLDER = "{prompt}"
 
 def plain_messages(messages) -> list[dict[str, str]]:
     """Chat messages from a config: a list of {role, content}; every content a string."""
-    if isinstance(messages, DictConfig | ListConfig):
+    if OmegaConf.is_config(messages):
         messages = OmegaConf.to_container(messages, resolve=True)
     out = []
     for i, message in enumerate(messages or []):
@@ -84,7 +84,7 @@ class PromptRewriter:
         poll_s: float = 5.0,
     ) -> None:
         self.pretrained = str(pretrained)
-        templates = OmegaConf.to_container(templates, resolve=True) if isinstance(templates, DictConfig) else dict(templates)
+        templates = OmegaConf.to_container(templates, resolve=True) if OmegaConf.is_config(templates) else dict(templates)
         unknown = set(templates) - set(TASKS)
         if unknown:
             raise ValueError(f"rewriter.templates: unknown task(s) {sorted(unknown)}; the tasks are {TASKS}")

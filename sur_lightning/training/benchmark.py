@@ -13,12 +13,8 @@ import time
 from contextlib import contextmanager, nullcontext
 
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
 
-from sur_lightning.config import datamodule_arguments
 from sur_lightning.runtime import cpu_model
-from sur_lightning.training.feature_cache import prepare_feature_cache
 
 
 def synchronize(device: torch.device) -> None:
@@ -106,19 +102,6 @@ def memory_now_mb(device: torch.device) -> float:
     return torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else current_rss_mb()
 
 
-def build(cfg: DictConfig, cache: str, device: torch.device):
-    """Datamodule, module (frozen encoders replaced by the cache when it is on) and optimizer, as train.py builds them."""
-    cfg = cfg.copy()
-    OmegaConf.set_struct(cfg, False)
-    cfg.data.cache = cache
-    datamodule = instantiate(cfg.data, **datamodule_arguments(cfg))
-    module = instantiate(cfg.model, **prepare_feature_cache(cfg, datamodule)).to(device)
-    datamodule.setup("fit")
-    optimizer = module.configure_optimizers()
-    optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
-    return datamodule, module, optimizer
-
-
 def batches(datamodule, device):
     while True:
         for batch in datamodule.train_dataloader():
@@ -126,10 +109,9 @@ def batches(datamodule, device):
             yield {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def training_step_time(cfg, cache: str, device, steps: int, warmup: int) -> dict:
-    """Seconds per full step and per phase, over ``steps`` steps after ``warmup``, under ``trainer.precision``."""
-    torch.manual_seed(0)
-    datamodule, module, optimizer = build(cfg, cache, device)
+def training_step_time(datamodule, module, optimizer, device, steps: int, warmup: int, precision=None) -> dict:
+    """Seconds per full step and per phase, over ``steps`` steps after ``warmup``, under ``precision``
+    (``trainer.precision``), of ``module`` (built as train.py builds it) on ``datamodule``'s batches."""
     stopwatch = Stopwatch(device)
     hooks = forward_timer(module.connector, stopwatch, "connector") + forward_timer(module.backbone.unet, stopwatch, "unet_forward")
     data = batches(datamodule, device)
@@ -138,7 +120,7 @@ def training_step_time(cfg, cache: str, device, steps: int, warmup: int) -> dict
         stopwatch.active = step >= warmup
         with stopwatch.phase("data"):
             batch = next(data)
-        with stopwatch.phase("forward"), autocast(cfg.trainer.get("precision"), device):
+        with stopwatch.phase("forward"), autocast(precision, device):
             loss = module.training_step(batch, step)
         with stopwatch.phase("backward"):
             loss.backward()
@@ -154,7 +136,7 @@ def training_step_time(cfg, cache: str, device, steps: int, warmup: int) -> dict
     totals["step"] = sum(totals[k] for k in ("data", "connector", "unet_forward", "other_forward", "backward", "optimizer"))
     # Growth from the end of the warm-up to the last step: 0 for a step that frees all it allocates.
     first = memory[warmup - 1] if warmup else memory[0]
-    return {"seconds": totals, "batch_size": int(cfg.data.batch_size), "memory_growth_mb": memory[-1] - first,
+    return {"seconds": totals, "batch_size": int(datamodule.batch_size), "memory_growth_mb": memory[-1] - first,
             "module": module, "batch": batch, "optimizer": optimizer, "data": data}
 
 

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 def plain(node):
-    """A config node (DictConfig, as Hydra passes it with ``_recursive_: false``) as plain, resolved containers."""
+    """A config node (as Hydra passes it with ``_recursive_: false``) as plain, resolved containers."""
     from omegaconf import OmegaConf
 
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node

@@ -7,8 +7,9 @@ constructs no LLM and drops the VAE encoder. What is stored, and how: ``feature_
 The cache meets the datamodule at its cache methods only (``sur_lightning.data.datamodule``): it asks
 which image variants and prompts the rows need (``cache_images``, ``cache_prompts``), reads an image's
 content hash and VAE input (``image_content``, ``cache_pixels``), and hands back the rows it could not
-encode (``skip_rows``) and the latent store (``use_latent_store``). The config goes to the cache, never
-into the datamodule.
+encode (``skip_rows``) and the latent store (``use_latent_store``). The entry point opens the cache
+(``FeatureCache.open``) from the backbone's and LLM's configs; no config goes into the datamodule, and no
+function here reads the whole config.
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ from pathlib import Path
 import torch
 from filelock import FileLock, Timeout
 from hydra.utils import instantiate
-from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from sur_lightning.config import process_rank
 from sur_lightning.data.datasets import CacheMissError, content_hash
 from sur_lightning.data.images import BadImage
 from sur_lightning.data.prompt_suites import load_prompt_list
+from sur_lightning.data.surd import PrecomputedLLMFeatures
 from sur_lightning.models.backbone import resolve_dtype
 from sur_lightning.training.feature_store import FeatureCache, FeatureStore
 
@@ -34,12 +35,13 @@ SHARD_ENTRIES = 512
 log = logging.getLogger(__name__)
 
 
-def extra_prompts(cfg: DictConfig) -> list[str]:
+def extra_prompts(callbacks) -> list[str]:
     """Prompts training needs beyond the dataset's: the empty prompt of classifier-free guidance, and the
-    prompts the sample grid and the evaluation callback render (with their complex prompts, if any)."""
+    prompts the sample grid and the evaluation callback render (with their complex prompts, if any).
+    ``callbacks``: the callbacks' configs by name (``cfg.callbacks``), or None."""
     texts = [""]
     for name in ("sample_grid", "evaluation"):
-        node = (cfg.get("callbacks") or {}).get(name) or {}
+        node = (callbacks or {}).get(name) or {}
         if node.get("prompts"):
             for prompt in load_prompt_list(node["prompts"], node.get("num_prompts")):
                 texts += [prompt.prompt] + ([prompt.complex] if prompt.complex else [])
@@ -153,12 +155,12 @@ def fill_latents(store: FeatureStore, jobs: list, datamodule, backbone, report) 
         store.write(pending, bad)
 
 
-def check_name_dropout(cfg: DictConfig, datamodule) -> None:
-    """The datamodule renames training prompts only if the LLM's retriever undoes the same renaming: its
-    ``llm.rag.name_dropout`` on and the same ``name_variants`` (conf/data reads both from llm.rag)."""
+def check_name_dropout(datamodule, rag) -> None:
+    """The datamodule renames training prompts only if the LLM's retriever undoes the same renaming: ``rag`` (the
+    LLM's retriever config, ``llm.rag``, or None) has ``name_dropout`` on and the same ``name_variants`` (conf/data
+    reads both from llm.rag)."""
     if not datamodule.name_dropout:
         return
-    rag = (cfg.get("llm") or {}).get("rag")
     if rag is None or not rag.get("name_dropout"):
         raise ValueError(
             f"data.name_dropout={datamodule.name_dropout} renames the training prompts, but llm.rag.name_dropout is off "
@@ -171,32 +173,34 @@ def check_name_dropout(cfg: DictConfig, datamodule) -> None:
         )
 
 
-def build_cache(cfg: DictConfig, datamodule, mode: str = "auto", backbone=None) -> tuple[FeatureCache, object]:
-    """Compute and store what ``cfg`` needs that is not cached yet; returns the cache and the backbone if loaded.
+def build_cache(datamodule, cache: FeatureCache, prompts_extra: list[str], mode: str = "auto", backbone=None):
+    """Compute and store what the datamodule's rows and ``prompts_extra`` (``extra_prompts``) need that ``cache`` does
+    not hold yet; returns the backbone if one was loaded (or given).
 
-    ``require`` computes nothing and fails naming the first missing entry. The LLM is loaded only when
-    LLM entries are missing; the backbone only when latents or CLIP states are (or when given).
+    ``require`` computes nothing and fails naming the first missing entry. The LLM is built (from
+    ``cache.llm_config``) only when LLM entries are missing; the backbone (from ``cache.backbone_config``) only
+    when latents or CLIP states are, unless one is given.
     """
-    check_name_dropout(cfg, datamodule)
+    check_name_dropout(datamodule, (cache.llm_config or {}).get("rag"))
     datamodule.setup("fit")
     if mode == "require":
         # Reading needs no lock: shards and the index are written to temporary names and renamed.
-        cache = FeatureCache.from_config(cfg)
-        missing = missing_entries(cache, datamodule, extra_prompts(cfg))
+        cache.refresh()
+        missing = missing_entries(cache, datamodule, prompts_extra)
         if count(missing):
             raise CacheMissError(
                 f"data.cache=require and {count(missing)} entries are missing; the first: {describe_first_missing(missing)}. "
                 "Build them with `python -m sur_lightning.cache` and the same overrides."
             )
-        return cache, backbone
-    with build_lock(cfg.data.cache_dir):
+        return backbone
+    with build_lock(cache.cache_dir):
         # Read the stores only now: a job that held the lock before this one may have written what this one needs.
-        cache = FeatureCache.from_config(cfg)
-        missing = missing_entries(cache, datamodule, extra_prompts(cfg))
+        cache.refresh()
+        missing = missing_entries(cache, datamodule, prompts_extra)
         if count(missing):
-            backbone = fill(cfg, cache, missing, datamodule, backbone)
+            backbone = fill(cache, missing, datamodule, backbone)
             datamodule.write_report()
-    return cache, backbone
+    return backbone
 
 
 def build_lock(cache_dir) -> FileLock:
@@ -213,20 +217,20 @@ def build_lock(cache_dir) -> FileLock:
     return lock
 
 
-def fill(cfg: DictConfig, cache: FeatureCache, missing: dict[str, list], datamodule, backbone):
+def fill(cache: FeatureCache, missing: dict[str, list], datamodule, backbone):
     """Compute and store the missing entries; returns the backbone if one was loaded."""
     if missing["llm"]:
-        llm = instantiate(cfg.llm)
-        if hasattr(llm, "missing_prompts"):
+        llm = instantiate(cache.llm_config)
+        if isinstance(llm, PrecomputedLLMFeatures):
             # Precomputed features: a dataset row without a vector is skipped and reported; extra prompts just lack one.
             absent = {p for p, _ in missing["llm"] if p not in llm.index}
             datamodule.skip_rows({row.where: f"simple prompt not in {llm.path}" for p, row in missing["llm"] if p in absent and row})
             missing["llm"] = [(p, row) for p, row in missing["llm"] if p not in absent]
-        dtype = resolve_dtype(cfg.llm.get("dtype", "float32"))
+        dtype = resolve_dtype(cache.llm_config.get("dtype", "float32"))
         fill_text(cache.llm, [p for p, _ in missing["llm"]], llm, dtype, "LLM states")
         del llm
     if missing["latents"] or missing["clip"]:
-        backbone = backbone if backbone is not None else instantiate(cfg.backbone)
+        backbone = backbone if backbone is not None else instantiate(cache.backbone_config)
         fill_text(cache.clip, missing["clip"], clip_encoder(backbone, cache.clip), backbone.dtype, "CLIP states")
         fill_latents(cache.latents, missing["latents"], datamodule, backbone, datamodule.report)
         bad = {row.where: cache.latents.bad[key] for key, row, _ in missing["latents"] if key in cache.latents.bad}
@@ -234,14 +238,15 @@ def fill(cfg: DictConfig, cache: FeatureCache, missing: dict[str, list], datamod
     return backbone
 
 
-def wait_for_cache(cfg: DictConfig, datamodule, rank: int, poll_s: float = 5.0, timeout_s: float = 7200.0):
-    """For every rank but 0: wait until rank 0 has filled the cache (computing nothing here), then open it."""
+def wait_for_cache(datamodule, cache: FeatureCache, prompts_extra: list[str], rank: int, poll_s: float = 5.0,
+                   timeout_s: float = 7200.0) -> None:
+    """For every rank but 0: wait until rank 0 has filled the cache (computing nothing here)."""
     started = time.monotonic()
     announced = False
     while True:
         try:
-            cache, _ = build_cache(cfg, datamodule, "require")
-            return cache
+            build_cache(datamodule, cache, prompts_extra, "require")
+            return
         except CacheMissError as error:
             if time.monotonic() - started > timeout_s:
                 raise CacheMissError(
@@ -254,26 +259,27 @@ def wait_for_cache(cfg: DictConfig, datamodule, rank: int, poll_s: float = 5.0, 
             time.sleep(poll_s)
 
 
-def prepare_feature_cache(cfg: DictConfig, datamodule, rank: int | None = None, poll_s: float = 5.0) -> dict:
-    """For ``train``: with ``data.cache`` on, fill (auto) or check (require) the cache, point the datamodule at it,
-    and return the model's constructor arguments that replace the frozen encoders: no LLM, the backbone
-    without its VAE encoder, the cache and the LLM width.
+def prepare_feature_cache(datamodule, cache: FeatureCache, prompts_extra: list[str], rank: int | None = None,
+                          poll_s: float = 5.0, wait_s: float | None = None) -> dict:
+    """For ``train``, with the datamodule's ``cache`` (``data.cache``) auto or require: fill (auto) or check
+    (require) ``cache``, point the datamodule at it, and return the model's constructor arguments that replace
+    the frozen encoders: no LLM, the backbone without its VAE encoder, the cache and the LLM width.
 
-    Under multi-GPU training only rank 0 builds; the other ranks wait for it and compute nothing.
-    Name dropout's data and LLM settings are checked here, with the cache off too.
+    Under multi-GPU training only rank 0 builds; the other ranks wait for it up to ``wait_s`` seconds
+    (``cache_wait_s``; None: 7200) and compute nothing.
     """
-    check_name_dropout(cfg, datamodule)
-    mode = cfg.data.get("cache", "off")
+    mode = datamodule.cache
     if mode == "off":
-        return {}
+        raise ValueError("prepare_feature_cache: data.cache=off reads no cache (build the frozen encoders instead)")
     rank = process_rank() if rank is None else rank
     if rank != 0 and mode == "auto":
-        cache, backbone = wait_for_cache(cfg, datamodule, rank, poll_s, float(cfg.get("cache_wait_s") or 7200)), None
+        wait_for_cache(datamodule, cache, prompts_extra, rank, poll_s, float(wait_s or 7200))
+        backbone = None
     else:
-        cache, backbone = build_cache(cfg, datamodule, mode)
+        backbone = build_cache(datamodule, cache, prompts_extra, mode)
     # A fresh backbone when building loaded none. Training and validation read cached latents only,
     # so the VAE encoder is dropped (the decoder stays for sampling).
-    backbone = backbone if backbone is not None else instantiate(cfg.backbone)
+    backbone = backbone if backbone is not None else instantiate(cache.backbone_config)
     datamodule.use_latent_store(cache.latents)
     backbone.drop_vae_encoder("training reads cached latents: data.cache=" + str(mode))
     return {"backbone": backbone, "llm": None, "llm_dim": cache.llm_dim, "feature_cache": cache}

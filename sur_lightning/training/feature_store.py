@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 from hydra.utils import get_class, instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from sur_lightning.data.datasets import CacheMissError, content_hash
 from sur_lightning.models.backbone import files_hash
@@ -183,35 +183,51 @@ class FeatureCache:
     text_features(prompts) -> TextFeatures(clip [B,77,d], llm [B,D] or [B,T,D], llm_mask None or [B,T])
     """
 
-    def __init__(self, latents: FeatureStore, clip: FeatureStore, llm: FeatureStore | None) -> None:
+    def __init__(
+        self, latents: FeatureStore, clip: FeatureStore, llm: FeatureStore | None, backbone_config=None, llm_config=None
+    ) -> None:
         self.latents = latents
         self.clip = clip
         self.llm = llm
+        # What produces the entries (the backbone's and the LLM's config nodes): built to fill what is missing.
+        self.backbone_config = backbone_config
+        self.llm_config = llm_config
+        # The folder all three stores live under (``data.cache_dir``).
+        self.cache_dir = Path(latents.folder).parent.parent
 
     @classmethod
-    def from_config(cls, cfg: DictConfig) -> FeatureCache:
-        root = cfg.data.cache_dir
-        data = cfg.data
+    def open(cls, cache_dir, backbone, llm, resolution: int, max_image_pixels: int | None = None) -> FeatureCache:
+        """The stores in ``cache_dir`` of what ``backbone`` and ``llm`` (their config nodes; ``llm`` None: no LLM
+        store) produce, for images read at ``resolution`` (center crop) under the ``max_image_pixels`` limit as
+        configured (None when the config leaves the default). Each store is named by its producer's fingerprint."""
         # SDXL's UNet also reads a pooled embedding and each image's size and crop: its stores hold them too.
-        sdxl = bool(getattr(get_class(cfg.backbone._target_), "micro_conditioning", False))
+        sdxl = bool(getattr(get_class(backbone["_target_"]), "micro_conditioning", False))
         geometry = ("original_size", "crop_top_left") if sdxl else ()
         latents = FeatureStore(
-            root,
+            cache_dir,
             "latents",
             {
-                "vae": backbone_fingerprint(cfg.backbone, ("vae",)),
-                "resolution": data.resolution,
+                "vae": backbone_fingerprint(backbone, ("vae",)),
+                "resolution": resolution,
                 "crop": "center",
-                "max_image_pixels": data.get("max_image_pixels"),
+                "max_image_pixels": max_image_pixels,
             },
             ("mean", "logvar", *geometry),
         )
         text_parts = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2") if sdxl else ("text_encoder", "tokenizer")
         clip = FeatureStore(
-            root, "clip", {"text_encoder": backbone_fingerprint(cfg.backbone, text_parts)}, ("states", "pooled") if sdxl else ("states",)
+            cache_dir, "clip", {"text_encoder": backbone_fingerprint(backbone, text_parts)}, ("states", "pooled") if sdxl else ("states",)
         )
-        llm = FeatureStore(root, "llm", llm_fingerprint(cfg.llm), llm_entry_names(cfg.llm)) if cfg.get("llm") else None
-        return cls(latents, clip, llm)
+        llm_store = FeatureStore(cache_dir, "llm", llm_fingerprint(llm), llm_entry_names(llm)) if llm else None
+        return cls(latents, clip, llm_store, backbone, llm or None)
+
+    def stores(self) -> list[FeatureStore]:
+        return [store for store in (self.latents, self.clip, self.llm) if store is not None]
+
+    def refresh(self) -> None:
+        """Read every store's index again: another job may have written entries since this one opened them."""
+        for store in self.stores():
+            store.refresh()
 
     @property
     def llm_dim(self) -> int | dict[str, int] | None:

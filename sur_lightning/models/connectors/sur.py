@@ -83,7 +83,7 @@ class SURAdapter(ConnectorFiles, nn.Module):
         if hasattr(eta, "build") and getattr(eta, "mlp", None) is None:
             eta.build(dim)
         self.eta = eta
-        if isinstance(llm_dim, Mapping):  # a dict, or a DictConfig when Hydra passes it on
+        if isinstance(llm_dim, Mapping):  # a dict, or an OmegaConf node when Hydra passes it on
             llm_dim = {str(name): int(width) for name, width in llm_dim.items()}
             self.llm_projection = nn.ModuleDict({name: nn.Linear(width, dim) for name, width in llm_dim.items()})
         else:
