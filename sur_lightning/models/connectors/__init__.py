@@ -170,14 +170,31 @@ def _map_targets(config, moves: dict[str, str]):
     return config
 
 
+# The tiny and random models' builders, moved since from the modules of the models they build into one module of
+# their own (issue 33): old ``_target_`` -> new. Runs recorded before the move name the old ones.
+MOVED_BUILDERS = {
+    f"sur_lightning.models.{module}.{name}": f"sur_lightning.models.random_models.{name}"
+    for module, names in {
+        "backbone": ("build_tiny_stable_diffusion", "build_random_stable_diffusion"),
+        "sdxl": ("build_tiny_sdxl", "build_random_sdxl"),
+        "llm": ("build_tiny_causal_lm", "build_tiny_t5_encoder"),
+        "sentence": ("build_tiny_bert",),
+    }.items()
+    for name in names
+}
+
+
 def current_targets(config: dict) -> dict:
-    """``config`` with every ``_target_`` under a pre-move module path renamed to where that module is now."""
-    return _map_targets(config, MOVED_MODULES)
+    """``config`` with every ``_target_`` renamed to where it is now: under a pre-move module path, then a moved
+    builder."""
+    return _map_targets(_map_targets(config, MOVED_MODULES), MOVED_BUILDERS)
 
 
 def pre_layout_targets(config: dict) -> dict:
-    """``config`` with every ``_target_`` named as before the layout move (what fingerprints hash)."""
-    return _map_targets(config, {new: old for old, new in MOVED_MODULES.items()})
+    """``config`` with every ``_target_`` named as before the layout move (what fingerprints hash): a moved builder
+    by its module before issue 33, then that module by its path before issue 20."""
+    builders = _map_targets(config, {new: old for old, new in MOVED_BUILDERS.items()})
+    return _map_targets(builders, {new: old for old, new in MOVED_MODULES.items()})
 
 
 # ------------------------------------------------------------------------------------ connector folders
@@ -351,9 +368,8 @@ def connector_record(path: str | Path) -> dict | None:
             recorded = json.loads(header) if header else None
         except json.JSONDecodeError as error:
             raise ValueError(f"{path}: header entry 'trained_with' is not valid JSON: {error}") from error
-    if recorded:
-        return recorded
-    return run_config_record(path)
+    # A record made before a move names the old ``_target_``s (a tiny model's builder): renamed to where they are now.
+    return current_targets(recorded or run_config_record(path))
 
 
 def check_widths(config: dict, where: str, dim: int | None = None, llm_dim=None, dim_source: str = "the UNet",
