@@ -1,7 +1,8 @@
 """The frozen Stable Diffusion parts: UNet, VAE, CLIP text encoder, tokenizer, noise scheduler.
 
 Everything loads with ``from_pretrained`` from a hub id (``stable-diffusion-v1-5/stable-diffusion-v1-5``)
-or a local folder in the same layout. The tiny and random models (``random_models.py``) are written as such folders,
+or a local folder in the same layout. ``StableDiffusionBackbone`` is the family's base: SDXL's backbone
+(``sdxl.py``) is a subclass. The tiny and random models (``random_models.py``) are written as such folders,
 with random weights and the real CLIP vocabulary, so the offline demo and the tests go through the very code
 path users take with hub ids.
 """
@@ -136,7 +137,14 @@ class StableDiffusionBackbone(FrozenModule):
     encode_text(list[str])           -> ([B, 77, d], None)   the same call as SDXL's (which also returns a pooled embedding)
     encode_images([B,3,H,W] in [-1,1]) -> DiagonalGaussianDistribution over [B, 4, H/f, W/f] latents
     unet(noisy [B,4,h,w], t [B], c [B,N,d]) -> prediction [B,4,h,w]  (float32)
+
+    The base of the family: ``StableDiffusionXLBackbone`` (sur_lightning.models.sdxl) loads, freezes, encodes
+    images and runs its UNet through this code, adding its second text encoder, the pooled embedding and the
+    size/crop micro-conditioning.
     """
+
+    # SDXL's size/crop conditioning (sur_lightning.models.sdxl); SD1.x/2.x has none.
+    micro_conditioning = False
 
     def __init__(
         self,
@@ -149,19 +157,11 @@ class StableDiffusionBackbone(FrozenModule):
         compile_unet: bool = False,
     ) -> None:
         super().__init__()
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
-
         self.pretrained = str(pretrained)
         self.dtype = resolve_dtype(dtype)
-        common = {"revision": revision}
-        weights = {**common, "variant": variant, "torch_dtype": self.dtype}
-        key = "backbone.pretrained"
-        self.tokenizer = load_pretrained(CLIPTokenizer, self.pretrained, key, subfolder="tokenizer", **common)
-        self.noise_scheduler = load_pretrained(DDPMScheduler, self.pretrained, key, subfolder="scheduler", **common)
-        self.text_encoder = load_pretrained(CLIPTextModel, self.pretrained, key, subfolder="text_encoder", **weights)
-        self.vae = load_pretrained(AutoencoderKL, self.pretrained, key, subfolder="vae", **weights)
-        self.unet = load_pretrained(UNet2DConditionModel, self.pretrained, key, subfolder="unet", **weights)
+        self.revision = revision
+        self.variant = variant
+        self.load_components()
         self.freeze()
         # Speed and memory options for the frozen UNet (benchmarked by `python -m sur_lightning.bench`):
         # channels-last convolutions are faster on tensor-core GPUs; checkpointing trades a second forward
@@ -175,23 +175,45 @@ class StableDiffusionBackbone(FrozenModule):
         if compile_unet:
             self.unet.compile()
 
-    # SDXL's size/crop conditioning (sur_lightning.models.sdxl); SD1.x/2.x has none.
-    micro_conditioning = False
+    def load(self, cls, subfolder: str, weights: bool = True):
+        """``cls`` from ``pretrained``'s ``subfolder`` at ``revision``; a model (``weights``) in ``dtype`` and ``variant``."""
+        kwargs = {"revision": self.revision}
+        if weights:
+            kwargs.update(variant=self.variant, torch_dtype=self.dtype)
+        return load_pretrained(cls, self.pretrained, "backbone.pretrained", subfolder=subfolder, **kwargs)
+
+    def load_components(self) -> None:
+        """The tokenizer, noise scheduler, CLIP text encoder, VAE (``load_vae``) and UNet."""
+        from diffusers import DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        self.tokenizer = self.load(CLIPTokenizer, "tokenizer", weights=False)
+        self.noise_scheduler = self.load(DDPMScheduler, "scheduler", weights=False)
+        self.text_encoder = self.load(CLIPTextModel, "text_encoder")
+        self.vae = self.load_vae()
+        self.unet = self.load(UNet2DConditionModel, "unet")
+
+    def load_vae(self):
+        from diffusers import AutoencoderKL
+
+        return self.load(AutoencoderKL, "vae")
 
     @property
     def cross_attention_dim(self) -> int:
         return int(self.unet.config.cross_attention_dim)
 
     @property
-    def pooled_dim(self) -> None:
+    def pooled_dim(self) -> int | None:
         """SD1.x/2.x's UNet reads no pooled text embedding (SDXL's does: ``StableDiffusionXLBackbone``)."""
         return None
 
-    def tokenize(self, prompts: list[str]) -> torch.Tensor:
-        return self.tokenizer(
+    def tokenize(self, prompts: list[str], tokenizer=None) -> torch.Tensor:
+        """[B, 77] token ids, padded to the tokenizer's length (``tokenizer``: this one's first by default)."""
+        tokenizer = self.tokenizer if tokenizer is None else tokenizer
+        return tokenizer(
             list(prompts),
             padding="max_length",
-            max_length=self.tokenizer.model_max_length,
+            max_length=tokenizer.model_max_length,
             truncation=True,
             return_tensors="pt",
         ).input_ids.to(self.device)
@@ -200,17 +222,17 @@ class StableDiffusionBackbone(FrozenModule):
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
         return self.text_encoder(self.tokenize(prompts))[0].float()
 
-    def encode_text(self, prompts: list[str]) -> tuple[torch.Tensor, None]:
+    def encode_text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(CLIP states [B, 77, d], no pooled embedding): the same call as SDXL's backbone."""
         return self.encode_prompt(prompts), None
 
-    def batch_time_ids(self, batch: dict, latents: torch.Tensor) -> None:
+    def batch_time_ids(self, batch: dict, latents: torch.Tensor) -> torch.Tensor | None:
         return None
 
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor):
         self.check_vae_encoder()
-        return self.vae.encode(pixel_values.to(self.device, self.dtype)).latent_dist
+        return self.vae.encode(pixel_values.to(self.device, self.vae.dtype)).latent_dist
 
     def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
         return latents.float() * self.vae.config.scaling_factor
@@ -223,13 +245,20 @@ class StableDiffusionBackbone(FrozenModule):
         pooled: torch.Tensor | None = None,
         time_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """UNet prediction; gradients flow to ``conditioning`` (the frozen weights get none). ``pooled`` and
-        ``time_ids`` are SDXL's; this UNet has no use for them."""
+        """UNet prediction; gradients flow to ``conditioning`` (and SDXL's ``pooled``; the frozen weights get none).
+        ``pooled`` and ``time_ids`` are SDXL's (``added_conditioning``); this UNet has no use for them."""
         if self.channels_last:
             noisy_latents = noisy_latents.to(memory_format=torch.channels_last)
         return self.unet(
-            noisy_latents.to(self.dtype), timesteps, encoder_hidden_states=conditioning.to(self.dtype)
+            noisy_latents.to(self.dtype),
+            timesteps,
+            encoder_hidden_states=conditioning.to(self.dtype),
+            **self.added_conditioning(pooled, time_ids),
         ).sample.float()
+
+    def added_conditioning(self, pooled: torch.Tensor | None, time_ids: torch.Tensor | None) -> dict:
+        """The UNet's arguments besides the tokens: none for SD1.x/2.x."""
+        return {}
 
     def assemble_pipeline(self, scheduler):
         """A ``StableDiffusionPipeline`` over these components (no copies)."""

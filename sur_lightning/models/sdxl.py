@@ -1,8 +1,8 @@
 """The frozen Stable Diffusion XL parts: UNet, VAE, two CLIP text encoders and tokenizers, noise scheduler.
 
 Loads ``stabilityai/stable-diffusion-xl-base-1.0`` (a hub id or a local folder in its layout) with
-``from_pretrained``, like ``StableDiffusionBackbone`` loads SD1.5. What SDXL adds to SD1.5's conditioning
-(Podell et al., arXiv 2307.01952, and diffusers' SDXL pipeline and training script):
+``from_pretrained``, through ``StableDiffusionBackbone``'s code (its subclass). What SDXL adds to SD1.5's
+conditioning (Podell et al., arXiv 2307.01952, and diffusers' SDXL pipeline and training script):
 
     tokens  [B, 77, 2048]  CLIP ViT-L's penultimate states [B,77,768] ‖ OpenCLIP bigG's penultimate [B,77,1280]
     pooled  [B, 1280]      bigG's projected pooled output (``text_embeds``)
@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import torch
 
-from sur_lightning.models.backbone import FrozenModule, load_pretrained, resolve_dtype
+from sur_lightning.models.backbone import StableDiffusionBackbone, load_pretrained
 
 
-class StableDiffusionXLBackbone(FrozenModule):
+class StableDiffusionXLBackbone(StableDiffusionBackbone):
     """Frozen SDXL components, always in eval mode, stored in ``dtype``.
 
     encode_text(list[str])   -> (tokens [B, 77, d1+d2] float32, pooled [B, P] float32)
@@ -47,46 +47,32 @@ class StableDiffusionXLBackbone(FrozenModule):
         gradient_checkpointing: bool = False,
         compile_unet: bool = False,
     ) -> None:
-        super().__init__()
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+        # Set before the base class's __init__, which loads the components (``load_vae`` reads it).
+        self.vae_pretrained = None if vae_pretrained is None else str(vae_pretrained)
+        super().__init__(pretrained, revision, variant, dtype, channels_last, gradient_checkpointing, compile_unet)
 
-        self.pretrained = str(pretrained)
-        self.dtype = resolve_dtype(dtype)
-        common = {"revision": revision}
-        weights = {**common, "variant": variant, "torch_dtype": self.dtype}
-        key = "backbone.pretrained"
-        self.tokenizer = load_pretrained(CLIPTokenizer, self.pretrained, key, subfolder="tokenizer", **common)
-        self.tokenizer_2 = load_pretrained(CLIPTokenizer, self.pretrained, key, subfolder="tokenizer_2", **common)
-        self.noise_scheduler = load_pretrained(DDPMScheduler, self.pretrained, key, subfolder="scheduler", **common)
-        self.text_encoder = load_pretrained(CLIPTextModel, self.pretrained, key, subfolder="text_encoder", **weights)
-        self.text_encoder_2 = load_pretrained(
-            CLIPTextModelWithProjection, self.pretrained, key, subfolder="text_encoder_2", **weights
-        )
-        if vae_pretrained:
-            self.vae = load_pretrained(AutoencoderKL, str(vae_pretrained), "backbone.vae_pretrained", torch_dtype=self.dtype)
-        else:
-            self.vae = load_pretrained(AutoencoderKL, self.pretrained, key, subfolder="vae", **weights)
-            if self.dtype == torch.float16 and self.vae.config.get("force_upcast", False):
-                self.vae.to(torch.float32)
-        self.unet = load_pretrained(UNet2DConditionModel, self.pretrained, key, subfolder="unet", **weights)
+    def load_components(self) -> None:
+        """SD's components (tokenizer, scheduler, CLIP ViT-L, VAE, UNet), then the second tokenizer and bigG."""
+        from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+        super().load_components()
         if self.unet.config.addition_embed_type != "text_time":
             raise ValueError(
                 f"{self.pretrained}: its UNet has addition_embed_type={self.unet.config.addition_embed_type!r}, not "
                 "'text_time': this is not an SDXL model (use backbone=sd15 or a StableDiffusionBackbone)"
             )
-        self.freeze()
-        self.channels_last = channels_last
-        if channels_last:
-            self.unet.to(memory_format=torch.channels_last)
-        if gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
-        if compile_unet:
-            self.unet.compile()
+        self.tokenizer_2 = self.load(CLIPTokenizer, "tokenizer_2", weights=False)
+        self.text_encoder_2 = self.load(CLIPTextModelWithProjection, "text_encoder_2")
 
-    @property
-    def cross_attention_dim(self) -> int:
-        return int(self.unet.config.cross_attention_dim)
+    def load_vae(self):
+        from diffusers import AutoencoderKL
+
+        if self.vae_pretrained:
+            return load_pretrained(AutoencoderKL, self.vae_pretrained, "backbone.vae_pretrained", torch_dtype=self.dtype)
+        vae = super().load_vae()
+        if self.dtype == torch.float16 and vae.config.get("force_upcast", False):
+            vae.to(torch.float32)
+        return vae
 
     @property
     def pooled_dim(self) -> int:
@@ -100,24 +86,13 @@ class StableDiffusionXLBackbone(FrozenModule):
         states = []
         pooled = None
         for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
-            ids = tokenizer(
-                list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-            ).input_ids.to(self.device)
-            out = encoder(ids, output_hidden_states=True)
+            out = encoder(self.tokenize(prompts, tokenizer), output_hidden_states=True)
             states.append(out.hidden_states[-2])
             pooled = out[0]  # the second encoder's text_embeds [B, P]: the one SDXL's UNet reads
         return torch.cat(states, dim=-1).float(), pooled.float()
 
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
         return self.encode_text(prompts)[0]
-
-    @torch.no_grad()
-    def encode_images(self, pixel_values: torch.Tensor):
-        self.check_vae_encoder()
-        return self.vae.encode(pixel_values.to(self.device, self.vae.dtype)).latent_dist
-
-    def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        return latents.float() * self.vae.config.scaling_factor
 
     def time_ids(self, original_size: torch.Tensor, crop_top_left: torch.Tensor, target_size: tuple[int, int]) -> torch.Tensor:
         """[B, 6] SDXL's size and crop conditioning, in diffusers' order (original, crop, target)."""
@@ -136,23 +111,11 @@ class StableDiffusionXLBackbone(FrozenModule):
         target = (latents.shape[-2] * factor, latents.shape[-1] * factor)
         return self.time_ids(batch["original_size"], batch["crop_top_left"], target)
 
-    def predict(
-        self,
-        noisy_latents: torch.Tensor,
-        timesteps: torch.Tensor,
-        conditioning: torch.Tensor,
-        pooled: torch.Tensor | None = None,
-        time_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """UNet prediction; gradients flow to ``conditioning`` and ``pooled`` (the frozen weights get none)."""
+    def added_conditioning(self, pooled: torch.Tensor | None, time_ids: torch.Tensor | None) -> dict:
+        """The pooled embedding and the time ids, through the UNet's time embedding (gradients reach ``pooled``)."""
         if pooled is None or time_ids is None:
             raise ValueError("the SDXL UNet needs the pooled embedding [B, P] and the time ids [B, 6] besides the tokens")
-        if self.channels_last:
-            noisy_latents = noisy_latents.to(memory_format=torch.channels_last)
-        added = {"text_embeds": pooled.to(self.dtype), "time_ids": time_ids.to(self.device, self.dtype)}
-        return self.unet(
-            noisy_latents.to(self.dtype), timesteps, encoder_hidden_states=conditioning.to(self.dtype), added_cond_kwargs=added
-        ).sample.float()
+        return {"added_cond_kwargs": {"text_embeds": pooled.to(self.dtype), "time_ids": time_ids.to(self.device, self.dtype)}}
 
     def assemble_pipeline(self, scheduler):
         """A ``StableDiffusionXLPipeline`` over these components (no copies, no watermarker)."""
