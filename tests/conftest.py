@@ -35,21 +35,21 @@ def cache_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_sd(cache_dir) -> str:
-    from sur_lightning.models.backbone import build_tiny_stable_diffusion
+    from sur_lightning.models.random_models import build_tiny_stable_diffusion
 
     return build_tiny_stable_diffusion(cache_dir / "tiny-sd")
 
 
 @pytest.fixture(scope="session")
 def tiny_sdxl(cache_dir) -> str:
-    from sur_lightning.models.sdxl import build_tiny_sdxl
+    from sur_lightning.models.random_models import build_tiny_sdxl
 
     return build_tiny_sdxl(cache_dir / "tiny-sdxl")
 
 
 @pytest.fixture(scope="session")
 def tiny_llm(cache_dir) -> str:
-    from sur_lightning.models.llm import build_tiny_causal_lm
+    from sur_lightning.models.random_models import build_tiny_causal_lm
 
     return build_tiny_causal_lm(cache_dir / "tiny-llm")
 

@@ -247,7 +247,9 @@ def test_an_adapter_file_without_a_record_resolves_its_runs_saved_config(tiny_pi
     cache = Path(tiny_llm).parent
     run = tmp_path / "outputs" / "ella_demo" / "runs" / "2026-12-06_10-00-00"
     (run / ".hydra").mkdir(parents=True)
-    saved = {  # as Hydra writes it (conf/paths/default.yaml, conf/llm/tiny.yaml), trimmed
+    # As Hydra writes it (conf/paths/default.yaml, conf/llm/tiny.yaml), trimmed; from before issue 33, when the
+    # tiny LLM's builder lived in models/llm.py (connector_record renames it to where it is now).
+    saved = {
         "task_name": "ella_demo",
         "paths": {"root_dir": "${oc.env:SUR_LIGHTNING_ROOT,${hydra:runtime.cwd}}",
                   "cache_dir": "${oc.env:SUR_LIGHTNING_CACHE,${paths.root_dir}/" + cache.name + "}"},

@@ -78,7 +78,8 @@ def test_bench_memory_growth_sees_a_step_that_keeps_what_it_allocates(tmp_path, 
 def test_random_backbones_of_real_proportions_load_like_the_hub_model(tmp_path):
     import pytest
 
-    from sur_lightning.models.backbone import StableDiffusionBackbone, build_random_stable_diffusion
+    from sur_lightning.models.backbone import StableDiffusionBackbone
+    from sur_lightning.models.random_models import build_random_stable_diffusion
 
     folder = build_random_stable_diffusion(tmp_path / "mid", shape="mid", sample_size=8)
     assert sorted(p.name for p in (tmp_path / "mid").iterdir() if p.is_dir() and not p.name.startswith("_")) == [

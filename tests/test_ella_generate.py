@@ -9,7 +9,8 @@ from PIL import Image
 from sur_lightning.generation.conditioning import ConnectorConditioning, frozen_text_features
 from sur_lightning.generation.pipeline import build_pipeline, render
 from sur_lightning.models.connectors.ella import TimestepAwareSemanticConnector
-from sur_lightning.models.llm import T5EncoderFeatures, build_tiny_t5_encoder
+from sur_lightning.models.llm import T5EncoderFeatures
+from sur_lightning.models.random_models import build_tiny_t5_encoder
 
 PROMPT = "three red apples on a table"
 STEPS = 3

@@ -11,7 +11,8 @@ from hydra.utils import instantiate
 from sur_lightning.models.backbone import ModelNotAvailableError
 from sur_lightning.models.connectors import TextFeatures, load_connector, save_connector
 from sur_lightning.models.connectors.ella import TimestepAwareSemanticConnector
-from sur_lightning.models.llm import T5EncoderFeatures, build_tiny_t5_encoder
+from sur_lightning.models.llm import T5EncoderFeatures
+from sur_lightning.models.random_models import build_tiny_t5_encoder
 
 PROMPTS = ["five dogs", "", "a chef tossing pizza dough in a busy kitchen"]
 

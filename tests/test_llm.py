@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from sur_lightning.models.llm import CausalLMFeatures, build_tiny_causal_lm
+from sur_lightning.models.llm import CausalLMFeatures
+from sur_lightning.models.random_models import build_tiny_causal_lm
 
 PROMPTS = ["a pair of tomatoes on a table", "a lemon"]
 

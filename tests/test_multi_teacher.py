@@ -8,7 +8,8 @@ import torch
 from sur_lightning.models.connectors import TextFeatures
 from sur_lightning.models.connectors.sur import SURAdapter
 from sur_lightning.models.eta import FixedEta
-from sur_lightning.models.llm import CausalLMFeatures, MultiTeacherFeatures, build_tiny_causal_lm
+from sur_lightning.models.llm import CausalLMFeatures, MultiTeacherFeatures
+from sur_lightning.models.random_models import build_tiny_causal_lm
 from sur_lightning.training.losses import DenoisingLoss, FeatureAlignmentLoss, TeacherWeights
 from sur_lightning.training.module import ConnectorTrainingModule
 

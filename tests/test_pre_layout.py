@@ -30,6 +30,23 @@ def test_old_targets_map_to_the_new_modules():
     assert mapped["eta"]["_target_"] == "sur_lightning.models.eta.AdaptiveEta"
 
 
+def test_moved_builders_map_to_the_random_models_module_and_back():
+    """Issue 33 moved the tiny and random models' builders into models/random_models.py: records naming them where
+    they were (before or after issue 20's move) build them again, and fingerprints still name them as before."""
+    from hydra.utils import get_method
+
+    from sur_lightning.models.connectors import MOVED_BUILDERS, pre_layout_targets
+
+    old = {"_target_": "sur_lightning.models.backbone.StableDiffusionBackbone",
+           "pretrained": {"_target_": "sur_lightning.backbone.build_tiny_stable_diffusion", "root": "x"}}
+    now = current_targets(old)
+    assert now["pretrained"]["_target_"] == "sur_lightning.models.random_models.build_tiny_stable_diffusion"
+    assert pre_layout_targets(now) == {**old, "_target_": "sur_lightning.backbone.StableDiffusionBackbone"}
+    for before, after in MOVED_BUILDERS.items():
+        assert current_targets({"_target_": before}) == {"_target_": after}
+        assert callable(get_method(after)) and hasattr(get_method(after), "__wrapped__")  # keeps_global_rng
+
+
 def test_pre_layout_adapters_load_and_give_the_outputs_they_gave_before():
     clip, pooled, tokens = inputs()
     sur = load_connector(FIXTURES / "sur_adapter.safetensors")

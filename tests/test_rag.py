@@ -89,7 +89,7 @@ def test_a_template_must_put_the_facts_before_the_prompt():
 
 
 def test_the_index_is_stored_reused_and_rebuilt_when_the_knowledge_base_or_encoder_changes(tmp_path, minilm):
-    from sur_lightning.models.sentence import build_tiny_bert
+    from sur_lightning.models.random_models import build_tiny_bert
 
     kb = shutil.copy(bundled_knowledge_base("toyworld"), tmp_path / "kb.jsonl")
     first = Retriever(kb, minilm, index_dir=tmp_path / "rag")

@@ -120,7 +120,7 @@ def test_two_jobs_on_one_empty_cache_both_train_and_each_entry_is_written_once(t
 
 
 def test_the_tiny_builders_leave_the_global_generator_alone(tmp_path):
-    from sur_lightning.models.llm import build_tiny_causal_lm
+    from sur_lightning.models.random_models import build_tiny_causal_lm
 
     torch.manual_seed(123)
     expected = torch.rand(3)

@@ -170,7 +170,7 @@ def random_backbone_warning(backbone, adapters) -> str | None:
     """A warning for generating without an adapter on a random test backbone (``backbone=tiny``, generate's
     default, or a ``*_random`` one): its images are noise by construction, which looks like a bug without it.
     None otherwise."""
-    from sur_lightning.models.backbone import is_random_test_model
+    from sur_lightning.models.random_models import is_random_test_model
 
     pretrained = getattr(backbone, "pretrained", None)
     if adapter_entries(adapters) or pretrained is None or not is_random_test_model(pretrained):

@@ -1,9 +1,10 @@
 """The frozen Stable Diffusion parts: UNet, VAE, CLIP text encoder, tokenizer, noise scheduler.
 
 Everything loads with ``from_pretrained`` from a hub id (``stable-diffusion-v1-5/stable-diffusion-v1-5``)
-or a local folder in the same layout. ``build_tiny_stable_diffusion`` writes such a folder with
-small random weights and the real CLIP vocabulary, so the offline demo and the tests go through the
-very code path users take with hub ids.
+or a local folder in the same layout. ``StableDiffusionBackbone`` is the family's base: SDXL's backbone
+(``sdxl.py``) is a subclass. The tiny and random models (``random_models.py``) are written as such folders,
+with random weights and the real CLIP vocabulary, so the offline demo and the tests go through the very code
+path users take with hub ids.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from sur_lightning.models.rng import keeps_global_rng
 from sur_lightning.models.weights import WeightsError, check_model_finite, weights_source
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -137,7 +137,14 @@ class StableDiffusionBackbone(FrozenModule):
     encode_text(list[str])           -> ([B, 77, d], None)   the same call as SDXL's (which also returns a pooled embedding)
     encode_images([B,3,H,W] in [-1,1]) -> DiagonalGaussianDistribution over [B, 4, H/f, W/f] latents
     unet(noisy [B,4,h,w], t [B], c [B,N,d]) -> prediction [B,4,h,w]  (float32)
+
+    The base of the family: ``StableDiffusionXLBackbone`` (sur_lightning.models.sdxl) loads, freezes, encodes
+    images and runs its UNet through this code, adding its second text encoder, the pooled embedding and the
+    size/crop micro-conditioning.
     """
+
+    # SDXL's size/crop conditioning (sur_lightning.models.sdxl); SD1.x/2.x has none.
+    micro_conditioning = False
 
     def __init__(
         self,
@@ -150,19 +157,11 @@ class StableDiffusionBackbone(FrozenModule):
         compile_unet: bool = False,
     ) -> None:
         super().__init__()
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
-
         self.pretrained = str(pretrained)
         self.dtype = resolve_dtype(dtype)
-        common = {"revision": revision}
-        weights = {**common, "variant": variant, "torch_dtype": self.dtype}
-        key = "backbone.pretrained"
-        self.tokenizer = load_pretrained(CLIPTokenizer, self.pretrained, key, subfolder="tokenizer", **common)
-        self.noise_scheduler = load_pretrained(DDPMScheduler, self.pretrained, key, subfolder="scheduler", **common)
-        self.text_encoder = load_pretrained(CLIPTextModel, self.pretrained, key, subfolder="text_encoder", **weights)
-        self.vae = load_pretrained(AutoencoderKL, self.pretrained, key, subfolder="vae", **weights)
-        self.unet = load_pretrained(UNet2DConditionModel, self.pretrained, key, subfolder="unet", **weights)
+        self.revision = revision
+        self.variant = variant
+        self.load_components()
         self.freeze()
         # Speed and memory options for the frozen UNet (benchmarked by `python -m sur_lightning.bench`):
         # channels-last convolutions are faster on tensor-core GPUs; checkpointing trades a second forward
@@ -176,23 +175,45 @@ class StableDiffusionBackbone(FrozenModule):
         if compile_unet:
             self.unet.compile()
 
-    # SDXL's size/crop conditioning (sur_lightning.models.sdxl); SD1.x/2.x has none.
-    micro_conditioning = False
+    def load(self, cls, subfolder: str, weights: bool = True):
+        """``cls`` from ``pretrained``'s ``subfolder`` at ``revision``; a model (``weights``) in ``dtype`` and ``variant``."""
+        kwargs = {"revision": self.revision}
+        if weights:
+            kwargs.update(variant=self.variant, torch_dtype=self.dtype)
+        return load_pretrained(cls, self.pretrained, "backbone.pretrained", subfolder=subfolder, **kwargs)
+
+    def load_components(self) -> None:
+        """The tokenizer, noise scheduler, CLIP text encoder, VAE (``load_vae``) and UNet."""
+        from diffusers import DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        self.tokenizer = self.load(CLIPTokenizer, "tokenizer", weights=False)
+        self.noise_scheduler = self.load(DDPMScheduler, "scheduler", weights=False)
+        self.text_encoder = self.load(CLIPTextModel, "text_encoder")
+        self.vae = self.load_vae()
+        self.unet = self.load(UNet2DConditionModel, "unet")
+
+    def load_vae(self):
+        from diffusers import AutoencoderKL
+
+        return self.load(AutoencoderKL, "vae")
 
     @property
     def cross_attention_dim(self) -> int:
         return int(self.unet.config.cross_attention_dim)
 
     @property
-    def pooled_dim(self) -> None:
+    def pooled_dim(self) -> int | None:
         """SD1.x/2.x's UNet reads no pooled text embedding (SDXL's does: ``StableDiffusionXLBackbone``)."""
         return None
 
-    def tokenize(self, prompts: list[str]) -> torch.Tensor:
-        return self.tokenizer(
+    def tokenize(self, prompts: list[str], tokenizer=None) -> torch.Tensor:
+        """[B, 77] token ids, padded to the tokenizer's length (``tokenizer``: this one's first by default)."""
+        tokenizer = self.tokenizer if tokenizer is None else tokenizer
+        return tokenizer(
             list(prompts),
             padding="max_length",
-            max_length=self.tokenizer.model_max_length,
+            max_length=tokenizer.model_max_length,
             truncation=True,
             return_tensors="pt",
         ).input_ids.to(self.device)
@@ -201,17 +222,17 @@ class StableDiffusionBackbone(FrozenModule):
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
         return self.text_encoder(self.tokenize(prompts))[0].float()
 
-    def encode_text(self, prompts: list[str]) -> tuple[torch.Tensor, None]:
+    def encode_text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(CLIP states [B, 77, d], no pooled embedding): the same call as SDXL's backbone."""
         return self.encode_prompt(prompts), None
 
-    def batch_time_ids(self, batch: dict, latents: torch.Tensor) -> None:
+    def batch_time_ids(self, batch: dict, latents: torch.Tensor) -> torch.Tensor | None:
         return None
 
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor):
         self.check_vae_encoder()
-        return self.vae.encode(pixel_values.to(self.device, self.dtype)).latent_dist
+        return self.vae.encode(pixel_values.to(self.device, self.vae.dtype)).latent_dist
 
     def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
         return latents.float() * self.vae.config.scaling_factor
@@ -224,32 +245,24 @@ class StableDiffusionBackbone(FrozenModule):
         pooled: torch.Tensor | None = None,
         time_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """UNet prediction; gradients flow to ``conditioning`` (the frozen weights get none). ``pooled`` and
-        ``time_ids`` are SDXL's; this UNet has no use for them."""
+        """UNet prediction; gradients flow to ``conditioning`` (and SDXL's ``pooled``; the frozen weights get none).
+        ``pooled`` and ``time_ids`` are SDXL's (``added_conditioning``); this UNet has no use for them."""
         if self.channels_last:
             noisy_latents = noisy_latents.to(memory_format=torch.channels_last)
         return self.unet(
-            noisy_latents.to(self.dtype), timesteps, encoder_hidden_states=conditioning.to(self.dtype)
+            noisy_latents.to(self.dtype),
+            timesteps,
+            encoder_hidden_states=conditioning.to(self.dtype),
+            **self.added_conditioning(pooled, time_ids),
         ).sample.float()
+
+    def added_conditioning(self, pooled: torch.Tensor | None, time_ids: torch.Tensor | None) -> dict:
+        """The UNet's arguments besides the tokens: none for SD1.x/2.x."""
+        return {}
 
     def assemble_pipeline(self, scheduler):
         """A ``StableDiffusionPipeline`` over these components (no copies)."""
         return assemble_pipeline(self.vae, self.text_encoder, self.tokenizer, self.unet, scheduler)
-
-
-# --------------------------------------------------------------------------------------------
-# The offline tiny backbone
-
-# The spec file each random-weight builder (build_tiny_stable_diffusion, build_random_stable_diffusion and
-# sdxl's build_tiny_sdxl, build_random_sdxl) writes into the folder it fills: it marks a random test model.
-RANDOM_MODEL_SPECS = ("tiny_spec.json", "random_spec.json")
-
-
-def is_random_test_model(pretrained: str | Path) -> bool:
-    """Whether ``pretrained`` is a folder written by one of the random-weight builders (backbone=tiny, sdxl_tiny,
-    sd15_random, mid_random, sdxl_random): its images are noise by construction. False for hub ids and real
-    or trained folders (the toy world's base)."""
-    return any((Path(pretrained) / name).is_file() for name in RANDOM_MODEL_SPECS)
 
 
 def write_clip_tokenizer_files(folder: str | Path) -> Path:
@@ -275,73 +288,6 @@ def write_clip_tokenizer_files(folder: str | Path) -> Path:
     return folder
 
 
-@keeps_global_rng
-def build_tiny_stable_diffusion(
-    root: str | Path,
-    width: int = 32,
-    text_dim: int = 32,
-    text_layers: int = 2,
-    sample_size: int = 16,
-    seed: int = 0,
-) -> str:
-    """Write a small random Stable Diffusion in the diffusers layout into ``root`` (once); return its path.
-
-    Same classes and file layout as ``stable-diffusion-v1-5``: model_index.json, unet/, vae/,
-    text_encoder/, tokenizer/ (real CLIP vocabulary), scheduler/ (SD1.5's DDPM settings).
-    The VAE downsamples by 4, so 64 px images give 16x16 latents.
-    """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    root = Path(root)
-    spec = {"width": width, "text_dim": text_dim, "text_layers": text_layers, "sample_size": sample_size, "seed": seed}
-    spec_file = root / "tiny_spec.json"
-    if spec_file.exists() and json.loads(spec_file.read_text()) == spec:
-        return str(root)
-
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=sample_size,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(width, 2 * width),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=text_dim,
-        attention_head_dim=4,
-        norm_num_groups=8,
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=sample_size * 4,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=text_dim,
-            intermediate_size=2 * text_dim,
-            num_hidden_layers=text_layers,
-            num_attention_heads=2,
-            max_position_embeddings=77,
-            projection_dim=text_dim,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-        )
-    )
-    save_stable_diffusion(root, unet, vae, text_encoder)
-    spec_file.write_text(json.dumps(spec))
-    return str(root)
-
-
 def assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler):
     """A ``StableDiffusionPipeline`` over these parts, without a safety checker (none is needed offline or in the toy world)."""
     from diffusers import StableDiffusionPipeline
@@ -356,83 +302,6 @@ def assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler):
         feature_extractor=None,
         requires_safety_checker=False,
     )
-
-
-def save_stable_diffusion(root: Path, unet, vae, text_encoder) -> None:
-    """Save models in SD1.5's folder layout, with the real CLIP tokenizer and SD1.5's scheduler config."""
-    from diffusers import PNDMScheduler
-    from transformers import CLIPTokenizer
-
-    tokenizer_dir = write_clip_tokenizer_files(root / "_tokenizer_src")
-    tokenizer = CLIPTokenizer(
-        str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt"), model_max_length=77, pad_token="<|endoftext|>"
-    )
-    # SD1.5 ships a PNDM config; training loads it as DDPM, exactly as with the hub model.
-    scheduler = PNDMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        set_alpha_to_one=False,
-        skip_prk_steps=True,
-        steps_offset=1,
-        prediction_type="epsilon",
-    )
-    assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler).save_pretrained(root)
-
-
-@keeps_global_rng
-def build_random_stable_diffusion(root: str | Path, shape: str = "sd15", sample_size: int = 32, seed: int = 0) -> str:
-    """Write a random Stable Diffusion of real proportions into ``root`` (once, fp16); return its path. For
-    benchmarks, which need the cost of the real architecture, not its weights (none ship offline):
-
-    ``sd15``: SD1.5's UNet (320-640-1280-1280, 860 M), VAE (83 M) and CLIP ViT-L/14 text encoder (123 M);
-    ``mid``:  the same design at (64, 128, 256), 2 blocks, a 256-wide 4-layer text encoder.
-    ``sample_size`` is the latent side (32: 256 px images).
-    """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    shapes = {
-        "sd15": {"blocks": (320, 640, 1280, 1280), "text": (768, 12, 12, 3072), "vae": (128, 256, 512, 512), "heads": 8},
-        "mid": {"blocks": (64, 128, 256), "text": (256, 4, 4, 1024), "vae": (32, 64, 128), "heads": 4},
-    }
-    if shape not in shapes:
-        raise ValueError(f"backbone shape must be one of {sorted(shapes)}, got {shape!r}")
-    root = Path(root)
-    spec = {"shape": shape, "sample_size": sample_size, "seed": seed}
-    spec_file = root / "random_spec.json"
-    if spec_file.exists() and json.loads(spec_file.read_text()) == spec:
-        return str(root)
-    size = shapes[shape]
-    blocks, (text_dim, text_layers, text_heads, text_ff) = size["blocks"], size["text"]
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=sample_size,
-        block_out_channels=blocks,
-        down_block_types=("CrossAttnDownBlock2D",) * (len(blocks) - 1) + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (len(blocks) - 1),
-        cross_attention_dim=text_dim,
-        attention_head_dim=size["heads"],
-    )
-    vae = AutoencoderKL(
-        block_out_channels=size["vae"],
-        down_block_types=("DownEncoderBlock2D",) * len(size["vae"]),
-        up_block_types=("UpDecoderBlock2D",) * len(size["vae"]),
-        layers_per_block=2,
-        latent_channels=4,
-        sample_size=sample_size * 2 ** (len(size["vae"]) - 1),
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408, hidden_size=text_dim, intermediate_size=text_ff, num_hidden_layers=text_layers,
-            num_attention_heads=text_heads, max_position_embeddings=77, projection_dim=text_dim,
-            bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-        )
-    )
-    save_stable_diffusion(root, unet.half(), vae.half(), text_encoder.half())
-    spec_file.write_text(json.dumps(spec))
-    return str(root)
 
 
 def files_hash(path: str, subfolders: tuple[str, ...] = ()) -> str | None:

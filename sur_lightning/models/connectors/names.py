@@ -49,11 +49,28 @@ def _map_targets(config, moves: dict[str, str]):
     return config
 
 
+# The tiny and random models' builders, moved since from the modules of the models they build into one module of
+# their own (issue 33): old ``_target_`` -> new. Runs recorded before the move name the old ones.
+MOVED_BUILDERS = {
+    f"sur_lightning.models.{module}.{name}": f"sur_lightning.models.random_models.{name}"
+    for module, names in {
+        "backbone": ("build_tiny_stable_diffusion", "build_random_stable_diffusion"),
+        "sdxl": ("build_tiny_sdxl", "build_random_sdxl"),
+        "llm": ("build_tiny_causal_lm", "build_tiny_t5_encoder"),
+        "sentence": ("build_tiny_bert",),
+    }.items()
+    for name in names
+}
+
+
 def current_targets(config: dict) -> dict:
-    """``config`` with every ``_target_`` under a pre-move module path renamed to where that module is now."""
-    return _map_targets(config, MOVED_MODULES)
+    """``config`` with every ``_target_`` renamed to where it is now: under a pre-move module path, then a moved
+    builder."""
+    return _map_targets(_map_targets(config, MOVED_MODULES), MOVED_BUILDERS)
 
 
 def pre_layout_targets(config: dict) -> dict:
-    """``config`` with every ``_target_`` named as before the layout move (what fingerprints hash)."""
-    return _map_targets(config, {new: old for old, new in MOVED_MODULES.items()})
+    """``config`` with every ``_target_`` named as before the layout move (what fingerprints hash): a moved builder
+    by its module before issue 33, then that module by its path before issue 20."""
+    builders = _map_targets(config, {new: old for old, new in MOVED_BUILDERS.items()})
+    return _map_targets(builders, {new: old for old, new in MOVED_MODULES.items()})

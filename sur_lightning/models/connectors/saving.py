@@ -135,9 +135,8 @@ def connector_record(path: str | Path) -> dict | None:
             recorded = json.loads(header) if header else None
         except json.JSONDecodeError as error:
             raise ValueError(f"{path}: header entry 'trained_with' is not valid JSON: {error}") from error
-    if recorded:
-        return recorded
-    return run_config_record(path)
+    # A record made before a move names the old ``_target_``s (a tiny model's builder): renamed to where they are now.
+    return current_targets(recorded or run_config_record(path))
 
 
 def check_widths(config: dict, where: str, dim: int | None = None, llm_dim=None, dim_source: str = "the UNet",
