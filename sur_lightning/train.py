@@ -57,8 +57,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data, **datamodule_arguments(cfg))
-    # data.cache=auto|require: fill or check the feature cache; with it complete, no LLM is built.
-    model = instantiate(cfg.model, **prepare_feature_cache(cfg, datamodule))
+    # data.cache=auto|require: fill or check the feature cache; with it complete, no LLM is built. A datamodule
+    # without a feature cache (data=codes, PixelSNAIL's code database) gives the model nothing from it.
+    model = instantiate(cfg.model, **(prepare_feature_cache(cfg, datamodule) if "cache" in cfg.data else {}))
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = instantiate_loggers(cfg, checkpoint)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
