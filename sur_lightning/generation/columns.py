@@ -29,11 +29,16 @@ from sur_lightning.runtime import pick_device
 
 @dataclass
 class Column:
-    """One column of images: a label, a folder-safe slug, its conditioning, and what it came from."""
+    """One column of images: a label, a folder-safe slug, its conditioning, and what it came from.
+
+    ``sampler``: for a generator that draws its own images instead of the backbone's UNet (a trained PixelSNAIL,
+    ``generation/pixelsnail.py``), a callable ``(prompts [n], seeds [n]) -> n PIL images``; ``render_columns``
+    calls it in place of the pipeline, and ``conditioning`` is then None."""
 
     name: str
-    conditioning: ClipConditioning
+    conditioning: ClipConditioning | None
     source: dict = field(default_factory=dict)
+    sampler: Callable[[list[str], list[int]], list] | None = None
 
     @property
     def slug(self) -> str:
