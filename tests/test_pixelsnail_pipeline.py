@@ -82,7 +82,7 @@ def test_pixelsnail_trains_on_extracted_codes_resumes_and_renders_a_column(token
                                                                            tmp_path, backbone):
     from sur_lightning.data.prompt_suites import Prompt
     from sur_lightning.generation.pipeline import render_columns
-    from sur_lightning.generation.pixelsnail import pixelsnail_column
+    from sur_lightning.generation.columns import sampler_columns
 
     vq_root, _ = tokenizer_run
     tokenizer = vq_root / "vq" / "tokenizer"
@@ -102,9 +102,9 @@ def test_pixelsnail_trains_on_extracted_codes_resumes_and_renders_a_column(token
     resumed = PixelSNAIL.from_pretrained(str(run / "pixelsnail" / "prior"))
     assert not torch.equal(saved.head.weight, resumed.head.weight)
 
-    from sur_lightning.models.llm import CausalLMFeatures
-
-    column = pixelsnail_column(run / "pixelsnail", llm=CausalLMFeatures(tiny_llm, pooling="none"))
+    # As generate/evaluate build it (pixelsnail=[<export>]): the LLM rebuilt from the export's trained_with.json.
+    (column,) = sampler_columns([run / "pixelsnail"])
+    assert column.name == "pixelsnail" and column.conditioning is None
     prompts = [Prompt("a", "two red circles", "test"), Prompt("b", "a pair of tomatoes", "test")]
     rendered = render_columns(backbone, [column], prompts, [0, 1], out_dir=tmp_path / "grid", progress=False,
                               batch_size=3)

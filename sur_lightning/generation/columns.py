@@ -229,6 +229,27 @@ def token_llm(node) -> nn.Module:
     return instantiate(node, **({"pooling": "none"} if "pooling" in node else {}))
 
 
+def pixelsnail_column(folder, name: str = "pixelsnail", llm: nn.Module | None = None, **knobs) -> Column:
+    """A column whose images a PixelSNAIL export draws (``generation/pixelsnail.py``; ``Column.sampler``).
+    ``llm``: the LLM it was trained with, else built from the export's ``trained_with.json``; ``knobs``:
+    ``guidance_scale``, ``temperature``, ``batch_size``."""
+    from sur_lightning.generation.pixelsnail import PixelSNAILSampler
+
+    sampler = PixelSNAILSampler.from_pretrained(folder, llm=llm, **knobs)
+    source = {"kind": "pixelsnail", "path": str(folder), "guidance_scale": sampler.guidance_scale,
+              "temperature": sampler.temperature}
+    return Column(name, None, source, sampler=sampler)
+
+
+def sampler_columns(folders) -> list[Column]:
+    """One column per PixelSNAIL export folder (``pixelsnail=[...]``), named ``pixelsnail`` or, for several,
+    ``pixelsnail (<run folder>/<export>)``."""
+    folders = [Path(folder) for folder in (folders or [])]
+    if len(folders) == 1:
+        return [pixelsnail_column(folders[0])]
+    return [pixelsnail_column(f, name=f"pixelsnail ({f.parent.name}/{f.name})") for f in folders]
+
+
 def prepare(cfg):
     """Backbone, prompts and columns from a generate/evaluate config (the LLM loads only when needed); run
     ``use_recorded`` first to build the backbone and LLM the adapters were trained with."""
@@ -252,6 +273,7 @@ def prepare(cfg):
     complex_column = complex_prompt_column(backbone, prompts) if cfg.include_base else None
     if complex_column is not None:
         columns.insert(1, complex_column)
+    columns += sampler_columns(cfg.get("pixelsnail"))
     if not columns:
         raise ValueError("nothing to render: include_base=false and no adapters given")
     return backbone, prompts, columns

@@ -4,7 +4,7 @@
 (``PromptStates``) condition a trained ``PixelSNAIL``, which draws a code grid per (prompt, seed) in raster order
 (classifier-free guidance ``guidance_scale``, ``temperature``; row b's draws come from a generator seeded by its
 seed alone, so an image does not depend on its batch); the VQ tokenizer turns the codes into latents and its frozen
-VAE decoder into images. ``pixelsnail_column(folder)`` wraps it as a ``Column`` (``Column.sampler``), which
+VAE decoder into images. ``columns.pixelsnail_column(folder)`` wraps it as a ``Column`` (``Column.sampler``), which
 ``render_columns`` renders like any other, so the toy-world checker scores it beside the connectors.
 
 ``folder``: an export of ``+experiment=pixelsnail_toy`` (``<run>/pixelsnail/`` or ``pixelsnail-step{N}/``):
@@ -21,7 +21,6 @@ import torch
 from PIL import Image
 from torch import nn
 
-from sur_lightning.generation.columns import Column
 from sur_lightning.models.pixelsnail import PixelSNAIL, PromptStates
 from sur_lightning.models.vq_tokenizer import LatentVQTokenizer
 
@@ -74,11 +73,3 @@ class PixelSNAILSampler:
         if prior.config.codebook_size != tokenizer.codebook_size:
             raise ValueError(f"{folder}: the prior has {prior.config.codebook_size} codes, the tokenizer {tokenizer.codebook_size}")
         return cls(prior, tokenizer, PromptStates(llm), **knobs)
-
-
-def pixelsnail_column(folder: str | Path, name: str = "pixelsnail", llm: nn.Module | None = None, **knobs) -> Column:
-    """A ``Column`` whose images are drawn by the PixelSNAIL export at ``folder`` (``Column.sampler``)."""
-    sampler = PixelSNAILSampler.from_pretrained(folder, llm=llm, **knobs)
-    source = {"kind": "pixelsnail", "path": str(folder), "guidance_scale": sampler.guidance_scale,
-              "temperature": sampler.temperature}
-    return Column(name, None, source, sampler=sampler)
