@@ -81,8 +81,8 @@ def pixelsnail(root: Path, cache: Path, tiny_llm: str, tokenizer: Path, *extra: 
 def test_pixelsnail_trains_on_extracted_codes_resumes_and_renders_a_column(tokenizer_run, cache_dir, tiny_llm,
                                                                            tmp_path, backbone):
     from sur_lightning.data.prompt_suites import Prompt
-    from sur_lightning.generation.pipeline import render_columns
     from sur_lightning.generation.columns import sampler_columns
+    from sur_lightning.generation.pipeline import render_columns
 
     vq_root, _ = tokenizer_run
     tokenizer = vq_root / "vq" / "tokenizer"

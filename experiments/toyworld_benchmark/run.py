@@ -226,8 +226,7 @@ class Scorer:
         return self.llms[key]
 
     def adapter(self, name: str, path: Path) -> list[dict]:
-        from sur_lightning.generation.columns import build_columns
-        from sur_lightning.generation.columns import pixelsnail_column
+        from sur_lightning.generation.columns import build_columns, pixelsnail_column
 
         if ROWS[name][0] in GENERATORS:  # its own sampler: codes drawn by the prior, decoded by the tokenizer
             column = pixelsnail_column(path, "adapter", llm=self.llm(name), guidance_scale=self.args.prior_guidance_scale)

@@ -45,17 +45,16 @@ class VQTokenizerModule(L.LightningModule):
         self.log("train/latent_mse", F.mse_loss(out["quantized"], out["latents"]), prog_bar=True, batch_size=batch_size)
         used = out["codes"].unique().numel() / self.tokenizer.codebook_size
         self.log("train/codes_used", used, batch_size=batch_size)
-        return None  # no gradients: the codebook moves by its moving average
+        # Nothing returned: no gradients, the codebook moved by its moving average above.
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         if not self.tokenizer.fitted:  # Lightning's sanity check runs before the first training batch
-            return None
+            return
         images = batch["pixel_values"]
         reconstruction = self.tokenizer(images)["reconstruction"]
         mse = F.mse_loss((reconstruction + 1) / 2, (images + 1) / 2)
         self.log("val/mse", mse, prog_bar=True, batch_size=images.shape[0])
         self.log("val/psnr", 10 * math.log10(1.0 / max(float(mse), 1e-12)), batch_size=images.shape[0])
-        return None
 
     def configure_optimizers(self):
         return None  # EMA codebook: nothing to optimise
