@@ -89,6 +89,7 @@ def register_resolvers() -> None:
         "wandb_group": wandb_group,
         "run_dir": run_dir,
         "hydra_subdir": hydra_subdir,
+        "newest_export": newest_export,
     }.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, function)
@@ -114,6 +115,18 @@ def newest_run(runs: str | Path) -> Path | None:
     folders = [p for p in Path(runs).iterdir() if p.is_dir()] if Path(runs).is_dir() else []
     checkpoints = [c for c in map(run_checkpoint, folders) if c is not None]
     return max(checkpoints, key=lambda p: p.stat().st_mtime).parent.parent if checkpoints else None
+
+
+def newest_export(runs: str, name: str) -> str:
+    """``<the newest run under runs>/<name>``: e.g. the tokenizer of the newest ``+experiment=vqvae_toy`` run, which
+    ``data=codes`` reads by default. Stops naming the folder and the fix when there is none."""
+    run = newest_run(runs)
+    if run is None or not (run / name).is_dir():
+        raise FileNotFoundError(
+            f"no run under {runs} has a {name}/ folder: train one first (python -m sur_lightning.train "
+            f"+experiment={Path(runs).parent.name}), or name the folder (data.{name}=<folder>)"
+        )
+    return str(run / name)
 
 
 def run_dir(fresh: str, ckpt_path: str | None) -> str:
@@ -149,6 +162,8 @@ def check_combination(cfg: DictConfig, choices: dict | None = None) -> None:
 
     ``choices``: group -> option as the user picked them (Hydra's ``runtime.choices``), for the message.
     """
+    if OmegaConf.select(cfg, "connector") is None:
+        return  # a generator without a connector (model=vqvae, model=pixelsnail): nothing below applies
     if choices is None:
         hydra = _hydra()
         choices = dict(hydra.runtime.choices) if hydra is not None else {}
@@ -340,7 +355,8 @@ def evaluator_arguments(cfg: DictConfig) -> dict:
 def column_arguments(cfg: DictConfig) -> dict:
     """``generation.columns.grid_columns``'s arguments after the backbone and prompts, from a generate/evaluate/
     explore config: the adapters, the LLM's config node (built only for a connector that reads token states),
-    mode, η or its sweep, whether the base columns are drawn, and the negative prompt's conditioning."""
+    mode, η or its sweep, whether the base columns are drawn, the negative prompt's conditioning, and the
+    PixelSNAIL exports drawn as columns of their own."""
     return {
         "adapters": cfg.adapters,
         "llm_config": cfg.get("llm"),
@@ -349,6 +365,7 @@ def column_arguments(cfg: DictConfig) -> dict:
         "eta_sweep": list(cfg.eta_sweep or []),
         "include_base": cfg.include_base,
         "negative": cfg.get("negative", "connector"),
+        "pixelsnail": list(cfg.get("pixelsnail") or []),
     }
 
 

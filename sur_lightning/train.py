@@ -61,18 +61,24 @@ def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data, **datamodule_arguments(cfg))
-    # Name dropout renames training prompts only if the LLM's retriever undoes it (checked with the cache off too).
-    check_name_dropout(datamodule, OmegaConf.select(cfg, "llm.rag"))
-    if datamodule.cache == "off":
-        # The frozen encoders run every step.
-        frozen = {"backbone": instantiate(cfg.backbone), "llm": instantiate(cfg.llm) if cfg.get("llm") else None}
-        if isinstance(frozen["llm"], PrecomputedLLMFeatures):
-            datamodule.use_precomputed_llm(frozen["llm"])  # a simple prompt without a vector is a skipped row
+    if "cache" not in cfg.data:
+        # A datamodule of its own records (data=codes: PixelSNAIL's code database) feeds a model that builds the
+        # text encoder it reads; there is no feature cache and no frozen UNet to hand it.
+        frozen = {}
     else:
-        # data.cache=auto|require: fill or check the feature cache; with it complete, no LLM is built and the
-        # backbone drops its VAE encoder.
-        cache = FeatureCache.open(**feature_cache_arguments(cfg))
-        frozen = prepare_feature_cache(datamodule, cache, extra_prompts(cfg.get("callbacks")), wait_s=cfg.get("cache_wait_s"))
+        # Name dropout renames training prompts only if the LLM's retriever undoes it (checked with the cache off too).
+        check_name_dropout(datamodule, OmegaConf.select(cfg, "llm.rag"))
+        if datamodule.cache == "off":
+            # The frozen encoders run every step.
+            frozen = {"backbone": instantiate(cfg.backbone), "llm": instantiate(cfg.llm) if cfg.get("llm") else None}
+            if isinstance(frozen["llm"], PrecomputedLLMFeatures):
+                datamodule.use_precomputed_llm(frozen["llm"])  # a simple prompt without a vector is a skipped row
+        else:
+            # data.cache=auto|require: fill or check the feature cache; with it complete, no LLM is built and the
+            # backbone drops its VAE encoder.
+            cache = FeatureCache.open(**feature_cache_arguments(cfg))
+            frozen = prepare_feature_cache(datamodule, cache, extra_prompts(cfg.get("callbacks")),
+                                           wait_s=cfg.get("cache_wait_s"))
     model = instantiate(cfg.model, **frozen)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = instantiate_loggers(cfg, checkpoint)

@@ -105,7 +105,17 @@ ROWS: dict[str, tuple[str, list[str], str]] = {
         ["+llm/rag=toyworld", "llm.rag_pooling=all", "llm.rag.name_dropout=1.0", "llm.rag.anonymise=true"],
         "ella_name_dropout_p1 read anonymised at inference too: every name becomes a nonsense word after retrieval",
     ),
+    "pixelsnail": (
+        "pixelsnail_toy",
+        [],
+        ("not a connector: VQ codes of the adapter-train images (256-code EMA codebook over the toy VAE's latents) "
+         "and a text-conditioned PixelSNAIL (32 channels, 1 block) reading SmolLM2's token states; CFG 3, temperature 1"),
+    ),
 }
+# Presets that train their own generator (conf/callbacks/generator.yaml: a save_pretrained folder per scored step)
+# instead of a connector on the frozen base -> the name of their final export. A row of one draws its images with
+# its own sampler (Column.sampler); vqvae_toy is no row, it fits the tokenizer the pixelsnail row reads.
+GENERATORS = {"pixelsnail_toy": "pixelsnail", "vqvae_toy": "tokenizer"}
 # The text-encoder ablation (ELLA's central question): the demo recipe, only the text model the connector reads
 # changes. ella_demo is its SmolLM2-135M row.
 ROWS["ella_minilm"] = ("ella_demo", ["llm=minilm"], "the ELLA demo recipe reading all-MiniLM-L6-v2's token states (384-d)")
@@ -133,6 +143,12 @@ def compose(preset: str, overrides: list[str], out: Path, args, seed: int, steps
     from hydra import initialize_config_dir
 
     config_dir = str(ROOT / "conf")
+    at_steps = f"[{','.join(map(str, steps))}]"
+    if preset in GENERATORS:
+        # The tokenizer folder is the benchmark's own (tokenizer_for), passed in by the caller's overrides.
+        callbacks = [f"callbacks.model_export.at_steps={at_steps}"]
+    else:
+        callbacks = ["callbacks=default", "callbacks.sample_grid=null", f"callbacks.adapter_export.at_steps={at_steps}"]
     common = [
         f"+experiment={preset}",
         f"seed={seed}",
@@ -141,9 +157,7 @@ def compose(preset: str, overrides: list[str], out: Path, args, seed: int, steps
         f"trainer.max_steps={max(steps)}",
         f"trainer.val_check_interval={min(steps)}",
         "logger=csv",
-        "callbacks=default",
-        "callbacks.sample_grid=null",
-        f"callbacks.adapter_export.at_steps=[{','.join(map(str, steps))}]",
+        *callbacks,
         f"callbacks.model_checkpoint.every_n_train_steps={min(steps)}",
         "callbacks.model_checkpoint.save_top_k=1",
         f"paths.root_dir={ROOT}",
@@ -164,9 +178,11 @@ def train_run(name: str, seed: int, split_seed: int, args) -> Path:
     from sur_lightning.train import train
 
     out = world_out(args, split_seed) / "runs" / name / f"seed{seed}"
-    if (out / "adapter.safetensors").exists():
-        return out
     preset, overrides, _ = ROWS[name]
+    if (out / "adapter.safetensors").exists() or (preset in GENERATORS and (out / GENERATORS[preset]).is_dir()):
+        return out
+    if preset == "pixelsnail_toy":
+        overrides = overrides + [f"data.tokenizer={tokenizer_for(args)}"]
     cfg = compose(preset, overrides, out, args, seed, args.steps, split_seed)
     last = out / "checkpoints" / "last.ckpt"
     if last.exists():
@@ -175,6 +191,20 @@ def train_run(name: str, seed: int, split_seed: int, args) -> Path:
     train(cfg)
     print(f"{name} seed {seed} split seed {split_seed}: trained in {time.time() - started:.0f} s", flush=True)
     return out
+
+
+def tokenizer_for(args) -> Path:
+    """The VQ tokenizer every PixelSNAIL run of this benchmark reads: ``+experiment=vqvae_toy`` (seed 0, about a
+    minute), fitted once into ``<out>/runs/vqvae_toy`` and kept."""
+    from sur_lightning.train import train
+
+    out = args.out / "runs" / "vqvae_toy"
+    if not (out / "tokenizer").is_dir():
+        cfg = compose("vqvae_toy", ["callbacks.model_checkpoint.every_n_train_steps=20"], out, args, 0, [40])
+        if (out / "checkpoints" / "last.ckpt").exists():
+            cfg.ckpt_path = str(out / "checkpoints" / "last.ckpt")
+        train(cfg)
+    return out / "tokenizer"
 
 
 class Scorer:
@@ -233,9 +263,12 @@ class Scorer:
         return self.llms[key]
 
     def adapter(self, name: str, path: Path, split_seed: int) -> list[dict]:
-        from sur_lightning.generation.columns import build_columns
+        from sur_lightning.generation.columns import build_columns, pixelsnail_column
 
-        (column,) = build_columns(self.backbone, [str(path)], llm=lambda: self.llm(name), include_base=False)
+        if ROWS[name][0] in GENERATORS:  # its own sampler: codes drawn by the prior, decoded by the tokenizer
+            column = pixelsnail_column(path, "adapter", llm=self.llm(name), guidance_scale=self.args.prior_guidance_scale)
+        else:
+            (column,) = build_columns(self.backbone, [str(path)], llm=lambda: self.llm(name), include_base=False)
         column.name = "adapter"
         return self.rows([column], path.parent / "eval" / path.stem, split_seed)["adapter"]
 
@@ -432,6 +465,7 @@ def main() -> None:
     parser.add_argument("--steps", nargs="+", type=int, default=[300, 600, 1200, 2400])
     parser.add_argument("--eval-steps", type=int, default=15)
     parser.add_argument("--guidance-scale", type=float, default=4.0)
+    parser.add_argument("--prior-guidance-scale", type=float, default=3.0, help="CFG of the pixelsnail row's sampler")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--cache", type=Path, default=ROOT / ".cache")
     # The runs pin their own thread count (conf/train.yaml `threads`); the published results were trained on one

@@ -29,9 +29,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from sur_lightning.data.datasets import ImageTextDataset, PromptLimit, check_prompts, preprocess
 from sur_lightning.data.formats import Row, detect_format, folder_root, load_table, read_folder, read_table
@@ -250,3 +251,100 @@ class CodeDataset(Dataset):
         grid = torch.from_numpy(np.frombuffer(codes, dtype="<u2").astype(np.int64)).view(self.grid)
         return {"codes": grid, "simple_prompt": record["simple_prompt"], "complex_prompt": record["complex_prompt"],
                 "id": record["id"]}
+
+
+class CodeDataModule(L.LightningDataModule):
+    """The prior's training data: an image-text dataset's codes, extracted on first use into a code database.
+
+    ``setup`` runs ``extract_codes`` (resumable: a killed extraction continues, a finished one is only
+    checked) from the dataset at ``root`` into ``out`` with the tokenizer saved at ``tokenizer``
+    (``LatentVQTokenizer.save_pretrained``, e.g. the ``tokenizer/`` folder of a ``+experiment=vqvae_toy`` run),
+    copies its ``data_report.json`` beside the run (``report_dir``), and serves ``CodeDataset`` rows: ``val_size``
+    rows drawn by ``seed`` for validation, the rest for training in ``EpochSampler`` order (resumable mid-epoch).
+    Batches: ``{"codes" [B, G, G] int64, "simple_prompt", "complex_prompt", "id"}``.
+
+    ``out`` null: ``<root>/codes-<tokenizer fingerprint>``, so each codebook has its own database.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        tokenizer: str,
+        out: str | None = None,
+        resolution: int = 64,
+        batch_size: int = 32,
+        val_size: int = 32,
+        num_workers: int = 0,
+        extract_batch_size: int = 64,
+        report_dir: str | None = None,
+        image_key: str = "file_name",
+        simple_key: str = "text",
+        complex_key: str = "prompt",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.root = str(root)
+        self.tokenizer = str(tokenizer)
+        self.out = out
+        self.resolution = resolution
+        self.batch_size = batch_size
+        self.val_size = val_size
+        self.num_workers = num_workers
+        self.extract_batch_size = extract_batch_size
+        self.report_dir = report_dir
+        self.keys = (image_key, simple_key, complex_key)
+        self.seed = seed
+        self.train_set: CodeDataset | None = None
+        self.val_set: CodeDataset | None = None
+        self.train_sampler = None
+        self.extraction: Extraction | None = None
+
+    def database(self, tokenizer) -> Path:
+        return Path(self.out) if self.out else Path(self.root) / f"codes-{tokenizer.fingerprint()}"
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        from sur_lightning.models.vq_tokenizer import LatentVQTokenizer
+
+        tokenizer = LatentVQTokenizer.from_pretrained(self.tokenizer)
+        path = self.database(tokenizer)
+        image_key, simple_key, complex_key = self.keys
+        self.extraction = extract_codes(self.root, path, tokenizer, self.resolution, self.extract_batch_size,
+                                        image_key, simple_key, complex_key)
+        del tokenizer
+        if self.report_dir is not None:
+            self.extraction.report.write(Path(self.report_dir) / "data_report.json")
+        every = CodeDataset(path)
+        order = torch.randperm(len(every), generator=torch.Generator().manual_seed(self.seed)).tolist()
+        val = sorted(every.keys[i] for i in order[: self.val_size])
+        train = [key for key in every.keys if key not in set(val)]
+        if not train:
+            raise ValueError(f"code database {path}: {len(every)} rows leave none for training after val_size={self.val_size}")
+        self.train_set, self.val_set = CodeDataset(path, train), (CodeDataset(path, val) if val else None)
+
+    def train_dataloader(self) -> DataLoader:
+        from sur_lightning.data.datasets import collate
+        from sur_lightning.data.sampler import EpochSampler, ResumableDataLoader
+
+        rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        self.train_sampler = EpochSampler(len(self.train_set), seed=self.seed, rank=rank, world_size=world_size)
+        return ResumableDataLoader(self.train_set, sampler=self.train_sampler, batch_size=self.batch_size,
+                                   num_workers=self.num_workers, collate_fn=collate, drop_last=True,
+                                   persistent_workers=self.num_workers > 0,
+                                   generator=torch.Generator().manual_seed(self.seed))
+
+    def val_dataloader(self) -> DataLoader | list:
+        from sur_lightning.data.datasets import collate
+
+        if self.val_set is None:
+            return []
+        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
+                          collate_fn=collate)
+
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        batch.pop("data_events", None)
+        if self.train_sampler is not None and self.trainer is not None and self.trainer.training:
+            # This batch reaches the training step now (the loader runs a batch ahead): the resumable position.
+            self.train_sampler.consumed += len(batch["id"])
+        return batch

@@ -17,6 +17,7 @@ when scored, ``valid_image``), so results stay small enough to commit and to re-
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -42,8 +43,8 @@ def exported_adapters(run_dir: str | Path) -> list[dict]:
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise ValueError(f"{log}:{number}: not valid JSON ({error.msg})") from None
-        if not record["file"].startswith("adapter-step"):
-            continue  # the end-of-training adapter.safetensors repeats the last step
+        if not re.fullmatch(r".+-step\d+", Path(record["file"]).stem):
+            continue  # the end-of-training export (adapter.safetensors, pixelsnail/) repeats the last step
         by_step[int(record["step"])] = {**record, "path": Path(run_dir) / record["file"]}
     return [by_step[step] for step in sorted(by_step)]
 

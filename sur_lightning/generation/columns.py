@@ -28,11 +28,16 @@ from sur_lightning.models.connectors import TextFeatures
 
 @dataclass
 class Column:
-    """One column of images: a label, a folder-safe slug, its conditioning, and what it came from."""
+    """One column of images: a label, a folder-safe slug, its conditioning, and what it came from.
+
+    ``sampler``: for a generator that draws its own images instead of the backbone's UNet (a trained PixelSNAIL,
+    ``generation/pixelsnail.py``), a callable ``(prompts [n], seeds [n]) -> n PIL images``; ``render_columns``
+    calls it in place of the pipeline, and ``conditioning`` is then None."""
 
     name: str
-    conditioning: ClipConditioning
+    conditioning: ClipConditioning | None
     source: dict = field(default_factory=dict)
+    sampler: Callable[[list[str], list[int]], list] | None = None
 
     @property
     def slug(self) -> str:
@@ -189,6 +194,27 @@ def token_llm(node) -> nn.Module:
     return instantiate(node, **({"pooling": "none"} if "pooling" in node else {}))
 
 
+def pixelsnail_column(folder, name: str = "pixelsnail", llm: nn.Module | None = None, **knobs) -> Column:
+    """A column whose images a PixelSNAIL export draws (``generation/pixelsnail.py``; ``Column.sampler``).
+    ``llm``: the LLM it was trained with, else built from the export's ``trained_with.json``; ``knobs``:
+    ``guidance_scale``, ``temperature``, ``batch_size``."""
+    from sur_lightning.generation.pixelsnail import PixelSNAILSampler
+
+    sampler = PixelSNAILSampler.from_pretrained(folder, llm=llm, **knobs)
+    source = {"kind": "pixelsnail", "path": str(folder), "guidance_scale": sampler.guidance_scale,
+              "temperature": sampler.temperature}
+    return Column(name, None, source, sampler=sampler)
+
+
+def sampler_columns(folders) -> list[Column]:
+    """One column per PixelSNAIL export folder (``pixelsnail=[...]``), named ``pixelsnail`` or, for several,
+    ``pixelsnail (<run folder>/<export>)``."""
+    folders = [Path(folder) for folder in (folders or [])]
+    if len(folders) == 1:
+        return [pixelsnail_column(folders[0])]
+    return [pixelsnail_column(f, name=f"pixelsnail ({f.parent.name}/{f.name})") for f in folders]
+
+
 def grid_columns(
     backbone,
     prompts: Sequence[Prompt],
@@ -199,10 +225,11 @@ def grid_columns(
     eta_sweep: Sequence[float] = (),
     include_base: bool = True,
     negative: str = "connector",
+    pixelsnail: Sequence[str] = (),
 ) -> list[Column]:
     """A grid's columns: ``build_columns`` (the LLM built from ``llm_config``, its config node, only when a
     connector reads its token states), with ``base+complex`` second when ``include_base`` and a prompt has a
-    complex one. ``config.column_arguments(cfg)`` gives every argument after ``prompts`` from a
+    complex one, and a column per PixelSNAIL export in ``pixelsnail``. ``config.column_arguments(cfg)`` gives every argument after ``prompts`` from a
     generate/evaluate/explore config; run ``config.use_recorded`` first for the backbone and LLM the adapters
     were trained with."""
     columns = build_columns(
@@ -219,6 +246,7 @@ def grid_columns(
     complex_column = complex_prompt_column(backbone, prompts) if include_base else None
     if complex_column is not None:
         columns.insert(1, complex_column)
+    columns += sampler_columns(pixelsnail)
     if not columns:
         raise ValueError("nothing to render: include_base=false and no adapters given")
     return columns

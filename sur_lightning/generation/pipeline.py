@@ -178,15 +178,13 @@ def render_columns(
     with tqdm(total=len(columns) * len(jobs), desc="generating", unit="img", disable=not progress) as bar:
         for column in columns:
             for batch in batches:
+                texts, batch_seeds = [p.prompt for p, _ in batch], [s for _, s in batch]
                 try:
-                    images = render(
-                        pipeline,
-                        column.conditioning,
-                        [p.prompt for p, _ in batch],
-                        [s for _, s in batch],
-                        negative_prompt=negative_prompt,
-                        **kwargs,
-                    )
+                    if column.sampler is not None:  # a generator that draws its own images (Column.sampler)
+                        images = column.sampler(texts, batch_seeds)
+                    else:
+                        images = render(pipeline, column.conditioning, texts, batch_seeds,
+                                        negative_prompt=negative_prompt, **kwargs)
                 except NonFiniteConditioningError as error:
                     raise NonFiniteConditioningError(f"column {column.name!r}: {error}") from error
                 for (prompt, seed), image in zip(batch, images):

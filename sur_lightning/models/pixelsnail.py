@@ -210,8 +210,9 @@ class PixelSNAIL(ModelMixin, ConfigMixin):
     def check_text(self, codes: torch.Tensor, text_pooled, text_tokens, text_mask) -> None:
         config = self.config
         batch = codes.shape[0]
-        if codes.shape[1:] != (config.grid_size, config.grid_size):
-            raise ValueError(f"PixelSNAIL: codes {tuple(codes.shape)}, expected [B, {config.grid_size}, {config.grid_size}]")
+        if codes.ndim != 3 or codes.shape[2] != config.grid_size or not 1 <= codes.shape[1] <= config.grid_size:
+            raise ValueError(f"PixelSNAIL: codes {tuple(codes.shape)}, expected [B, {config.grid_size}, {config.grid_size}] "
+                             f"(or its first rows, [B, <= {config.grid_size}, {config.grid_size}])")
         if text_pooled.shape != (batch, config.pooled_dim):
             raise ValueError(f"PixelSNAIL: text_pooled {tuple(text_pooled.shape)}, expected [{batch}, {config.pooled_dim}]")
         if text_tokens.ndim != 3 or text_tokens.shape[0] != batch or text_tokens.shape[2] != config.token_dim:
@@ -240,8 +241,9 @@ class PixelSNAIL(ModelMixin, ConfigMixin):
     # ------------------------------------------------------------------ the model
 
     def forward(self, codes, text_pooled, text_tokens, text_mask, drop: torch.Tensor | None = None) -> torch.Tensor:
-        """codes [B, G, G], the text (see the module docstring), ``drop`` [B] bool: rows read the null caption
-        -> logits [B, K, G, G]; the logits at position n read the codes before n only."""
+        """codes [B, G, G] (or its first H rows, [B, H, G]), the text (see the module docstring), ``drop`` [B] bool:
+        rows read the null caption -> logits [B, K, G, G] ([B, K, H, G]); the logits at position n read the codes
+        before n only."""
         self.check_text(codes, text_pooled, text_tokens, text_mask)
         if drop is not None:
             text_pooled, text_tokens, text_mask = self.null_caption(text_pooled, text_tokens, text_mask, drop)
@@ -250,7 +252,8 @@ class PixelSNAIL(ModelMixin, ConfigMixin):
         sequence = embedded.flatten(1, 2)  # [B, N, W]
         start = self.start.expand(codes.shape[0], 1, -1)
         previous = torch.cat([start, sequence[:, :-1]], dim=1).transpose(1, 2).unflatten(2, codes.shape[1:])
-        x = self.first(embedded.permute(0, 3, 1, 2)) + self.position  # [B, W, G, G]
+        # The first H rows of the grid give the same logits there as the whole grid (nothing reads a later row).
+        x = self.first(embedded.permute(0, 3, 1, 2)) + self.position[:, :, : codes.shape[1]]  # [B, W, H, G]
         for block in self.blocks:
             x = block(x, previous, text_pooled, text_tokens, text_mask)
         return self.head(F.elu(x))
@@ -273,16 +276,24 @@ class PixelSNAIL(ModelMixin, ConfigMixin):
         text_mask: torch.Tensor,
         temperature: float = 1.0,
         guidance_scale: float = 1.0,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> torch.Tensor:
         """Draw codes [B, G, G] one position at a time in raster order for the B captions.
 
         ``guidance_scale`` 1 reads the caption only; s != 1 mixes ``null + s * (cond - null)`` logits (the null
         caption's rows run in the same batch). ``temperature`` > 0 divides the logits. Same ``generator``
-        state, same codes. G*G forward passes: each recomputes the whole grid (no cache), which is what a
-        convolutional prior costs."""
+        state, same codes. ``generator`` may be a list of B generators, one per row: row b's G*G uniforms are
+        drawn from generator b up front and each code is read off the inverse CDF, so a row's codes depend on its
+        own seed and caption only, not on which rows share its batch. G*G forward passes: each recomputes the
+        grid's rows up to the current one (no cache), which is what a convolutional prior costs."""
         if temperature <= 0:
             raise ValueError(f"PixelSNAIL.sample: temperature must be > 0, got {temperature}")
+        uniforms = None
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != text_pooled.shape[0]:
+                raise ValueError(f"PixelSNAIL.sample: {len(generator)} generators for {text_pooled.shape[0]} rows")
+            cells = self.config.grid_size**2
+            uniforms = torch.stack([torch.rand(cells, generator=g, device=g.device) for g in generator])
         was_training = self.training
         self.eval()
         batch, side = text_pooled.shape[0], self.config.grid_size
@@ -295,12 +306,64 @@ class PixelSNAIL(ModelMixin, ConfigMixin):
             drop = torch.arange(2 * batch, device=codes.device) >= batch
         for n in range(side * side):
             i, j = divmod(n, side)
-            inputs = torch.cat([codes, codes]) if guided else codes
+            # Only rows 0..i matter for row i's logits: the grid's first i + 1 rows halve the average cost.
+            inputs = torch.cat([codes[:, : i + 1]] * 2) if guided else codes[:, : i + 1]
             logits = self(inputs, text_pooled, text_tokens, text_mask, drop=drop)[:, :, i, j]
             if guided:
                 cond, null = logits.chunk(2)
                 logits = null + guidance_scale * (cond - null)
             probs = torch.softmax(logits.float() / temperature, dim=-1)
-            codes[:, i, j] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            if uniforms is None:
+                codes[:, i, j] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            else:
+                cdf = probs.cumsum(dim=-1)
+                draw = uniforms[:, n : n + 1].to(cdf.device) * cdf[:, -1:]
+                codes[:, i, j] = torch.searchsorted(cdf, draw).squeeze(1).clamp(max=probs.shape[-1] - 1)
         self.train(was_training)
         return codes
+
+
+class PromptStates(nn.Module):
+    """The text PixelSNAIL reads, from an LLM's token states (``CausalLMFeatures`` with ``pooling: none``).
+
+    Each prompt is encoded alone (in a padded batch an LLM's states depend on the batch's longest prompt) and
+    kept by prompt, so a training run encodes each distinct caption once. prompts [B] ->
+    ``(text_pooled [B, D], text_tokens [B, T, D], text_mask [B, T] bool)``: the pooled vector is the mean of the
+    real tokens' states, T the batch's longest prompt, padding zero and masked out. D = ``llm.hidden_size``.
+    """
+
+    def __init__(self, llm: nn.Module) -> None:
+        super().__init__()
+        self.llm = llm.requires_grad_(False).eval()
+        self.memory: dict[str, torch.Tensor] = {}
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.llm.hidden_size)
+
+    def train(self, mode: bool = True) -> PromptStates:
+        super().train(mode)
+        self.llm.eval()  # frozen: no dropout, whatever the training mode
+        return self
+
+    @torch.no_grad()
+    def states(self, prompt: str) -> torch.Tensor:
+        """[T, D] the real tokens' states of one prompt (float32, CPU)."""
+        if prompt not in self.memory:
+            states, mask = self.llm([prompt])
+            tokens = states[0] if mask is None else states[0][mask[0].bool()]
+            if tokens.ndim != 2 or tokens.shape[0] == 0:
+                raise ValueError(f"PromptStates: the LLM gave no token states for {prompt!r}; it needs llm.pooling=none")
+            self.memory[prompt] = tokens.float().cpu()
+        return self.memory[prompt]
+
+    def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        each = [self.states(p) for p in prompts]
+        longest = max(t.shape[0] for t in each)
+        tokens = torch.zeros(len(each), longest, each[0].shape[1])
+        mask = torch.zeros(len(each), longest, dtype=torch.bool)
+        for row, states in enumerate(each):
+            tokens[row, : states.shape[0]] = states
+            mask[row, : states.shape[0]] = True
+        pooled = torch.stack([t.mean(dim=0) for t in each])
+        return pooled, tokens, mask

@@ -243,6 +243,69 @@ class AdapterExport(EveryNSteps):
         self.seconds_before = float(state.get("train_seconds", 0.0))
 
 
+class ModelExport(EveryNSteps):
+    """What ``AdapterExport`` is for connectors, for the generators that are not (``model=vqvae``,
+    ``model=pixelsnail``): the module's ``save_pretrained(folder)`` writes ``<dirpath>/<filename>/`` at the end of
+    training and ``<filename>-step{N}/`` at ``every_n_steps`` / ``at_steps``, each with ``trained_with.json`` (the
+    run's config nodes given, e.g. its LLM). Each export appends ``{"step", "train_seconds", "file"}`` to
+    ``exports.jsonl`` as adapters do (the learning curve's x-axes; training seconds carried across resumes by the
+    checkpoint). The last folder is also a W&B artifact of type "model" (``<filename>-<run id>``)."""
+
+    def __init__(self, dirpath: str, filename: str, every_n_steps: int | None = None,
+                 at_steps: list[int] | None = None, trained_with: dict | None = None) -> None:
+        super().__init__(every_n_steps, at_steps)
+        self.dirpath = Path(dirpath)
+        self.filename = filename
+        self.trained_with = plain(trained_with) or {}
+        self.last_folder: Path | None = None
+        self.seconds_before = 0.0
+        self._started: float | None = None
+
+    def train_seconds(self) -> float:
+        return self.seconds_before + (time.perf_counter() - self._started if self._started is not None else 0.0)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._started = time.perf_counter()
+
+    @rank_zero_only
+    def export(self, pl_module, name: str) -> Path:
+        path = pl_module.save_pretrained(self.dirpath / name)
+        (path / "trained_with.json").write_text(json.dumps(self.trained_with, indent=2))
+        self.last_folder = path
+        export = {"step": pl_module.global_step, "train_seconds": round(self.train_seconds(), 2), "file": path.name}
+        with open(self.dirpath / "exports.jsonl", "a", encoding="utf-8") as log:
+            log.write(json.dumps(export) + "\n")
+        return path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.due(trainer.global_step):
+            self.export(pl_module, f"{self.filename}-step{trainer.global_step}")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        path = self.export(pl_module, self.filename)
+        if path is not None:
+            log.info(f"{self.filename}: {path} ({type(pl_module).__name__}.save_pretrained)")
+        self.log_artifact(trainer)
+
+    @rank_zero_only
+    def log_artifact(self, trainer) -> None:
+        runs = [logger.experiment for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+        if not runs or self.last_folder is None:
+            return
+        import wandb
+
+        for run in runs:
+            artifact = wandb.Artifact(f"{self.filename}-{run.id}", type="model", metadata={"step": trainer.global_step})
+            artifact.add_dir(str(self.last_folder))
+            run.log_artifact(artifact, aliases=["latest", f"step{trainer.global_step}"])
+
+    def state_dict(self) -> dict:
+        return {"train_seconds": self.train_seconds()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seconds_before = float(state.get("train_seconds", 0.0))
+
+
 class SampleGrid(EveryNSteps):
     """Renders fixed prompts with fixed seeds through the base model and through the adapter, and
     writes a labelled grid (``samples/step{N}.png``), also logged as an image to W&B / TensorBoard.
