@@ -17,7 +17,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -61,9 +61,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data, **datamodule_arguments(cfg))
-    if "cache" not in cfg.data:
-        # A datamodule of its own records (data=codes: PixelSNAIL's code database) feeds a model that builds the
-        # text encoder it reads; there is no feature cache and no frozen UNet to hand it.
+    if not getattr(get_class(cfg.model._target_), "takes_frozen_encoders", False):
+        # A model that builds what it reads (the VQ tokenizer its VAE, PixelSNAIL its text encoder over its code
+        # database): no frozen UNet and no feature cache to hand it.
         frozen = {}
     else:
         # Name dropout renames training prompts only if the LLM's retriever undoes it (checked with the cache off too).
