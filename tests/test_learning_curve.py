@@ -230,7 +230,7 @@ def test_the_text_encoder_ablation_rows_differ_from_the_demo_recipe_in_the_text_
 
     run = load_experiment_script("toyworld_benchmark/run.py", "toyworld_benchmark_run")
     reference = OmegaConf.to_container(compose("+experiment=ella_demo", tiny=False))
-    for row in ("ella_minilm", "ella_base_clip"):
+    for row in ("ella_minilm", "ella_base_clip", "ella_random_llm"):
         preset, overrides, _ = run.ROWS[row]
         cfg = OmegaConf.to_container(compose(f"+experiment={preset}", *overrides, tiny=False))
         changed = {k for k in reference if reference[k] != cfg[k]}

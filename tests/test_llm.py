@@ -1,5 +1,7 @@
 """The LLM feature: ``llm.layer`` is a 0-based block index, read before the final norm, and the blocks after it never run."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -101,3 +103,24 @@ def test_quantized_llm_preset_composes_and_on_cpu_fails_naming_the_key(compose, 
         instantiate(compose("llm=llama13b_8bit", "llm.quantization=4bit").llm)
     with pytest.raises(InstantiationException, match=r"llm.quantization must be null, '8bit' or '4bit', got '2bit'"):
         instantiate(compose("llm=llama13b_8bit", "llm.quantization=2bit").llm)
+
+
+def test_a_random_llm_like_another_has_its_shape_and_tokens_but_not_its_weights(tmp_path, tiny_llm):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sur_lightning.models.random_models import build_random_causal_lm_like
+
+    before = torch.random.get_rng_state()
+    # The tiny LLM is itself random, drawn with seed 0: another seed gives other weights.
+    folder = build_random_causal_lm_like(tmp_path / "random", like=tiny_llm, seed=3)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    mtime = (Path(folder) / "random_spec.json").stat().st_mtime_ns
+    assert build_random_causal_lm_like(tmp_path / "random", like=tiny_llm, seed=3) == folder
+    assert (Path(folder) / "random_spec.json").stat().st_mtime_ns == mtime  # built once
+    assert AutoConfig.from_pretrained(folder).to_dict()["hidden_size"] == AutoConfig.from_pretrained(tiny_llm).hidden_size
+    real, random = (AutoModelForCausalLM.from_pretrained(f).state_dict() for f in (tiny_llm, folder))
+    assert real.keys() == random.keys() and all(real[k].shape == random[k].shape for k in real)
+    assert not torch.equal(real["model.embed_tokens.weight"], random["model.embed_tokens.weight"])
+    states_real, mask_real = CausalLMFeatures(tiny_llm, pooling="none")(["two red circles"])
+    states_random, mask_random = CausalLMFeatures(folder, pooling="none")(["two red circles"])
+    assert torch.equal(mask_real, mask_random) and states_real.shape == states_random.shape

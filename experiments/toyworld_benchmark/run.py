@@ -122,6 +122,10 @@ ROWS["ella_minilm"] = ("ella_demo", ["llm=minilm"], "the ELLA demo recipe readin
 ROWS["ella_base_clip"] = (
     "ella_demo", ["llm=base_clip"], "the ELLA demo recipe reading the base's own CLIP text encoder's token states (control)"
 )
+ROWS["ella_random_llm"] = (
+    "ella_demo", ["llm=smollm2_random"],
+    "the ELLA demo recipe reading a random-weight SmolLM2-135M (same shape and tokens; the parameters-not-knowledge control)",
+)
 # "ella_unseen_objects" is the preset itself (conf/experiment/ella_unseen_objects.yaml), whatever recipe it holds.
 ROWS["ella_unseen_objects"] = ("ella_unseen_objects", [], "the +experiment=ella_unseen_objects preset as it stands")
 # Evaluation seeds of each split (seeds of the sampler's noise, not of the world).

@@ -378,3 +378,25 @@ def build_tiny_bert(root: str | Path, hidden_size: int = 32, num_layers: int = 2
     tokenizer.save_pretrained(root)
     (root / "tiny_spec.json").write_text(json.dumps(spec))
     return str(root)
+
+
+@keeps_global_rng
+def build_random_causal_lm_like(root: str | Path, like: str | Path, seed: int = 0) -> str:
+    """Write a causal LM of ``like``'s architecture and tokenizer with freshly initialised weights into ``root``
+    (once); return its path.
+
+    The control of the text-encoder ablation (``llm=smollm2_random``): the same shape, width and tokens as the
+    real model, none of what it learned, so a gain that survives it is parameters, not knowledge.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    root = Path(root)
+    spec = {"like": str(like), "seed": seed}
+    if built_before(root / "random_spec.json", spec):
+        return str(root)
+    torch.manual_seed(seed)
+    config = AutoConfig.from_pretrained(like)
+    AutoModelForCausalLM.from_config(config).save_pretrained(root)
+    AutoTokenizer.from_pretrained(like).save_pretrained(root)
+    (root / "random_spec.json").write_text(json.dumps(spec))
+    return str(root)
