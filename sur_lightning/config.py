@@ -148,6 +148,10 @@ def check_combination(cfg: DictConfig, choices: dict | None = None) -> None:
 
     ``choices``: group -> option as the user picked them (Hydra's ``runtime.choices``), for the message.
     """
+    if "connector" in cfg and cfg.connector is None:
+        # A model that is not a connector (model=unclip_prior, unclip_decoder: the presets set connector: null)
+        # checks its own inputs when it is built.
+        return
     if choices is None:
         hydra = _hydra()
         choices = dict(hydra.runtime.choices) if hydra is not None else {}

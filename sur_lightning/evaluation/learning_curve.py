@@ -26,9 +26,10 @@ ACCURACIES = ("color_accuracy", "shape_accuracy", "count_accuracy")
 RATES = ACCURACIES + ("valid_image",)
 
 
-def exported_adapters(run_dir: str | Path) -> list[dict]:
+def exported_adapters(run_dir: str | Path, prefix: str = "adapter-step") -> list[dict]:
     """``[{"step", "train_seconds", "path"}]`` of a run's step exports, by step (a resumed run's re-export of a
-    step replaces the earlier line). Raises ``FileNotFoundError`` naming ``exports.jsonl`` when there is none."""
+    step replaces the earlier line). Raises ``FileNotFoundError`` naming ``exports.jsonl`` when there is none.
+    ``prefix``: the step exports' names (``ModelExport``'s folders: ``unclip-step``, ``decoder-step``)."""
     log = Path(run_dir) / "exports.jsonl"
     if not log.exists():
         raise FileNotFoundError(
@@ -42,7 +43,7 @@ def exported_adapters(run_dir: str | Path) -> list[dict]:
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise ValueError(f"{log}:{number}: not valid JSON ({error.msg})") from None
-        if not record["file"].startswith("adapter-step"):
+        if not record["file"].startswith(prefix):
             continue  # the end-of-training adapter.safetensors repeats the last step
         by_step[int(record["step"])] = {**record, "path": Path(run_dir) / record["file"]}
     return [by_step[step] for step in sorted(by_step)]
@@ -59,6 +60,7 @@ def score_run(
     score_adapter: Callable[[Path], list[dict]],
     done: dict[int, dict] | None = None,
     on_step: Callable[[int, dict], None] | None = None,
+    prefix: str = "adapter-step",
 ) -> dict[int, dict]:
     """``{step: {"train_seconds", "images": [per-image rows]}}`` for every exported adapter of a run.
 
@@ -67,7 +69,7 @@ def score_run(
     so a caller can write partial results as they come (a killed benchmark resumes where it stopped).
     """
     results = dict(done or {})
-    for export in exported_adapters(run_dir):
+    for export in exported_adapters(run_dir, prefix):
         step = export["step"]
         if step in results:
             continue

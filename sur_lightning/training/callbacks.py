@@ -243,6 +243,27 @@ class AdapterExport(EveryNSteps):
         self.seconds_before = float(state.get("train_seconds", 0.0))
 
 
+class ModelExport(AdapterExport):
+    """``AdapterExport`` for trained models that are not connectors (unCLIP's decoder and prior): at the same steps
+    it writes the folder ``<dirpath>/<filename>`` (``<filename>-step{N}`` at ``at_steps``) that the module's
+    ``export_pretrained(folder, trained_with)`` fills, with the same ``exports.jsonl`` lines (the learning curve's
+    x-axes, ``learning_curve.exported_adapters(run, prefix=...)``)."""
+
+    @rank_zero_only
+    def export(self, pl_module, name: str, folder: bool = False) -> Path:
+        path = pl_module.export_pretrained(self.dirpath / name, self.trained_with)
+        export = {"step": pl_module.global_step, "train_seconds": round(self.train_seconds(), 2), "file": path.name}
+        with open(self.dirpath / "exports.jsonl", "a", encoding="utf-8") as log_file:
+            log_file.write(json.dumps(export) + "\n")
+        if folder:
+            self.exported = path
+            log.info(f"{type(pl_module).__name__}: exported {path}")
+        return path
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.export(pl_module, self.filename, folder=True)
+
+
 class SampleGrid(EveryNSteps):
     """Renders fixed prompts with fixed seeds through the base model and through the adapter, and
     writes a labelled grid (``samples/step{N}.png``), also logged as an image to W&B / TensorBoard.
