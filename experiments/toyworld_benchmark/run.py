@@ -97,7 +97,22 @@ ROWS: dict[str, tuple[str, list[str], str]] = {
         ["+llm/rag=toyworld", "llm.rag_pooling=all", "llm.rag.name_dropout=1.0", "llm.rag.anonymise=true"],
         "ella_name_dropout_p1 read anonymised at inference too: every name becomes a nonsense word after retrieval",
     ),
+    # unCLIP (issue 34): the prior -> decoder pipeline, trained in two runs per seed (runs/unclip_decoder/seed<S>, then
+    # runs/unclip/seed<S> sampled through that decoder); the oracle decodes the image tower's embedding of a true image
+    # of each prompt (world.draw_example of its target), which bounds every prior.
+    "unclip": (
+        "unclip_toy",
+        [],
+        ("unCLIP: a diffusion prior (PriorTransformer, 4 layers) from SmolLM2's token states + CLIP's pooled state to "
+         "the image tower's embedding, decoded by the frozen toy UNet through a trained projection (4 tokens + time)"),
+    ),
+    "unclip_oracle": (
+        "unclip_decoder_toy",
+        [],
+        "unCLIP's decoder given the image tower's embedding of a true image of the prompt (the bound of every prior)",
+    ),
 }
+UNCLIP_ROWS = ("unclip", "unclip_oracle")
 SPLIT_SEEDS = {"adapter_train": [0], "held_out_combinations": [0, 1], "held_out_objects": [0, 1, 2]}
 
 
@@ -106,6 +121,9 @@ def compose(preset: str, overrides: list[str], out: Path, args, seed: int, steps
     from hydra import initialize_config_dir
 
     config_dir = str(ROOT / "conf")
+    # unCLIP's presets export with callbacks=unclip's `export` (ModelExport), the connectors' with adapter_export.
+    unclip = preset.startswith("unclip")
+    export = "export" if unclip else "adapter_export"
     common = [
         f"+experiment={preset}",
         f"seed={seed}",
@@ -113,9 +131,8 @@ def compose(preset: str, overrides: list[str], out: Path, args, seed: int, steps
         f"trainer.max_steps={max(steps)}",
         f"trainer.val_check_interval={min(steps)}",
         "logger=csv",
-        "callbacks=default",
-        "callbacks.sample_grid=null",
-        f"callbacks.adapter_export.at_steps=[{','.join(map(str, steps))}]",
+        *([] if unclip else ["callbacks=default", "callbacks.sample_grid=null"]),
+        f"callbacks.{export}.at_steps=[{','.join(map(str, steps))}]",
         f"callbacks.model_checkpoint.every_n_train_steps={min(steps)}",
         "callbacks.model_checkpoint.save_top_k=1",
         f"paths.root_dir={ROOT}",
@@ -142,6 +159,45 @@ def train_run(name: str, seed: int, args) -> Path:
     train(cfg)
     print(f"{name} seed {seed}: trained in {time.time() - started:.0f} s", flush=True)
     return out
+
+
+def train_unclip(name: str, seed: int, args) -> Path:
+    """unCLIP's runs for one seed: the decoder (runs/unclip_decoder/seed<S>, ``--decoder-steps``), then for the
+    ``unclip`` row the prior sampled through it (runs/unclip/seed<S>, ``--steps``); each resumes a killed run.
+    Returns the row's run folder."""
+    from sur_lightning.train import train
+
+    decoder_run = args.out / "runs" / "unclip_decoder" / f"seed{seed}"
+    runs = [(decoder_run, "unclip_decoder_toy", [args.decoder_steps], "decoder", [])]
+    if name == "unclip":
+        runs.append((args.out / "runs" / "unclip" / f"seed{seed}", "unclip_toy", args.steps, "unclip",
+                     [f"model.decoder={decoder_run / 'decoder'}"]))
+    for out, preset, steps, export, overrides in runs:
+        if (out / export).exists():
+            continue
+        cfg = compose(preset, overrides, out, args, seed, steps)
+        last = out / "checkpoints" / "last.ckpt"
+        if last.exists():
+            cfg.ckpt_path = str(last)
+        started = time.time()
+        train(cfg)
+        print(f"{preset} seed {seed}: trained in {time.time() - started:.0f} s", flush=True)
+    return runs[-1][0]
+
+
+def true_image(prompts):
+    """``reference(prompt, seed)`` for the oracle: a fresh world image of the prompt's target (its complex prompt),
+    from a generator keyed by prompt and seed."""
+    import random
+
+    from sur_lightning.toyworld import world
+
+    targets = {p.prompt: world.parse_toyworld(p.complex) for prompts_ in prompts.values() for p in prompts_}
+
+    def reference(prompt: str, seed: int):
+        return world.draw_example(*targets[prompt], random.Random(f"unclip-oracle:{prompt}:{seed}"))
+
+    return reference
 
 
 class Scorer:
@@ -201,6 +257,38 @@ class Scorer:
         (column,) = build_columns(self.backbone, [str(path)], llm=lambda: self.llm(name), include_base=False)
         column.name = "adapter"
         return self.rows([column], path.parent / "eval" / path.stem)["adapter"]
+
+
+    def unclip(self, path: Path) -> list[dict]:
+        """A prior export (``unclip-step<N>/``), sampled prior -> decoder (the decoder its unclip.json names)."""
+        from sur_lightning.generation.unclip import unclip_column
+
+        column = unclip_column(self.backbone, path, llm=self.llm("unclip"), name="adapter")
+        return self.rows([column], path.parent / "eval" / path.name)["adapter"]
+
+    def unclip_oracle(self, path: Path) -> list[dict]:
+        """A decoder export, given the image tower's embedding of a true image of each prompt."""
+        from sur_lightning.generation.unclip import oracle_column
+        from sur_lightning.toyworld import shipped_image_tower
+
+        column = oracle_column(self.backbone, path, shipped_image_tower(), true_image(self.prompts), name="adapter")
+        return self.rows([column], path.parent / "eval" / path.name)["adapter"]
+
+
+def score_unclip(name: str, run: Path, scorer: Scorer, done: dict, on_step) -> None:
+    """Score each step export of an unCLIP run: the prior's ``unclip-step<N>`` (and the final ``unclip``), or for the
+    oracle the decoder's final export at its step."""
+    if name == "unclip":
+        exports = learning_curve.exported_adapters(run, prefix="unclip")
+        for export in exports:
+            if export["step"] not in done:
+                done[export["step"]] = {"train_seconds": export["train_seconds"], "images": scorer.unclip(export["path"])}
+                on_step(export["step"], done[export["step"]])
+        return
+    (export,) = [e for e in learning_curve.exported_adapters(run, prefix="decoder")][-1:]
+    if export["step"] not in done:
+        done[export["step"]] = {"train_seconds": export["train_seconds"], "images": scorer.unclip_oracle(export["path"])}
+        on_step(export["step"], done[export["step"]])
 
 
 def load_results(path: Path) -> dict:
@@ -279,6 +367,7 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", nargs="+", type=int, default=[300, 600, 1200, 2400])
+    parser.add_argument("--decoder-steps", type=int, default=1500, help="unCLIP's decoder budget (rows unclip, unclip_oracle)")
     parser.add_argument("--eval-steps", type=int, default=15)
     parser.add_argument("--guidance-scale", type=float, default=4.0)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
@@ -301,9 +390,10 @@ def main() -> None:
         for seed in args.seeds:
             for name in args.rows:
                 done = results["runs"].setdefault(name, {}).setdefault(seed, {})
-                if all(step in done for step in args.steps):
+                wanted = [args.decoder_steps] if name == "unclip_oracle" else args.steps
+                if all(step in done for step in wanted):
                     continue
-                run = train_run(name, seed, args)
+                run = train_unclip(name, seed, args) if name in UNCLIP_ROWS else train_run(name, seed, args)
 
                 def on_step(step, result, name=name, seed=seed):
                     results["runs"][name][seed][step] = result
@@ -313,7 +403,10 @@ def main() -> None:
                     shown = {s: learning_curve.fmt(gaps[s].get("gap_color_accuracy")) for s in SPLITS}
                     print(f"{name} seed {seed} step {step}: colour gap closed {shown}", flush=True)
 
-                learning_curve.score_run(run, lambda path, name=name: scorer.adapter(name, path), done, on_step)
+                if name in UNCLIP_ROWS:
+                    score_unclip(name, run, scorer, done, on_step)
+                else:
+                    learning_curve.score_run(run, lambda path, name=name: scorer.adapter(name, path), done, on_step)
 
     curves = summaries(results, [n for n in args.rows if n in results["runs"]])
     table = markdown(curves, results, args)

@@ -29,11 +29,18 @@ from sur_lightning.runtime import pick_device
 
 @dataclass
 class Column:
-    """One column of images: a label, a folder-safe slug, its conditioning, and what it came from."""
+    """One column of images: a label, a folder-safe slug, its conditioning, and what it came from.
+
+    ``render``: for a generator that is not the UNet under a text conditioning (unCLIP's prior -> decoder,
+    ``generation/unclip.py``), the callable that draws the column's images instead,
+    ``render(prompts, seeds, scheduler=, negative_prompt=, num_inference_steps=, guidance_scale=, height=, width=)
+    -> list[PIL.Image]``, one image per (prompt, seed); its ``conditioning`` is then None.
+    """
 
     name: str
-    conditioning: ClipConditioning
+    conditioning: ClipConditioning | None
     source: dict = field(default_factory=dict)
+    render: Callable[..., list] | None = None
 
     @property
     def slug(self) -> str:
@@ -178,6 +185,10 @@ def use_recorded(cfg, overrides: Sequence[str] = ()) -> list[str]:
     for _, spec in adapter_entries(cfg.get("adapters")):
         if spec.get("format", "sur_lightning") == "sur_lightning" and Path(spec["path"]).exists():
             records.append((spec["path"], connector_record(spec["path"]) or {}))
+    if cfg.get("unclip"):  # unCLIP's prior export records its backbone and LLM the same way
+        from sur_lightning.generation.unclip import PRIOR_RECORD, read_record
+
+        records.append((cfg.unclip, read_record(cfg.unclip, PRIOR_RECORD).get("trained_with") or {}))
     notes = []
     for group in GROUPS:
         if group in chosen:
@@ -244,6 +255,10 @@ def prepare(cfg):
         include_base=cfg.include_base,
         negative=cfg.get("negative", "connector"),
     )
+    if cfg.get("unclip"):  # unCLIP: prior -> decoder, the LLM its record names (generation/unclip.py)
+        from sur_lightning.generation.unclip import unclip_column
+
+        columns.append(unclip_column(backbone, cfg.unclip, llm=token_llm(llm_cfg) if llm_cfg is not None else None))
     complex_column = complex_prompt_column(backbone, prompts) if cfg.include_base else None
     if complex_column is not None:
         columns.insert(1, complex_column)

@@ -167,7 +167,7 @@ def render_columns(
     progress: bool = True,
     **kwargs,
 ) -> list[Rendered]:
-    """Every (prompt, seed) through every column, same seeds for all; writes
+    """Every (prompt, seed) through every column (its conditioning, or its own ``render``), same seeds for all; writes
     ``<out_dir>/images/<column slug>/<prompt id>_seed<seed>.png`` when ``out_dir`` is given."""
     from tqdm.auto import tqdm
 
@@ -179,14 +179,12 @@ def render_columns(
         for column in columns:
             for batch in batches:
                 try:
-                    images = render(
-                        pipeline,
-                        column.conditioning,
-                        [p.prompt for p, _ in batch],
-                        [s for _, s in batch],
-                        negative_prompt=negative_prompt,
-                        **kwargs,
-                    )
+                    if column.render is not None:  # a generator of its own (unCLIP): same prompts, seeds and knobs
+                        images = column.render([p.prompt for p, _ in batch], [s for _, s in batch], scheduler=scheduler,
+                                               negative_prompt=negative_prompt, **kwargs)
+                    else:
+                        images = render(pipeline, column.conditioning, [p.prompt for p, _ in batch],
+                                        [s for _, s in batch], negative_prompt=negative_prompt, **kwargs)
                 except NonFiniteConditioningError as error:
                     raise NonFiniteConditioningError(f"column {column.name!r}: {error}") from error
                 for (prompt, seed), image in zip(batch, images):

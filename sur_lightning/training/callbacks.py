@@ -246,12 +246,14 @@ class AdapterExport(EveryNSteps):
 class ModelExport(AdapterExport):
     """``AdapterExport`` for trained models that are not connectors (unCLIP's decoder and prior): at the same steps
     it writes the folder ``<dirpath>/<filename>`` (``<filename>-step{N}`` at ``at_steps``) that the module's
-    ``export_pretrained(folder, trained_with)`` fills, with the same ``exports.jsonl`` lines (the learning curve's
+    ``export_pretrained(folder, trained_with)`` fills (``trained_with``: ``training_record``), with the same ``exports.jsonl`` lines (the learning curve's
     x-axes, ``learning_curve.exported_adapters(run, prefix=...)``)."""
 
     @rank_zero_only
     def export(self, pl_module, name: str, folder: bool = False) -> Path:
-        path = pl_module.export_pretrained(self.dirpath / name, self.trained_with)
+        # The connectors' record (training_record: backbone and LLM nodes, widths, cache fingerprints), which
+        # generate/evaluate read back (columns.use_recorded).
+        path = pl_module.export_pretrained(self.dirpath / name, self.record(pl_module))
         export = {"step": pl_module.global_step, "train_seconds": round(self.train_seconds(), 2), "file": path.name}
         with open(self.dirpath / "exports.jsonl", "a", encoding="utf-8") as log_file:
             log_file.write(json.dumps(export) + "\n")

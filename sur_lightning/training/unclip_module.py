@@ -37,6 +37,7 @@ import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.utils.torch_utils import randn_tensor
 
+from sur_lightning.generation.unclip import DECODER_RECORD, PRIOR_RECORD, clip_pooled
 from sur_lightning.models.backbone import StableDiffusionBackbone
 from sur_lightning.models.image_tower import ImageTower
 from sur_lightning.models.llm import CausalLMFeatures
@@ -47,8 +48,6 @@ from sur_lightning.training.module import blank, keyed_seed, sample_generators
 
 log = logging.getLogger(__name__)
 
-DECODER_RECORD = "unclip_decoder.json"
-PRIOR_RECORD = "unclip.json"
 
 
 # ------------------------------------------------------------------------------------------ shared parts
@@ -83,13 +82,6 @@ def sampled_latents(backbone, batch: dict, generators: list[torch.Generator]) ->
     noise = randn_tensor(distribution.mean.shape, generator=generators, device=distribution.mean.device,
                          dtype=distribution.mean.dtype)
     return backbone.scale_latents(distribution.mean + distribution.std * noise)
-
-
-def clip_pooled(backbone, clip_states: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-    """[B, d]: CLIP's pooled state (what ``CLIPTextModel`` returns as ``pooler_output``: the final-norm state at
-    the end token, the highest id) picked from its last hidden states [B, 77, d]."""
-    end = backbone.tokenize(list(prompts)).argmax(dim=-1).to(clip_states.device)
-    return clip_states[torch.arange(len(end), device=clip_states.device), end]
 
 
 def tower_record(image_tower) -> dict:
@@ -229,7 +221,7 @@ class UnclipDecoderModule(_StageModule):
         write_json(folder / DECODER_RECORD, {
             "kind": "unclip_decoder", "step": self.global_step, "embedding_dropout": self.embedding_dropout,
             "image_tower": tower_record(self.image_tower_path),
-            "trained_with": {"backbone": (trained_with or {}).get("backbone")},
+            "trained_with": trained_with,
         })
         return folder
 
@@ -269,7 +261,7 @@ class UnclipPriorModule(_StageModule):
         self.feature_cache = feature_cache
         text_dim = llm.hidden_size if llm is not None else llm_dim
         if not isinstance(text_dim, int):
-            raise ValueError(f"the unCLIP prior reads one LLM's token states (llm=smollm2_tokens); got width {text_dim!r}")
+            raise TypeError(f"the unCLIP prior reads one LLM's token states (llm=smollm2_tokens); got width {text_dim!r}")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.prior = prior(text_dim=text_dim, pooled_dim=backbone.cross_attention_dim,
@@ -318,13 +310,12 @@ class UnclipPriorModule(_StageModule):
         it is sampled with, the image tower, and the backbone and LLM whose features it reads."""
         folder = Path(folder)
         self.prior.save_pretrained(folder / "prior")
-        trained_with = trained_with or {}
         write_json(folder / PRIOR_RECORD, {
             "kind": "unclip", "step": self.global_step, "caption_dropout": self.caption_dropout,
             "decoder": None if self.decoder is None else str(Path(self.decoder).resolve()),
             "image_tower": tower_record(self.image_tower_path),
             "text": {"states": "llm token states", "pooled": "CLIP pooled state"},
-            "trained_with": {"backbone": trained_with.get("backbone"), "llm": trained_with.get("llm")},
+            "trained_with": trained_with,
         })
         return folder
 
