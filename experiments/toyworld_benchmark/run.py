@@ -261,14 +261,14 @@ class Scorer:
 
     def unclip(self, path: Path) -> list[dict]:
         """A prior export (``unclip-step<N>/``), sampled prior -> decoder (the decoder its unclip.json names)."""
-        from sur_lightning.generation.unclip import unclip_column
+        from sur_lightning.generation.columns import unclip_column
 
         column = unclip_column(self.backbone, path, llm=self.llm("unclip"), name="adapter")
         return self.rows([column], path.parent / "eval" / path.name)["adapter"]
 
     def unclip_oracle(self, path: Path) -> list[dict]:
         """A decoder export, given the image tower's embedding of a true image of each prompt."""
-        from sur_lightning.generation.unclip import oracle_column
+        from sur_lightning.generation.columns import oracle_column
         from sur_lightning.toyworld import shipped_image_tower
 
         column = oracle_column(self.backbone, path, shipped_image_tower(), true_image(self.prompts), name="adapter")

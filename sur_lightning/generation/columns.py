@@ -3,7 +3,8 @@
 A ``Column`` is a name, a conditioning and a description of its source. ``build_columns`` gives the base
 column and one per adapter (or per η of a sweep), each checked against the backbone and LLM on an empty
 prompt, so a mismatch fails naming the adapter file. ``complex_prompt_column`` is the base model given
-each prompt's complex prompt (the upper bound). ``prepare(cfg)`` builds backbone, prompts and columns
+each prompt's complex prompt (the upper bound). ``unclip_column`` / ``oracle_column`` draw with unCLIP's prior ->
+decoder and its decoder alone (``Column.render``, ``generation/unclip.py``). ``prepare(cfg)`` builds backbone, prompts and columns
 from a generate/evaluate config.
 """
 
@@ -161,6 +162,48 @@ def check_conditioning(conditioning: ClipConditioning, backbone, path) -> None:
         )
 
 
+# ------------------------------------------------------------------ unCLIP (generation/unclip.py)
+
+
+def unclip_column(backbone, folder: str | Path, llm=None, decoder: str | Path | None = None, name: str = "unclip",
+                  num_inference_steps: int = 25, guidance_scale: float = 1.0) -> Column:
+    """The column prior -> decoder of a prior export ``folder`` (``unclip.json``). ``llm``: the LLM module the prior
+    reads (token states), or None to build the one it was trained with (its record's ``trained_with.llm``);
+    ``decoder``: a decoder folder instead of the one its record names."""
+    from sur_lightning.generation.unclip import DecoderRender, PriorEmbeddings, load_decoder, load_prior
+
+    prior, record = load_prior(folder)
+    decoder = decoder or record.get("decoder")
+    if decoder is None:
+        raise ValueError(f"{folder}: its unclip.json names no decoder (trained with model.decoder=null): pass decoder=<folder>")
+    projection, _ = load_decoder(decoder)
+    if llm is None:
+        node = (record.get("trained_with") or {}).get("llm")
+        if node is None:
+            raise ValueError(f"{folder}: its unclip.json records no LLM: pass llm=")
+        from omegaconf import OmegaConf
+
+        llm = token_llm(OmegaConf.create(node))
+    llm = llm.to(backbone.device)
+    embed = PriorEmbeddings(backbone, prior.to(backbone.device), frozen_text_features(backbone, llm),
+                            num_inference_steps, guidance_scale)
+    source = {"kind": "unclip", "prior": str(folder), "decoder": str(decoder), "prior_guidance_scale": guidance_scale}
+    return Column(name, None, source, render=DecoderRender(backbone, projection, embed))
+
+
+def oracle_column(backbone, decoder: str | Path, image_tower: str | Path,
+                  reference: Callable, name: str = "unclip_oracle") -> Column:
+    """The decoder given the image tower's embedding of a true image of each prompt: ``reference(prompt, seed)``
+    draws it (the toy world: ``world.draw_example`` of the prompt's target, seeded)."""
+    from sur_lightning.generation.unclip import DecoderRender, TowerEmbeddings, load_decoder
+    from sur_lightning.models.image_tower import ImageTower
+
+    projection, _ = load_decoder(decoder)
+    embed = TowerEmbeddings(ImageTower.from_pretrained(str(image_tower)).to(backbone.device), reference)
+    source = {"kind": "unclip_oracle", "decoder": str(decoder), "image_tower": str(image_tower)}
+    return Column(name, None, source, render=DecoderRender(backbone, projection, embed))
+
+
 GROUPS = ("backbone", "llm")
 
 
@@ -256,8 +299,6 @@ def prepare(cfg):
         negative=cfg.get("negative", "connector"),
     )
     if cfg.get("unclip"):  # unCLIP: prior -> decoder, the LLM its record names (generation/unclip.py)
-        from sur_lightning.generation.unclip import unclip_column
-
         columns.append(unclip_column(backbone, cfg.unclip, llm=token_llm(llm_cfg) if llm_cfg is not None else None))
     complex_column = complex_prompt_column(backbone, prompts) if cfg.include_base else None
     if complex_column is not None:

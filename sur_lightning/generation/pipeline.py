@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -25,10 +24,6 @@ from sur_lightning.generation.conditioning import (
     conditioning_hook,
     frozen_text_features,
 )
-
-if TYPE_CHECKING:
-    from sur_lightning.generation.columns import Column
-
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -157,7 +152,7 @@ class Rendered:
 
 def render_columns(
     backbone,
-    columns: Sequence[Column],
+    columns: Sequence,  # columns.Column (not imported: columns -> unclip -> pipeline would close a circle)
     prompts: Sequence[Prompt],
     seeds: Sequence[int],
     out_dir: str | Path | None = None,

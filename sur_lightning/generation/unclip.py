@@ -4,12 +4,8 @@
 draws one image per embedding [B, E] through the frozen UNet (the decoder's projection gives its context tokens
 and its time-embedding offset; classifier-free guidance against the zero embedding, as the decoder was trained
 with embedding dropout). ``DecoderRender`` is a column's ``render`` (``columns.Column``): prompts and seeds ->
-PIL images, from any ``embed(prompts, seeds) -> [B, E]``:
-
-- ``unclip_column``: the embeddings the prior samples from the prompt's text features (the LLM's token states and
-  CLIP's pooled state of the prompt, as in training), one prior chain per (prompt, seed), seeded by the seed;
-- ``oracle_column``: the image tower's embeddings of true images of each prompt (``reference(prompt, seed)`` draws
-  one), the decoder's ceiling: every prior is bounded by it.
+PIL images, from any ``embed(prompts, seeds) -> [B, E]``; ``columns.unclip_column`` gives it the prior's samples
+(``PriorEmbeddings``), ``columns.oracle_column`` the image tower's embeddings of true images (``TowerEmbeddings``).
 
 The same seed gives the same embedding (prior) and the same initial latents (decoder), so a column is
 deterministic per (prompt, seed) whatever the batch.
@@ -148,49 +144,19 @@ class PriorEmbeddings:
         return torch.cat(rows)
 
 
-def unclip_column(backbone, folder: str | Path, llm=None, decoder: str | Path | None = None, name: str = "unclip",
-                  num_inference_steps: int = 25, guidance_scale: float = 1.0):
-    """The column prior -> decoder of a prior export ``folder`` (``unclip.json``). ``llm``: the LLM module the prior
-    reads (token states), or None to build the one it was trained with (its record's ``trained_with.llm``);
-    ``decoder``: a decoder folder instead of the one its record names."""
-    from sur_lightning.generation.columns import Column, token_llm
-    from sur_lightning.generation.conditioning import frozen_text_features
+class TowerEmbeddings:
+    """``(prompts, seeds) -> [B, E]``: the image tower's embeddings of ``reference(prompt, seed)``, a true image of
+    each prompt (the toy world: ``world.draw_example`` of the prompt's target, seeded)."""
 
-    prior, record = load_prior(folder)
-    decoder = decoder or record.get("decoder")
-    if decoder is None:
-        raise ValueError(f"{folder}: its unclip.json names no decoder (trained with model.decoder=null): pass decoder=<folder>")
-    projection, _ = load_decoder(decoder)
-    if llm is None:
-        node = (record.get("trained_with") or {}).get("llm")
-        if node is None:
-            raise ValueError(f"{folder}: its unclip.json records no LLM: pass llm=")
-        from omegaconf import OmegaConf
-
-        llm = token_llm(OmegaConf.create(node))
-    llm = llm.to(backbone.device)
-    embed = PriorEmbeddings(backbone, prior.to(backbone.device), frozen_text_features(backbone, llm),
-                            num_inference_steps, guidance_scale)
-    source = {"kind": "unclip", "prior": str(folder), "decoder": str(decoder), "prior_guidance_scale": guidance_scale}
-    return Column(name, None, source, render=DecoderRender(backbone, projection, embed))
-
-
-def oracle_column(backbone, decoder: str | Path, image_tower: str | Path,
-                  reference: Callable[[str, int], Image.Image], name: str = "unclip_oracle"):
-    """The decoder given the image tower's embedding of a true image of each prompt: ``reference(prompt, seed)``
-    draws it (the toy world: ``world.draw_example`` of the prompt's target, seeded)."""
-    from sur_lightning.generation.columns import Column
-
-    projection, _ = load_decoder(decoder)
-    tower = ImageTower.from_pretrained(str(image_tower)).eval()
+    def __init__(self, tower: ImageTower, reference: Callable[[str, int], Image.Image]) -> None:
+        self.tower = tower.eval()
+        self.reference = reference
 
     @torch.no_grad()
-    def embed(prompts: list[str], seeds: list[int]) -> torch.Tensor:
-        pixels = torch.stack([to_pixels(reference(p, s), tower.config.image_size) for p, s in zip(prompts, seeds)])
-        return tower.embed_images(pixels)
-
-    source = {"kind": "unclip_oracle", "decoder": str(decoder), "image_tower": str(image_tower)}
-    return Column(name, None, source, render=DecoderRender(backbone, projection, embed))
+    def __call__(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        size = self.tower.config.image_size
+        pixels = torch.stack([to_pixels(self.reference(p, s), size) for p, s in zip(prompts, seeds)])
+        return self.tower.embed_images(pixels.to(self.tower.device))
 
 
 def to_pixels(image: Image.Image, size: int) -> torch.Tensor:
