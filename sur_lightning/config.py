@@ -163,7 +163,9 @@ def check_combination(cfg: DictConfig, choices: dict | None = None) -> None:
     ``choices``: group -> option as the user picked them (Hydra's ``runtime.choices``), for the message.
     """
     if OmegaConf.select(cfg, "connector") is None:
-        return  # a generator without a connector (model=vqvae, model=pixelsnail): nothing below applies
+        # A model that is not a connector (model=vqvae, pixelsnail, unclip_prior, unclip_decoder: their presets set
+        # connector: null) checks its own inputs when it is built.
+        return
     if choices is None:
         hydra = _hydra()
         choices = dict(hydra.runtime.choices) if hydra is not None else {}
@@ -366,6 +368,7 @@ def column_arguments(cfg: DictConfig) -> dict:
         "include_base": cfg.include_base,
         "negative": cfg.get("negative", "connector"),
         "pixelsnail": list(cfg.get("pixelsnail") or []),
+        "unclip": cfg.get("unclip"),
     }
 
 

@@ -46,7 +46,7 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     from hydra.utils import instantiate
 
     overrides = command_line_overrides() if overrides is None else overrides
-    for note in [] if cfg.get("images_dir") else use_recorded(cfg, adapter_records(cfg.get("adapters")), overrides):
+    for note in [] if cfg.get("images_dir") else use_recorded(cfg, adapter_records(cfg.get("adapters"), cfg.get("unclip")), overrides):
         print(note, flush=True)
     resolved = check_config(cfg)
     use_wandb_offline_without_key()

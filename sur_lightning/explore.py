@@ -70,7 +70,7 @@ def explore(cfg, overrides: list[str] | None = None) -> dict:
     overrides = command_line_overrides() if overrides is None else overrides
     torch.manual_seed(cfg.seed)
     out_dir = Path(cfg.paths.output_dir)
-    for note in use_recorded(cfg, adapter_records(cfg.get("adapters")), overrides):
+    for note in use_recorded(cfg, adapter_records(cfg.get("adapters"), cfg.get("unclip")), overrides):
         print(note, flush=True)
     resolved = check_config(cfg)
     evaluator = Evaluator(**evaluator_arguments(cfg)) if cfg.metrics.compute else None  # weights first: fail before rendering

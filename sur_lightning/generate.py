@@ -38,7 +38,7 @@ def generate(cfg, overrides: list[str] | None = None) -> dict:
     overrides = command_line_overrides() if overrides is None else overrides
     torch.manual_seed(cfg.seed)
     out_dir = Path(cfg.paths.output_dir)
-    for note in use_recorded(cfg, adapter_records(cfg.get("adapters")), overrides):
+    for note in use_recorded(cfg, adapter_records(cfg.get("adapters"), cfg.get("unclip")), overrides):
         print(note, flush=True)
     resolved = check_config(cfg)
     backbone = instantiate(cfg.backbone).to(pick_device(cfg.device))

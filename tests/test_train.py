@@ -21,8 +21,9 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes_untouched(compose, experiment):
     cfg = compose(f"+experiment={experiment}", tiny=False)
-    # The other generators' presets train their own module (tests/test_pixelsnail_pipeline.py).
-    module = {"vqvae_toy": "VQTokenizerModule", "pixelsnail_toy": "PixelSNAILModule"}.get(experiment, "ConnectorTrainingModule")
+    # The other generators' presets train modules of their own (tests/test_pixelsnail_pipeline.py, test_unclip.py).
+    module = {"vqvae_toy": "VQTokenizerModule", "pixelsnail_toy": "PixelSNAILModule",
+              "unclip_decoder_toy": "UnclipDecoderModule", "unclip_toy": "UnclipPriorModule"}.get(experiment, "ConnectorTrainingModule")
     assert cfg.model._target_.endswith(module)
     assert cfg.task_name == experiment
 

@@ -111,10 +111,25 @@ ROWS: dict[str, tuple[str, list[str], str]] = {
         ("not a connector: VQ codes of the adapter-train images (256-code EMA codebook over the toy VAE's latents) "
          "and a text-conditioned PixelSNAIL (32 channels, 1 block) reading SmolLM2's token states; CFG 3, temperature 1"),
     ),
+    # unCLIP (issue 34): the prior -> decoder pipeline, trained in two runs per seed (runs/unclip_decoder/seed<S>, then
+    # runs/unclip/seed<S> sampled through that decoder); the oracle decodes the image tower's embedding of a true image
+    # of each prompt (world.draw_example of its target), which bounds every prior.
+    "unclip": (
+        "unclip_toy",
+        [],
+        ("unCLIP: a diffusion prior (PriorTransformer, 4 layers) from SmolLM2's token states + CLIP's pooled state to "
+         "the image tower's embedding, decoded by the frozen toy UNet through a trained projection (4 tokens + time)"),
+    ),
+    "unclip_oracle": (
+        "unclip_decoder_toy",
+        [],
+        "unCLIP's decoder given the image tower's embedding of a true image of the prompt (the bound of every prior)",
+    ),
 }
-# Presets that train their own generator (conf/callbacks/generator.yaml: a save_pretrained folder per scored step)
+UNCLIP_ROWS = ("unclip", "unclip_oracle")
+# Presets that train their own generator (conf/callbacks/generator.yaml: an export_pretrained folder per scored step)
 # instead of a connector on the frozen base -> the name of their final export. A row of one draws its images with
-# its own sampler (Column.sampler); vqvae_toy is no row, it fits the tokenizer the pixelsnail row reads.
+# its own sampler (Column.render); vqvae_toy is no row, it fits the tokenizer the pixelsnail row reads.
 GENERATORS = {"pixelsnail_toy": "pixelsnail", "vqvae_toy": "tokenizer"}
 # The text-encoder ablation (ELLA's central question): the demo recipe, only the text model the connector reads
 # changes. ella_demo is its SmolLM2-135M row.
@@ -151,6 +166,9 @@ def compose(preset: str, overrides: list[str], out: Path, args, seed: int, steps
     if preset in GENERATORS:
         # The tokenizer folder is the benchmark's own (tokenizer_for), passed in by the caller's overrides.
         callbacks = [f"callbacks.model_export.at_steps={at_steps}"]
+    elif preset.startswith("unclip"):
+        # unCLIP's presets export with callbacks=unclip's `export` (ModelExport).
+        callbacks = [f"callbacks.export.at_steps={at_steps}"]
     else:
         callbacks = ["callbacks=default", "callbacks.sample_grid=null", f"callbacks.adapter_export.at_steps={at_steps}"]
     common = [
@@ -209,6 +227,45 @@ def tokenizer_for(args) -> Path:
             cfg.ckpt_path = str(out / "checkpoints" / "last.ckpt")
         train(cfg)
     return out / "tokenizer"
+
+
+def train_unclip(name: str, seed: int, split_seed: int, args) -> Path:
+    """unCLIP's runs for one seed: the decoder (runs/unclip_decoder/seed<S>, ``--decoder-steps``), then for the
+    ``unclip`` row the prior sampled through it (runs/unclip/seed<S>, ``--steps``); each resumes a killed run.
+    Returns the row's run folder."""
+    from sur_lightning.train import train
+
+    decoder_run = world_out(args, split_seed) / "runs" / "unclip_decoder" / f"seed{seed}"
+    runs = [(decoder_run, "unclip_decoder_toy", [args.decoder_steps], "decoder", [])]
+    if name == "unclip":
+        runs.append((world_out(args, split_seed) / "runs" / "unclip" / f"seed{seed}", "unclip_toy", args.steps, "unclip",
+                     [f"model.decoder={decoder_run / 'decoder'}"]))
+    for out, preset, steps, export, overrides in runs:
+        if (out / export).exists():
+            continue
+        cfg = compose(preset, overrides, out, args, seed, steps, split_seed)
+        last = out / "checkpoints" / "last.ckpt"
+        if last.exists():
+            cfg.ckpt_path = str(last)
+        started = time.time()
+        train(cfg)
+        print(f"{preset} seed {seed} split seed {split_seed}: trained in {time.time() - started:.0f} s", flush=True)
+    return runs[-1][0]
+
+
+def true_image(prompts: dict):
+    """``reference(prompt, seed)`` for the oracle: a fresh world image of the prompt's target (its complex prompt),
+    from a generator keyed by prompt and seed. ``prompts``: one world's ``{split: prompts}``."""
+    import random
+
+    from sur_lightning.toyworld import world
+
+    targets = {p.prompt: world.parse_toyworld(p.complex) for prompts_ in prompts.values() for p in prompts_}
+
+    def reference(prompt: str, seed: int):
+        return world.draw_example(*targets[prompt], random.Random(f"unclip-oracle:{prompt}:{seed}"))
+
+    return reference
 
 
 class Scorer:
@@ -275,6 +332,39 @@ class Scorer:
             (column,) = build_columns(self.backbone, [str(path)], llm=lambda: self.llm(name), include_base=False)
         column.name = "adapter"
         return self.rows([column], path.parent / "eval" / path.stem, split_seed)["adapter"]
+
+
+    def unclip(self, path: Path, split_seed: int) -> list[dict]:
+        """A prior export (``unclip-step<N>/``), sampled prior -> decoder (the decoder its unclip.json names)."""
+        from sur_lightning.generation.columns import unclip_column
+
+        column = unclip_column(self.backbone, path, llm=self.llm("unclip"), name="adapter")
+        return self.rows([column], path.parent / "eval" / path.name, split_seed)["adapter"]
+
+    def unclip_oracle(self, path: Path, split_seed: int) -> list[dict]:
+        """A decoder export, given the image tower's embedding of a true image of each prompt."""
+        from sur_lightning.generation.columns import oracle_column
+        from sur_lightning.toyworld import shipped_image_tower
+
+        column = oracle_column(self.backbone, path, shipped_image_tower(), true_image(self.prompts[split_seed]),
+                               name="adapter")
+        return self.rows([column], path.parent / "eval" / path.name, split_seed)["adapter"]
+
+
+def score_unclip(name: str, run: Path, scorer: Scorer, done: dict, on_step, split_seed: int) -> None:
+    """Score each step export of an unCLIP run: the prior's ``unclip-step<N>`` (and the final ``unclip``), or for the
+    oracle the decoder's final export at its step."""
+    if name == "unclip":
+        exports = learning_curve.exported_adapters(run, prefix="unclip")
+        for export in exports:
+            if export["step"] not in done:
+                done[export["step"]] = {"train_seconds": export["train_seconds"], "images": scorer.unclip(export["path"], split_seed)}
+                on_step(export["step"], done[export["step"]])
+        return
+    (export,) = [e for e in learning_curve.exported_adapters(run, prefix="decoder")][-1:]
+    if export["step"] not in done:
+        done[export["step"]] = {"train_seconds": export["train_seconds"], "images": scorer.unclip_oracle(export["path"], split_seed)}
+        on_step(export["step"], done[export["step"]])
 
 
 def load_results(path: Path) -> dict:
@@ -467,6 +557,7 @@ def main() -> None:
     parser.add_argument("--split-seeds", nargs="+", type=int, default=[0],
                         help=f"worlds; {' '.join(map(str, COVERING_SPLIT_SEEDS))} hold out every object once")
     parser.add_argument("--steps", nargs="+", type=int, default=[300, 600, 1200, 2400])
+    parser.add_argument("--decoder-steps", type=int, default=1500, help="unCLIP's decoder budget (rows unclip, unclip_oracle)")
     parser.add_argument("--eval-steps", type=int, default=15)
     parser.add_argument("--guidance-scale", type=float, default=4.0)
     parser.add_argument("--prior-guidance-scale", type=float, default=3.0, help="CFG of the pixelsnail row's sampler")
@@ -495,9 +586,13 @@ def main() -> None:
                 world = results["splits"][split_seed]
                 for name in args.rows:
                     done = world["runs"].setdefault(name, {}).setdefault(seed, {})
-                    if all(step in done for step in args.steps):
+                    wanted = [args.decoder_steps] if name == "unclip_oracle" else args.steps
+                    if all(step in done for step in wanted):
                         continue
-                    run = train_run(name, seed, split_seed, args)
+                    if name in UNCLIP_ROWS:
+                        run = train_unclip(name, seed, split_seed, args)
+                    else:
+                        run = train_run(name, seed, split_seed, args)
 
                     def on_step(step, result, name=name, seed=seed, world=world, split_seed=split_seed):
                         world["runs"][name][seed][step] = result
@@ -508,9 +603,12 @@ def main() -> None:
                         print(f"{name} seed {seed} split seed {split_seed} step {step}: colour gap closed {shown}",
                               flush=True)
 
-                    learning_curve.score_run(
-                        run, lambda path, name=name, s=split_seed: scorer.adapter(name, path, s), done, on_step
-                    )
+                    if name in UNCLIP_ROWS:
+                        score_unclip(name, run, scorer, done, on_step, split_seed)
+                    else:
+                        learning_curve.score_run(
+                            run, lambda path, name=name, s=split_seed: scorer.adapter(name, path, s), done, on_step
+                        )
 
     worlds = [s for s in args.split_seeds if s in results["splits"] and results["splits"][s]["base"]]
     per_world = {s: summaries(results["splits"][s], [n for n in args.rows if n in results["splits"][s]["runs"]])

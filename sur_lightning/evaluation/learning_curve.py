@@ -27,9 +27,11 @@ ACCURACIES = ("color_accuracy", "shape_accuracy", "count_accuracy")
 RATES = ACCURACIES + ("valid_image",)
 
 
-def exported_adapters(run_dir: str | Path) -> list[dict]:
+def exported_adapters(run_dir: str | Path, prefix: str = "") -> list[dict]:
     """``[{"step", "train_seconds", "path"}]`` of a run's step exports, by step (a resumed run's re-export of a
-    step replaces the earlier line). Raises ``FileNotFoundError`` naming ``exports.jsonl`` when there is none."""
+    step replaces the earlier line). Raises ``FileNotFoundError`` naming ``exports.jsonl`` when there is none.
+    ``prefix``: only the step exports whose names start with it (a run with two kinds of export: ``unclip``,
+    ``decoder``); every ``<name>-step<N>`` export by default."""
     log = Path(run_dir) / "exports.jsonl"
     if not log.exists():
         raise FileNotFoundError(
@@ -43,7 +45,7 @@ def exported_adapters(run_dir: str | Path) -> list[dict]:
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise ValueError(f"{log}:{number}: not valid JSON ({error.msg})") from None
-        if not re.fullmatch(r".+-step\d+", Path(record["file"]).stem):
+        if not re.fullmatch(r".+-step\d+", Path(record["file"]).stem) or not record["file"].startswith(prefix):
             continue  # the end-of-training export (adapter.safetensors, pixelsnail/) repeats the last step
         by_step[int(record["step"])] = {**record, "path": Path(run_dir) / record["file"]}
     return [by_step[step] for step in sorted(by_step)]
@@ -60,6 +62,7 @@ def score_run(
     score_adapter: Callable[[Path], list[dict]],
     done: dict[int, dict] | None = None,
     on_step: Callable[[int, dict], None] | None = None,
+    prefix: str = "",
 ) -> dict[int, dict]:
     """``{step: {"train_seconds", "images": [per-image rows]}}`` for every exported adapter of a run.
 
@@ -68,7 +71,7 @@ def score_run(
     so a caller can write partial results as they come (a killed benchmark resumes where it stopped).
     """
     results = dict(done or {})
-    for export in exported_adapters(run_dir):
+    for export in exported_adapters(run_dir, prefix):
         step = export["step"]
         if step in results:
             continue

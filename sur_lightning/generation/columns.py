@@ -3,8 +3,10 @@
 A ``Column`` is a name, a conditioning and a description of its source. ``build_columns`` gives the base
 column and one per adapter (or per η of a sweep), each checked against the backbone and LLM on an empty
 prompt, so a mismatch fails naming the adapter file. ``complex_prompt_column`` is the base model given
-each prompt's complex prompt (the upper bound). ``grid_columns`` gives a grid's columns from the values of
-a generate/evaluate config (``config.column_arguments``).
+each prompt's complex prompt (the upper bound). ``unclip_column`` / ``oracle_column`` draw with unCLIP's prior ->
+decoder and its decoder alone (``generation/unclip.py``), ``pixelsnail_column`` with a PixelSNAIL export
+(``generation/pixelsnail.py``): both through ``Column.render``. ``grid_columns`` gives a grid's columns from the
+values of a generate/evaluate config (``config.column_arguments``).
 """
 
 from __future__ import annotations
@@ -30,14 +32,16 @@ from sur_lightning.models.connectors import TextFeatures
 class Column:
     """One column of images: a label, a folder-safe slug, its conditioning, and what it came from.
 
-    ``sampler``: for a generator that draws its own images instead of the backbone's UNet (a trained PixelSNAIL,
-    ``generation/pixelsnail.py``), a callable ``(prompts [n], seeds [n]) -> n PIL images``; ``render_columns``
-    calls it in place of the pipeline, and ``conditioning`` is then None."""
+    ``render``: for a generator that is not the UNet under a text conditioning (unCLIP's prior -> decoder,
+    ``generation/unclip.py``; PixelSNAIL, ``generation/pixelsnail.py``), the callable that draws the column's
+    images instead, ``render(prompts, seeds, scheduler=, negative_prompt=, num_inference_steps=, guidance_scale=,
+    height=, width=) -> list[PIL.Image]``, one image per (prompt, seed); its ``conditioning`` is then None.
+    """
 
     name: str
     conditioning: ClipConditioning | None
     source: dict = field(default_factory=dict)
-    sampler: Callable[[list[str], list[int]], list] | None = None
+    render: Callable[..., list] | None = None
 
     @property
     def slug(self) -> str:
@@ -158,16 +162,63 @@ def check_conditioning(conditioning: ClipConditioning, backbone, path) -> None:
         )
 
 
-def adapter_records(adapters) -> list[tuple[str, dict]]:
+# ------------------------------------------------------------------ unCLIP (generation/unclip.py)
+
+
+def unclip_column(backbone, folder: str | Path, llm=None, decoder: str | Path | None = None, name: str = "unclip",
+                  num_inference_steps: int = 25, guidance_scale: float = 1.0) -> Column:
+    """The column prior -> decoder of a prior export ``folder`` (``unclip.json``). ``llm``: the LLM module the prior
+    reads (token states), or None to build the one it was trained with (its record's ``trained_with.llm``);
+    ``decoder``: a decoder folder instead of the one its record names."""
+    from sur_lightning.generation.unclip import DecoderRender, PriorEmbeddings, load_decoder, load_prior
+
+    prior, record = load_prior(folder)
+    decoder = decoder or record.get("decoder")
+    if decoder is None:
+        raise ValueError(f"{folder}: its unclip.json names no decoder (trained with model.decoder=null): pass decoder=<folder>")
+    projection, _ = load_decoder(decoder)
+    if llm is None:
+        node = (record.get("trained_with") or {}).get("llm")
+        if node is None:
+            raise ValueError(f"{folder}: its unclip.json records no LLM: pass llm=")
+        from omegaconf import OmegaConf
+
+        llm = token_llm(OmegaConf.create(node))
+    llm = llm.to(backbone.device)
+    embed = PriorEmbeddings(backbone, prior.to(backbone.device), frozen_text_features(backbone, llm),
+                            num_inference_steps, guidance_scale)
+    source = {"kind": "unclip", "prior": str(folder), "decoder": str(decoder), "prior_guidance_scale": guidance_scale}
+    return Column(name, None, source, render=DecoderRender(backbone, projection, embed))
+
+
+def oracle_column(backbone, decoder: str | Path, image_tower: str | Path,
+                  reference: Callable, name: str = "unclip_oracle") -> Column:
+    """The decoder given the image tower's embedding of a true image of each prompt: ``reference(prompt, seed)``
+    draws it (the toy world: ``world.draw_example`` of the prompt's target, seeded)."""
+    from sur_lightning.generation.unclip import DecoderRender, TowerEmbeddings, load_decoder
+    from sur_lightning.models.image_tower import ImageTower
+
+    projection, _ = load_decoder(decoder)
+    embed = TowerEmbeddings(ImageTower.from_pretrained(str(image_tower)).to(backbone.device), reference)
+    source = {"kind": "unclip_oracle", "decoder": str(decoder), "image_tower": str(image_tower)}
+    return Column(name, None, source, render=DecoderRender(backbone, projection, embed))
+
+
+def adapter_records(adapters, unclip: str | Path | None = None) -> list[tuple[str, dict]]:
     """(path, what it was trained with) for each of ``adapters`` (as ``adapter_entries`` reads them) that this
     project wrote and that exists: ``connector_record``, an adapter folder's ``trained_with`` or the run's
-    ``.hydra/config.yaml`` beside an adapter file; ``{}`` when none says. ``config.use_recorded`` reads them."""
+    ``.hydra/config.yaml`` beside an adapter file; ``{}`` when none says. An unCLIP prior export (``unclip``)
+    records its backbone and LLM the same way, in ``unclip.json``. ``config.use_recorded`` reads them."""
     from sur_lightning.models.connectors import connector_record
 
     records = []
     for _, spec in adapter_entries(adapters):
         if spec.get("format", "sur_lightning") == "sur_lightning" and Path(spec["path"]).exists():
             records.append((spec["path"], connector_record(spec["path"]) or {}))
+    if unclip:
+        from sur_lightning.generation.unclip import PRIOR_RECORD, read_record
+
+        records.append((str(unclip), read_record(unclip, PRIOR_RECORD).get("trained_with") or {}))
     return records
 
 
@@ -195,15 +246,16 @@ def token_llm(node) -> nn.Module:
 
 
 def pixelsnail_column(folder, name: str = "pixelsnail", llm: nn.Module | None = None, **knobs) -> Column:
-    """A column whose images a PixelSNAIL export draws (``generation/pixelsnail.py``; ``Column.sampler``).
+    """A column whose images a PixelSNAIL export draws (``generation/pixelsnail.py``; ``Column.render``).
     ``llm``: the LLM it was trained with, else built from the export's ``trained_with.json``; ``knobs``:
-    ``guidance_scale``, ``temperature``, ``batch_size``."""
+    ``guidance_scale``, ``temperature``, ``batch_size``: the prior's own, set here. The diffusion knobs a grid
+    passes to every column (scheduler, steps, the UNet's guidance scale, size) do not apply to it."""
     from sur_lightning.generation.pixelsnail import PixelSNAILSampler
 
     sampler = PixelSNAILSampler.from_pretrained(folder, llm=llm, **knobs)
     source = {"kind": "pixelsnail", "path": str(folder), "guidance_scale": sampler.guidance_scale,
               "temperature": sampler.temperature}
-    return Column(name, None, source, sampler=sampler)
+    return Column(name, None, source, render=lambda prompts, seeds, **_diffusion_knobs: sampler(prompts, seeds))
 
 
 def sampler_columns(folders) -> list[Column]:
@@ -226,10 +278,12 @@ def grid_columns(
     include_base: bool = True,
     negative: str = "connector",
     pixelsnail: Sequence[str] = (),
+    unclip: str | None = None,
 ) -> list[Column]:
     """A grid's columns: ``build_columns`` (the LLM built from ``llm_config``, its config node, only when a
     connector reads its token states), with ``base+complex`` second when ``include_base`` and a prompt has a
-    complex one, and a column per PixelSNAIL export in ``pixelsnail``. ``config.column_arguments(cfg)`` gives every argument after ``prompts`` from a
+    complex one, a column per PixelSNAIL export in ``pixelsnail`` and one for an unCLIP prior export ``unclip``.
+    ``config.column_arguments(cfg)`` gives every argument after ``prompts`` from a
     generate/evaluate/explore config; run ``config.use_recorded`` first for the backbone and LLM the adapters
     were trained with."""
     columns = build_columns(
@@ -243,6 +297,8 @@ def grid_columns(
         include_base=include_base,
         negative=negative,
     )
+    if unclip:  # unCLIP: prior -> decoder, reading the LLM its record names unless llm= chose one
+        columns.append(unclip_column(backbone, unclip, llm=token_llm(llm_config) if llm_config is not None else None))
     complex_column = complex_prompt_column(backbone, prompts) if include_base else None
     if complex_column is not None:
         columns.insert(1, complex_column)

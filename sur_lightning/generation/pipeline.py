@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -25,10 +24,6 @@ from sur_lightning.generation.conditioning import (
     conditioning_hook,
     frozen_text_features,
 )
-
-if TYPE_CHECKING:
-    from sur_lightning.generation.columns import Column
-
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -157,7 +152,7 @@ class Rendered:
 
 def render_columns(
     backbone,
-    columns: Sequence[Column],
+    columns: Sequence,  # columns.Column (not imported: columns -> unclip -> pipeline would close a circle)
     prompts: Sequence[Prompt],
     seeds: Sequence[int],
     out_dir: str | Path | None = None,
@@ -167,7 +162,7 @@ def render_columns(
     progress: bool = True,
     **kwargs,
 ) -> list[Rendered]:
-    """Every (prompt, seed) through every column, same seeds for all; writes
+    """Every (prompt, seed) through every column (its conditioning, or its own ``render``), same seeds for all; writes
     ``<out_dir>/images/<column slug>/<prompt id>_seed<seed>.png`` when ``out_dir`` is given."""
     from tqdm.auto import tqdm
 
@@ -180,8 +175,9 @@ def render_columns(
             for batch in batches:
                 texts, batch_seeds = [p.prompt for p, _ in batch], [s for _, s in batch]
                 try:
-                    if column.sampler is not None:  # a generator that draws its own images (Column.sampler)
-                        images = column.sampler(texts, batch_seeds)
+                    if column.render is not None:  # a generator of its own (unCLIP, PixelSNAIL): same prompts and seeds
+                        images = column.render(texts, batch_seeds, scheduler=scheduler, negative_prompt=negative_prompt,
+                                               **kwargs)
                     else:
                         images = render(pipeline, column.conditioning, texts, batch_seeds,
                                         negative_prompt=negative_prompt, **kwargs)

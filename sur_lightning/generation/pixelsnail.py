@@ -65,9 +65,9 @@ class PixelSNAILSampler:
             from hydra.utils import instantiate
 
             record = json.loads((folder / "trained_with.json").read_text()) if (folder / "trained_with.json").exists() else {}
-            if not record.get("llm"):
+            if not (record.get("llm") or {}).get("config"):
                 raise ValueError(f"{folder}: trained_with.json names no LLM; pass llm= (the one it was trained with)")
-            llm = instantiate(record["llm"])
+            llm = instantiate(record["llm"]["config"])
         prior = PixelSNAIL.from_pretrained(str(folder / "prior"))
         tokenizer = LatentVQTokenizer.from_pretrained(folder / "tokenizer")
         if prior.config.codebook_size != tokenizer.codebook_size:

@@ -177,9 +177,10 @@ class AdapterExport(EveryNSteps):
 
     def record(self, pl_module) -> dict:
         """``training_record`` of this run: the config nodes given, the module's widths and cache fingerprints."""
-        backbone, llm, cache = pl_module.backbone, getattr(pl_module, "llm", None), getattr(pl_module, "feature_cache", None)
+        backbone = getattr(pl_module, "backbone", None)  # None: a generator of its own (PixelSNAIL, the VQ tokenizer)
+        llm, cache = getattr(pl_module, "llm", None), getattr(pl_module, "feature_cache", None)
         backbone_node = self.trained_with.get("backbone")
-        if backbone_node is None:  # built without a config (tests, scripts): at least name the model
+        if backbone_node is None and backbone is not None:  # built without a config (tests, scripts): name the model
             backbone_node = {"_target_": f"{type(backbone).__module__}.{type(backbone).__name__}", "pretrained": getattr(backbone, "pretrained", None)}
         llm_node = self.trained_with.get("llm")
         llm_width = getattr(llm, "hidden_size", None) if llm is not None else (cache.llm_dim if cache is not None else None)
@@ -243,67 +244,42 @@ class AdapterExport(EveryNSteps):
         self.seconds_before = float(state.get("train_seconds", 0.0))
 
 
-class ModelExport(EveryNSteps):
-    """What ``AdapterExport`` is for connectors, for the generators that are not (``model=vqvae``,
-    ``model=pixelsnail``): the module's ``save_pretrained(folder)`` writes ``<dirpath>/<filename>/`` at the end of
-    training and ``<filename>-step{N}/`` at ``every_n_steps`` / ``at_steps``, each with ``trained_with.json`` (the
-    run's config nodes given, e.g. its LLM). Each export appends ``{"step", "train_seconds", "file"}`` to
-    ``exports.jsonl`` as adapters do (the learning curve's x-axes; training seconds carried across resumes by the
-    checkpoint). The last folder is also a W&B artifact of type "model" (``<filename>-<run id>``)."""
-
-    def __init__(self, dirpath: str, filename: str, every_n_steps: int | None = None,
-                 at_steps: list[int] | None = None, trained_with: dict | None = None) -> None:
-        super().__init__(every_n_steps, at_steps)
-        self.dirpath = Path(dirpath)
-        self.filename = filename
-        self.trained_with = plain(trained_with) or {}
-        self.last_folder: Path | None = None
-        self.seconds_before = 0.0
-        self._started: float | None = None
-
-    def train_seconds(self) -> float:
-        return self.seconds_before + (time.perf_counter() - self._started if self._started is not None else 0.0)
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        self._started = time.perf_counter()
+class ModelExport(AdapterExport):
+    """``AdapterExport`` for the trained models that are not connectors (unCLIP's decoder and prior, the VQ
+    tokenizer, PixelSNAIL): at the same steps it writes the folder ``<dirpath>/<filename>`` (``<filename>-step{N}``
+    at ``every_n_steps`` / ``at_steps``) that the module's ``export_pretrained(folder, trained_with)`` fills
+    (``trained_with``: ``training_record``, the backbone and LLM it read), with the same ``exports.jsonl`` lines
+    (the learning curve's x-axes, ``learning_curve.exported_adapters(run, prefix=...)``). The final folder is also
+    a W&B artifact of type "model" (``<filename>-<run id>``)."""
 
     @rank_zero_only
-    def export(self, pl_module, name: str) -> Path:
-        path = pl_module.save_pretrained(self.dirpath / name)
-        (path / "trained_with.json").write_text(json.dumps(self.trained_with, indent=2))
-        self.last_folder = path
+    def export(self, pl_module, name: str, folder: bool = False) -> Path:
+        # The connectors' record (training_record: backbone and LLM nodes, widths, cache fingerprints), which
+        # generate/evaluate read back (columns.use_recorded).
+        path = pl_module.export_pretrained(self.dirpath / name, self.record(pl_module))
         export = {"step": pl_module.global_step, "train_seconds": round(self.train_seconds(), 2), "file": path.name}
-        with open(self.dirpath / "exports.jsonl", "a", encoding="utf-8") as log:
-            log.write(json.dumps(export) + "\n")
+        with open(self.dirpath / "exports.jsonl", "a", encoding="utf-8") as log_file:
+            log_file.write(json.dumps(export) + "\n")
+        if folder:
+            self.exported = path
+            log.info(f"{type(pl_module).__name__}: exported {path}")
         return path
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.due(trainer.global_step):
-            self.export(pl_module, f"{self.filename}-step{trainer.global_step}")
-
     def on_train_end(self, trainer, pl_module) -> None:
-        path = self.export(pl_module, self.filename)
-        if path is not None:
-            log.info(f"{self.filename}: {path} ({type(pl_module).__name__}.save_pretrained)")
-        self.log_artifact(trainer)
+        self.export(pl_module, self.filename, folder=True)
+        self.log_folder_artifact(trainer)
 
     @rank_zero_only
-    def log_artifact(self, trainer) -> None:
+    def log_folder_artifact(self, trainer) -> None:
         runs = [logger.experiment for logger in trainer.loggers if isinstance(logger, WandbLogger)]
-        if not runs or self.last_folder is None:
+        if not runs or getattr(self, "exported", None) is None:
             return
         import wandb
 
         for run in runs:
             artifact = wandb.Artifact(f"{self.filename}-{run.id}", type="model", metadata={"step": trainer.global_step})
-            artifact.add_dir(str(self.last_folder))
+            artifact.add_dir(str(self.exported))
             run.log_artifact(artifact, aliases=["latest", f"step{trainer.global_step}"])
-
-    def state_dict(self) -> dict:
-        return {"train_seconds": self.train_seconds()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.seconds_before = float(state.get("train_seconds", 0.0))
 
 
 class SampleGrid(EveryNSteps):

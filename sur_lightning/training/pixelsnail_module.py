@@ -10,13 +10,14 @@
       -> PixelSNAIL(codes, text) -> logits [B, K, G, G] -> cross-entropy = train/nll (nats per code)
 
 Only the prior receives gradients. The LLM reads the same simple prompts the connectors read (the toy world's
-adapter-train captions). Checkpoints hold the prior alone; ``save_pretrained(folder)`` writes the prior
+adapter-train captions). Checkpoints hold the prior alone; ``export_pretrained(folder)`` writes the prior
 (``prior/``) and a copy of the tokenizer it was trained on (``tokenizer/``), which
 ``generation/pixelsnail.py`` loads to draw images.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -86,9 +87,11 @@ class PixelSNAILModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("prior.")}
 
-    def save_pretrained(self, folder: str | Path) -> Path:
-        """``<folder>/prior/`` (config.json + weights) and ``<folder>/tokenizer/`` (a copy of the tokenizer)."""
+    def export_pretrained(self, folder: str | Path, trained_with: dict | None = None) -> Path:
+        """``<folder>/prior/`` (config.json + weights), ``<folder>/tokenizer/`` (a copy of the tokenizer) and
+        ``trained_with.json`` (``training_record``: the LLM it reads, which the sampler builds again)."""
         folder = Path(folder)
         self.prior.save_pretrained(str(folder / "prior"))
         shutil.copytree(self.tokenizer, folder / "tokenizer", dirs_exist_ok=True)
+        (folder / "trained_with.json").write_text(json.dumps(trained_with or {}, indent=2))
         return folder

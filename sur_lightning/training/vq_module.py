@@ -14,7 +14,7 @@ Shapes (B batch, R image side, G = R / f, C latent channels, K codes)::
     validation: -> frozen VAE decoder: reconstruction [B, 3, R, R]; val/mse and val/psnr in [0, 1] pixel units
 
 Checkpoints hold the codebook alone (its EMA statistics included), so ``ckpt_path=last`` resumes the fit;
-``save_pretrained(folder)`` writes the tokenizer that the code extraction reads (``config.json`` +
+``export_pretrained(folder)`` writes the tokenizer that the code extraction reads (``config.json`` +
 ``quantizer.safetensors``).
 """
 
@@ -62,5 +62,6 @@ class VQTokenizerModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("tokenizer.quantizer.")}
 
-    def save_pretrained(self, folder: str | Path) -> Path:
+    def export_pretrained(self, folder: str | Path, trained_with: dict | None = None) -> Path:
+        """The tokenizer's folder (config.json + quantizer.safetensors); it records its own VAE."""
         return self.tokenizer.save_pretrained(folder)
