@@ -125,16 +125,16 @@ def test_sampling_is_deterministic_per_seed(guidance_scale):
 def test_a_training_step_reduces_the_loss_and_trains_the_null_caption():
     model = tiny(caption_dropout=0.5).train()
     grid, condition = codes(4, seed=5), text(4)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     generator = torch.Generator().manual_seed(0)
     losses = []
-    for _ in range(15):
+    for _ in range(20):
         loss = model.loss(grid, *condition, generator=generator)
         optimizer.zero_grad()
         loss.backward()
         losses.append(loss.item())
         optimizer.step()
-    assert losses[0] == pytest.approx(torch.log(torch.tensor(float(K))).item(), rel=0.2)  # about uniform at init
+    assert losses[0] == pytest.approx(torch.log(torch.tensor(float(K))).item(), abs=0.02)  # uniform at init (small head)
     assert losses[-1] < 0.7 * losses[0], losses
     assert model.null_pooled.abs().sum() > 0, "dropped captions train the null caption"
 
