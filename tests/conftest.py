@@ -112,3 +112,25 @@ def compose(tmp_path, cache_dir, tiny_sd, tiny_llm):
             return hydra_compose(config_name="train", overrides=[*extra, *overrides])
 
     return _compose
+
+
+def toy_demo_overrides(tmp_path, cache_dir) -> list[str]:
+    """+experiment=demo on the shipped base and the tiny LLM, 2 steps, a 4-prompt evaluation."""
+    return [
+        "llm=tiny",
+        "logger=csv",
+        f"paths.root_dir={tmp_path}",
+        f"paths.cache_dir={cache_dir}",
+        f"paths.output_dir={tmp_path}/run",
+        "data.root.images_per_combo=1",
+        "data.batch_size=2",
+        "data.val_size=2",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "callbacks.model_checkpoint.every_n_train_steps=2",
+        "callbacks.sample_grid.prompts.per_split=1",
+        "callbacks.sample_grid.num_inference_steps=2",
+        "callbacks.evaluation.prompts.per_split=4",
+        "callbacks.evaluation.seeds=[0]",
+        "callbacks.evaluation.num_inference_steps=2",
+    ]

@@ -18,7 +18,7 @@ prompt the pipeline encodes goes through the connector:
   UNet call: ``conditioning.conditioning_hook``, the mechanism ``python -m sur_lightning.generate`` uses.
 
 Both read the CLIP states from the pipeline's own ``encode_prompt``, which is what the project's backbones compute
-(tests/test_attach.py checks that the images equal ``generate``'s, same seeds). The negative prompt goes through
+(tests/generation/test_attach.py checks that the images equal ``generate``'s, same seeds). The negative prompt goes through
 the connector too (``negative="connector"``, as ``generate``), with ``""`` when none is given.
 """
 

@@ -26,7 +26,7 @@ from sur_lightning.knowledge.knowledge_base import KnowledgeBase
 # Pronounceable nonsense words (consonant-vowel-consonant-vowel-consonant, ending in b/f/g/k/p so the
 # plural is word + "s"), none of them a whole word of the CLIP vocabulary or a one- or two-token word for
 # SmolLM2's tokenizer, none containing an object, colour or shape word; none occurs in any toy-world
-# prompt or knowledge entry (tests/test_name_dropout.py). The list and its order are part of the renaming
+# prompt or knowledge entry (tests/knowledge/test_name_dropout.py). The list and its order are part of the renaming
 # scheme: the LLM cache's fingerprint hashes them (with p > 0), as it does NAME_DROPOUT_VERSION.
 PLACEHOLDER_WORDS: tuple[str, ...] = (
     "sukeb", "vazik", "kulef", "dibeg", "tigeb", "kifop", "dozug", "guvuf", "zemok", "sifef", "nusuf", "fosig",

@@ -12,7 +12,7 @@ prod_n p(code_n | codes_<n, text), so the logits at position n may depend on cod
 That holds by construction: the first convolution's kernel excludes its centre ("mask A"), every later
 convolution sees the centre and what lies before it in raster order ("mask B"), and self-attention lets a
 position attend to itself and earlier positions, whose keys hold their features (which, by induction, never
-read their own code) and the embedding of the code one step earlier. ``tests/test_pixelsnail.py`` checks
+read their own code) and the embedding of the code one step earlier. ``tests/models/test_pixelsnail.py`` checks
 both directions: no logit reads a code at or after its position, and every logit reads every earlier code.
 
 Shapes (B batch, G grid side, N = G*G, K ``codebook_size``, W ``channels``, T text tokens)::

@@ -13,7 +13,7 @@ from sur_lightning.models.connectors.sur import SURAdapter
 from sur_lightning.models.eta import AdaptiveEta
 from sur_lightning.train import train
 
-FIXTURES = Path(__file__).parent / "fixtures" / "pre_layout"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "pre_layout"
 
 
 def inputs():

@@ -18,7 +18,7 @@ import sur_lightning.models.backbone as backbone_module
 import sur_lightning.models.llm as llm_module
 import sur_lightning.training.feature_store as store_module
 
-REPO = str(Path(__file__).resolve().parent.parent)
+REPO = str(Path(__file__).resolve().parents[2])
 
 TINY_RAG = ("+experiment=sur_demo", "+llm/rag=toyworld", "llm.rag.name_dropout=0.5", "llm.rag.encoder=minilm-path")
 

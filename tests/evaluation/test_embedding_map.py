@@ -22,7 +22,7 @@ from sur_lightning.models.connectors import save_connector
 from sur_lightning.models.connectors.sur import SURAdapter
 from sur_lightning.models.eta import FixedEta
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 SPLITS = ["adapter_train", "held_out_combinations", "held_out_objects"]
 
 

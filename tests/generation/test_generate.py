@@ -26,7 +26,7 @@ from sur_lightning.models.connectors.ella import TimestepAwareSemanticConnector
 from sur_lightning.models.connectors.sur import SURAdapter
 from sur_lightning.models.eta import FixedEta
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 PROMPTS_A = ["two red circles", "one blue square"]
 PROMPTS_B = ["five green circles", "a chef tossing pizza dough"]
 

@@ -23,7 +23,7 @@ from sur_lightning.generation.pipeline import build_pipeline, render
 from sur_lightning.generation.tools import BestOfN, Setup, Variations
 from sur_lightning.models.connectors import save_connector
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 PROMPT = "two red circles"
 FAST = {"num_inference_steps": 2, "guidance_scale": 3.0, "height": 32, "width": 32}
 

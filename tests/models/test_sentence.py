@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 
 from sur_lightning.models.sentence import SentenceEncoderFeatures, minilm_path
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 @pytest.fixture(scope="module")

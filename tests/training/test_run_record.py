@@ -14,12 +14,11 @@ import zlib
 from pathlib import Path
 
 import pytest
-from conftest import tiny_overrides
-from test_toyworld import toy_demo_overrides
+from conftest import tiny_overrides, toy_demo_overrides
 
 from sur_lightning.config import newest_run, run_dir
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def cli_overrides(overrides: list[str]) -> list[str]:

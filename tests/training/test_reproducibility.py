@@ -19,7 +19,7 @@ from sur_lightning.training.feature_cache import fill_text
 from sur_lightning.training.feature_store import FeatureCache, FeatureStore
 from sur_lightning.training.module import ConnectorTrainingModule
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def step_losses(csv_dir: Path) -> dict[int, float]:

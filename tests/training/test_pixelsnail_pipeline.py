@@ -12,7 +12,7 @@ import torch
 from sur_lightning.models.pixelsnail import PixelSNAIL
 from sur_lightning.train import train
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = str(ROOT / "conf")
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import toy_demo_overrides
 
 from sur_lightning.data.synthetic import COLORS, SHAPES
 from sur_lightning.evaluation.metrics import shapes
@@ -207,28 +208,6 @@ def test_pretraining_runs_resumes_and_exports_a_loadable_base(tmp_path):
 
 
 # ---------------------------------------------------------------- the demo and the benchmark table
-
-
-def toy_demo_overrides(tmp_path, cache_dir) -> list[str]:
-    """+experiment=demo on the shipped base and the tiny LLM, 2 steps, a 4-prompt evaluation."""
-    return [
-        "llm=tiny",
-        "logger=csv",
-        f"paths.root_dir={tmp_path}",
-        f"paths.cache_dir={cache_dir}",
-        f"paths.output_dir={tmp_path}/run",
-        "data.root.images_per_combo=1",
-        "data.batch_size=2",
-        "data.val_size=2",
-        "trainer.max_steps=2",
-        "trainer.val_check_interval=2",
-        "callbacks.model_checkpoint.every_n_train_steps=2",
-        "callbacks.sample_grid.prompts.per_split=1",
-        "callbacks.sample_grid.num_inference_steps=2",
-        "callbacks.evaluation.prompts.per_split=4",
-        "callbacks.evaluation.seeds=[0]",
-        "callbacks.evaluation.num_inference_steps=2",
-    ]
 
 
 @pytest.mark.slow

@@ -118,7 +118,7 @@ def test_a_killed_extraction_resumes_without_losing_or_repeating_a_row(folder, t
     out = tmp_path / "codes"
     script = KILLED_RUN.format(tests=str(Path(__file__).parent), root=str(folder), out=str(out))
     # The child imports this checkout's package, wherever the installed one lives.
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")])}
     killed = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=120, env=env)
     assert killed.returncode == -9, killed.stderr
     assert len(CodeDataset(out)) == 8, "the two committed batches survive the kill, the third is gone whole"

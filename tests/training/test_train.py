@@ -14,8 +14,8 @@ from omegaconf.errors import MissingMandatoryValue
 from sur_lightning.models.backbone import ModelNotAvailableError
 from sur_lightning.train import train
 
-EXPERIMENTS = sorted(p.stem for p in (Path(__file__).parent.parent / "conf" / "experiment").glob("*.yaml"))
-ROOT = Path(__file__).resolve().parent.parent
+EXPERIMENTS = sorted(p.stem for p in (Path(__file__).parents[2] / "conf" / "experiment").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

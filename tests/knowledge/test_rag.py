@@ -12,7 +12,7 @@ from sur_lightning.knowledge.knowledge_base import KnowledgeBase, bundled_knowle
 from sur_lightning.knowledge.rag import Retriever
 from sur_lightning.models.sentence import SentenceEncoderFeatures
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 UNRELATED = "a violin concert at night"
 
 

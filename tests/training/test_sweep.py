@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from sur_lightning.config import IncompatibleConfigError, check_combination
 from sur_lightning.sweep_report import sweep_report
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("connector, pooling", [("sur", "mean"), ("ella", "none"), ("ella_small", "none")])
