@@ -21,7 +21,8 @@ demo: install
 	$(PY) -m sur_lightning.train +experiment=demo
 
 test: install
-	$(PY) -m ruff check sur_lightning tests
+	$(PY) -m ruff check sur_lightning tests experiments
+	$(PY) -m ruff format --check sur_lightning tests experiments
 	$(PY) -m pytest tests
 
 # The edit loop: everything but the tests marked slow (DDP, kill and resume, Optuna, demo-like runs).
@@ -53,7 +54,8 @@ bench-data: install
 	$(PY) experiments/bench_data/bench.py
 
 lint: install
-	$(PY) -m ruff check sur_lightning tests
+	$(PY) -m ruff check sur_lightning tests experiments
+	$(PY) -m ruff format --check sur_lightning tests experiments
 
 clean:
 	rm -rf outputs multirun .cache

@@ -59,7 +59,9 @@ def build(cfg: DictConfig, cache: str, device: torch.device):
         frozen = {"backbone": instantiate(cfg.backbone), "llm": instantiate(cfg.llm) if cfg.get("llm") else None}
     else:
         feature_cache = FeatureCache.open(**feature_cache_arguments(cfg))
-        frozen = prepare_feature_cache(datamodule, feature_cache, extra_prompts(cfg.get("callbacks")), wait_s=cfg.get("cache_wait_s"))
+        frozen = prepare_feature_cache(
+            datamodule, feature_cache, extra_prompts(cfg.get("callbacks")), wait_s=cfg.get("cache_wait_s")
+        )
     module = instantiate(cfg.model, **frozen).to(device)
     datamodule.setup("fit")
     optimizer = module.configure_optimizers()
@@ -87,17 +89,31 @@ def run(cfg: DictConfig) -> dict:
         warm = training_step_time_of(cfg, "auto", device, settings.steps, settings.warmup)
         module, batch, optimizer, data = warm.pop("module"), warm.pop("batch"), warm.pop("optimizer"), warm.pop("data")
         floor = floor_time(module, batch, device, settings.steps, settings.warmup, cfg.trainer.get("precision"))
-        rounds = floor_ratio_rounds(module, optimizer, data, batch, device, settings.ratio_rounds, settings.round_steps,
-                                    cfg.trainer.get("precision")) if settings.ratio_rounds else None
-        result.update({
-            "floor_s": floor,
-            "warm_cache": warm["seconds"],
-            # The ratio from alternating rounds when measured (bench.ratio_rounds), else from the two runs above.
-            "warm_cache_ratio_to_floor": rounds["ratio_median"] if rounds else warm["seconds"]["step"] / floor,
-            "floor_ratio": rounds,
-            # CUDA allocated on a GPU, current RSS on a CPU; run bench.steps=200 for the leak check.
-            "memory_growth_mb_over_steps": warm["memory_growth_mb"],
-        })
+        rounds = (
+            floor_ratio_rounds(
+                module,
+                optimizer,
+                data,
+                batch,
+                device,
+                settings.ratio_rounds,
+                settings.round_steps,
+                cfg.trainer.get("precision"),
+            )
+            if settings.ratio_rounds
+            else None
+        )
+        result.update(
+            {
+                "floor_s": floor,
+                "warm_cache": warm["seconds"],
+                # The ratio from alternating rounds when measured (bench.ratio_rounds), else from the two runs above.
+                "warm_cache_ratio_to_floor": rounds["ratio_median"] if rounds else warm["seconds"]["step"] / floor,
+                "floor_ratio": rounds,
+                # CUDA allocated on a GPU, current RSS on a CPU; run bench.steps=200 for the leak check.
+                "memory_growth_mb_over_steps": warm["memory_growth_mb"],
+            }
+        )
     elif settings.inference_steps:  # bench.steps=0: generation latency only
         datamodule, module, _ = build(cfg, "auto", device)
         batch = next(batches(datamodule, device))
@@ -105,9 +121,12 @@ def run(cfg: DictConfig) -> dict:
         raise ValueError("bench.steps=0 and bench.inference_steps=0 leave nothing to measure")
     result["config"] = {
         "backbone": OmegaConf.to_container(cfg.backbone, resolve=True).get("pretrained"),
-        "connector": cfg.connector._target_, "precision": str(cfg.trainer.get("precision")),
-        "dtype": str(module.backbone.unet.dtype), "batch_size": int(cfg.data.batch_size),
-        "steps": settings.steps, "warmup": settings.warmup,
+        "connector": cfg.connector._target_,
+        "precision": str(cfg.trainer.get("precision")),
+        "dtype": str(module.backbone.unet.dtype),
+        "batch_size": int(cfg.data.batch_size),
+        "steps": settings.steps,
+        "warmup": settings.warmup,
     }
     if settings.steps and settings.cache_off:
         cold = training_step_time_of(cfg, "off", device, settings.steps, settings.warmup)
@@ -121,7 +140,9 @@ def run(cfg: DictConfig) -> dict:
     if settings.inference_steps:
         # A training prompt: with the cache on, the module reads its text features from the cache.
         prompt = batch["simple_prompt"][0]
-        result["inference"] = inference_latency(module, device, prompt, settings.inference_steps, settings.inference_repeats)
+        result["inference"] = inference_latency(
+            module, device, prompt, settings.inference_steps, settings.inference_repeats
+        )
     result["peak_rss_mb"] = peak_rss_mb()
     if device.type == "cuda":
         result["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20

@@ -175,7 +175,9 @@ def check_combination(cfg: DictConfig, choices: dict | None = None) -> None:
     llm_cfg = OmegaConf.select(cfg, "llm")
     llm_target = str(OmegaConf.select(cfg, "llm._target_") or "")
     llm = _choice(choices, "llm", f"llm={llm_target.rpartition('.')[2] or 'null'}")
-    has_alignment = OmegaConf.select(cfg, "model.prompt_loss") is not None or OmegaConf.select(cfg, "model.llm_loss") is not None
+    has_alignment = (
+        OmegaConf.select(cfg, "model.prompt_loss") is not None or OmegaConf.select(cfg, "model.llm_loss") is not None
+    )
     loss = _choice(choices, "loss", "an alignment loss")
     try:
         reads_tokens = reads_token_states(target)
@@ -326,7 +328,9 @@ def datamodule_arguments(cfg: DictConfig) -> dict:
     if not rewrite and cfg.data.get("simple_from") != "llm":
         return {}
     if cfg.get("rewriter") is None:
-        raise ValueError("loss.align_target=rewrite|both and data.simple_from=llm need a rewriter: add rewriter=smollm2")
+        raise ValueError(
+            "loss.align_target=rewrite|both and data.simple_from=llm need a rewriter: add rewriter=smollm2"
+        )
     return {"rewriter": instantiate(cfg.rewriter), "rewrite": rewrite}
 
 
@@ -351,7 +355,12 @@ def evaluator_arguments(cfg: DictConfig) -> dict:
     metrics = OmegaConf.to_container(cfg.metrics, resolve=True)
     if "diversity" in metrics["compute"] and len(cfg.seeds) < 2 and not cfg.get("images_dir"):
         raise ValueError("metrics.compute has diversity, which needs at least 2 seeds per prompt: set seeds=[0,1,2,3]")
-    return {"reference": cfg.get("reference"), "reference_size": cfg.get("reference_size"), "device": cfg.device, **metrics}
+    return {
+        "reference": cfg.get("reference"),
+        "reference_size": cfg.get("reference_size"),
+        "device": cfg.device,
+        **metrics,
+    }
 
 
 def column_arguments(cfg: DictConfig) -> dict:
@@ -420,7 +429,9 @@ def use_recorded(cfg: DictConfig, records: list[tuple[str, dict]], overrides=())
         ids = {str(entry.get("id")) for _, entry in found}
         if len(ids) > 1:
             listed = ", ".join(f"{path}: {entry.get('id')}" for path, entry in found)
-            raise ValueError(f"the adapters were trained with different {group}s ({listed}): choose one with {group}=...")
+            raise ValueError(
+                f"the adapters were trained with different {group}s ({listed}): choose one with {group}=..."
+            )
         path, entry = found[0]
         node = OmegaConf.create(entry["config"])
         for override in overrides:  # dotted overrides of this group, as the command line set them

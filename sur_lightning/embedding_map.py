@@ -60,7 +60,9 @@ def load_columns(cfg, backbone, prompts: Sequence[Prompt]) -> list[Column]:
         )
     llm_cfg = cfg.get("llm")
     # As generate does: only connectors that read token states (ELLA) load the LLM, with its token states.
-    token_llm = (lambda: instantiate(llm_cfg, **({"pooling": "none"} if "pooling" in llm_cfg else {}))) if llm_cfg else None
+    token_llm = (
+        (lambda: instantiate(llm_cfg, **({"pooling": "none"} if "pooling" in llm_cfg else {}))) if llm_cfg else None
+    )
     columns = build_columns(backbone, adapters=cfg.adapters, llm=token_llm)
     columns.append(complex_prompt_column(backbone, prompts))
     names = [c.name for c in columns]
@@ -98,12 +100,21 @@ def embedding_map(cfg) -> dict:
 
     kinds = {"base": "CLIP(simple)", COMPLEX: "CLIP(complex)"}
     titles = {
-        m: f"{m}: {kinds.get(m, 'connector(simple)')}" + (f"\nmean distance {means[m]['all']:.3f}" if m in means else "")
+        m: f"{m}: {kinds.get(m, 'connector(simple)')}"
+        + (f"\nmean distance {means[m]['all']:.3f}" if m in means else "")
         for m in methods
     }
     files = {
-        p: str(plot_map(out_dir / f"{p}.png", coords[p], methods, prompts, titles,
-                        f"{p.upper() if p == 'pca' else 't-SNE'} of the conditioning (tokens={cfg.tokens})"))
+        p: str(
+            plot_map(
+                out_dir / f"{p}.png",
+                coords[p],
+                methods,
+                prompts,
+                titles,
+                f"{p.upper() if p == 'pca' else 't-SNE'} of the conditioning (tokens={cfg.tokens})",
+            )
+        )
         for p in cfg.projections
     }
     n = len(prompts)

@@ -46,7 +46,11 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     from hydra.utils import instantiate
 
     overrides = command_line_overrides() if overrides is None else overrides
-    for note in [] if cfg.get("images_dir") else use_recorded(cfg, adapter_records(cfg.get("adapters"), cfg.get("unclip")), overrides):
+    for note in (
+        []
+        if cfg.get("images_dir")
+        else use_recorded(cfg, adapter_records(cfg.get("adapters"), cfg.get("unclip")), overrides)
+    ):
         print(note, flush=True)
     resolved = check_config(cfg)
     use_wandb_offline_without_key()
@@ -61,14 +65,21 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
         prompts = load_prompt_list(cfg.prompts, cfg.get("num_prompts"))
         columns = grid_columns(backbone, prompts, **column_arguments(cfg))
         rendered = render_columns(
-            backbone, columns, prompts, list(cfg.seeds), out_dir, negative_prompt=cfg.negative_prompt,
+            backbone,
+            columns,
+            prompts,
+            list(cfg.seeds),
+            out_dir,
+            negative_prompt=cfg.negative_prompt,
             **sampler_kwargs(cfg.sampler),
         )
         write_grids(rendered, columns, out_dir, strips=bool(cfg.eta_sweep))
         write_manifest(out_dir, rendered, columns, resolved)
 
     report = score_columns(evaluator, rendered)
-    settings = {k: resolved.get(k) for k in ("prompts", "num_prompts", "seeds", "reference", "metrics", "sampler", "images_dir")}
+    settings = {
+        k: resolved.get(k) for k in ("prompts", "num_prompts", "seeds", "reference", "metrics", "sampler", "images_dir")
+    }
     json_path, md_path = write_report(out_dir, report, settings)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     log_report(loggers, report, rendered)

@@ -73,14 +73,18 @@ def explore(cfg, overrides: list[str] | None = None) -> dict:
     for note in use_recorded(cfg, adapter_records(cfg.get("adapters"), cfg.get("unclip")), overrides):
         print(note, flush=True)
     resolved = check_config(cfg)
-    evaluator = Evaluator(**evaluator_arguments(cfg)) if cfg.metrics.compute else None  # weights first: fail before rendering
+    evaluator = (
+        Evaluator(**evaluator_arguments(cfg)) if cfg.metrics.compute else None
+    )  # weights first: fail before rendering
     backbone = instantiate(cfg.backbone).to(pick_device(cfg.device))
     prompts = load_prompt_list(cfg.prompts, cfg.get("num_prompts"))
     columns = grid_columns(backbone, prompts, **column_arguments(cfg))
     tool = build_tool(cfg.tool, backbone)
     tool_name = re.sub(r"(?<!^)(?=[A-Z])", "_", type(tool).__name__).lower()  # Interpolation -> interpolation
     if evaluator is not None and not isinstance(tool, BestOfN):
-        raise ValueError(f"metrics.compute scores best-of-N's columns; tool={tool_name} has none to score: set metrics.compute=[]")
+        raise ValueError(
+            f"metrics.compute scores best-of-N's columns; tool={tool_name} has none to score: set metrics.compute=[]"
+        )
     sampler = sampler_kwargs(cfg.sampler)
     pipeline = build_pipeline(backbone, sampler.pop("scheduler"))
     sampler.pop("batch_size")
@@ -92,14 +96,18 @@ def explore(cfg, overrides: list[str] | None = None) -> dict:
     grid = labelled_grid({title: images[:shown] for title, images in picture.columns.items()}, picture.rows[:shown])
     written = {"grid": str(save_grid(grid, out_dir / "grid.png"))}
     if shown < len(picture.rows):
-        print(f"grid.png shows the first {shown} of {len(picture.rows)} rows (grid_rows={cfg.grid_rows}); every image is in images/")
+        print(
+            f"grid.png shows the first {shown} of {len(picture.rows)} rows (grid_rows={cfg.grid_rows}); every image is in images/"
+        )
     sources = {c.name: c.source for c in columns}
     if isinstance(tool, BestOfN):
         sources |= {tool.best_column(c.name): {**c.source, "reranked": f"best of {tool.n}"} for c in columns}
         sources |= {tool.all_column(c.name): {**c.source, "reranked": f"all {tool.n} candidates"} for c in columns}
     named = [Column(name, None, source) for name, source in sources.items()]
     written["manifest"] = str(write_manifest(out_dir, picture.images, named, resolved))
-    print(f"\n{tool_name}: {len(picture.images)} images in {out_dir / 'images' / tool_name}\n  grid:     {written['grid']}")
+    print(
+        f"\n{tool_name}: {len(picture.images)} images in {out_dir / 'images' / tool_name}\n  grid:     {written['grid']}"
+    )
     print(f"  manifest: {written['manifest']}")
     if evaluator is not None:
         report = score_columns(evaluator, picture.images)

@@ -61,12 +61,24 @@ def package_version(name: str) -> str | None:
 def environment() -> dict:
     """What a run's exact numbers depend on besides its config and seed."""
     return {
-        "versions": {"python": platform.python_version(), **{name: package_version(name) for name in RECORDED_PACKAGES}},
+        "versions": {
+            "python": platform.python_version(),
+            **{name: package_version(name) for name in RECORDED_PACKAGES},
+        },
         "threads": torch.get_num_threads(),
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
-        "env": {name: os.environ.get(name) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MKL_DYNAMIC", "OMP_DYNAMIC",
-                                                          "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")},
+        "env": {
+            name: os.environ.get(name)
+            for name in (
+                "OMP_NUM_THREADS",
+                "MKL_NUM_THREADS",
+                "MKL_DYNAMIC",
+                "OMP_DYNAMIC",
+                "OMP_WAIT_POLICY",
+                "GOMP_SPINCOUNT",
+            )
+        },
     }

@@ -48,7 +48,9 @@ def read_jobs(folder: str | Path) -> list[dict]:
         overrides = yaml.safe_load(overrides_file.read_text()) or []
         jobs.append({"job": str(job.relative_to(folder)), "overrides": override_items(overrides), "metrics": metrics})
     if not jobs:
-        raise FileNotFoundError(f"{folder} holds no Hydra job folders (no */.hydra/overrides.yaml): pass a multirun folder")
+        raise FileNotFoundError(
+            f"{folder} holds no Hydra job folders (no */.hydra/overrides.yaml): pass a multirun folder"
+        )
     return sorted(jobs, key=lambda j: (len(j["job"]), j["job"]))
 
 
@@ -68,7 +70,9 @@ def metric_names(jobs: list[dict], requested: list[str] | None = None) -> list[s
             known = sorted({k for metrics in finished for k in metrics})
             raise KeyError(f"no job has metric(s) {missing}; known: {known}")
         return list(requested)
-    names = sorted({k for metrics in finished for k, v in metrics.items() if isinstance(v, (int, float))} - set(NOT_METRICS))
+    names = sorted(
+        {k for metrics in finished for k, v in metrics.items() if isinstance(v, (int, float))} - set(NOT_METRICS)
+    )
     return [m for m in PREFERRED if m in names] + [m for m in names if m not in PREFERRED]
 
 
@@ -130,7 +134,9 @@ def sweep_report(folder: str | Path, metrics: list[str] | None = None, out: str 
     columns = ["job", *keys, "status", "step", *names]
     md_path, csv_path = out / "sweep_report.md", out / "sweep_report.csv"
     unfinished = sum(row["status"] != "finished" for row in rows)
-    header = f"# Sweep {folder}\n\n{len(rows)} jobs, {unfinished} unfinished; swept: {', '.join(keys) or 'nothing'}.\n\n"
+    header = (
+        f"# Sweep {folder}\n\n{len(rows)} jobs, {unfinished} unfinished; swept: {', '.join(keys) or 'nothing'}.\n\n"
+    )
     md_path.write_text(header + markdown(rows, columns) + "\n")
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)

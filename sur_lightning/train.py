@@ -77,8 +77,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
             # data.cache=auto|require: fill or check the feature cache; with it complete, no LLM is built and the
             # backbone drops its VAE encoder.
             cache = FeatureCache.open(**feature_cache_arguments(cfg))
-            frozen = prepare_feature_cache(datamodule, cache, extra_prompts(cfg.get("callbacks")),
-                                           wait_s=cfg.get("cache_wait_s"))
+            frozen = prepare_feature_cache(
+                datamodule, cache, extra_prompts(cfg.get("callbacks")), wait_s=cfg.get("cache_wait_s")
+            )
     model = instantiate(cfg.model, **frozen)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = instantiate_loggers(cfg, checkpoint)
@@ -88,12 +89,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
         logger.log_hyperparams({**resolved, "overrides": command_line_overrides(), "environment": environment()})
 
     try:
-        trainer.fit(model=model, datamodule=datamodule, ckpt_path=checkpoint,
-                    weights_only=cfg.get("ckpt_weights_only", True))
+        trainer.fit(
+            model=model, datamodule=datamodule, ckpt_path=checkpoint, weights_only=cfg.get("ckpt_weights_only", True)
+        )
     except SIGTERMException:
         # OnExceptionCheckpoint has written checkpoints/on_exception.ckpt; exit as a terminated process does.
-        log.info(f"\nSIGTERM at step {trainer.global_step}: checkpoint in {Path(cfg.paths.output_dir) / 'checkpoints'}; "
-                 f"resume with ckpt_path=last, or ckpt_path={cfg.paths.output_dir}")
+        log.info(
+            f"\nSIGTERM at step {trainer.global_step}: checkpoint in {Path(cfg.paths.output_dir) / 'checkpoints'}; "
+            f"resume with ckpt_path=last, or ckpt_path={cfg.paths.output_dir}"
+        )
         raise SystemExit(143) from None
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -118,7 +122,9 @@ def report_outputs(cfg, trainer, callbacks, loggers, metrics: dict[str, float]) 
         lines.append(f"data:       {output_dir / 'data_report.json'} (skipped, repaired and truncated rows)")
     for callback in callbacks:
         if isinstance(callback, AdapterExport) and callback.last_folder:
-            lines.append(f"adapter:    {callback.last_folder} (config.json + model.safetensors; sur_lightning.load_connector)")
+            lines.append(
+                f"adapter:    {callback.last_folder} (config.json + model.safetensors; sur_lightning.load_connector)"
+            )
         elif isinstance(callback, AdapterExport) and callback.last_path:
             lines.append(f"adapter:    {callback.last_path} (+ {callback.last_path.with_suffix('.json').name})")
         elif isinstance(callback, SampleGrid) and callback.last_path:
@@ -129,7 +135,9 @@ def report_outputs(cfg, trainer, callbacks, loggers, metrics: dict[str, float]) 
         if isinstance(logger, WandbLogger):
             mode = os.environ.get("WANDB_MODE", "online")
             run = logger.experiment
-            lines.append(f"wandb:      {Path(run.dir).parent} ({mode}): run {run.name!r}, group {run.group!r}, job_type {run.job_type!r}")
+            lines.append(
+                f"wandb:      {Path(run.dir).parent} ({mode}): run {run.name!r}, group {run.group!r}, job_type {run.job_type!r}"
+            )
         elif getattr(logger, "log_dir", None):
             lines.append(f"{type(logger).__name__}: {logger.log_dir}")
     log.info("\n".join(["", f"Run finished at step {trainer.global_step}. Outputs:"] + ["  " + x for x in lines]))
@@ -162,18 +170,27 @@ def resume_checkpoint(cfg: DictConfig) -> Path | None:
         in_place = folder.resolve() == output_dir.resolve()
         if in_place:  # ModelCheckpoint warns of any checkpoint folder that is not empty: here it is meant to be
             warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty")
-        log.info(f"Resuming {folder} from {checkpoint.relative_to(folder)}"
-                 + ("" if in_place else f"; this run writes to {output_dir}"))
+        log.info(
+            f"Resuming {folder} from {checkpoint.relative_to(folder)}"
+            + ("" if in_place else f"; this run writes to {output_dir}")
+        )
         return checkpoint
     if str(ckpt_path) == "last" and cfg.get("ckpt_path_optional", False):
-        log.info(f"ckpt_path=last: no run of task {cfg.task_name!r} to resume; starting fresh in {output_dir} "
-                 "(ckpt_path_optional=true)")
+        log.info(
+            f"ckpt_path=last: no run of task {cfg.task_name!r} to resume; starting fresh in {output_dir} "
+            "(ckpt_path_optional=true)"
+        )
         return None
-    where = (f"no run of task {cfg.task_name!r} under {Path(cfg.paths.log_dir) / cfg.task_name / 'runs'} has one"
-             if str(ckpt_path) == "last" else f"ckpt_path={ckpt_path} is a folder without one")
-    message = (f"Nothing to resume: {where} (checkpoints/last.ckpt or checkpoints/on_exception.ckpt). "
-               "Leave ckpt_path unset to start a new run, or add ckpt_path_optional=true to start fresh "
-               "whenever ckpt_path=last finds nothing.")
+    where = (
+        f"no run of task {cfg.task_name!r} under {Path(cfg.paths.log_dir) / cfg.task_name / 'runs'} has one"
+        if str(ckpt_path) == "last"
+        else f"ckpt_path={ckpt_path} is a folder without one"
+    )
+    message = (
+        f"Nothing to resume: {where} (checkpoints/last.ckpt or checkpoints/on_exception.ckpt). "
+        "Leave ckpt_path unset to start a new run, or add ckpt_path_optional=true to start fresh "
+        "whenever ckpt_path=last finds nothing."
+    )
     # Logged, so that the console and train.log say why, then a plain exit: a traceback would add nothing.
     log.error(message)
     raise SystemExit(1)

@@ -63,8 +63,8 @@ def test_readme_links_every_docs_page() -> None:
 def test_the_checker_sees_links() -> None:
     """The patterns find what they must and skip code: a broken link cannot hide from the test above."""
     text = (
-        "See [a](docs/a.md#part), ![img](pic.png \"title\"), [b](<with space.md>), [c](https://x.org/y.md),\n"
-        "[ref]: docs/ref.md\n<img src=\"docs/html.png\">\n`[not](code.md)`\n```\n[nor](fenced.md)\n```\n"
+        'See [a](docs/a.md#part), ![img](pic.png "title"), [b](<with space.md>), [c](https://x.org/y.md),\n'
+        '[ref]: docs/ref.md\n<img src="docs/html.png">\n`[not](code.md)`\n```\n[nor](fenced.md)\n```\n'
     )
     assert sorted(links(text)) == sorted(
         ["docs/a.md#part", "pic.png", "with space.md", "https://x.org/y.md", "docs/ref.md", "docs/html.png"]

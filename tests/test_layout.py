@@ -12,8 +12,20 @@ PACKAGE = Path(__file__).resolve().parent.parent / "sur_lightning"
 # What users type (`python -m sur_lightning.X`): short Hydra mains that compose library calls.
 ENTRY_POINTS = {
     f"sur_lightning.{name}"
-    for name in ("train", "generate", "evaluate", "explore", "cache", "rewrite", "bench", "sweep_report", "embedding_map",
-                 "toyworld.pretrain", "toyworld.image_tower", "toyworld.probe")
+    for name in (
+        "train",
+        "generate",
+        "evaluate",
+        "explore",
+        "cache",
+        "rewrite",
+        "bench",
+        "sweep_report",
+        "embedding_map",
+        "toyworld.pretrain",
+        "toyworld.image_tower",
+        "toyworld.probe",
+    )
 }
 # The bottom of the house: frozen parts and connectors, data, knowledge. They import none of the rooms above.
 BOTTOM = {"models", "data", "knowledge"}
@@ -67,7 +79,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         state[node] = 1
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [node, nxt] if nxt in path else [node, nxt]
+                return path[path.index(nxt) :] + [node, nxt] if nxt in path else [node, nxt]
             if nxt not in state:
                 cycle = visit(nxt, path + [node])
                 if cycle:
@@ -139,10 +151,15 @@ def test_files_import_each_other_in_no_circle():
 
 
 def test_the_file_check_sees_the_two_knots_it_was_written_for():
-    root_knot = {"sur_lightning": {"sur_lightning.config"}, "sur_lightning.config": {"sur_lightning.models.connectors"},
-                 "sur_lightning.models.connectors": {"sur_lightning"}}
-    room_knot = {"sur_lightning.generation.columns": {"sur_lightning.generation.pipeline"},
-                 "sur_lightning.generation.pipeline": {"sur_lightning.generation.columns"}}
+    root_knot = {
+        "sur_lightning": {"sur_lightning.config"},
+        "sur_lightning.config": {"sur_lightning.models.connectors"},
+        "sur_lightning.models.connectors": {"sur_lightning"},
+    }
+    room_knot = {
+        "sur_lightning.generation.columns": {"sur_lightning.generation.pipeline"},
+        "sur_lightning.generation.pipeline": {"sur_lightning.generation.columns"},
+    }
     assert sorted(module_cycles({**root_knot, **room_knot})) == sorted([sorted(room_knot), sorted(root_knot)])
     assert module_cycles({"a": {"b"}, "b": {"c"}}) == []
 

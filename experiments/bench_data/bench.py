@@ -91,7 +91,11 @@ def measure(root: Path, cache: str, args) -> dict:
     started = time.perf_counter()
     datamodule.setup("fit")
     # data.cache=off: the model builds its frozen encoders itself (not timed as setup).
-    model_kwargs = {} if cache == "off" else prepare_feature_cache(datamodule, open_cache(cfg), extra_prompts(cfg.get("callbacks")))
+    model_kwargs = (
+        {}
+        if cache == "off"
+        else prepare_feature_cache(datamodule, open_cache(cfg), extra_prompts(cfg.get("callbacks")))
+    )
     setup_s = time.perf_counter() - started
     samples_per_s = loader_rate(datamodule, args.loader_batches)
     model = instantiate(cfg.model, **model_kwargs)

@@ -79,7 +79,9 @@ class ClipTokenStates:
 
     @torch.no_grad()
     def __call__(self, prompts: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(list(prompts), padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        ids = self.tokenizer(
+            list(prompts), padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+        ).input_ids
         return self.model(ids).last_hidden_state.float()
 
 
@@ -122,10 +124,15 @@ def pair_losses(a: torch.Tensor, b: torch.Tensor, token_states: bool) -> dict[st
     return {name: float(LOSSES[name](a, b)) for name in names}
 
 
-def measure(pairs: list[dict], encoders: dict[str, Encoder], similarity: Callable[[list[str]], torch.Tensor]) -> list[dict]:
+def measure(
+    pairs: list[dict], encoders: dict[str, Encoder], similarity: Callable[[list[str]], torch.Tensor]
+) -> list[dict]:
     """One row per pair: kind, change, a, b, minilm_sim and ``<encoder>_<loss>`` for every encoder and loss."""
     first, second = [p["a"] for p in pairs], [p["b"] for p in pairs]
-    ref_a, ref_b = torch.nn.functional.normalize(similarity(first), dim=-1), torch.nn.functional.normalize(similarity(second), dim=-1)
+    ref_a, ref_b = (
+        torch.nn.functional.normalize(similarity(first), dim=-1),
+        torch.nn.functional.normalize(similarity(second), dim=-1),
+    )
     rows = [
         {"kind": p["kind"], "change": p["change"], "a": p["a"], "b": p["b"], "minilm_sim": float(ref_a[i] @ ref_b[i])}
         for i, p in enumerate(pairs)
@@ -148,7 +155,9 @@ def summarise(rows: list[dict]) -> dict[str, dict]:
     summary = {}
     for column in ["minilm_sim", *columns]:
         values = torch.tensor([r[column] for r in rows], dtype=torch.float64)
-        means = {k: float(values[[r["kind"] == k for r in rows]].mean()) for k in KINDS if any(r["kind"] == k for r in rows)}
+        means = {
+            k: float(values[[r["kind"] == k for r in rows]].mean()) for k in KINDS if any(r["kind"] == k for r in rows)
+        }
         std = float(values.std()) if len(values) > 1 else float("nan")
         summary[column] = {
             "spearman": float(spearmanr(values.tolist(), sims).statistic) if column != "minilm_sim" else 1.0,
@@ -173,12 +182,22 @@ def write_results(rows: list[dict], summary: dict[str, dict], out_dir: Path, not
     lines = ["# Loss table: cosine vs SUR's KL between sentence embeddings", ""]
     if note:
         lines += [note, ""]
-    lines += ["## Summary", "", "Spearman ρ against MiniLM similarity (a loss that tracks meaning: near −1); mean per pair kind;",
-              "separation = (mean on unrelated or near-miss pairs − mean on paraphrases) / the column's std over all pairs.", ""]
-    lines += ["| column | Spearman ρ | paraphrase | near_miss | unrelated | sep. unrelated | sep. near-miss |", "|---|---|---|---|---|---|---|"]
+    lines += [
+        "## Summary",
+        "",
+        "Spearman ρ against MiniLM similarity (a loss that tracks meaning: near −1); mean per pair kind;",
+        "separation = (mean on unrelated or near-miss pairs − mean on paraphrases) / the column's std over all pairs.",
+        "",
+    ]
+    lines += [
+        "| column | Spearman ρ | paraphrase | near_miss | unrelated | sep. unrelated | sep. near-miss |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for column, s in summary.items():
         means = [number(s["means"].get(k, float("nan"))) for k in KINDS]
-        lines.append(f"| {column} | {s['spearman']:+.3f} | {' | '.join(means)} | {s['sep_unrelated']:+.2f} | {s['sep_near_miss']:+.2f} |")
+        lines.append(
+            f"| {column} | {s['spearman']:+.3f} | {' | '.join(means)} | {s['sep_unrelated']:+.2f} | {s['sep_near_miss']:+.2f} |"
+        )
     lines += ["", "## Pairs", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         lines.append("| " + " | ".join(number(v) if isinstance(v, float) else str(v) for v in row.values()) + " |")
@@ -203,11 +222,17 @@ def main(
     similarity = pooled(SentenceEncoderFeatures()) if similarity is None else similarity
     rows = measure(pairs, encoders, similarity)
     summary = summarise(rows)
-    note = "" if "clip_l14" in encoders else "CLIP ViT-L/14: not measured (its weights are not available offline; `--clip-l PATH` adds it)."
+    note = (
+        ""
+        if "clip_l14" in encoders
+        else "CLIP ViT-L/14: not measured (its weights are not available offline; `--clip-l PATH` adds it)."
+    )
     write_results(rows, summary, Path(out_dir), note)
     for column, s in summary.items():
-        print(f"{column:22s} spearman {s['spearman']:+.3f}  sep_unrelated {s['sep_unrelated']:+.2f}  sep_near_miss {s['sep_near_miss']:+.2f}  "
-              + "  ".join(f"{k} {number(v)}" for k, v in s["means"].items()))
+        print(
+            f"{column:22s} spearman {s['spearman']:+.3f}  sep_unrelated {s['sep_unrelated']:+.2f}  sep_near_miss {s['sep_near_miss']:+.2f}  "
+            + "  ".join(f"{k} {number(v)}" for k, v in s["means"].items())
+        )
     return rows
 
 
@@ -215,7 +240,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pairs", default=str(HERE / "pairs.jsonl"))
     parser.add_argument("--out", default=str(HERE), help="folder for results.csv and results.md")
-    parser.add_argument("--cache-dir", default=None, help="where SmolLM2 is converted once (default: $SUR_LIGHTNING_CACHE or ./.cache)")
-    parser.add_argument("--clip-l", default=None, help="a local CLIP ViT-L/14 (openai/clip-vit-large-patch14 or SD1.5) folder")
+    parser.add_argument(
+        "--cache-dir", default=None, help="where SmolLM2 is converted once (default: $SUR_LIGHTNING_CACHE or ./.cache)"
+    )
+    parser.add_argument(
+        "--clip-l", default=None, help="a local CLIP ViT-L/14 (openai/clip-vit-large-patch14 or SD1.5) folder"
+    )
     args = parser.parse_args()
     main(load_pairs(args.pairs), out_dir=args.out, cache_dir=args.cache_dir, clip_l=args.clip_l)

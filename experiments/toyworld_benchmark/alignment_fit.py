@@ -106,8 +106,13 @@ def fit_ridge(simple, complex_, per_token: bool, ridge: float = 1e-2):
 def accuracy(pipe, conditioning: torch.Tensor, negative: torch.Tensor, rows: list[dict], steps: int) -> dict:
     generators = [torch.Generator().manual_seed(i) for i in range(len(rows))]
     images = pipe(
-        prompt_embeds=conditioning, negative_prompt_embeds=negative, num_inference_steps=steps, guidance_scale=4.0,
-        generator=generators, height=64, width=64,
+        prompt_embeds=conditioning,
+        negative_prompt_embeds=negative,
+        num_inference_steps=steps,
+        guidance_scale=4.0,
+        generator=generators,
+        height=64,
+        width=64,
     ).images
     checks = [shapes.check(image, target=(r["count"], r["color"], r["shape"])) for image, r in zip(images, rows)]
     return {k: float(np.mean([c[k] for c in checks])) for k in ("color", "shape", "count")}
@@ -126,7 +131,10 @@ def main() -> None:
     splits = make_splits(0)
     train, held = suite_rows(splits, "adapter_train"), suite_rows(splits, "held_out_combinations")
     simple, complex_ = clip_states(pipe, [r["prompt"] for r in train]), clip_states(pipe, [r["complex"] for r in train])
-    held_simple, held_complex = clip_states(pipe, [r["prompt"] for r in held]), clip_states(pipe, [r["complex"] for r in held])
+    held_simple, held_complex = (
+        clip_states(pipe, [r["prompt"] for r in held]),
+        clip_states(pipe, [r["complex"] for r in held]),
+    )
     empty = clip_states(pipe, [""]).expand(len(held), -1, -1)
 
     rows = [("base + simple", None, held_simple, empty, None), ("base + complex", None, held_complex, empty, None)]
@@ -141,12 +149,16 @@ def main() -> None:
         fit = (r_squared(predict(simple), complex_), r_squared(predict(held_simple), held_complex))
         rows.append((name, fit, predict(held_simple), predict(empty), empty))
 
-    print(f"\nHeld-out combinations ({len(held)} prompts, 1 seed each, DDIM {args.sample_steps}, CFG 4); "
-          f"SUR-adapter: {args.steps} steps, lr {args.lr}, batch {args.batch_size}.\n")
+    print(
+        f"\nHeld-out combinations ({len(held)} prompts, 1 seed each, DDIM {args.sample_steps}, CFG 4); "
+        f"SUR-adapter: {args.steps} steps, lr {args.lr}, batch {args.batch_size}.\n"
+    )
     print("Negative prompt: through the fit, as generation applies a connector to both CFG branches; and the base's")
-    print("own CLIP(\"\") (the fits never saw an empty prompt).\n")
-    print("| fit | R² adapter-train | R² held-out | colour / shape / count, negative through the fit | "
-          "colour / shape / count, negative CLIP(\"\") |\n|---|---|---|---|---|")
+    print('own CLIP("") (the fits never saw an empty prompt).\n')
+    print(
+        "| fit | R² adapter-train | R² held-out | colour / shape / count, negative through the fit | "
+        'colour / shape / count, negative CLIP("") |\n|---|---|---|---|---|'
+    )
     for name, fit, conditioning, negative, plain_negative in rows:
         scores = accuracy(pipe, conditioning, negative, held, args.sample_steps)
         cells = [f"{scores['color']:.2f} / {scores['shape']:.2f} / {scores['count']:.2f}"]

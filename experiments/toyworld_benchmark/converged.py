@@ -55,9 +55,11 @@ def curves(read_at: dict[str, tuple[str, int]] = READ_AT, root: Path = HERE) -> 
 
 
 def table(read_at: dict[str, tuple[str, int]] = READ_AT, root: Path = HERE) -> str:
-    header = "| row | step | seeds | train s |" + "".join(
-        f" {split}: colour | shape | valid |" for split in SPLITS
-    ) + " colour flat from (held-out combinations / objects) |"
+    header = (
+        "| row | step | seeds | train s |"
+        + "".join(f" {split}: colour | shape | valid |" for split in SPLITS)
+        + " colour flat from (held-out combinations / objects) |"
+    )
     lines = [header, "|---" * (5 + 3 * len(SPLITS)) + "|"]
     for name, summary in curves(read_at, root).items():
         step = read_at[name][1]
@@ -65,19 +67,27 @@ def table(read_at: dict[str, tuple[str, int]] = READ_AT, root: Path = HERE) -> s
         cells = []
         for split in SPLITS:
             cell = entry[split]
-            cells += [fmt(cell.get("gap_color_accuracy")), fmt(cell.get("gap_shape_accuracy")),
-                      fmt(cell.get("valid_image"))]
+            cells += [
+                fmt(cell.get("gap_color_accuracy")),
+                fmt(cell.get("gap_shape_accuracy")),
+                fmt(cell.get("valid_image")),
+            ]
         # Only the steps up to the one read: "still rising" means the last doubling moved it more than TOLERANCE.
         read = {s: e for s, e in summary.items() if s <= step}
         flat = [converged_step(read, split, "gap_color_accuracy", TOLERANCE) for split in HELD_OUT]
         cells.append("–" if len(read) < 2 else " / ".join("still moving" if s is None else str(s) for s in flat))
-        lines.append(f"| {name} | {step} | {entry['seeds']} | {entry['train_seconds']:.0f} | " + " | ".join(cells) + " |")
+        lines.append(
+            f"| {name} | {step} | {entry['seeds']} | {entry['train_seconds']:.0f} | " + " | ".join(cells) + " |"
+        )
     return (
         "Gap closed (colour, shape) and the valid-image rate, each row at the longest budget measured for it; means over "
         "3 training seeds with 95 % intervals (two-level bootstrap). The last column is the step from which the "
-        f"held-out colour gap stays within ±{TOLERANCE} of that budget's value, or \"still moving\" where the last "
+        f'held-out colour gap stays within ±{TOLERANCE} of that budget\'s value, or "still moving" where the last '
         "step moved it more (– with one step). Written by `converged.py` from "
-        + ", ".join(f"`{file}`" for file in dict.fromkeys(file for file, _ in read_at.values())) + ".\n\n" + "\n".join(lines) + "\n"
+        + ", ".join(f"`{file}`" for file in dict.fromkeys(file for file, _ in read_at.values()))
+        + ".\n\n"
+        + "\n".join(lines)
+        + "\n"
     )
 
 

@@ -54,12 +54,21 @@ ROWS: dict[str, tuple[str, list[str], str]] = {
     ),
     "ella": ("ella_demo", ELLA_CONSTANT_LR, "the same TSC at the earlier recipe: constant lr 1e-3, plain ε-MSE"),
     "sur_demo": ("sur_demo", [], "SUR, the demo recipe: cosine alignment (per token, λ=1), adaptive η"),
-    "sur_small": ("sur_demo", ["connector=sur_small"], "the SUR demo recipe with connector=sur_small (4 heads, ff 512)"),
+    "sur_small": (
+        "sur_demo",
+        ["connector=sur_small"],
+        "the SUR demo recipe with connector=sur_small (4 heads, ff 512)",
+    ),
     "sur_paper": ("sur_demo", ["eta=fixed", "loss=kl"], "SUR as the paper: KL alignment (λ=1e-5), fixed η=0.1"),
     "sur_released": (
         "sur_demo",
-        ["eta=fixed", "loss=kl", "connector.batch_first=false", "connector.train_llm_projection=false",
-         "model.denoise_grad_to_connector=false"],
+        [
+            "eta=fixed",
+            "loss=kl",
+            "connector.batch_first=false",
+            "connector.train_llm_projection=false",
+            "model.denoise_grad_to_connector=false",
+        ],
         "SUR as released: + denoising grad cut, batch-axis attention, frozen W0",
     ),
     "mse_eta_one": (
@@ -71,7 +80,7 @@ ROWS: dict[str, tuple[str, list[str], str]] = {
     "sur_caption_dropout": (
         "sur_demo",
         ["model.caption_dropout=0.1"],
-        "the SUR demo recipe + caption dropout 0.1, a dropped row aligned to CLIP(\"\") (issue 19 §4)",
+        'the SUR demo recipe + caption dropout 0.1, a dropped row aligned to CLIP("") (issue 19 §4)',
     ),
     "sur_multi_teacher": (
         "sur_demo",
@@ -108,8 +117,10 @@ ROWS: dict[str, tuple[str, list[str], str]] = {
     "pixelsnail": (
         "pixelsnail_toy",
         [],
-        ("not a connector: VQ codes of the adapter-train images (256-code EMA codebook over the toy VAE's latents) "
-         "and a text-conditioned PixelSNAIL (32 channels, 1 block) reading SmolLM2's token states; CFG 3, temperature 1"),
+        (
+            "not a connector: VQ codes of the adapter-train images (256-code EMA codebook over the toy VAE's latents) "
+            "and a text-conditioned PixelSNAIL (32 channels, 1 block) reading SmolLM2's token states; CFG 3, temperature 1"
+        ),
     ),
     # unCLIP (issue 34): the prior -> decoder pipeline, trained in two runs per seed (runs/unclip_decoder/seed<S>, then
     # runs/unclip/seed<S> sampled through that decoder); the oracle decodes the image tower's embedding of a true image
@@ -117,8 +128,10 @@ ROWS: dict[str, tuple[str, list[str], str]] = {
     "unclip": (
         "unclip_toy",
         [],
-        ("unCLIP: a diffusion prior (PriorTransformer, 4 layers) from SmolLM2's token states + CLIP's pooled state to "
-         "the image tower's embedding, decoded by the frozen toy UNet through a trained projection (4 tokens + time)"),
+        (
+            "unCLIP: a diffusion prior (PriorTransformer, 4 layers) from SmolLM2's token states + CLIP's pooled state to "
+            "the image tower's embedding, decoded by the frozen toy UNet through a trained projection (4 tokens + time)"
+        ),
     ),
     "unclip_oracle": (
         "unclip_decoder_toy",
@@ -133,12 +146,19 @@ UNCLIP_ROWS = ("unclip", "unclip_oracle")
 GENERATORS = {"pixelsnail_toy": "pixelsnail", "vqvae_toy": "tokenizer"}
 # The text-encoder ablation (ELLA's central question): the demo recipe, only the text model the connector reads
 # changes. ella_demo is its SmolLM2-135M row.
-ROWS["ella_minilm"] = ("ella_demo", ["llm=minilm"], "the ELLA demo recipe reading all-MiniLM-L6-v2's token states (384-d)")
+ROWS["ella_minilm"] = (
+    "ella_demo",
+    ["llm=minilm"],
+    "the ELLA demo recipe reading all-MiniLM-L6-v2's token states (384-d)",
+)
 ROWS["ella_base_clip"] = (
-    "ella_demo", ["llm=base_clip"], "the ELLA demo recipe reading the base's own CLIP text encoder's token states (control)"
+    "ella_demo",
+    ["llm=base_clip"],
+    "the ELLA demo recipe reading the base's own CLIP text encoder's token states (control)",
 )
 ROWS["ella_random_llm"] = (
-    "ella_demo", ["llm=smollm2_random"],
+    "ella_demo",
+    ["llm=smollm2_random"],
     "the ELLA demo recipe reading a random-weight SmolLM2-135M (same shape and tokens; the parameters-not-knowledge control)",
 )
 # "ella_unseen_objects" is the preset itself (conf/experiment/ella_unseen_objects.yaml), whatever recipe it holds.
@@ -238,8 +258,15 @@ def train_unclip(name: str, seed: int, split_seed: int, args) -> Path:
     decoder_run = world_out(args, split_seed) / "runs" / "unclip_decoder" / f"seed{seed}"
     runs = [(decoder_run, "unclip_decoder_toy", [args.decoder_steps], "decoder", [])]
     if name == "unclip":
-        runs.append((world_out(args, split_seed) / "runs" / "unclip" / f"seed{seed}", "unclip_toy", args.steps, "unclip",
-                     [f"model.decoder={decoder_run / 'decoder'}"]))
+        runs.append(
+            (
+                world_out(args, split_seed) / "runs" / "unclip" / f"seed{seed}",
+                "unclip_toy",
+                args.steps,
+                "unclip",
+                [f"model.decoder={decoder_run / 'decoder'}"],
+            )
+        )
     for out, preset, steps, export, overrides in runs:
         if (out / export).exists():
             continue
@@ -297,8 +324,9 @@ class Scorer:
 
         rendered = []
         for split, prompts in self.prompts[split_seed].items():
-            rendered += render_columns(self.backbone, columns, prompts, SPLIT_SEEDS[split], out_dir=out_dir,
-                                       progress=False, **self.kwargs)
+            rendered += render_columns(
+                self.backbone, columns, prompts, SPLIT_SEEDS[split], out_dir=out_dir, progress=False, **self.kwargs
+            )
         report = score_columns(self.evaluator, rendered)
         return {column.name: learning_curve.image_rows(report, column.name) for column in columns}
 
@@ -327,12 +355,13 @@ class Scorer:
         from sur_lightning.generation.columns import build_columns, pixelsnail_column
 
         if ROWS[name][0] in GENERATORS:  # its own sampler: codes drawn by the prior, decoded by the tokenizer
-            column = pixelsnail_column(path, "adapter", llm=self.llm(name), guidance_scale=self.args.prior_guidance_scale)
+            column = pixelsnail_column(
+                path, "adapter", llm=self.llm(name), guidance_scale=self.args.prior_guidance_scale
+            )
         else:
             (column,) = build_columns(self.backbone, [str(path)], llm=lambda: self.llm(name), include_base=False)
         column.name = "adapter"
         return self.rows([column], path.parent / "eval" / path.stem, split_seed)["adapter"]
-
 
     def unclip(self, path: Path, split_seed: int) -> list[dict]:
         """A prior export (``unclip-step<N>/``), sampled prior -> decoder (the decoder its unclip.json names)."""
@@ -346,8 +375,9 @@ class Scorer:
         from sur_lightning.generation.columns import oracle_column
         from sur_lightning.toyworld import shipped_image_tower
 
-        column = oracle_column(self.backbone, path, shipped_image_tower(), true_image(self.prompts[split_seed]),
-                               name="adapter")
+        column = oracle_column(
+            self.backbone, path, shipped_image_tower(), true_image(self.prompts[split_seed]), name="adapter"
+        )
         return self.rows([column], path.parent / "eval" / path.name, split_seed)["adapter"]
 
 
@@ -358,12 +388,18 @@ def score_unclip(name: str, run: Path, scorer: Scorer, done: dict, on_step, spli
         exports = learning_curve.exported_adapters(run, prefix="unclip")
         for export in exports:
             if export["step"] not in done:
-                done[export["step"]] = {"train_seconds": export["train_seconds"], "images": scorer.unclip(export["path"], split_seed)}
+                done[export["step"]] = {
+                    "train_seconds": export["train_seconds"],
+                    "images": scorer.unclip(export["path"], split_seed),
+                }
                 on_step(export["step"], done[export["step"]])
         return
     (export,) = [e for e in learning_curve.exported_adapters(run, prefix="decoder")][-1:]
     if export["step"] not in done:
-        done[export["step"]] = {"train_seconds": export["train_seconds"], "images": scorer.unclip_oracle(export["path"], split_seed)}
+        done[export["step"]] = {
+            "train_seconds": export["train_seconds"],
+            "images": scorer.unclip_oracle(export["path"], split_seed),
+        }
         on_step(export["step"], done[export["step"]])
 
 
@@ -375,16 +411,18 @@ def load_results(path: Path) -> dict:
     results = json.loads(path.read_text())
     worlds = results.get("splits", {"0": results})
     # JSON keys are strings; split seeds, training seeds and steps are ints here.
-    return {"splits": {
-        int(split_seed): {
-            "base": world["base"],
-            "runs": {
-                row: {int(seed): {int(step): v for step, v in steps.items()} for seed, steps in seeds.items()}
-                for row, seeds in world["runs"].items()
-            },
+    return {
+        "splits": {
+            int(split_seed): {
+                "base": world["base"],
+                "runs": {
+                    row: {int(seed): {int(step): v for step, v in steps.items()} for seed, steps in seeds.items()}
+                    for row, seeds in world["runs"].items()
+                },
+            }
+            for split_seed, world in worlds.items()
         }
-        for split_seed, world in worlds.items()
-    }}
+    }
 
 
 def save_results(path: Path, results: dict) -> None:
@@ -408,8 +446,11 @@ def pooled_summaries(results: dict, rows: list[str], split_seeds: list[int]) -> 
     curves = {}
     for name in rows:
         worlds = {
-            s: (results["splits"][s]["runs"][name], results["splits"][s]["base"]["base"],
-                results["splits"][s]["base"]["base+complex"])
+            s: (
+                results["splits"][s]["runs"][name],
+                results["splits"][s]["base"]["base"],
+                results["splits"][s]["base"]["base+complex"],
+            )
             for s in split_seeds
             if s in results["splits"] and results["splits"][s]["runs"].get(name)
         }
@@ -423,9 +464,11 @@ def markdown(curves: dict[str, dict], world: dict, args) -> str:
     after the base's bounds."""
     fmt = learning_curve.fmt
     lines = [
-        (f"Training seeds {args.seeds} (a row's figures average the seeds it has finished; `seeds` says how many), "
-        f"evaluation seeds per split {SPLIT_SEEDS}, DDIM {args.eval_steps} steps, CFG {args.guidance_scale}. "
-        "Intervals: 95 %, two-level bootstrap (training seeds, then prompt × seed pairs)."),
+        (
+            f"Training seeds {args.seeds} (a row's figures average the seeds it has finished; `seeds` says how many), "
+            f"evaluation seeds per split {SPLIT_SEEDS}, DDIM {args.eval_steps} steps, CFG {args.guidance_scale}. "
+            "Intervals: 95 %, two-level bootstrap (training seeds, then prompt × seed pairs)."
+        ),
         "",
         "### Base bounds",
         "",
@@ -455,10 +498,12 @@ def markdown(curves: dict[str, dict], world: dict, args) -> str:
                 valid = fmt(cell.get("valid_image"))
                 lines.append(
                     f"| {name} | {step} | {entry['seeds']} | {entry['train_seconds']:.0f} | "
-                    + " | ".join(values + gaps + [valid]) + " |"
+                    + " | ".join(values + gaps + [valid])
+                    + " |"
                 )
-    lines += ["", "Rows:", ""] + [f"- `{name}`: {ROWS[name][2]} (`{' '.join(ROWS[name][1]) or ROWS[name][0]}`)"
-                                  for name in curves]
+    lines += ["", "Rows:", ""] + [
+        f"- `{name}`: {ROWS[name][2]} (`{' '.join(ROWS[name][1]) or ROWS[name][0]}`)" for name in curves
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -470,13 +515,14 @@ def pooled_markdown(curves: dict[str, dict], results: dict, args) -> str:
     fmt = learning_curve.fmt
     worlds = [s for s in args.split_seeds if s in results["splits"]]
     lines = [
-        (f"Split seeds (worlds) {worlds}, training seeds {args.seeds}, evaluation seeds per split {SPLIT_SEEDS}, "
-         f"DDIM {args.eval_steps} steps, CFG {args.guidance_scale}. Pooled: each world weighted equally; 95 % "
-         "intervals from a three-level bootstrap (split seeds, training seeds, prompt × seed pairs). Worst: the "
-         "world whose own mean gap closed is lowest."),
+        (
+            f"Split seeds (worlds) {worlds}, training seeds {args.seeds}, evaluation seeds per split {SPLIT_SEEDS}, "
+            f"DDIM {args.eval_steps} steps, CFG {args.guidance_scale}. Pooled: each world weighted equally; 95 % "
+            "intervals from a three-level bootstrap (split seeds, training seeds, prompt × seed pairs). Worst: the "
+            "world whose own mean gap closed is lowest."
+        ),
         "",
-        "Held-out objects of each world: "
-        + "; ".join(f"{s}: {', '.join(held_out_objects(s))}" for s in worlds) + ".",
+        "Held-out objects of each world: " + "; ".join(f"{s}: {', '.join(held_out_objects(s))}" for s in worlds) + ".",
     ]
     for split in SPLITS[1:]:
         lines += [
@@ -526,8 +572,10 @@ def pooled_markdown(curves: dict[str, dict], results: dict, args) -> str:
             "",
             f"### {name} at step {step}: held-out objects one by one (pooled over training seeds)",
             "",
-            ("| object | shape | colour | world | images | colour | shape | count | valid "
-             "| base + simple: colour / shape | base + complex: colour / shape |"),
+            (
+                "| object | shape | colour | world | images | colour | shape | count | valid "
+                "| base + simple: colour / shape | base + complex: colour / shape |"
+            ),
             "|---" * 11 + "|",
         ]
         by_object = learning_curve.breakdown(images, prompt_object, split)
@@ -535,18 +583,23 @@ def pooled_markdown(curves: dict[str, dict], results: dict, args) -> str:
             info, cell = OBJECTS_BY_NAME[obj], by_object[obj]
             owner = ", ".join(str(s) for s in worlds if obj in held_out_objects(s))
             bounds = [
-                " / ".join(f"{base_by_object.get(obj, {}).get(c, {}).get(m, float('nan')):.2f}"
-                           for m in ("color_accuracy", "shape_accuracy"))
+                " / ".join(
+                    f"{base_by_object.get(obj, {}).get(c, {}).get(m, float('nan')):.2f}"
+                    for m in ("color_accuracy", "shape_accuracy")
+                )
                 for c in ("base", "base+complex")
             ]
-            lines.append(f"| {obj} | {info.shape} | {info.color} | {owner} | {cell['images']} | {rates(cell)} "
-                         f"| {bounds[0]} | {bounds[1]} |")
+            lines.append(
+                f"| {obj} | {info.shape} | {info.color} | {owner} | {cell['images']} | {rates(cell)} "
+                f"| {bounds[0]} | {bounds[1]} |"
+            )
         lines += ["", "| shape | held-out objects | images | colour | shape | count | valid |", "|---" * 7 + "|"]
         for shape, cell in learning_curve.breakdown(images, shape_of, split).items():
             objects = sorted(o for o in by_object if OBJECTS_BY_NAME[o].shape == shape)
             lines.append(f"| {shape} | {', '.join(objects)} | {cell['images']} | {rates(cell)} |")
-    lines += ["", "Rows:", ""] + [f"- `{name}`: {ROWS[name][2]} (`{' '.join(ROWS[name][1]) or ROWS[name][0]}`)"
-                                  for name in curves]
+    lines += ["", "Rows:", ""] + [
+        f"- `{name}`: {ROWS[name][2]} (`{' '.join(ROWS[name][1]) or ROWS[name][0]}`)" for name in curves
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -554,10 +607,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--split-seeds", nargs="+", type=int, default=[0],
-                        help=f"worlds; {' '.join(map(str, COVERING_SPLIT_SEEDS))} hold out every object once")
+    parser.add_argument(
+        "--split-seeds",
+        nargs="+",
+        type=int,
+        default=[0],
+        help=f"worlds; {' '.join(map(str, COVERING_SPLIT_SEEDS))} hold out every object once",
+    )
     parser.add_argument("--steps", nargs="+", type=int, default=[300, 600, 1200, 2400])
-    parser.add_argument("--decoder-steps", type=int, default=1500, help="unCLIP's decoder budget (rows unclip, unclip_oracle)")
+    parser.add_argument(
+        "--decoder-steps", type=int, default=1500, help="unCLIP's decoder budget (rows unclip, unclip_oracle)"
+    )
     parser.add_argument("--eval-steps", type=int, default=15)
     parser.add_argument("--guidance-scale", type=float, default=4.0)
     parser.add_argument("--prior-guidance-scale", type=float, default=3.0, help="CFG of the pixelsnail row's sampler")
@@ -597,11 +657,14 @@ def main() -> None:
                     def on_step(step, result, name=name, seed=seed, world=world, split_seed=split_seed):
                         world["runs"][name][seed][step] = result
                         save_results(results_file, results)
-                        gaps = learning_curve.summarise({0: {step: result}}, world["base"]["base"],
-                                                        world["base"]["base+complex"], SPLITS, n_boot=10)[step]
+                        gaps = learning_curve.summarise(
+                            {0: {step: result}}, world["base"]["base"], world["base"]["base+complex"], SPLITS, n_boot=10
+                        )[step]
                         shown = {s: learning_curve.fmt(gaps[s].get("gap_color_accuracy")) for s in SPLITS}
-                        print(f"{name} seed {seed} split seed {split_seed} step {step}: colour gap closed {shown}",
-                              flush=True)
+                        print(
+                            f"{name} seed {seed} split seed {split_seed} step {step}: colour gap closed {shown}",
+                            flush=True,
+                        )
 
                     if name in UNCLIP_ROWS:
                         score_unclip(name, run, scorer, done, on_step, split_seed)
@@ -611,22 +674,29 @@ def main() -> None:
                         )
 
     worlds = [s for s in args.split_seeds if s in results["splits"] and results["splits"][s]["base"]]
-    per_world = {s: summaries(results["splits"][s], [n for n in args.rows if n in results["splits"][s]["runs"]])
-                 for s in worlds}
+    per_world = {
+        s: summaries(results["splits"][s], [n for n in args.rows if n in results["splits"][s]["runs"]]) for s in worlds
+    }
     if len(worlds) == 1:
         curves = per_world[worlds[0]]
         table = markdown(curves, results["splits"][worlds[0]], args)
     else:
         curves = pooled_summaries(results, args.rows, worlds)
         table = pooled_markdown(curves, results, args) + "".join(
-            f"\n## World {s} (held out: {', '.join(held_out_objects(s))})\n\n" + markdown(per_world[s], results["splits"][s], args)
+            f"\n## World {s} (held out: {', '.join(held_out_objects(s))})\n\n"
+            + markdown(per_world[s], results["splits"][s], args)
             for s in worlds
         )
-        (args.out / "summary_by_split.json").write_text(json.dumps(
-            {str(s): {k: {str(step): v for step, v in c.items()} for k, c in per_world[s].items()} for s in worlds},
-            indent=1))
+        (args.out / "summary_by_split.json").write_text(
+            json.dumps(
+                {str(s): {k: {str(step): v for step, v in c.items()} for k, c in per_world[s].items()} for s in worlds},
+                indent=1,
+            )
+        )
     (args.out / "results.md").write_text(table)
-    (args.out / "summary.json").write_text(json.dumps({k: {str(s): v for s, v in c.items()} for k, c in curves.items()}, indent=1))
+    (args.out / "summary.json").write_text(
+        json.dumps({k: {str(s): v for s, v in c.items()} for k, c in curves.items()}, indent=1)
+    )
     learning_curve.chart(curves, SPLITS, args.out / "curve_steps.png", x="step")
     learning_curve.chart(curves, SPLITS, args.out / "curve_seconds.png", x="train_seconds")
     print(table)

@@ -106,7 +106,11 @@ def close_reader(path: str | Path) -> None:
 
 def check_info(path: Path, found: dict, expected: dict) -> None:
     """Refuse to resume into a database written with other settings; the error names the database and each difference."""
-    differences = [f"{key}: database {found.get(key)!r}, now {value!r}" for key, value in expected.items() if found.get(key) != value]
+    differences = [
+        f"{key}: database {found.get(key)!r}, now {value!r}"
+        for key, value in expected.items()
+        if found.get(key) != value
+    ]
     if differences:
         raise ValueError(
             f"code database {path} was written with other settings ({'; '.join(differences)}): "
@@ -161,12 +165,18 @@ def extract_codes(
         present = len(good) - len(todo)
         # A local source by its absolute path, so a resume from another working directory is the same source.
         source = str(Path(root).resolve()) if Path(root).exists() else str(root)
-        expected = {"tokenizer": tokenizer.fingerprint(), "resolution": resolution, "source": source,
-                    "codebook_size": int(tokenizer.codebook_size)}
+        expected = {
+            "tokenizer": tokenizer.fingerprint(),
+            "resolution": resolution,
+            "source": source,
+            "codebook_size": int(tokenizer.codebook_size),
+        }
         first = info is None
         if not first:
             check_info(out, json.loads(info), expected)
-        with tqdm(total=len(good), initial=present, desc=f"codes -> {out.name}", unit="img", disable=not progress) as bar:
+        with tqdm(
+            total=len(good), initial=present, desc=f"codes -> {out.name}", unit="img", disable=not progress
+        ) as bar:
             for start in range(0, len(todo), batch_size):
                 batch = todo[start : start + batch_size]
                 images, kept = [], []
@@ -249,8 +259,12 @@ class CodeDataset(Dataset):
             raise KeyError(f"code database {self.path}: row {key!r} has no {'codes' if codes is None else 'record'}")
         record = json.loads(record)
         grid = torch.from_numpy(np.frombuffer(codes, dtype="<u2").astype(np.int64)).view(self.grid)
-        return {"codes": grid, "simple_prompt": record["simple_prompt"], "complex_prompt": record["complex_prompt"],
-                "id": record["id"]}
+        return {
+            "codes": grid,
+            "simple_prompt": record["simple_prompt"],
+            "complex_prompt": record["complex_prompt"],
+            "id": record["id"],
+        }
 
 
 class CodeDataModule(L.LightningDataModule):
@@ -310,8 +324,9 @@ class CodeDataModule(L.LightningDataModule):
         tokenizer = LatentVQTokenizer.from_pretrained(self.tokenizer)
         path = self.database(tokenizer)
         image_key, simple_key, complex_key = self.keys
-        self.extraction = extract_codes(self.root, path, tokenizer, self.resolution, self.extract_batch_size,
-                                        image_key, simple_key, complex_key)
+        self.extraction = extract_codes(
+            self.root, path, tokenizer, self.resolution, self.extract_batch_size, image_key, simple_key, complex_key
+        )
         del tokenizer
         if self.report_dir is not None:
             self.extraction.report.write(Path(self.report_dir) / "data_report.json")
@@ -320,7 +335,9 @@ class CodeDataModule(L.LightningDataModule):
         val = sorted(every.keys[i] for i in order[: self.val_size])
         train = [key for key in every.keys if key not in set(val)]
         if not train:
-            raise ValueError(f"code database {path}: {len(every)} rows leave none for training after val_size={self.val_size}")
+            raise ValueError(
+                f"code database {path}: {len(every)} rows leave none for training after val_size={self.val_size}"
+            )
         self.train_set, self.val_set = CodeDataset(path, train), (CodeDataset(path, val) if val else None)
 
     def train_dataloader(self) -> DataLoader:
@@ -329,18 +346,25 @@ class CodeDataModule(L.LightningDataModule):
 
         rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         self.train_sampler = EpochSampler(len(self.train_set), seed=self.seed, rank=rank, world_size=world_size)
-        return ResumableDataLoader(self.train_set, sampler=self.train_sampler, batch_size=self.batch_size,
-                                   num_workers=self.num_workers, collate_fn=collate, drop_last=True,
-                                   persistent_workers=self.num_workers > 0,
-                                   generator=torch.Generator().manual_seed(self.seed))
+        return ResumableDataLoader(
+            self.train_set,
+            sampler=self.train_sampler,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            collate_fn=collate,
+            drop_last=True,
+            persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         from sur_lightning.data.datasets import collate
 
         if self.val_set is None:
             return []
-        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
-                          collate_fn=collate)
+        return DataLoader(
+            self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers, collate_fn=collate
+        )
 
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         batch.pop("data_events", None)

@@ -126,7 +126,9 @@ class ImageTextDataModule(L.LightningDataModule):
         if cache not in CACHE_MODES:
             raise ValueError(f"data.cache must be one of {CACHE_MODES}, got {cache!r}")
         if cache != "off" and not center_crop:
-            raise ValueError("data.cache stores one latent per crop: it needs data.center_crop=true (random_flip is fine)")
+            raise ValueError(
+                "data.cache stores one latent per crop: it needs data.center_crop=true (random_flip is fine)"
+            )
         self.root = str(root)
         self.format = detect_format(self.root, split) if format == "auto" else format
         self.resolution = resolution
@@ -144,7 +146,9 @@ class ImageTextDataModule(L.LightningDataModule):
         if simple_from not in (None, "llm"):
             raise ValueError(f"data.simple_from must be null or 'llm', got {simple_from!r}")
         if (simple_from == "llm" or rewrite) and rewriter is None:
-            raise ValueError("data.simple_from=llm and loss.align_target=rewrite|both need a rewriter (conf/rewriter): got none")
+            raise ValueError(
+                "data.simple_from=llm and loss.align_target=rewrite|both need a rewriter (conf/rewriter): got none"
+            )
         if (simple_from == "llm" or rewrite) and self.format == "webdataset":
             raise ValueError(
                 "data.format=webdataset streams its rows, but LLM-written prompts (data.simple_from=llm, "
@@ -180,7 +184,9 @@ class ImageTextDataModule(L.LightningDataModule):
         if not self.name_dropout:
             return None
         if self.format == "webdataset":
-            raise ValueError("name dropout renames each row's K fixed variants, for map-style data: WebDataset shards are streamed")
+            raise ValueError(
+                "name dropout renames each row's K fixed variants, for map-style data: WebDataset shards are streamed"
+            )
         if knowledge_base is None:
             raise ValueError(
                 f"data.name_dropout={self.name_dropout} renames objects in the prompt and in its retrieved fact: it needs "
@@ -260,10 +266,20 @@ class ImageTextDataModule(L.LightningDataModule):
             "max_image_pixels": self.max_image_pixels,
             "min_image_side": self.min_image_side,
         }
-        self.val_set = ImageTextDataset(good[: self.val_size], center_crop=True, random_flip=False, **common) if self.val_size else None
+        self.val_set = (
+            ImageTextDataset(good[: self.val_size], center_crop=True, random_flip=False, **common)
+            if self.val_size
+            else None
+        )
         self.train_set = ImageTextDataset(
-            good[self.val_size :], center_crop=self.center_crop, random_flip=self.random_flip, cache=self.cache,
-            seed=self.seed, renamer=self.renamer, name_dropout=self.name_dropout, **common,
+            good[self.val_size :],
+            center_crop=self.center_crop,
+            random_flip=self.random_flip,
+            cache=self.cache,
+            seed=self.seed,
+            renamer=self.renamer,
+            name_dropout=self.name_dropout,
+            **common,
         )
         if self.latent_store is not None:
             self.train_set.latent_store = self.latent_store
@@ -274,7 +290,10 @@ class ImageTextDataModule(L.LightningDataModule):
         with_caption = [row for row in rows if isinstance(row.complex, str) and row.complex.strip()]
         for row, simple in zip(with_caption, self.rewriter.rewrite([r.complex for r in with_caption], task="simplify")):
             row.simple = simple
-        print(f"data.simple_from=llm: {len(with_caption)} simple prompts written by {self.rewriter.pretrained}", flush=True)
+        print(
+            f"data.simple_from=llm: {len(with_caption)} simple prompts written by {self.rewriter.pretrained}",
+            flush=True,
+        )
 
     def setup_streaming(self) -> None:
         if self.cache != "off":
@@ -300,7 +319,9 @@ class ImageTextDataModule(L.LightningDataModule):
                 val_keys.append(sample["__key__"])
                 if len(val_keys) == self.val_size:
                     break
-            self.val_set = StreamingImageTextDataset(center_crop=True, random_flip=False, max_samples=self.val_size, **common)
+            self.val_set = StreamingImageTextDataset(
+                center_crop=True, random_flip=False, max_samples=self.val_size, **common
+            )
         self.train_set = StreamingImageTextDataset(
             center_crop=self.center_crop,
             random_flip=self.random_flip,
@@ -422,6 +443,10 @@ class ImageTextDataModule(L.LightningDataModule):
         if self.val_set is None:
             return []
         return DataLoader(
-            self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers, collate_fn=collate,
+            self.val_set,
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            collate_fn=collate,
             generator=torch.Generator().manual_seed(self.seed),
         )

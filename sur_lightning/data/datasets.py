@@ -212,7 +212,11 @@ class ImageTextDataset(Dataset):
     def example(self, row: Row, events: list[dict], rng=random, simple: str | None = None) -> dict:
         data = self.image_bytes(row)
         flip = self.random_flip and rng.random() < 0.5
-        example = {"simple_prompt": row.simple if simple is None else simple, "complex_prompt": row.complex, "id": row.id}
+        example = {
+            "simple_prompt": row.simple if simple is None else simple,
+            "complex_prompt": row.complex,
+            "id": row.id,
+        }
         if row.rewrite is not None:
             example["rewrite_prompt"] = row.rewrite
         if self.latent_store is not None:
@@ -233,7 +237,9 @@ class ImageTextDataset(Dataset):
                 )
         image, repairs = load_rgb(data, self.max_image_pixels, self.min_image_side)
         events.extend({"kind": "repaired", "row": row.where, "id": row.id, "reason": r} for r in repairs)
-        example["pixel_values"], geometry = preprocess_with_geometry(image, self.resolution, self.center_crop, flip, rng)
+        example["pixel_values"], geometry = preprocess_with_geometry(
+            image, self.resolution, self.center_crop, flip, rng
+        )
         return {**example, **geometry}
 
 
@@ -334,7 +340,13 @@ class StreamingImageTextDataset(IterableDataset):
             return None
         flip = self.random_flip and random.random() < 0.5
         pixels, geometry = preprocess_with_geometry(image, self.resolution, self.center_crop, flip)
-        return {"pixel_values": pixels, **geometry, "simple_prompt": row.simple, "complex_prompt": row.complex, "id": row.id}
+        return {
+            "pixel_values": pixels,
+            **geometry,
+            "simple_prompt": row.simple,
+            "complex_prompt": row.complex,
+            "id": row.id,
+        }
 
 
 def collate(examples: list[dict]) -> dict:

@@ -101,7 +101,9 @@ def as_prompt(value) -> str | None:
     return None if value is None else str(value)
 
 
-def read_folder(root: str | Path, image_key: str, simple_key: str | None, complex_key: str, report: DataReport) -> list[Row]:
+def read_folder(
+    root: str | Path, image_key: str, simple_key: str | None, complex_key: str, report: DataReport
+) -> list[Row]:
     """Rows of ``metadata.jsonl`` (preferred) or ``metadata.csv`` in ``root``; images are paths under ``root``
     (a ``file_name`` without extension is resolved by ``resolve_extension``)."""
     root = Path(root)
@@ -126,7 +128,9 @@ def read_folder(root: str | Path, image_key: str, simple_key: str | None, comple
             for where, line in lines[1:]:
                 values = next(csv.reader(io.StringIO(line)), [])
                 if len(values) != len(fields):
-                    report.skip(where, "?", f"CSV row has {len(values)} fields, the header {header_where} has {len(fields)}")
+                    report.skip(
+                        where, "?", f"CSV row has {len(values)} fields, the header {header_where} has {len(fields)}"
+                    )
                     continue
                 rows.append(folder_row(where, dict(zip(fields, values)), image_key, simple_key, complex_key))
     else:
@@ -198,7 +202,9 @@ def read_table(table, name: str, image_key: str, simple_key: str | None, complex
 
     missing = [key for key in (image_key, simple_key, complex_key) if key and key not in table.column_names]
     if missing:
-        raise ValueError(f"{name} has columns {table.column_names}, not {missing} (set data.image_key/simple_key/complex_key)")
+        raise ValueError(
+            f"{name} has columns {table.column_names}, not {missing} (set data.image_key/simple_key/complex_key)"
+        )
     if isinstance(table.features[image_key], datasets.Image):
         table = table.cast_column(image_key, datasets.Image(decode=False))
     ids = table["file_name"] if "file_name" in table.column_names and image_key != "file_name" else None
@@ -233,7 +239,9 @@ def webdataset_urls(root: str) -> list[str] | str:
     return [root]
 
 
-def webdataset_row(sample: dict, image_key: str | None, simple_key: str | None, complex_key: str) -> tuple[Row, bytes | None]:
+def webdataset_row(
+    sample: dict, image_key: str | None, simple_key: str | None, complex_key: str
+) -> tuple[Row, bytes | None]:
     """A raw WebDataset sample (extension -> bytes) as a Row plus its image bytes."""
     where = f"{Path(sample.get('__url__', '?')).name}/{sample['__key__']}"
     extensions = [image_key] if image_key else IMAGE_EXTENSIONS

@@ -161,7 +161,9 @@ def load_jsonl(path: str | Path, category: str | None = None) -> list[Prompt]:
         if target_keys and len(target_keys) < 3:
             errors.append(f"{path}:{number}: a target needs all of count, color, shape; got only {target_keys}")
             continue
-        if target_keys and not (isinstance(row["count"], int) and isinstance(row["color"], str) and isinstance(row["shape"], str)):
+        if target_keys and not (
+            isinstance(row["count"], int) and isinstance(row["color"], str) and isinstance(row["shape"], str)
+        ):
             errors.append(f"{path}:{number}: target count must be an integer, color and shape strings")
             continue
         if "complex" in row and not isinstance(row["complex"], str):
@@ -237,7 +239,9 @@ def load_prompt_list(source, num_prompts: int | None = None) -> list[Prompt]:
             if row is not None and not isinstance(row.get("text"), str):
                 raise ValueError(f"{folder / 'metadata.jsonl'}:{number}: no simple prompt in key 'text'")
             if row is not None:
-                prompts.append(Prompt(Path(row.get("file_name", f"{number:06d}")).stem, row["text"], folder.parent.name))
+                prompts.append(
+                    Prompt(Path(row.get("file_name", f"{number:06d}")).stem, row["text"], folder.parent.name)
+                )
     else:
         prompts = load_prompts(str(source))
     if not prompts:

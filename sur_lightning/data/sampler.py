@@ -61,7 +61,12 @@ class EpochSampler(Sampler[tuple[int, int]]):
             self.epoch, self.consumed = epoch, 0
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "consumed": self.consumed, "num_samples": self.num_samples, "world_size": self.world_size}
+        return {
+            "epoch": self.epoch,
+            "consumed": self.consumed,
+            "num_samples": self.num_samples,
+            "world_size": self.world_size,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if (state["num_samples"], state["world_size"]) != (self.num_samples, self.world_size):

@@ -136,7 +136,13 @@ def generate_dataset(out: str | Path, num_images: int = 64, image_size: int = 64
         image, _ = draw_shapes(count, color, kind, image_size, rng)
         file_name = f"{index:06d}.png"
         image.save(train / file_name)
-        rows.append({"file_name": file_name, "text": simple_prompt(count, color, kind), "prompt": complex_prompt(count, color, kind)})
+        rows.append(
+            {
+                "file_name": file_name,
+                "text": simple_prompt(count, color, kind),
+                "prompt": complex_prompt(count, color, kind),
+            }
+        )
     with open(train / "metadata.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
     manifest_file.write_text(json.dumps(manifest))

@@ -135,8 +135,13 @@ def plot_map(
         for split in splits:
             rows = [i for i, p in enumerate(prompts) if p.category == split]
             axis.scatter(
-                own[rows, 0], own[rows, 1], s=24, c=[colours[i] for i in rows], marker=markers[split],
-                edgecolors="black", linewidths=0.3,
+                own[rows, 0],
+                own[rows, 1],
+                s=24,
+                c=[colours[i] for i in rows],
+                marker=markers[split],
+                edgecolors="black",
+                linewidths=0.3,
             )
         axis.set_title(titles[method], fontsize=9)
         axis.tick_params(labelsize=7)

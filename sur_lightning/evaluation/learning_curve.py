@@ -167,7 +167,9 @@ def summarise_pooled(
     summary: dict = {}
     for step in steps:
         entry = {
-            "train_seconds": float(np.mean([r[step]["train_seconds"] for w in worlds for r in splits_runs[w][0].values()])),
+            "train_seconds": float(
+                np.mean([r[step]["train_seconds"] for w in worlds for r in splits_runs[w][0].values()])
+            ),
             "seeds": sum(len(splits_runs[w][0]) for w in worlds),
             "split_seeds": len(worlds),
             "worst": {},
@@ -183,11 +185,13 @@ def summarise_pooled(
                     pairs = sorted(set.intersection(*(set(a) for a in adapter)))
                     low, high = _by_pair(base_rows, split, name), _by_pair(complex_rows, split, name)
                     bounds = name in ACCURACIES and pairs and all(p in low and p in high for p in pairs)
-                    per_world.append((
-                        np.array([[values[p] for p in pairs] for values in adapter]),
-                        np.array([low[p] for p in pairs]) if bounds else None,
-                        np.array([high[p] for p in pairs]) if bounds else None,
-                    ))
+                    per_world.append(
+                        (
+                            np.array([[values[p] for p in pairs] for values in adapter]),
+                            np.array([low[p] for p in pairs]) if bounds else None,
+                            np.array([high[p] for p in pairs]) if bounds else None,
+                        )
+                    )
                 if any(a.size == 0 for a, _, _ in per_world):
                     continue
                 a_mean = float(np.mean([a.mean() for a, _, _ in per_world]))
@@ -233,7 +237,10 @@ def breakdown(rows: Sequence[dict], group_of: Callable[[str], str], split: str) 
         if row["category"] == split:
             groups.setdefault(group_of(row["prompt_id"]), []).append(row)
     return {
-        group: {"images": len(members), **{m: float(np.mean([r[m] for r in members])) for m in RATES if m in members[0]}}
+        group: {
+            "images": len(members),
+            **{m: float(np.mean([r[m] for r in members])) for m in RATES if m in members[0]},
+        }
         for group, members in sorted(groups.items())
     }
 
@@ -266,8 +273,13 @@ def converged_step(summary: dict, split: str, name: str, tolerance: float = 0.05
 SECONDS_TICKS = (10, 25, 50, 100, 200, 400, 800, 1600, 3200, 6400)
 
 
-def chart(curves: dict[str, dict], splits: Sequence[str], path: str | Path, x: str = "step",
-          metrics: Sequence[str] = ("gap_color_accuracy", "gap_shape_accuracy", "gap_count_accuracy", "valid_image")) -> Path:
+def chart(
+    curves: dict[str, dict],
+    splits: Sequence[str],
+    path: str | Path,
+    x: str = "step",
+    metrics: Sequence[str] = ("gap_color_accuracy", "gap_shape_accuracy", "gap_count_accuracy", "valid_image"),
+) -> Path:
     """One panel per (split, metric): each row's curve against ``x`` ("step" or "train_seconds"), log-scaled,
     with its 95 % band. ``curves``: ``{row name: summarise(...)}``."""
     import matplotlib
@@ -297,8 +309,16 @@ def chart(curves: dict[str, dict], splits: Sequence[str], path: str | Path, x: s
                 ax.fill_between(xs, [c["lo"] for c in cells], [c["hi"] for c in cells], color=color, alpha=0.12)
             if not ax.lines:
                 # A gap is undefined where base + simple already matches base + complex (counts on some splits).
-                ax.text(0.5, 0.5, "undefined: the base's two\ncolumns do not differ", ha="center", va="center",
-                        transform=ax.transAxes, fontsize=8, color="grey")
+                ax.text(
+                    0.5,
+                    0.5,
+                    "undefined: the base's two\ncolumns do not differ",
+                    ha="center",
+                    va="center",
+                    transform=ax.transAxes,
+                    fontsize=8,
+                    color="grey",
+                )
                 ax.set_xticks([])
                 ax.set_yticks([])
             else:
@@ -310,13 +330,17 @@ def chart(curves: dict[str, dict], splits: Sequence[str], path: str | Path, x: s
                     ax.set_xticks(sorted(ticks))
                     ax.xaxis.set_major_formatter(ScalarFormatter())
                     ax.tick_params(axis="x", labelsize=7)
-            ax.set_title(f"{split.replace('_', ' ')}: {metric.replace('gap_', 'gap ').replace('_accuracy', '')}", fontsize=9)
+            ax.set_title(
+                f"{split.replace('_', ' ')}: {metric.replace('gap_', 'gap ').replace('_accuracy', '')}", fontsize=9
+            )
             if i == len(splits) - 1:
                 ax.set_xlabel("training steps" if x == "step" else "training seconds (2 CPU cores)")
     handles = {line.get_label(): line for ax in axes.flat for line in ax.lines if not line.get_label().startswith("_")}
     # Outside the panels: inside one it hides that panel's curves.
     fig.legend(list(handles.values()), list(handles), fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    fig.suptitle("Toy world: share of the base's simple-vs-complex gap closed (mean over seeds, 95 % band)", fontsize=10)
+    fig.suptitle(
+        "Toy world: share of the base's simple-vs-complex gap closed (mean over seeds, 95 % band)", fontsize=10
+    )
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=100, bbox_inches="tight")

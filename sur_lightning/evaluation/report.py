@@ -58,7 +58,9 @@ def split_scores(report: dict) -> dict[str, dict[str, dict]]:
 MIN_GAP_N = 10
 
 
-def gap_verdicts(report: dict, min_gap: float = 0.05) -> dict[str, dict[str, dict[str, tuple[float | None, str | None]]]]:
+def gap_verdicts(
+    report: dict, min_gap: float = 0.05
+) -> dict[str, dict[str, dict[str, tuple[float | None, str | None]]]]:
     """{column: {split: {accuracy: (share of the gap closed or None, why None or None)}}} for every adapter column.
 
     The share is (column − base) / (base+complex − base): "base" is the base model on the simple prompts (the
@@ -110,7 +112,9 @@ def gap_closed_reasons(report: dict, min_gap: float = 0.05) -> dict[str, dict[st
     """{column: {split: {accuracy: reason}}} for each accuracy ``gap_closed`` leaves None: ``"n=1"``,
     ``"bounds inverted"``, ``"no gap"`` or ``"bounds overlap"`` (``gap_verdicts``)."""
     return {
-        column: {split: {name: reason for name, (_, reason) in cells.items() if reason} for split, cells in splits.items()}
+        column: {
+            split: {name: reason for name, (_, reason) in cells.items() if reason} for split, cells in splits.items()
+        }
         for column, splits in gap_verdicts(report, min_gap).items()
     }
 
@@ -182,7 +186,9 @@ def toyworld_table(report: dict, splits: Sequence[str] | None = None) -> str:
             cells.append(", ".join(f"{count}: {c['valid_image']:.2f}" for count, c in by_count.items()) or "–")
             gap = verdicts.get(column, {}).get(split)
             interval = intervals.get(column, {}).get(split, {})
-            gap_cell = " / ".join(_gap_cell(*gap.get(n, (None, None)), interval.get(n)) for n in ACCURACIES) if gap else ""
+            gap_cell = (
+                " / ".join(_gap_cell(*gap.get(n, (None, None)), interval.get(n)) for n in ACCURACIES) if gap else ""
+            )
             label = names.get(column, f"{column} + simple")
             lines.append(f"| {split} | {label} | {entry['n']} | " + " | ".join(cells) + f" | {gap_cell} |")
     return "\n".join(lines)
@@ -196,8 +202,13 @@ def split_rows(report: dict) -> tuple[list[str], list[list]]:
     closed = report.get("gap_closed") or gap_closed(report)
     intervals = report.get("gap_closed_ci95") or gap_closed_intervals(report)
     rates = (*ACCURACIES, "valid_image")
-    columns = ["split", "column", "n", *(f"{n}{s}" for n in rates for s in ("", "_ci95")),
-               *(f"gap_closed/{n}{s}" for n in ACCURACIES for s in ("", "_low", "_high"))]
+    columns = [
+        "split",
+        "column",
+        "n",
+        *(f"{n}{s}" for n in rates for s in ("", "_ci95")),
+        *(f"gap_closed/{n}{s}" for n in ACCURACIES for s in ("", "_low", "_high")),
+    ]
     rows = []
     for split in dict.fromkeys(s for column in scores.values() for s in column):
         for column, by_split in scores.items():
@@ -259,7 +270,11 @@ def log_report(loggers: Sequence, report: dict, rendered: Sequence[Rendered], st
     """Summary metrics as ``eval/<column>/<metric>`` to every logger; a table with the images to those that
     have ``log_table`` (W&B)."""
     for logger in loggers:
-        flat = {f"eval/{column}/{name}": value for column, summary in report["columns"].items() for name, value in summary.items()}
+        flat = {
+            f"eval/{column}/{name}": value
+            for column, summary in report["columns"].items()
+            for name, value in summary.items()
+        }
         logger.log_metrics(flat, step=step)
         if hasattr(logger, "log_table"):
             import wandb

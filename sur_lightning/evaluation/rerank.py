@@ -33,10 +33,19 @@ class DenoisingScorer:
     noise_draws:  noise samples per level; ``seed`` fixes them.
     """
 
-    def __init__(self, backbone, timesteps: Sequence[int] = (300, 500, 700), noise_draws: int = 2, seed: int = 0) -> None:
+    def __init__(
+        self, backbone, timesteps: Sequence[int] = (300, 500, 700), noise_draws: int = 2, seed: int = 0
+    ) -> None:
         if getattr(backbone, "pooled_dim", None):
-            raise ValueError("DenoisingScorer runs SD1.x/2.x UNets; for SDXL rerank with the CLIP scorer (tool/scorer=clip)")
-        self.backbone, self.timesteps, self.noise_draws, self.seed = backbone, [int(t) for t in timesteps], int(noise_draws), int(seed)
+            raise ValueError(
+                "DenoisingScorer runs SD1.x/2.x UNets; for SDXL rerank with the CLIP scorer (tool/scorer=clip)"
+            )
+        self.backbone, self.timesteps, self.noise_draws, self.seed = (
+            backbone,
+            [int(t) for t in timesteps],
+            int(noise_draws),
+            int(seed),
+        )
 
     @torch.no_grad()
     def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> torch.Tensor:
@@ -57,8 +66,11 @@ class DenoisingScorer:
                 noise = torch.randn(latents.shape[1:], generator=generator).expand_as(latents).to(latents.device)
                 timesteps = torch.full((len(images),), t, device=latents.device, dtype=torch.long)
                 noisy = backbone.noise_scheduler.add_noise(latents, noise, timesteps)
-                target = noise if backbone.noise_scheduler.config.prediction_type == "epsilon" else (
-                    backbone.noise_scheduler.get_velocity(latents, noise, timesteps))
+                target = (
+                    noise
+                    if backbone.noise_scheduler.config.prediction_type == "epsilon"
+                    else (backbone.noise_scheduler.get_velocity(latents, noise, timesteps))
+                )
                 error = {}
                 for name, states in (("text", text), ("empty", empty)):
                     prediction = backbone.predict(noisy, timesteps, states)
@@ -85,12 +97,17 @@ class ImageTowerScorer:
 
         self.tower = (tower if isinstance(tower, ImageTower) else ImageTower.from_pretrained(tower)).to(device).eval()
         self.tokenizer = CLIPTokenizer.from_pretrained(text_encoder, subfolder="tokenizer")
-        self.text_encoder = CLIPTextModel.from_pretrained(
-            text_encoder, subfolder="text_encoder", torch_dtype=torch.float32).to(device).eval()
+        self.text_encoder = (
+            CLIPTextModel.from_pretrained(text_encoder, subfolder="text_encoder", torch_dtype=torch.float32)
+            .to(device)
+            .eval()
+        )
         width, expected = self.text_encoder.config.hidden_size, self.tower.config.text_dim
         if width != expected:
-            raise ValueError(f"ImageTowerScorer: the text encoder in {text_encoder}/text_encoder is {width} wide, but "
-                             f"the tower reads {expected}-wide pooled states: give the base the tower was trained on")
+            raise ValueError(
+                f"ImageTowerScorer: the text encoder in {text_encoder}/text_encoder is {width} wide, but "
+                f"the tower reads {expected}-wide pooled states: give the base the tower was trained on"
+            )
         self.device = device
 
     @torch.no_grad()
@@ -106,7 +123,9 @@ class ImageTowerScorer:
         else:
             from torchvision.transforms.functional import to_tensor
 
-            pixels = torch.stack([to_tensor(image.convert("RGB").resize((size, size), Image.BICUBIC)) for image in images])
+            pixels = torch.stack(
+                [to_tensor(image.convert("RGB").resize((size, size), Image.BICUBIC)) for image in images]
+            )
         return self.tower.embed_images(pixels.to(self.device) * 2 - 1)
 
     @torch.no_grad()

@@ -41,8 +41,10 @@ def llm_for(connector: nn.Module) -> nn.Module:
 
     record = getattr(connector, "trained_with", None) or {}
     node = (record.get("llm") or {}).get("config")
-    hint = ("pass attach(..., llm=<the LLM it was trained with>), e.g. "
-            "sur_lightning.models.llm.CausalLMFeatures(pretrained=..., pooling='none')")
+    hint = (
+        "pass attach(..., llm=<the LLM it was trained with>), e.g. "
+        "sur_lightning.models.llm.CausalLMFeatures(pretrained=..., pooling='none')"
+    )
     if node is None:
         raise ValueError(f"{type(connector).__name__} reads LLM token states but its files record no LLM: {hint}")
     try:
@@ -67,7 +69,10 @@ def repeat_rows(features: TextFeatures, times: int) -> TextFeatures:
 
     prompts = None if features.prompts is None else [text for text in features.prompts for _ in range(times)]
     return TextFeatures(
-        clip=repeat(features.clip), llm=repeat(features.llm), llm_mask=repeat(features.llm_mask), pooled=repeat(features.pooled),
+        clip=repeat(features.clip),
+        llm=repeat(features.llm),
+        llm_mask=repeat(features.llm_mask),
+        pooled=repeat(features.pooled),
         prompts=prompts,
     )
 
@@ -96,8 +101,14 @@ def prompt_list(prompt, name: str) -> list[str]:
 
 
 @contextmanager
-def attach(pipe, connector: nn.Module, llm: nn.Module | None = None, mode: str = "replace", negative: str = "connector",
-           eta: float | None = None):
+def attach(
+    pipe,
+    connector: nn.Module,
+    llm: nn.Module | None = None,
+    mode: str = "replace",
+    negative: str = "connector",
+    eta: float | None = None,
+):
     """Within the block, ``pipe`` (a ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``, as diffusers
     ships it) is conditioned by ``connector``.
 
@@ -109,8 +120,12 @@ def attach(pipe, connector: nn.Module, llm: nn.Module | None = None, mode: str =
 
     xl = hasattr(pipe, "text_encoder_2")
     width = pipe.unet.config.cross_attention_dim
-    check_widths(getattr(connector, "config", {}), type(connector).__name__, dim=width,
-                 dim_source=f"this {type(pipe).__name__}'s UNet")
+    check_widths(
+        getattr(connector, "config", {}),
+        type(connector).__name__,
+        dim=width,
+        dim_source=f"this {type(pipe).__name__}'s UNet",
+    )
     device = pipe.unet.device
     connector = connector.to(device).eval()
     if needs_llm(connector):
@@ -135,7 +150,9 @@ def attach(pipe, connector: nn.Module, llm: nn.Module | None = None, mode: str =
         cfg = kwargs.get("do_classifier_free_guidance", True)
         per_prompt = int(kwargs.get("num_images_per_prompt") or 1)
         negative_prompt = kwargs.get("negative_prompt")
-        negative_texts = [""] * len(texts) if negative_prompt is None else prompt_list(negative_prompt, "negative_prompt")
+        negative_texts = (
+            [""] * len(texts) if negative_prompt is None else prompt_list(negative_prompt, "negative_prompt")
+        )
         if len(negative_texts) == 1 and len(texts) > 1:
             negative_texts = negative_texts * len(texts)
         # The pipeline's own CLIP embeddings, one row per prompt; an empty negative prompt is encoded, not zeroed,
@@ -146,7 +163,9 @@ def attach(pipe, connector: nn.Module, llm: nn.Module | None = None, mode: str =
         positive_clip, negative_clip = stock[0], stock[1]
         positive_pooled, negative_pooled = (stock[2], stock[3]) if xl else (None, None)
         positive = repeat_rows(features(texts, positive_clip, positive_pooled), per_prompt)
-        negative_features = repeat_rows(features(negative_texts, negative_clip, negative_pooled), per_prompt) if cfg else None
+        negative_features = (
+            repeat_rows(features(negative_texts, negative_clip, negative_pooled), per_prompt) if cfg else None
+        )
         if conditioning.timestep_aware:
             # ELLA: the hook conditions every UNet call at its timestep; the CLIP embeddings returned here only set
             # the batch layout (the pooled ones too: the hook replaces text_embeds).

@@ -72,7 +72,8 @@ def adapter_entries(adapters) -> list[tuple[str, dict]]:
         items = [(adapter_label(entry), {"path": str(entry)}) for entry in adapters]
         labels = [name for name, _ in items]
         items = [
-            (name if labels.count(name) == 1 else f"{name} ({Path(spec['path']).parent.name})", spec) for name, spec in items
+            (name if labels.count(name) == 1 else f"{name} ({Path(spec['path']).parent.name})", spec)
+            for name, spec in items
         ]
     names = [name for name, _ in items]
     return [(name if names.count(name) == 1 else f"{name}-{i}", spec) for i, (name, spec) in enumerate(items)]
@@ -108,11 +109,15 @@ def build_columns(
     needs it (ELLA), on the backbone's device. Each adapter is checked against the backbone and LLM on
     an empty prompt, so a mismatch fails here naming the adapter file."""
 
-    columns = [Column("base", ClipConditioning(frozen_text_features(backbone)), {"kind": "base"})] if include_base else []
+    columns = (
+        [Column("base", ClipConditioning(frozen_text_features(backbone)), {"kind": "base"})] if include_base else []
+    )
     loaded_llm = llm if isinstance(llm, nn.Module) or llm is None else None
     for name, spec in adapter_entries(adapters):
         path = spec["path"]
-        connector = load_adapter(path, spec.get("format", "sur_lightning"), backbone.cross_attention_dim).to(backbone.device)
+        connector = load_adapter(path, spec.get("format", "sur_lightning"), backbone.cross_attention_dim).to(
+            backbone.device
+        )
         uses_llm = needs_llm(connector)
         if uses_llm and loaded_llm is None:
             if llm is None:
@@ -123,14 +128,16 @@ def build_columns(
         etas = list(eta_sweep) if eta_sweep else [spec.get("eta", eta)]
         for value in etas:
             label = name if value is None else f"{name} eta={value:g}"
-            conditioning = ConnectorConditioning(connector, text_features, adapter_mode, value, spec.get("negative", negative))
+            conditioning = ConnectorConditioning(
+                connector, text_features, adapter_mode, value, spec.get("negative", negative)
+            )
             check_conditioning(conditioning, backbone, path)
             columns.append(Column(label, conditioning, {"adapter": str(path), **conditioning.describe()}))
     return columns
 
 
 def complex_prompt_column(backbone, prompts: Sequence[Prompt]) -> Column | None:
-    """"base+complex": the base model given each prompt's ``complex`` prompt instead (the upper bound a
+    """ "base+complex": the base model given each prompt's ``complex`` prompt instead (the upper bound a
     connector is measured against), or None when no prompt has one. Any other text (the empty negative
     prompt) is encoded as it is."""
     complex_of = {p.prompt: p.complex for p in prompts if p.complex}
@@ -149,7 +156,9 @@ def check_conditioning(conditioning: ClipConditioning, backbone, path) -> None:
     try:
         out = conditioning([""], backbone.noise_scheduler.config.num_train_timesteps - 1)
     except NonFiniteConditioningError as error:
-        raise NonFiniteConditioningError(f"adapter {path}, checked on the empty prompt before drawing: {error}") from error
+        raise NonFiniteConditioningError(
+            f"adapter {path}, checked on the empty prompt before drawing: {error}"
+        ) from error
     except (RuntimeError, ValueError, AttributeError, TypeError) as error:
         raise ValueError(
             f"adapter {path} does not fit this backbone/LLM ({type(error).__name__}: {error}); "
@@ -165,8 +174,15 @@ def check_conditioning(conditioning: ClipConditioning, backbone, path) -> None:
 # ------------------------------------------------------------------ unCLIP (generation/unclip.py)
 
 
-def unclip_column(backbone, folder: str | Path, llm=None, decoder: str | Path | None = None, name: str = "unclip",
-                  num_inference_steps: int = 25, guidance_scale: float = 1.0) -> Column:
+def unclip_column(
+    backbone,
+    folder: str | Path,
+    llm=None,
+    decoder: str | Path | None = None,
+    name: str = "unclip",
+    num_inference_steps: int = 25,
+    guidance_scale: float = 1.0,
+) -> Column:
     """The column prior -> decoder of a prior export ``folder`` (``unclip.json``). ``llm``: the LLM module the prior
     reads (token states), or None to build the one it was trained with (its record's ``trained_with.llm``);
     ``decoder``: a decoder folder instead of the one its record names."""
@@ -175,7 +191,9 @@ def unclip_column(backbone, folder: str | Path, llm=None, decoder: str | Path | 
     prior, record = load_prior(folder)
     decoder = decoder or record.get("decoder")
     if decoder is None:
-        raise ValueError(f"{folder}: its unclip.json names no decoder (trained with model.decoder=null): pass decoder=<folder>")
+        raise ValueError(
+            f"{folder}: its unclip.json names no decoder (trained with model.decoder=null): pass decoder=<folder>"
+        )
     projection, _ = load_decoder(decoder)
     if llm is None:
         node = (record.get("trained_with") or {}).get("llm")
@@ -185,14 +203,16 @@ def unclip_column(backbone, folder: str | Path, llm=None, decoder: str | Path | 
 
         llm = token_llm(OmegaConf.create(node))
     llm = llm.to(backbone.device)
-    embed = PriorEmbeddings(backbone, prior.to(backbone.device), frozen_text_features(backbone, llm),
-                            num_inference_steps, guidance_scale)
+    embed = PriorEmbeddings(
+        backbone, prior.to(backbone.device), frozen_text_features(backbone, llm), num_inference_steps, guidance_scale
+    )
     source = {"kind": "unclip", "prior": str(folder), "decoder": str(decoder), "prior_guidance_scale": guidance_scale}
     return Column(name, None, source, render=DecoderRender(backbone, projection, embed))
 
 
-def oracle_column(backbone, decoder: str | Path, image_tower: str | Path,
-                  reference: Callable, name: str = "unclip_oracle") -> Column:
+def oracle_column(
+    backbone, decoder: str | Path, image_tower: str | Path, reference: Callable, name: str = "unclip_oracle"
+) -> Column:
     """The decoder given the image tower's embedding of a true image of each prompt: ``reference(prompt, seed)``
     draws it (the toy world: ``world.draw_example`` of the prompt's target, seeded)."""
     from sur_lightning.generation.unclip import DecoderRender, TowerEmbeddings, load_decoder
@@ -253,8 +273,12 @@ def pixelsnail_column(folder, name: str = "pixelsnail", llm: nn.Module | None = 
     from sur_lightning.generation.pixelsnail import PixelSNAILSampler
 
     sampler = PixelSNAILSampler.from_pretrained(folder, llm=llm, **knobs)
-    source = {"kind": "pixelsnail", "path": str(folder), "guidance_scale": sampler.guidance_scale,
-              "temperature": sampler.temperature}
+    source = {
+        "kind": "pixelsnail",
+        "path": str(folder),
+        "guidance_scale": sampler.guidance_scale,
+        "temperature": sampler.temperature,
+    }
     return Column(name, None, source, render=lambda prompts, seeds, **_diffusion_knobs: sampler(prompts, seeds))
 
 

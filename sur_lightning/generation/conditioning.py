@@ -44,14 +44,19 @@ def frozen_text_features(backbone, llm: nn.Module | None = None) -> TextFeatures
     return text_features
 
 
-def with_llm_states(clip: torch.Tensor, pooled: torch.Tensor | None, prompts: Sequence[str], llm: nn.Module | None) -> TextFeatures:
+def with_llm_states(
+    clip: torch.Tensor, pooled: torch.Tensor | None, prompts: Sequence[str], llm: nn.Module | None
+) -> TextFeatures:
     """TextFeatures of ``prompts`` from their CLIP states [B,77,d] (and SDXL's pooled [B,P]), plus the LLM's
     states and mask on CLIP's device when ``llm`` is given."""
     if llm is None:
         return TextFeatures(clip=clip, pooled=pooled, prompts=list(prompts))
     states, mask = llm(list(prompts))
     return TextFeatures(
-        clip=clip, llm=states.to(clip.device), llm_mask=None if mask is None else mask.to(clip.device), pooled=pooled,
+        clip=clip,
+        llm=states.to(clip.device),
+        llm_mask=None if mask is None else mask.to(clip.device),
+        pooled=pooled,
         prompts=list(prompts),
     )
 
@@ -60,7 +65,9 @@ class NonFiniteConditioningError(FloatingPointError):
     """A connector's conditioning holds NaN or inf; the message names the prompts (and the column, in ``generate``)."""
 
 
-def check_finite_conditioning(out: ConnectorOutput, features: TextFeatures, connector: nn.Module, timesteps: torch.Tensor) -> None:
+def check_finite_conditioning(
+    out: ConnectorOutput, features: TextFeatures, connector: nn.Module, timesteps: torch.Tensor
+) -> None:
     """Raise ``NonFiniteConditioningError`` when a row of ``out.conditioning`` [B, N, d] (or SDXL's ``out.pooled``
     [B, P]) is not finite: the UNet would turn it into a black image without any error. Names the prompts of
     those rows (``features.prompts``) and the timestep [B]."""
@@ -240,7 +247,9 @@ def conditioning_hook(unet: nn.Module, conditioning: ClipConditioning, features:
         added = kwargs.get("added_cond_kwargs")
         if pooled is not None:
             if not added or "text_embeds" not in added:
-                raise RuntimeError("the conditioning has a pooled embedding (SDXL) but the UNet call has no added_cond_kwargs")
+                raise RuntimeError(
+                    "the conditioning has a pooled embedding (SDXL) but the UNet call has no added_cond_kwargs"
+                )
             kwargs["added_cond_kwargs"] = {**added, "text_embeds": pooled.to(states.device, added["text_embeds"].dtype)}
         if in_kwargs:
             kwargs["encoder_hidden_states"] = new

@@ -60,6 +60,10 @@ def write_grids(rendered: Sequence[Rendered], columns: Sequence[Column], out_dir
         for adapter, adapter_columns in adapters.items():
             folder = out_dir / "strips" / re.sub(r"[^A-Za-z0-9._-]+", "_", adapter)
             for (pid, text, seed), label in zip(rows, labels):
-                strip = {c.name.replace(adapter + " ", ""): [by_key[(c.name, pid, seed)]] for c in base + adapter_columns}
-                written["strips"].append(str(save_grid(labelled_grid(strip, [label]), folder / f"{pid}_seed{seed}.png")))
+                strip = {
+                    c.name.replace(adapter + " ", ""): [by_key[(c.name, pid, seed)]] for c in base + adapter_columns
+                }
+                written["strips"].append(
+                    str(save_grid(labelled_grid(strip, [label]), folder / f"{pid}_seed{seed}.png"))
+                )
     return written

@@ -127,7 +127,9 @@ class BlendConditioning(ClipConditioning):
                 f"({b.conditioning.shape[1]} tokens) token by token: interpolate two prompts through one of them "
                 "instead (between=prompts), or two connectors with the same token count"
             )
-        tokens = interpolate(a.conditioning, b.conditioning.to(a.conditioning.dtype), _row_weights(weights, a.conditioning), self.method)
+        tokens = interpolate(
+            a.conditioning, b.conditioning.to(a.conditioning.dtype), _row_weights(weights, a.conditioning), self.method
+        )
         pooled = None
         if a.pooled is not None and b.pooled is not None:
             pooled = interpolate(a.pooled, b.pooled.to(a.pooled.dtype), _row_weights(weights, a.pooled), self.method)
@@ -144,7 +146,12 @@ class BlendConditioning(ClipConditioning):
         return self._mix(a, b, features.weights)
 
     def describe(self) -> dict:
-        return {"kind": "blend", "method": self.method, "first": self.first.describe(), "second": self.second.describe()}
+        return {
+            "kind": "blend",
+            "method": self.method,
+            "first": self.first.describe(),
+            "second": self.second.describe(),
+        }
 
 
 @dataclass
@@ -210,14 +217,21 @@ class TextDiffConditioning(ClipConditioning):
         pooled = None
         if c.pooled is not None:
             pooled = self._shift(c.pooled, source.pooled, target.pooled)
-        return ConnectorOutput(conditioning=self._shift(c.conditioning, source.conditioning, target.conditioning), pooled=pooled)
+        return ConnectorOutput(
+            conditioning=self._shift(c.conditioning, source.conditioning, target.conditioning), pooled=pooled
+        )
 
     def negative_output(self, features: TextDiffFeatures, timesteps) -> ConnectorOutput:
         return self.conditioning.negative_output(features.prompt, timesteps)
 
     def describe(self) -> dict:
-        return {"kind": "text_diff", "source": self.source, "target": self.target, "method": self.method,
-                "of": self.conditioning.describe()}
+        return {
+            "kind": "text_diff",
+            "source": self.source,
+            "target": self.target,
+            "method": self.method,
+            "of": self.conditioning.describe(),
+        }
 
 
 def describe(conditioning: ClipConditioning) -> str:

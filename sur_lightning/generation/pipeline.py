@@ -132,7 +132,9 @@ def render_base_and_adapter(
     was_training = module.connector.training
     module.connector.eval()
     try:
-        adapted = render(pipeline, ConnectorConditioning(module.connector, module.text_features, mode), prompts, seeds, **kwargs)
+        adapted = render(
+            pipeline, ConnectorConditioning(module.connector, module.text_features, mode), prompts, seeds, **kwargs
+        )
     finally:
         module.connector.train(was_training)
     return base, adapted
@@ -176,11 +178,13 @@ def render_columns(
                 texts, batch_seeds = [p.prompt for p, _ in batch], [s for _, s in batch]
                 try:
                     if column.render is not None:  # a generator of its own (unCLIP, PixelSNAIL): same prompts and seeds
-                        images = column.render(texts, batch_seeds, scheduler=scheduler, negative_prompt=negative_prompt,
-                                               **kwargs)
+                        images = column.render(
+                            texts, batch_seeds, scheduler=scheduler, negative_prompt=negative_prompt, **kwargs
+                        )
                     else:
-                        images = render(pipeline, column.conditioning, texts, batch_seeds,
-                                        negative_prompt=negative_prompt, **kwargs)
+                        images = render(
+                            pipeline, column.conditioning, texts, batch_seeds, negative_prompt=negative_prompt, **kwargs
+                        )
                 except NonFiniteConditioningError as error:
                     raise NonFiniteConditioningError(f"column {column.name!r}: {error}") from error
                 for (prompt, seed), image in zip(batch, images):

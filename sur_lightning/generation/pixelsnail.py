@@ -29,8 +29,15 @@ class PixelSNAILSampler:
     """prompts [n], seeds [n] -> n PIL images (see the module docstring). ``batch_size`` rows per draw
     (each draw is G*G forward passes of 2 x batch_size rows with guidance)."""
 
-    def __init__(self, prior: PixelSNAIL, tokenizer: LatentVQTokenizer, text: PromptStates,
-                 guidance_scale: float = 3.0, temperature: float = 1.0, batch_size: int = 64) -> None:
+    def __init__(
+        self,
+        prior: PixelSNAIL,
+        tokenizer: LatentVQTokenizer,
+        text: PromptStates,
+        guidance_scale: float = 3.0,
+        temperature: float = 1.0,
+        batch_size: int = 64,
+    ) -> None:
         self.prior = prior.eval()
         self.tokenizer = tokenizer.eval()
         self.text = text
@@ -48,8 +55,14 @@ class PixelSNAILSampler:
             chunk, chunk_seeds = prompts[start : start + self.batch_size], seeds[start : start + self.batch_size]
             pooled, tokens, mask = (t.to(device) for t in self.text(chunk))
             generators = [torch.Generator().manual_seed(int(seed)) for seed in chunk_seeds]
-            codes = self.prior.sample(pooled, tokens, mask, temperature=self.temperature,
-                                      guidance_scale=self.guidance_scale, generator=generators)
+            codes = self.prior.sample(
+                pooled,
+                tokens,
+                mask,
+                temperature=self.temperature,
+                guidance_scale=self.guidance_scale,
+                generator=generators,
+            )
             pixels = self.tokenizer.decode(codes.to(device))  # [B, 3, R, R] in [-1, 1]
             array = ((pixels + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
             images += [Image.fromarray(np.ascontiguousarray(a)) for a in array]
@@ -64,12 +77,18 @@ class PixelSNAILSampler:
         if llm is None:
             from hydra.utils import instantiate
 
-            record = json.loads((folder / "trained_with.json").read_text()) if (folder / "trained_with.json").exists() else {}
+            record = (
+                json.loads((folder / "trained_with.json").read_text())
+                if (folder / "trained_with.json").exists()
+                else {}
+            )
             if not (record.get("llm") or {}).get("config"):
                 raise ValueError(f"{folder}: trained_with.json names no LLM; pass llm= (the one it was trained with)")
             llm = instantiate(record["llm"]["config"])
         prior = PixelSNAIL.from_pretrained(str(folder / "prior"))
         tokenizer = LatentVQTokenizer.from_pretrained(folder / "tokenizer")
         if prior.config.codebook_size != tokenizer.codebook_size:
-            raise ValueError(f"{folder}: the prior has {prior.config.codebook_size} codes, the tokenizer {tokenizer.codebook_size}")
+            raise ValueError(
+                f"{folder}: the prior has {prior.config.codebook_size} codes, the tokenizer {tokenizer.codebook_size}"
+            )
         return cls(prior, tokenizer, PromptStates(llm), **knobs)

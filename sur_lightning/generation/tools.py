@@ -61,8 +61,12 @@ class Setup:
 
     progress: object = None  # a tqdm bar counting rendered images, or None
 
-    def render(self, conditioning: ClipConditioning, prompts: Sequence[str], seeds: Sequence[int], **kwargs) -> list[Image.Image]:
-        images = render(self.pipeline, conditioning, prompts, seeds, negative_prompt=self.negative_prompt, **self.sampler, **kwargs)
+    def render(
+        self, conditioning: ClipConditioning, prompts: Sequence[str], seeds: Sequence[int], **kwargs
+    ) -> list[Image.Image]:
+        images = render(
+            self.pipeline, conditioning, prompts, seeds, negative_prompt=self.negative_prompt, **self.sampler, **kwargs
+        )
         if self.progress is not None:
             self.progress.update(len(images))
         return images
@@ -93,8 +97,14 @@ class Interpolation:
                        interpolation); None keeps the row's noise along the strip.
     """
 
-    def __init__(self, steps: int = 5, method: str = "slerp", between: str = "columns", from_column: str = "base",
-                 noise_to_seed: int | None = None) -> None:
+    def __init__(
+        self,
+        steps: int = 5,
+        method: str = "slerp",
+        between: str = "columns",
+        from_column: str = "base",
+        noise_to_seed: int | None = None,
+    ) -> None:
         if steps < 2:
             raise ValueError(f"tool.steps: an interpolation needs at least 2 steps (both ends), got {steps}")
         if between not in ("columns", "prompts"):
@@ -117,19 +127,31 @@ class Interpolation:
                         "tool.between=prompts, or tool.from_column=<another adapter with that count>"
                     )
             return [
-                (f"{start.name} -> {end.name}: {p.prompt}", end.name,
-                 BlendConditioning(start.conditioning, end.conditioning, self.weights, method=self.method), p,
-                 {"from": start.name, "to": end.name})
-                for end in setup.adapters for p in setup.prompts
+                (
+                    f"{start.name} -> {end.name}: {p.prompt}",
+                    end.name,
+                    BlendConditioning(start.conditioning, end.conditioning, self.weights, method=self.method),
+                    p,
+                    {"from": start.name, "to": end.name},
+                )
+                for end in setup.adapters
+                for p in setup.prompts
             ]
         if len(setup.prompts) < 2:
             raise ValueError("tool.between=prompts interpolates each prompt into the next: give at least 2 prompts")
         pairs = list(zip(setup.prompts, setup.prompts[1:]))
         return [
-            (f"{column.name}: {a.prompt} -> {b.prompt}", column.name,
-             BlendConditioning(column.conditioning, column.conditioning, self.weights, {a.prompt: b.prompt}, self.method),
-             a, {"from": a.prompt, "to": b.prompt})
-            for column in setup.explored for a, b in pairs
+            (
+                f"{column.name}: {a.prompt} -> {b.prompt}",
+                column.name,
+                BlendConditioning(
+                    column.conditioning, column.conditioning, self.weights, {a.prompt: b.prompt}, self.method
+                ),
+                a,
+                {"from": a.prompt, "to": b.prompt},
+            )
+            for column in setup.explored
+            for a, b in pairs
         ]
 
     def run(self, setup: Setup) -> Picture:
@@ -139,8 +161,11 @@ class Interpolation:
                 latents = None
                 if self.noise_to_seed is not None:
                     size = setup.sampler.get("height"), setup.sampler.get("width")
-                    latents = noise_slerp(seeded_noise(setup.pipeline, seed, *size),
-                                          seeded_noise(setup.pipeline, self.noise_to_seed, *size), self.weights)
+                    latents = noise_slerp(
+                        seeded_noise(setup.pipeline, seed, *size),
+                        seeded_noise(setup.pipeline, self.noise_to_seed, *size),
+                        self.weights,
+                    )
                 n = len(self.weights)
                 strip = setup.render(blend, [prompt.prompt] * n, [seed] * n, latents=latents)
                 strips.append(strip)
@@ -158,8 +183,9 @@ class TextDiffs:
     column (base and adapters); s = 0 is the prompt's own image. ``method``: ``add`` (c + s·diff) or ``slerp``
     (unCLIP's: toward the difference's direction)."""
 
-    def __init__(self, source: str, target: str, strengths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
-                 method: str = "add") -> None:
+    def __init__(
+        self, source: str, target: str, strengths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0), method: str = "add"
+    ) -> None:
         if not source or not target:
             raise ValueError("tool.source and tool.target: the two captions whose difference moves the prompt")
         self.source, self.target, self.strengths, self.method = source, target, [float(s) for s in strengths], method
@@ -176,8 +202,10 @@ class TextDiffs:
                     label = f"{column.name}: {prompt.prompt} + s*({self.target} - {self.source})"
                     rows.append(f"{label} ({seed})" if len(setup.seeds) > 1 else label)
                     info = {"source": self.source, "target": self.target, "method": self.method}
-                    images += [Rendered(column.name, prompt, seed, image, info={**info, "strength": s})
-                               for s, image in zip(self.strengths, strip)]
+                    images += [
+                        Rendered(column.name, prompt, seed, image, info={**info, "strength": s})
+                        for s, image in zip(self.strengths, strip)
+                    ]
         return Picture(_grid_columns([f"s={s:g}" for s in self.strengths], strips), rows, images)
 
 
@@ -187,7 +215,9 @@ class Variations:
     conditioning (diffusers' img2img pipeline over the same components, with the per-call hook). Strength 0 is the
     VAE's round trip (encode, decode), the input as the model can represent it."""
 
-    def __init__(self, strengths: Sequence[float] = (0.3, 0.6), num_variations: int = 4, image: str | None = None) -> None:
+    def __init__(
+        self, strengths: Sequence[float] = (0.3, 0.6), num_variations: int = 4, image: str | None = None
+    ) -> None:
         if any(not 0.0 <= s <= 1.0 for s in strengths):
             raise ValueError(f"tool.strengths must lie in [0, 1], got {list(strengths)}")
         self.strengths, self.num_variations, self.image = [float(s) for s in strengths], int(num_variations), image
@@ -209,8 +239,16 @@ class Variations:
         return pipeline.image_processor.postprocess(pipeline.vae.decode(latents).sample, output_type="pil")[0]
 
     @torch.no_grad()
-    def vary(self, setup: Setup, img2img, conditioning: ClipConditioning, prompt: str, image: Image.Image,
-             strength: float, seeds: Sequence[int]) -> list[Image.Image]:
+    def vary(
+        self,
+        setup: Setup,
+        img2img,
+        conditioning: ClipConditioning,
+        prompt: str,
+        image: Image.Image,
+        strength: float,
+        seeds: Sequence[int],
+    ) -> list[Image.Image]:
         if strength == 0.0:
             return [self.round_trip(setup.pipeline, image)] * len(seeds)
         steps = setup.sampler.get("num_inference_steps", 30)
@@ -250,8 +288,10 @@ class Variations:
                         varied = self.vary(setup, img2img, column.conditioning, prompt.prompt, source, strength, seeds)
                         strips.append([source, *varied])
                         rows.append(f"{column.name}: {prompt.prompt} ({seed}) s={strength:g}")
-                        images += [Rendered(column.name, prompt, s, image, info={"strength": strength, "input_seed": seed})
-                                   for s, image in zip(seeds, varied)]
+                        images += [
+                            Rendered(column.name, prompt, s, image, info={"strength": strength, "input_seed": seed})
+                            for s, image in zip(seeds, varied)
+                        ]
         return Picture(_grid_columns(titles, strips), rows, images)
 
 
@@ -288,7 +328,9 @@ class BestOfN:
     def text(self, prompt: Prompt) -> str:
         if self.scorer_text == "complex":
             if not prompt.complex:
-                raise ValueError(f"tool.scorer_text=complex but prompt {prompt.id} ({prompt.prompt!r}) has no complex form")
+                raise ValueError(
+                    f"tool.scorer_text=complex but prompt {prompt.id} ({prompt.prompt!r}) has no complex form"
+                )
             return prompt.complex
         return prompt.prompt
 
@@ -323,11 +365,20 @@ class BestOfN:
                     best, scores = self.choose(candidates, self.text(prompt))
                     info = {"scores": scores, "candidate_seeds": seeds, "chosen": best, "draw": seed}
                     images.append(Rendered(column.name, prompt, seeds[0], candidates[0], info=info))
-                    images.append(Rendered(self.best_column(column.name), prompt, seeds[best], candidates[best], info=info))
-                    images += [Rendered(self.all_column(column.name), prompt, s, image, info={"score": score, "draw": seed})
-                               for s, image, score in zip(seeds, candidates, scores)]
-                    strips.append([mark(image, f"{score:.3g}", k == best) for k, (image, score) in enumerate(zip(candidates, scores))]
-                                  + [mark(candidates[best], f"seed {seeds[best]}", True)])
+                    images.append(
+                        Rendered(self.best_column(column.name), prompt, seeds[best], candidates[best], info=info)
+                    )
+                    images += [
+                        Rendered(self.all_column(column.name), prompt, s, image, info={"score": score, "draw": seed})
+                        for s, image, score in zip(seeds, candidates, scores)
+                    ]
+                    strips.append(
+                        [
+                            mark(image, f"{score:.3g}", k == best)
+                            for k, (image, score) in enumerate(zip(candidates, scores))
+                        ]
+                        + [mark(candidates[best], f"seed {seeds[best]}", True)]
+                    )
                     rows.append(f"{column.name}: {prompt.prompt} ({seed})")
         titles = [f"#{k + 1}" for k in range(self.n)] + ["best"]
         return Picture(_grid_columns(titles, strips), rows, images)

@@ -83,9 +83,14 @@ def decode_embeddings(
     latents = torch.stack([seeded_noise(pipeline, seed, size, width) for seed in seeds])
     with added_time_embedding(pipeline.unet, torch.cat([null_offset, offset]) if guided else offset):
         return pipeline(
-            prompt_embeds=tokens.to(dtype), negative_prompt_embeds=null_tokens.to(dtype),
-            latents=latents.to(device, dtype), num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale, height=size, width=width, output_type="pil",
+            prompt_embeds=tokens.to(dtype),
+            negative_prompt_embeds=null_tokens.to(dtype),
+            latents=latents.to(device, dtype),
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            height=size,
+            width=width,
+            output_type="pil",
         ).images
 
 
@@ -94,14 +99,17 @@ class DecoderRender:
     negative_prompt=) -> images``, decoding ``embed(prompts, seeds)`` [B, E]. The negative prompt does not apply
     (the decoder's unconditional branch is the zero embedding)."""
 
-    def __init__(self, backbone, projection: ImageEmbeddingProjection, embed: Callable[[list[str], list[int]], torch.Tensor]):
+    def __init__(
+        self, backbone, projection: ImageEmbeddingProjection, embed: Callable[[list[str], list[int]], torch.Tensor]
+    ):
         self.backbone = backbone
         self.projection = projection
         self.embed = embed
         self._pipelines: dict[str, object] = {}
 
-    def __call__(self, prompts: Sequence[str], seeds: Sequence[int], scheduler: str = "ddim",
-                 negative_prompt: str = "", **kwargs) -> list[Image.Image]:
+    def __call__(
+        self, prompts: Sequence[str], seeds: Sequence[int], scheduler: str = "ddim", negative_prompt: str = "", **kwargs
+    ) -> list[Image.Image]:
         from sur_lightning.generation.pipeline import build_pipeline
 
         if scheduler not in self._pipelines:
@@ -117,8 +125,9 @@ class PriorEmbeddings:
     guidance_scale: the prior's classifier-free guidance against the empty prompt (1.0: none).
     """
 
-    def __init__(self, backbone, prior: DiffusionPrior, text_features, num_inference_steps: int = 25,
-                 guidance_scale: float = 1.0) -> None:
+    def __init__(
+        self, backbone, prior: DiffusionPrior, text_features, num_inference_steps: int = 25, guidance_scale: float = 1.0
+    ) -> None:
         self.backbone = backbone
         self.prior = prior
         self.text_features = text_features
@@ -137,10 +146,17 @@ class PriorEmbeddings:
         rows = []
         for prompt, seed in zip(prompts, seeds):
             states, mask, pooled = self.text([prompt])
-            rows.append(self.prior.sample(
-                states, mask, pooled, generator=int(seed), num_inference_steps=self.num_inference_steps,
-                guidance_scale=self.guidance_scale, negative=negative,
-            ))
+            rows.append(
+                self.prior.sample(
+                    states,
+                    mask,
+                    pooled,
+                    generator=int(seed),
+                    num_inference_steps=self.num_inference_steps,
+                    guidance_scale=self.guidance_scale,
+                    negative=negative,
+                )
+            )
         return torch.cat(rows)
 
 

@@ -61,7 +61,11 @@ class KnowledgeBase:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
                 raise ValueError(f"{where}: not valid JSON ({error.msg}): {line[:80]!r}") from None
-            if not isinstance(row, dict) or not isinstance(row.get("title"), str) or not isinstance(row.get("text"), str):
+            if (
+                not isinstance(row, dict)
+                or not isinstance(row.get("title"), str)
+                or not isinstance(row.get("text"), str)
+            ):
                 raise ValueError(f'{where}: expected an object with string "title" and "text", got {line[:80]!r}')  # noqa: TRY004 - bad data, not a bad call
             title, text = row["title"].strip(), row["text"].strip()
             if not text:

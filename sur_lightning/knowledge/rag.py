@@ -35,6 +35,7 @@ from sur_lightning.models.sentence import SentenceEncoderFeatures, minilm_path
 # Facts first: a causal LM's prompt tokens can attend to the facts only if the facts come before them.
 DEFAULT_TEMPLATE = "{facts}\n{prompt}"
 
+
 class Retriever:
     """Top-k cosine retrieval over a knowledge base with a frozen sentence encoder.
 
@@ -77,7 +78,9 @@ class Retriever:
         if template.index("{facts}") > template.index("{prompt}"):
             # The LLM is causal: facts placed after the prompt cannot change the prompt's token states.
             raise ValueError(f"rag.template must put {{facts}} before {{prompt}}, got {template!r}")
-        self.knowledge_base = knowledge_base if isinstance(knowledge_base, KnowledgeBase) else KnowledgeBase(knowledge_base)
+        self.knowledge_base = (
+            knowledge_base if isinstance(knowledge_base, KnowledgeBase) else KnowledgeBase(knowledge_base)
+        )
         if not 0.0 <= float(name_dropout) <= 1.0:
             raise ValueError(f"rag.name_dropout is a probability in [0, 1], got {name_dropout}")
         self.name_dropout = float(name_dropout)
@@ -106,7 +109,11 @@ class Retriever:
         """The encoder's path, settings and a hash of its files' names, sizes and mtimes (None for a hub id)."""
         from sur_lightning.models.backbone import files_hash
 
-        return {"pretrained": self.encoder_path, "files": files_hash(self.encoder_path), "max_length": self.encoder_max_length}
+        return {
+            "pretrained": self.encoder_path,
+            "files": files_hash(self.encoder_path),
+            "max_length": self.encoder_max_length,
+        }
 
     def index_key(self) -> str:
         identity = {"knowledge_base": self.knowledge_base.content_hash, "encoder": self.encoder_identity()}
@@ -131,7 +138,9 @@ class Retriever:
     @property
     def encoder(self) -> SentenceEncoderFeatures:
         if self._encoder is None:
-            self._encoder = SentenceEncoderFeatures(self.encoder_path, pooling="mean", max_length=self.encoder_max_length)
+            self._encoder = SentenceEncoderFeatures(
+                self.encoder_path, pooling="mean", max_length=self.encoder_max_length
+            )
         return self._encoder
 
     def embed(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
@@ -199,7 +208,11 @@ class Retriever:
         best, index = scores.topk(min(self.top_k, scores.shape[1]), dim=-1)
         kb = self.knowledge_base
         return [
-            [Passage(kb.titles[j], kb.texts[j], float(s)) for s, j in zip(row_scores.tolist(), row_index.tolist()) if s >= self.threshold]
+            [
+                Passage(kb.titles[j], kb.texts[j], float(s))
+                for s, j in zip(row_scores.tolist(), row_index.tolist())
+                if s >= self.threshold
+            ]
             for row_scores, row_index in zip(best, index)
         ]
 

@@ -38,11 +38,19 @@ def plain_messages(messages) -> list[dict[str, str]]:
         messages = OmegaConf.to_container(messages, resolve=True)
     out = []
     for i, message in enumerate(messages or []):
-        if not isinstance(message, dict) or set(message) != {"role", "content"} or not isinstance(message["content"], str):
-            raise ValueError(f"rewriter template message {i}: expected {{role, content}} with a string content, got {message!r}")
+        if (
+            not isinstance(message, dict)
+            or set(message) != {"role", "content"}
+            or not isinstance(message["content"], str)
+        ):
+            raise ValueError(
+                f"rewriter template message {i}: expected {{role, content}} with a string content, got {message!r}"
+            )
         out.append({"role": str(message["role"]), "content": message["content"]})
     if not out or PLACEHOLDER not in out[-1]["content"]:
-        raise ValueError(f"rewriter template: the last message must contain {PLACEHOLDER!r}, got {out[-1:] or 'no messages'}")
+        raise ValueError(
+            f"rewriter template: the last message must contain {PLACEHOLDER!r}, got {out[-1:] or 'no messages'}"
+        )
     return out
 
 
@@ -84,7 +92,9 @@ class PromptRewriter:
         poll_s: float = 5.0,
     ) -> None:
         self.pretrained = str(pretrained)
-        templates = OmegaConf.to_container(templates, resolve=True) if OmegaConf.is_config(templates) else dict(templates)
+        templates = (
+            OmegaConf.to_container(templates, resolve=True) if OmegaConf.is_config(templates) else dict(templates)
+        )
         unknown = set(templates) - set(TASKS)
         if unknown:
             raise ValueError(f"rewriter.templates: unknown task(s) {sorted(unknown)}; the tasks are {TASKS}")
@@ -119,7 +129,9 @@ class PromptRewriter:
 
     def template(self, task: str) -> list[dict[str, str]]:
         if task not in self.templates:
-            raise ValueError(f"rewriter: no template for task {task!r} (rewriter.templates has {sorted(self.templates)})")
+            raise ValueError(
+                f"rewriter: no template for task {task!r} (rewriter.templates has {sorted(self.templates)})"
+            )
         return self.templates[task]
 
     def read_cache(self) -> None:
@@ -139,7 +151,10 @@ class PromptRewriter:
         if len(bad) != self.unreadable_lines:
             self.unreadable_lines = len(bad)
             # A line cut by a killed writer is the usual cause; its prompt is simply rewritten again.
-            print(f"rewriter: {len(bad)} unreadable line(s) in {self.cache_file} skipped (first: line {bad[0]})", flush=True)
+            print(
+                f"rewriter: {len(bad)} unreadable line(s) in {self.cache_file} skipped (first: line {bad[0]})",
+                flush=True,
+            )
 
     def append_cache(self, rows: list[dict]) -> None:
         if self.cache_file is None:
@@ -174,7 +189,10 @@ class PromptRewriter:
     def wait_for(self, prompts: list[str], task: str, rank: int) -> dict[str, str]:
         """Other ranks: rank 0 writes the rewrites; poll its cache file instead of loading a second LLM."""
         started = time.monotonic()
-        print(f"rank {rank}: waiting for rank 0 to rewrite {len(prompts)} prompt(s) into {self.cache_file} ...", flush=True)
+        print(
+            f"rank {rank}: waiting for rank 0 to rewrite {len(prompts)} prompt(s) into {self.cache_file} ...",
+            flush=True,
+        )
         while True:
             self.read_cache()
             known = self.cached(prompts, task)
@@ -197,7 +215,9 @@ class PromptRewriter:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         # Generation continues after the last token: pad on the left so every row's last token is real.
         self.tokenizer.padding_side = "left"
-        model = load_pretrained(AutoModelForCausalLM, self.pretrained, "rewriter.pretrained", dtype=resolve_dtype(self.dtype))
+        model = load_pretrained(
+            AutoModelForCausalLM, self.pretrained, "rewriter.pretrained", dtype=resolve_dtype(self.dtype)
+        )
         device = ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
         self.model = model.to(device).eval().requires_grad_(False)
 
@@ -221,7 +241,9 @@ class PromptRewriter:
         for batch in tqdm(batches, desc=f"Rewriting ({task})", unit="batch"):
             texts = [self.model_input(p, task) for p in batch]
             # Chat templates already hold the special tokens; don't add a second BOS.
-            tokens = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not self.tokenizer.chat_template)
+            tokens = self.tokenizer(
+                texts, return_tensors="pt", padding=True, add_special_tokens=not self.tokenizer.chat_template
+            )
             tokens = tokens.to(self.model.device)
             generated = self.model.generate(
                 **tokens,
@@ -239,9 +261,14 @@ class PromptRewriter:
                     rewrite = prompt
                 out[prompt] = rewrite
                 self.memory[(prompt, self.pretrained, key)] = rewrite
-                rows.append({"prompt": prompt, "model": self.pretrained, "template": key, "task": task, "rewrite": rewrite})
+                rows.append(
+                    {"prompt": prompt, "model": self.pretrained, "template": key, "task": task, "rewrite": rewrite}
+                )
             self.append_cache(rows)
         self.generated += len(prompts)
         if empty:
-            print(f"rewriter: the LLM wrote nothing for {empty} of {len(prompts)} prompt(s); those keep their own text", flush=True)
+            print(
+                f"rewriter: the LLM wrote nothing for {empty} of {len(prompts)} prompt(s); those keep their own text",
+                flush=True,
+            )
         return out

@@ -127,7 +127,9 @@ class FrozenModule(nn.Module):
     def check_vae_encoder(self) -> None:
         reason = getattr(self, "vae_encoder_dropped", None)
         if reason:
-            raise RuntimeError(f"this backbone's VAE encoder was dropped ({reason}); build another backbone to encode images")
+            raise RuntimeError(
+                f"this backbone's VAE encoder was dropped ({reason}); build another backbone to encode images"
+            )
 
 
 class StableDiffusionBackbone(FrozenModule):

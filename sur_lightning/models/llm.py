@@ -115,7 +115,6 @@ class CausalLMFeatures(FrozenModule):
     def hidden_size(self) -> int:
         return int(self.model.config.hidden_size)
 
-
     @torch.no_grad()
     def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         tokens = self.token_states(prompts)
@@ -325,13 +324,14 @@ class T5EncoderFeatures(FrozenModule):
         kwargs = {"revision": revision, "trust_remote_code": bool(trust_remote_code)}
         self.tokenizer = load_pretrained(AutoTokenizer, self.pretrained, "llm.pretrained", **kwargs)
         self.tokenizer.padding_side = "right"
-        self.model = load_pretrained(T5EncoderModel, self.pretrained, "llm.pretrained", dtype=resolve_dtype(dtype), **kwargs)
+        self.model = load_pretrained(
+            T5EncoderModel, self.pretrained, "llm.pretrained", dtype=resolve_dtype(dtype), **kwargs
+        )
         self.freeze()
 
     @property
     def hidden_size(self) -> int:
         return int(self.model.config.d_model)
-
 
     @torch.no_grad()
     def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

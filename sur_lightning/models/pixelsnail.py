@@ -143,8 +143,16 @@ class PixelSNAILBlock(nn.Module):
     x [B, W, G, G], previous [B, W, G, G] (the code embeddings shifted by one in raster order), the text -> [B, W, G, G].
     """
 
-    def __init__(self, channels: int, pooled_dim: int, token_dim: int, num_heads: int, res_per_block: int,
-                 kernel_size: int, dropout: float) -> None:
+    def __init__(
+        self,
+        channels: int,
+        pooled_dim: int,
+        token_dim: int,
+        num_heads: int,
+        res_per_block: int,
+        kernel_size: int,
+        dropout: float,
+    ) -> None:
         super().__init__()
         self.residuals = nn.ModuleList(
             GatedResidualLayer(channels, pooled_dim, kernel_size, dropout) for _ in range(res_per_block)
@@ -216,15 +224,23 @@ class PixelSNAIL(ModelMixin, ConfigMixin):
         config = self.config
         batch = codes.shape[0]
         if codes.ndim != 3 or codes.shape[2] != config.grid_size or not 1 <= codes.shape[1] <= config.grid_size:
-            raise ValueError(f"PixelSNAIL: codes {tuple(codes.shape)}, expected [B, {config.grid_size}, {config.grid_size}] "
-                             f"(or its first rows, [B, <= {config.grid_size}, {config.grid_size}])")
+            raise ValueError(
+                f"PixelSNAIL: codes {tuple(codes.shape)}, expected [B, {config.grid_size}, {config.grid_size}] "
+                f"(or its first rows, [B, <= {config.grid_size}, {config.grid_size}])"
+            )
         if text_pooled.shape != (batch, config.pooled_dim):
-            raise ValueError(f"PixelSNAIL: text_pooled {tuple(text_pooled.shape)}, expected [{batch}, {config.pooled_dim}]")
+            raise ValueError(
+                f"PixelSNAIL: text_pooled {tuple(text_pooled.shape)}, expected [{batch}, {config.pooled_dim}]"
+            )
         if text_tokens.ndim != 3 or text_tokens.shape[0] != batch or text_tokens.shape[2] != config.token_dim:
-            raise ValueError(f"PixelSNAIL: text_tokens {tuple(text_tokens.shape)}, expected [{batch}, T, {config.token_dim}]")
+            raise ValueError(
+                f"PixelSNAIL: text_tokens {tuple(text_tokens.shape)}, expected [{batch}, T, {config.token_dim}]"
+            )
         if text_mask.shape != text_tokens.shape[:2] or text_mask.dtype != torch.bool:
-            raise ValueError(f"PixelSNAIL: text_mask must be bool [B, T] = {tuple(text_tokens.shape[:2])}, got "
-                             f"{text_mask.dtype} {tuple(text_mask.shape)}")
+            raise ValueError(
+                f"PixelSNAIL: text_mask must be bool [B, T] = {tuple(text_tokens.shape[:2])}, got "
+                f"{text_mask.dtype} {tuple(text_mask.shape)}"
+            )
         if not text_mask.any(dim=1).all():
             # Attention over no key is undefined (NaN); an empty caption must still keep one token (BOS, or the null).
             rows = (~text_mask.any(dim=1)).nonzero().flatten().tolist()
@@ -263,12 +279,16 @@ class PixelSNAIL(ModelMixin, ConfigMixin):
             x = block(x, previous, text_pooled, text_tokens, text_mask)
         return self.head(F.elu(x))
 
-    def loss(self, codes, text_pooled, text_tokens, text_mask, generator: torch.Generator | None = None) -> torch.Tensor:
+    def loss(
+        self, codes, text_pooled, text_tokens, text_mask, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """Mean cross-entropy (nats per code) of the codes [B, G, G] under the model, each caption dropped with
         probability ``caption_dropout`` in train mode (drawn from ``generator``, else the global one)."""
         drop = None
         if self.training and self.config.caption_dropout > 0:
-            draw = torch.rand(codes.shape[0], generator=generator, device="cpu" if generator is None else generator.device)
+            draw = torch.rand(
+                codes.shape[0], generator=generator, device="cpu" if generator is None else generator.device
+            )
             drop = draw < self.config.caption_dropout
         logits = self(codes, text_pooled, text_tokens, text_mask, drop=drop)
         return F.cross_entropy(logits, codes)
@@ -358,7 +378,9 @@ class PromptStates(nn.Module):
             states, mask = self.llm([prompt])
             tokens = states[0] if mask is None else states[0][mask[0].bool()]
             if tokens.ndim != 2 or tokens.shape[0] == 0:
-                raise ValueError(f"PromptStates: the LLM gave no token states for {prompt!r}; it needs llm.pooling=none")
+                raise ValueError(
+                    f"PromptStates: the LLM gave no token states for {prompt!r}; it needs llm.pooling=none"
+                )
             self.memory[prompt] = tokens.float().cpu()
         return self.memory[prompt]
 

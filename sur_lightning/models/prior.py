@@ -101,16 +101,20 @@ class DiffusionPrior(ModelMixin, ConfigMixin):
         """Set ``clip_mean`` / ``clip_std`` to the per-dimension mean and std of ``image_embeds`` [N, E] (the tower's
         embeddings of the training images); ``min_std`` keeps a constant dimension from dividing by zero."""
         if image_embeds.ndim != 2 or image_embeds.shape[1] != self.config.embedding_dim or len(image_embeds) < 2:
-            raise ValueError(f"DiffusionPrior.fit_embedding_stats: expected [N >= 2, {self.config.embedding_dim}] "
-                             f"embeddings, got {tuple(image_embeds.shape)}")
+            raise ValueError(
+                f"DiffusionPrior.fit_embedding_stats: expected [N >= 2, {self.config.embedding_dim}] "
+                f"embeddings, got {tuple(image_embeds.shape)}"
+            )
         embeds = image_embeds.float()
         self.transformer.clip_mean.copy_(embeds.mean(dim=0, keepdim=True))
         self.transformer.clip_std.copy_(embeds.std(dim=0, keepdim=True).clamp(min=min_std))
 
     def check_fitted(self) -> None:
         if not bool((self.transformer.clip_std != 0).any()):
-            raise ValueError("DiffusionPrior: clip_std is zero (PriorTransformer starts it so): call "
-                             "fit_embedding_stats(<the image tower's embeddings of the training images>) first")
+            raise ValueError(
+                "DiffusionPrior: clip_std is zero (PriorTransformer starts it so): call "
+                "fit_embedding_stats(<the image tower's embeddings of the training images>) first"
+            )
 
     def standardise(self, image_embeds: torch.Tensor) -> torch.Tensor:
         """[B, E] in the tower's units -> the diffusion's space."""
@@ -122,13 +126,17 @@ class DiffusionPrior(ModelMixin, ConfigMixin):
 
     # ------------------------------------------------------------------ the text
 
-    def prepare_text(self, text_states: torch.Tensor, text_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def prepare_text(
+        self, text_states: torch.Tensor, text_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, L, T] states and [B, L] mask -> ([B, N, E] projected states, zero where padded; [B, N] bool mask)."""
         batch, length, _ = text_states.shape
         n = self.config.num_embeddings
         if length > n:
-            raise ValueError(f"DiffusionPrior: the text has {length} tokens but the prior reads num_embeddings={n}; "
-                             "truncate the text or build the prior with a larger num_embeddings")
+            raise ValueError(
+                f"DiffusionPrior: the text has {length} tokens but the prior reads num_embeddings={n}; "
+                "truncate the text or build the prior with a larger num_embeddings"
+            )
         if text_mask is None:
             text_mask = torch.ones(batch, length, dtype=torch.bool, device=text_states.device)
         mask = F.pad(text_mask.bool(), (0, n - length), value=False)
@@ -137,19 +145,34 @@ class DiffusionPrior(ModelMixin, ConfigMixin):
 
     # ------------------------------------------------------------------ the model
 
-    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, text_states: torch.Tensor,
-                text_mask: torch.Tensor | None, text_pooled: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        text_states: torch.Tensor,
+        text_mask: torch.Tensor | None,
+        text_pooled: torch.Tensor,
+    ) -> torch.Tensor:
         """The predicted clean embedding [B, E], in the diffusion's (standardised) space, from the noised one
         ``noisy`` [B, E] at ``timesteps`` [B]."""
         states, mask = self.prepare_text(text_states, text_mask)
         # The mask is always passed: without it PriorTransformer runs without its causal mask.
         return self.transformer(
-            noisy.to(self.dtype), timesteps, proj_embedding=text_pooled.to(self.dtype),
-            encoder_hidden_states=states, attention_mask=mask,
+            noisy.to(self.dtype),
+            timesteps,
+            proj_embedding=text_pooled.to(self.dtype),
+            encoder_hidden_states=states,
+            attention_mask=mask,
         ).predicted_image_embedding
 
-    def training_loss(self, image_embeds: torch.Tensor, text_states: torch.Tensor, text_mask: torch.Tensor | None,
-                      text_pooled: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def training_loss(
+        self,
+        image_embeds: torch.Tensor,
+        text_states: torch.Tensor,
+        text_mask: torch.Tensor | None,
+        text_pooled: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """unCLIP's prior loss: MSE between the clean standardised embedding and its prediction from a noised copy
         at a uniformly drawn timestep. ``generator`` draws the noise and timesteps (None: the global one)."""
         self.check_fitted()
@@ -162,9 +185,16 @@ class DiffusionPrior(ModelMixin, ConfigMixin):
         return F.mse_loss(self(noisy, timesteps, text_states, text_mask, text_pooled), clean)
 
     @torch.no_grad()
-    def sample(self, text_states: torch.Tensor, text_mask: torch.Tensor | None, text_pooled: torch.Tensor,
-               generator: torch.Generator | int = 0, num_inference_steps: int = 25, guidance_scale: float = 1.0,
-               negative: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None = None) -> torch.Tensor:
+    def sample(
+        self,
+        text_states: torch.Tensor,
+        text_mask: torch.Tensor | None,
+        text_pooled: torch.Tensor,
+        generator: torch.Generator | int = 0,
+        num_inference_steps: int = 25,
+        guidance_scale: float = 1.0,
+        negative: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Image embeddings [B, E] in the tower's units, drawn by ``num_inference_steps`` DDPM steps from noise.
 
         generator:       a ``torch.Generator`` or a seed: the same seed gives the same embeddings.

@@ -57,9 +57,17 @@ def clip_text_config(width: int, layers: int, heads: int, ff: int, act: str = "q
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
-        vocab_size=49408, hidden_size=width, intermediate_size=ff, num_hidden_layers=layers, num_attention_heads=heads,
-        max_position_embeddings=77, projection_dim=width, hidden_act=act,
-        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+        vocab_size=49408,
+        hidden_size=width,
+        intermediate_size=ff,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=77,
+        projection_dim=width,
+        hidden_act=act,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
     )
 
 
@@ -133,7 +141,12 @@ def build_random_stable_diffusion(root: str | Path, shape: str = "sd15", sample_
     from transformers import CLIPTextModel
 
     shapes = {
-        "sd15": {"blocks": (320, 640, 1280, 1280), "text": (768, 12, 12, 3072), "vae": (128, 256, 512, 512), "heads": 8},
+        "sd15": {
+            "blocks": (320, 640, 1280, 1280),
+            "text": (768, 12, 12, 3072),
+            "vae": (128, 256, 512, 512),
+            "heads": 8,
+        },
         "mid": {"blocks": (64, 128, 256), "text": (256, 4, 4, 1024), "vae": (32, 64, 128), "heads": 4},
     }
     if shape not in shapes:
@@ -195,10 +208,14 @@ def sdxl_text_encoders(first: tuple[int, int, int, int], second: tuple[int, int,
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     # SDXL's ViT-L uses quick_gelu, bigG plain gelu, as in their hub configs.
-    return CLIPTextModel(clip_text_config(*first, "quick_gelu")), CLIPTextModelWithProjection(clip_text_config(*second, "gelu"))
+    return CLIPTextModel(clip_text_config(*first, "quick_gelu")), CLIPTextModelWithProjection(
+        clip_text_config(*second, "gelu")
+    )
 
 
-def sdxl_unet(sample_size: int, blocks, layers, heads, cross_dim: int, pooled_dim: int, time_dim: int, groups: int = 32):
+def sdxl_unet(
+    sample_size: int, blocks, layers, heads, cross_dim: int, pooled_dim: int, time_dim: int, groups: int = 32
+):
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
@@ -225,10 +242,18 @@ def save_sdxl(root: Path, unet, vae, text_encoder, text_encoder_2) -> None:
     tokenizer = clip_tokenizer(root, model_max_length=77)
     tokenizer_2 = clip_tokenizer(root, pad_token="!", model_max_length=77)
     scheduler = EulerDiscreteScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        steps_offset=1, timestep_spacing="leading", interpolation_type="linear", prediction_type="epsilon",
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+        interpolation_type="linear",
+        prediction_type="epsilon",
     )
-    assemble_sdxl_pipeline(vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler).save_pretrained(root)
+    assemble_sdxl_pipeline(vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler).save_pretrained(
+        root
+    )
 
 
 @keeps_global_rng
@@ -248,8 +273,14 @@ def build_tiny_sdxl(root: str | Path, sample_size: int = 16, seed: int = 0) -> s
     text_encoder, text_encoder_2 = sdxl_text_encoders((16, 2, 2, 32), (32, 2, 2, 64))
     unet = sdxl_unet(sample_size, (32, 64), (1, 1), (2, 4), cross_dim=48, pooled_dim=32, time_dim=8, groups=8)
     vae = AutoencoderKL(
-        block_out_channels=(8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=sample_size * 4, scaling_factor=0.13025,
+        block_out_channels=(8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=sample_size * 4,
+        scaling_factor=0.13025,
         force_upcast=True,
     )
     save_sdxl(root, unet, vae, text_encoder, text_encoder_2)
@@ -272,11 +303,18 @@ def build_random_sdxl(root: str | Path, sample_size: int = 32, seed: int = 0) ->
         return str(root)
     torch.manual_seed(seed)
     text_encoder, text_encoder_2 = sdxl_text_encoders((768, 12, 12, 3072), (1280, 32, 20, 5120))
-    unet = sdxl_unet(sample_size, (320, 640, 1280), (1, 2, 10), (5, 10, 20), cross_dim=2048, pooled_dim=1280, time_dim=256)
+    unet = sdxl_unet(
+        sample_size, (320, 640, 1280), (1, 2, 10), (5, 10, 20), cross_dim=2048, pooled_dim=1280, time_dim=256
+    )
     vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, sample_size=sample_size * 8,
-        scaling_factor=0.13025, force_upcast=True,
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=sample_size * 8,
+        scaling_factor=0.13025,
+        force_upcast=True,
     )
     save_sdxl(root, unet.half(), vae.half(), text_encoder.half(), text_encoder_2.half())
     (root / "random_spec.json").write_text(json.dumps(spec))

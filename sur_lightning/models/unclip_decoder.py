@@ -60,8 +60,10 @@ class ImageEmbeddingProjection(ModelMixin, ConfigMixin):
     def forward(self, image_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, E] -> (context tokens [B, K, d], time-embedding offset [B, T])."""
         if image_embeds.ndim != 2 or image_embeds.shape[1] != self.config.embedding_dim:
-            raise ValueError(f"ImageEmbeddingProjection: expected image embeddings [B, {self.config.embedding_dim}], "
-                             f"got {tuple(image_embeds.shape)}")
+            raise ValueError(
+                f"ImageEmbeddingProjection: expected image embeddings [B, {self.config.embedding_dim}], "
+                f"got {tuple(image_embeds.shape)}"
+            )
         embeds = image_embeds.to(self.dtype)
         tokens = self.to_tokens(embeds).view(len(embeds), self.config.num_tokens, self.config.cross_attention_dim)
         return self.norm(tokens), self.to_time(embeds)
@@ -69,8 +71,10 @@ class ImageEmbeddingProjection(ModelMixin, ConfigMixin):
     @staticmethod
     def widths_of(unet) -> dict[str, int]:
         """The constructor's UNet widths read from a diffusers ``UNet2DConditionModel``."""
-        return {"cross_attention_dim": int(unet.config.cross_attention_dim),
-                "time_embed_dim": int(unet.time_embedding.linear_2.out_features)}
+        return {
+            "cross_attention_dim": int(unet.config.cross_attention_dim),
+            "time_embed_dim": int(unet.time_embedding.linear_2.out_features),
+        }
 
 
 @contextmanager
@@ -83,7 +87,9 @@ def added_time_embedding(unet, offset: torch.Tensor):
         rows = output.shape[0]
         extra = offset if offset.shape[0] == rows else offset.repeat(rows // offset.shape[0], 1)
         if extra.shape[0] != rows:
-            raise RuntimeError(f"added_time_embedding: the UNet was called with {rows} rows, the offset has {offset.shape[0]}")
+            raise RuntimeError(
+                f"added_time_embedding: the UNet was called with {rows} rows, the offset has {offset.shape[0]}"
+            )
         return output + extra.to(output.device, output.dtype)
 
     handle = unet.time_embedding.register_forward_hook(hook)

@@ -110,7 +110,9 @@ class LatentVQTokenizer(nn.Module):
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"LatentVQTokenizer.encode: expected images [B, 3, R, R], got {tuple(images.shape)}")
         if images.shape[-1] % self.downsample or images.shape[-2] % self.downsample:
-            raise ValueError(f"LatentVQTokenizer.encode: image side {tuple(images.shape[-2:])} is not a multiple of {self.downsample}")
+            raise ValueError(
+                f"LatentVQTokenizer.encode: image side {tuple(images.shape[-2:])} is not a multiple of {self.downsample}"
+            )
         return self.vae.encode(images.float()).latent_dist.mean
 
     def quantize(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,7 +187,9 @@ class LatentVQTokenizer(nn.Module):
 
         folder = Path(folder)
         if not (folder / CONFIG_NAME).is_file() or not (folder / WEIGHTS_NAME).is_file():
-            raise FileNotFoundError(f"{folder} is not a saved LatentVQTokenizer (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+            raise FileNotFoundError(
+                f"{folder} is not a saved LatentVQTokenizer (needs {CONFIG_NAME} and {WEIGHTS_NAME})"
+            )
         config = json.loads((folder / CONFIG_NAME).read_text())
         if vae is not None:
             config["vae"] = str(vae)

@@ -70,8 +70,9 @@ def verify_image_tower(folder: str | Path = IMAGE_TOWER_DIR) -> dict:
     """Check an image tower's weights against the SHA-256 its ``image_tower.json`` records; returns that record.
     A missing or changed file is an error naming it."""
     folder = Path(folder)
-    return verify_hashes(folder, folder / IMAGE_TOWER_RECORD, "toy-world image tower",
-                         "python -m sur_lightning.toyworld.image_tower")
+    return verify_hashes(
+        folder, folder / IMAGE_TOWER_RECORD, "toy-world image tower", "python -m sur_lightning.toyworld.image_tower"
+    )
 
 
 def shipped_image_tower(folder: str | Path | None = None, verify: bool = True) -> str:

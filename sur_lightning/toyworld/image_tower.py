@@ -76,8 +76,14 @@ def draw_unseen(target, rng: random.Random, seen: set[bytes]):
 
 
 @torch.no_grad()
-def retrieval(tower: ImageTower, text_pooled: torch.Tensor, targets, images_per_target: int, seed: int,
-              seen: set[bytes] = frozenset()) -> dict:
+def retrieval(
+    tower: ImageTower,
+    text_pooled: torch.Tensor,
+    targets,
+    images_per_target: int,
+    seed: int,
+    seen: set[bytes] = frozenset(),
+) -> dict:
     """Top-1 retrieval over ``targets`` (their texts' pooled states ``text_pooled`` [T, P]) for ``images_per_target``
     fresh images of each target, none identical to a training image (``seen``: their ``fingerprint``s): the share
     whose nearest text is their own target's, and the shares whose nearest target has their count, colour, shape."""
@@ -100,7 +106,10 @@ def retrieval(tower: ImageTower, text_pooled: torch.Tensor, targets, images_per_
                 hits[name] += chosen[k] == target[k]
     total = images_per_target * len(targets)
     return {f"top1_{name}": hits[name] / total for name in hits} | {
-        "images": total, "seed": seed, "draws_skipped_as_identical_to_a_training_image": skipped}
+        "images": total,
+        "seed": seed,
+        "draws_skipped_as_identical_to_a_training_image": skipped,
+    }
 
 
 def train(cfg: DictConfig) -> tuple[ImageTower, dict, dict]:
@@ -139,7 +148,10 @@ def train(cfg: DictConfig) -> tuple[ImageTower, dict, dict]:
     measured = retrieval(tower, text_pooled, targets, cfg.eval.images_per_target, cfg.eval.seed, seen)
     measured["gate"] = cfg.eval.gate
     measured["passed"] = measured["top1_exact"] >= cfg.eval.gate
-    trained = {"final_loss": loss.item(), "text_encoder_sha256": file_sha256(Path(base) / "text_encoder" / "model.safetensors")}
+    trained = {
+        "final_loss": loss.item(),
+        "text_encoder_sha256": file_sha256(Path(base) / "text_encoder" / "model.safetensors"),
+    }
     return tower, measured, trained
 
 
@@ -152,8 +164,11 @@ def export(cfg: DictConfig, tower: ImageTower, measured: dict, trained: dict, se
     record = {
         "command": " ".join(["python -m sur_lightning.toyworld.image_tower", *cfg.get("overrides", [])]),
         "config": config,
-        "text_encoder": {"base": "shipped" if cfg.base is None else str(cfg.base),
-                         "file": "text_encoder/model.safetensors", "sha256": trained["text_encoder_sha256"]},
+        "text_encoder": {
+            "base": "shipped" if cfg.base is None else str(cfg.base),
+            "file": "text_encoder/model.safetensors",
+            "sha256": trained["text_encoder_sha256"],
+        },
         "parameters": sum(p.numel() for p in tower.parameters()),
         "retrieval": measured,
         "final_loss": trained["final_loss"],

@@ -250,7 +250,10 @@ def train_unet(cfg: DictConfig, work: Path, vae, latents: dict):
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
         if (step + 1) % cfg.log_every == 0:
             row = {"stage": "unet", "step": step + 1, "loss": float(np.mean(losses[-cfg.log_every :]))}
-            append_log(work / "log.jsonl", row | {"lr": schedule.get_last_lr()[0], "s_per_step": (time.time() - tic) / len(losses)})
+            append_log(
+                work / "log.jsonl",
+                row | {"lr": schedule.get_last_lr()[0], "s_per_step": (time.time() - tic) / len(losses)},
+            )
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.unet.steps:
             state = {
                 "unet": unet.state_dict(),
@@ -281,17 +284,28 @@ def export(cfg: DictConfig, export_dir: Path, vae, tokenizer, text_encoder, unet
     vae.register_to_config(scaling_factor=scaling_factor)
     # SD1.5 ships a PNDM scheduler config; the same file serves DDPM training and DDIM sampling.
     pipeline = assemble_pipeline(vae, text_encoder, tokenizer, unet, PNDMScheduler.from_config(SD15_SCHEDULER))
-    accuracy = sample_accuracy((vae, text_encoder, tokenizer, unet), list(cfg.eval.final_seeds), cfg.eval.guidance_scale, cfg.eval.steps)
+    accuracy = sample_accuracy(
+        (vae, text_encoder, tokenizer, unet), list(cfg.eval.final_seeds), cfg.eval.guidance_scale, cfg.eval.steps
+    )
     pipeline.to(torch.float16).save_pretrained(export_dir, safe_serialization=True)
     scheduler_file = export_dir / "scheduler" / "scheduler_config.json"
-    scheduler_file.write_text(json.dumps(SD15_SCHEDULER | {"_diffusers_version": json.loads(scheduler_file.read_text())["_diffusers_version"]}, indent=2))
-    parameters = {name: sum(p.numel() for p in m.parameters()) for name, m in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder))}
+    scheduler_file.write_text(
+        json.dumps(
+            SD15_SCHEDULER | {"_diffusers_version": json.loads(scheduler_file.read_text())["_diffusers_version"]},
+            indent=2,
+        )
+    )
+    parameters = {
+        name: sum(p.numel() for p in m.parameters())
+        for name, m in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder))
+    }
     record = {
         "command": "python -m sur_lightning.toyworld.pretrain " + " ".join(cfg.get("overrides", [])),
         "config": OmegaConf.to_container(cfg, resolve=True),
         "parameters": parameters,
         "scaling_factor": scaling_factor,
-        "accuracy": accuracy | {"seeds": list(cfg.eval.final_seeds), "images": len(cfg.eval.final_seeds) * len(all_targets())},
+        "accuracy": accuracy
+        | {"seeds": list(cfg.eval.final_seeds), "images": len(cfg.eval.final_seeds) * len(all_targets())},
         "sampler": {"scheduler": "ddim", "steps": cfg.eval.steps, "guidance_scale": cfg.eval.guidance_scale},
         "sha256": {name: file_sha256(export_dir / name) for name in WEIGHT_FILES},
     }

@@ -40,7 +40,12 @@ FLAGS = ("--spans", "--renamed")
 
 def object_prompts() -> list[tuple[str, str]]:
     """(object name, prompt) for every object × quantity × template."""
-    return [(obj.name, narrative_prompt(obj, count, t)) for obj in OBJECTS for count in COUNTS for t in range(len(TEMPLATES))]
+    return [
+        (obj.name, narrative_prompt(obj, count, t))
+        for obj in OBJECTS
+        for count in COUNTS
+        for t in range(len(TEMPLATES))
+    ]
 
 
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float = 1e-2, steps: int = 200) -> torch.nn.Linear:

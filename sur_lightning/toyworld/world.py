@@ -203,9 +203,7 @@ def world_folder(out: str | Path, seed: int = 0, images_per_combo: int = 16, ima
     return Path(out) / f"seed{seed}_n{images_per_combo}_{image_size}px"
 
 
-def write_world(
-    out: str | Path, seed: int = 0, images_per_combo: int = 16, image_size: int = IMAGE_SIZE
-) -> Path:
+def write_world(out: str | Path, seed: int = 0, images_per_combo: int = 16, image_size: int = IMAGE_SIZE) -> Path:
     """Write the world into ``world_folder(out, ...)`` (once; reused when its manifest matches) and return that folder.
 
     ``adapter_train/``: ``images_per_combo`` images per adapter-train combination, SURD layout;

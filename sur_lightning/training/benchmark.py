@@ -113,7 +113,9 @@ def training_step_time(datamodule, module, optimizer, device, steps: int, warmup
     """Seconds per full step and per phase, over ``steps`` steps after ``warmup``, under ``precision``
     (``trainer.precision``), of ``module`` (built as train.py builds it) on ``datamodule``'s batches."""
     stopwatch = Stopwatch(device)
-    hooks = forward_timer(module.connector, stopwatch, "connector") + forward_timer(module.backbone.unet, stopwatch, "unet_forward")
+    hooks = forward_timer(module.connector, stopwatch, "connector") + forward_timer(
+        module.backbone.unet, stopwatch, "unet_forward"
+    )
     data = batches(datamodule, device)
     memory = []
     for step in range(warmup + steps):
@@ -133,11 +135,20 @@ def training_step_time(datamodule, module, optimizer, device, steps: int, warmup
     totals = {k: v / steps for k, v in stopwatch.totals.items()}
     # The forward phase includes the connector and UNet forwards; report what is left of it on its own.
     totals["other_forward"] = totals.pop("forward") - totals.get("connector", 0.0) - totals.get("unet_forward", 0.0)
-    totals["step"] = sum(totals[k] for k in ("data", "connector", "unet_forward", "other_forward", "backward", "optimizer"))
+    totals["step"] = sum(
+        totals[k] for k in ("data", "connector", "unet_forward", "other_forward", "backward", "optimizer")
+    )
     # Growth from the end of the warm-up to the last step: 0 for a step that frees all it allocates.
     first = memory[warmup - 1] if warmup else memory[0]
-    return {"seconds": totals, "batch_size": int(datamodule.batch_size), "memory_growth_mb": memory[-1] - first,
-            "module": module, "batch": batch, "optimizer": optimizer, "data": data}
+    return {
+        "seconds": totals,
+        "batch_size": int(datamodule.batch_size),
+        "memory_growth_mb": memory[-1] - first,
+        "module": module,
+        "batch": batch,
+        "optimizer": optimizer,
+        "data": data,
+    }
 
 
 def step_time(module, optimizer, data, device, step: int, precision=None) -> float:
@@ -167,9 +178,17 @@ def floor_ratio_rounds(module, optimizer, data, batch, device, rounds: int, step
         step_times.append(step)
         ratios.append(step / floor)
     median = statistics.median(ratios)
-    return {"rounds": rounds, "steps_per_round": steps, "ratios": ratios, "ratio_median": median,
-            "ratio_min": min(ratios), "ratio_max": max(ratios), "floor_median_s": statistics.median(floors),
-            "step_median_s": statistics.median(step_times), "below_one": median < 1.0}
+    return {
+        "rounds": rounds,
+        "steps_per_round": steps,
+        "ratios": ratios,
+        "ratio_median": median,
+        "ratio_min": min(ratios),
+        "ratio_max": max(ratios),
+        "floor_median_s": statistics.median(floors),
+        "step_median_s": statistics.median(step_times),
+        "below_one": median < 1.0,
+    }
 
 
 def floor_time(module, batch, device, steps: int, warmup: int, precision=None) -> float:
@@ -240,33 +259,62 @@ def table(result: dict) -> str:
     ms = lambda s: f"{1000 * s:.1f}"
     lines = []
     if "warm_cache" in result:
-        lines += ["| phase | warm cache (ms/step) | cache off: every encoder every step, as the official loop (ms/step) |",
-                  "|---|---|---|"]
+        lines += [
+            "| phase | warm cache (ms/step) | cache off: every encoder every step, as the official loop (ms/step) |",
+            "|---|---|---|",
+        ]
         cold = result.get("cache_off", {})
         for phase in ("data", "connector", "unet_forward", "other_forward", "backward", "optimizer", "step"):
-            lines.append(f"| {phase} | {ms(result['warm_cache'][phase])} | {ms(cold[phase]) if phase in cold else '–'} |")
+            lines.append(
+                f"| {phase} | {ms(result['warm_cache'][phase])} | {ms(cold[phase]) if phase in cold else '–'} |"
+            )
         lines.append(f"| floor (UNet fwd + bwd to conditioning) | {ms(result['floor_s'])} | |")
         rounds = result.get("floor_ratio")
-        spread = (f" (median of {rounds['rounds']} alternating rounds; range {rounds['ratio_min']:.2f}–{rounds['ratio_max']:.2f})"
-                  if rounds else "")
-        flag = ("\nBELOW 1: a step cannot cost less than the floor it contains, so the machine's noise is larger than "
-                "this figure's precision; rerun on an idle machine or with more bench.ratio_rounds"
-                if rounds and rounds["below_one"] else "")
-        lines.append(f"\nwarm step / floor: {result['warm_cache_ratio_to_floor']:.2f}×{spread}{flag}"
-                     + (f"; warm step / cache-off step: {result['warm_cache_ratio_to_cache_off']:.2f}× "
-                        f"(cache speed-up {result['cache_speedup']:.2f}×)" if "cache_speedup" in result else ""))
+        spread = (
+            f" (median of {rounds['rounds']} alternating rounds; range {rounds['ratio_min']:.2f}–{rounds['ratio_max']:.2f})"
+            if rounds
+            else ""
+        )
+        flag = (
+            "\nBELOW 1: a step cannot cost less than the floor it contains, so the machine's noise is larger than "
+            "this figure's precision; rerun on an idle machine or with more bench.ratio_rounds"
+            if rounds and rounds["below_one"]
+            else ""
+        )
+        lines.append(
+            f"\nwarm step / floor: {result['warm_cache_ratio_to_floor']:.2f}×{spread}{flag}"
+            + (
+                f"; warm step / cache-off step: {result['warm_cache_ratio_to_cache_off']:.2f}× "
+                f"(cache speed-up {result['cache_speedup']:.2f}×)"
+                if "cache_speedup" in result
+                else ""
+            )
+        )
     if "inference" in result:
         inf = result["inference"]
-        lines.append(f"pipeline, one prompt: base {ms(inf['base'])} ms, with connector {ms(inf['connector'])} ms "
-                     f"(×{inf['ratio']:.3f}); inside the connector's calls {ms(inf['connector_calls_s'])} ms "
-                     f"= {100 * inf['connector_calls_share']:.2f} % of the base render")
+        lines.append(
+            f"pipeline, one prompt: base {ms(inf['base'])} ms, with connector {ms(inf['connector'])} ms "
+            f"(×{inf['ratio']:.3f}); inside the connector's calls {ms(inf['connector_calls_s'])} ms "
+            f"= {100 * inf['connector_calls_share']:.2f} % of the base render"
+        )
     held = "CUDA allocated" if "cuda_max_allocated_mb" in result else "RSS"
-    growth = (f"; {held} growth over the {result['config']['steps']} timed steps {result['memory_growth_mb_over_steps']:.1f} MB"
-              if "memory_growth_mb_over_steps" in result else "")
-    lines.append(f"peak RSS {result['peak_rss_mb']:.0f} MB"
-                 + (f", CUDA max allocated {result['cuda_max_allocated_mb']:.0f} MB" if "cuda_max_allocated_mb" in result else "")
-                 + growth)
+    growth = (
+        f"; {held} growth over the {result['config']['steps']} timed steps {result['memory_growth_mb_over_steps']:.1f} MB"
+        if "memory_growth_mb_over_steps" in result
+        else ""
+    )
+    lines.append(
+        f"peak RSS {result['peak_rss_mb']:.0f} MB"
+        + (
+            f", CUDA max allocated {result['cuda_max_allocated_mb']:.0f} MB"
+            if "cuda_max_allocated_mb" in result
+            else ""
+        )
+        + growth
+    )
     machine_info = result["machine"]
-    lines.append(f"machine: {machine_info['cpu']}, {machine_info['threads']} threads, GPU {machine_info['gpu']}; "
-                 f"torch {machine_info['torch']}, diffusers {machine_info['diffusers']}, lightning {machine_info['lightning']}")
+    lines.append(
+        f"machine: {machine_info['cpu']}, {machine_info['threads']} threads, GPU {machine_info['gpu']}; "
+        f"torch {machine_info['torch']}, diffusers {machine_info['diffusers']}, lightning {machine_info['lightning']}"
+    )
     return "\n".join(lines)

@@ -83,7 +83,9 @@ class ConnectorEMA(L.Callback):
         if self.averages is None:
             self.averages = {name: p.detach().clone() for name, p in params.items()}
         elif self.averages.keys() != params.keys():
-            raise ValueError("callbacks.ema: the checkpoint's averages do not match the connector's trainable parameters")
+            raise ValueError(
+                "callbacks.ema: the checkpoint's averages do not match the connector's trainable parameters"
+            )
         else:  # loaded from a checkpoint (on the CPU)
             self.averages = {name: v.to(params[name].device, params[name].dtype) for name, v in self.averages.items()}
 
@@ -181,14 +183,24 @@ class AdapterExport(EveryNSteps):
         llm, cache = getattr(pl_module, "llm", None), getattr(pl_module, "feature_cache", None)
         backbone_node = self.trained_with.get("backbone")
         if backbone_node is None and backbone is not None:  # built without a config (tests, scripts): name the model
-            backbone_node = {"_target_": f"{type(backbone).__module__}.{type(backbone).__name__}", "pretrained": getattr(backbone, "pretrained", None)}
+            backbone_node = {
+                "_target_": f"{type(backbone).__module__}.{type(backbone).__name__}",
+                "pretrained": getattr(backbone, "pretrained", None),
+            }
         llm_node = self.trained_with.get("llm")
-        llm_width = getattr(llm, "hidden_size", None) if llm is not None else (cache.llm_dim if cache is not None else None)
+        llm_width = (
+            getattr(llm, "hidden_size", None) if llm is not None else (cache.llm_dim if cache is not None else None)
+        )
         fingerprints = None
         if cache is not None:
-            fingerprints = {"latents": cache.latents.fingerprint_hash, "clip": cache.clip.fingerprint_hash,
-                            "llm": cache.llm.fingerprint_hash if cache.llm is not None else None}
-        return training_record(backbone_node, llm_node, getattr(backbone, "cross_attention_dim", None), llm_width, fingerprints)
+            fingerprints = {
+                "latents": cache.latents.fingerprint_hash,
+                "clip": cache.clip.fingerprint_hash,
+                "llm": cache.llm.fingerprint_hash if cache.llm is not None else None,
+            }
+        return training_record(
+            backbone_node, llm_node, getattr(backbone, "cross_attention_dim", None), llm_width, fingerprints
+        )
 
     def train_seconds(self) -> float:
         return self.seconds_before + (time.perf_counter() - self._started if self._started is not None else 0.0)
@@ -230,8 +242,12 @@ class AdapterExport(EveryNSteps):
         import wandb
 
         config = json.loads((self.last_folder / CONFIG_NAME).read_text())
-        metadata = {"step": trainer.global_step, "kind": config.get("kind"), "connector": config.get("connector"),
-                    "trained_with": config.get("trained_with")}
+        metadata = {
+            "step": trainer.global_step,
+            "kind": config.get("kind"),
+            "connector": config.get("connector"),
+            "trained_with": config.get("trained_with"),
+        }
         for run in runs:
             artifact = wandb.Artifact(f"adapter-{run.id}", type="model", metadata=metadata)
             artifact.add_dir(str(self.last_folder))
@@ -334,7 +350,9 @@ class SampleGrid(EveryNSteps):
         if self.complex_prompts is None:
             columns = {"base": base, "adapter": adapted}
         else:
-            upper, _ = render_base_and_adapter(pl_module, self.complex_prompts, self.seeds, adapter=False, **self.kwargs)
+            upper, _ = render_base_and_adapter(
+                pl_module, self.complex_prompts, self.seeds, adapter=False, **self.kwargs
+            )
             columns = {"base + simple": base, "adapter + simple": adapted, "base + complex": upper}
         grid = labelled_grid(columns, self.prompts)
         path = save_grid(grid, self.dirpath / f"step{trainer.global_step:06d}.png")
@@ -463,8 +481,13 @@ class EvaluationCallback(EveryNSteps):
             self.base_scores = {k: v for k, v in report["columns"].items() if k != "adapter"}
             self.base_rows = [row for row in report["images"] if row["column"] != "adapter"]
         scores = {**self.base_scores, "adapter": report["columns"]["adapter"]}
-        metrics = {f"eval/{column}/{name}": float(v) for column, summary in scores.items() for name, v in summary.items()}
-        report = {"columns": scores, "images": self.base_rows + [r for r in report["images"] if r["column"] == "adapter"]}
+        metrics = {
+            f"eval/{column}/{name}": float(v) for column, summary in scores.items() for name, v in summary.items()
+        }
+        report = {
+            "columns": scores,
+            "images": self.base_rows + [r for r in report["images"] if r["column"] == "adapter"],
+        }
         if "base+complex" in scores:
             report["gap_closed"] = gap_closed(report)
             # Bootstrapped once here for the W&B table, the printed table and the report files alike.
@@ -501,7 +524,13 @@ class EvaluationCallback(EveryNSteps):
         if self.report_dir is not None:
             from sur_lightning.evaluation.report import write_report
 
-            settings = {"step": trainer.global_step, "prompts": len(self.prompts), "seeds": self.seeds,
-                        "metrics": self.metrics, "mode": self.mode, **self.kwargs}
+            settings = {
+                "step": trainer.global_step,
+                "prompts": len(self.prompts),
+                "seeds": self.seeds,
+                "metrics": self.metrics,
+                "mode": self.mode,
+                **self.kwargs,
+            }
             json_path, md_path = write_report(self.report_dir, self.last_report, settings)
             log.info(f"evaluation report: {md_path} (+ {json_path.name})")

@@ -224,7 +224,9 @@ def fill(cache: FeatureCache, missing: dict[str, list], datamodule, backbone):
         if isinstance(llm, PrecomputedLLMFeatures):
             # Precomputed features: a dataset row without a vector is skipped and reported; extra prompts just lack one.
             absent = {p for p, _ in missing["llm"] if p not in llm.index}
-            datamodule.skip_rows({row.where: f"simple prompt not in {llm.path}" for p, row in missing["llm"] if p in absent and row})
+            datamodule.skip_rows(
+                {row.where: f"simple prompt not in {llm.path}" for p, row in missing["llm"] if p in absent and row}
+            )
             missing["llm"] = [(p, row) for p, row in missing["llm"] if p not in absent]
         dtype = resolve_dtype(cache.llm_config.get("dtype", "float32"))
         fill_text(cache.llm, [p for p, _ in missing["llm"]], llm, dtype, "LLM states")
@@ -238,8 +240,9 @@ def fill(cache: FeatureCache, missing: dict[str, list], datamodule, backbone):
     return backbone
 
 
-def wait_for_cache(datamodule, cache: FeatureCache, prompts_extra: list[str], rank: int, poll_s: float = 5.0,
-                   timeout_s: float = 7200.0) -> None:
+def wait_for_cache(
+    datamodule, cache: FeatureCache, prompts_extra: list[str], rank: int, poll_s: float = 5.0, timeout_s: float = 7200.0
+) -> None:
     """For every rank but 0: wait until rank 0 has filled the cache (computing nothing here)."""
     started = time.monotonic()
     announced = False
@@ -259,8 +262,14 @@ def wait_for_cache(datamodule, cache: FeatureCache, prompts_extra: list[str], ra
             time.sleep(poll_s)
 
 
-def prepare_feature_cache(datamodule, cache: FeatureCache, prompts_extra: list[str], rank: int | None = None,
-                          poll_s: float = 5.0, wait_s: float | None = None) -> dict:
+def prepare_feature_cache(
+    datamodule,
+    cache: FeatureCache,
+    prompts_extra: list[str],
+    rank: int | None = None,
+    poll_s: float = 5.0,
+    wait_s: float | None = None,
+) -> dict:
     """For ``train``, with the datamodule's ``cache`` (``data.cache``) auto or require: fill (auto) or check
     (require) ``cache``, point the datamodule at it, and return the model's constructor arguments that replace
     the frozen encoders: no LLM, the backbone without its VAE encoder, the cache and the LLM width.

@@ -110,7 +110,9 @@ class FeatureStore:
 
         bad = bad or {}
         self.folder.mkdir(parents=True, exist_ok=True)
-        tensors = {f"{key}/{name}": t.detach().cpu().contiguous() for key, e in entries.items() for name, t in e.items()}
+        tensors = {
+            f"{key}/{name}": t.detach().cpu().contiguous() for key, e in entries.items() for name, t in e.items()
+        }
         name = f"shard-{time.time_ns()}-{os.getpid()}-{uuid.uuid4().hex[:6]}.safetensors"
         tmp = self.folder / f".tmp-{name}"
         save_file(tensors, str(tmp), metadata={"keys": json.dumps(sorted(entries)), "bad": json.dumps(bad)})
@@ -133,7 +135,9 @@ def resolved(node, skip: tuple[str, ...] = ()) -> dict:
     """A component's config with nested builders (the tiny models' ``_target_``) run, so paths are concrete;
     the keys in ``skip`` are left out."""
     config = OmegaConf.to_container(node, resolve=True)
-    return {k: instantiate(v) if isinstance(v, dict) and "_target_" in v else v for k, v in config.items() if k not in skip}
+    return {
+        k: instantiate(v) if isinstance(v, dict) and "_target_" in v else v for k, v in config.items() if k not in skip
+    }
 
 
 def backbone_fingerprint(backbone_cfg, subfolders: tuple[str, ...]) -> dict:
@@ -163,7 +167,11 @@ def llm_fingerprint(llm_cfg) -> dict:
         if k != "trust_remote_code" and not (k == "quantization" and v is None)
     }
     source = config.get("pretrained") or config.get("path")
-    fingerprint = {**config, "files": files_hash(str(source)) if source else None, "features_version": LLM_FEATURES_VERSION}
+    fingerprint = {
+        **config,
+        "files": files_hash(str(source)) if source else None,
+        "features_version": LLM_FEATURES_VERSION,
+    }
     if rag is not None:
         # Building a Retriever reads and hashes the knowledge base; it loads no encoder.
         fingerprint["rag"] = instantiate(rag).fingerprint()
@@ -214,9 +222,14 @@ class FeatureCache:
             },
             ("mean", "logvar", *geometry),
         )
-        text_parts = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2") if sdxl else ("text_encoder", "tokenizer")
+        text_parts = (
+            ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2") if sdxl else ("text_encoder", "tokenizer")
+        )
         clip = FeatureStore(
-            cache_dir, "clip", {"text_encoder": backbone_fingerprint(backbone, text_parts)}, ("states", "pooled") if sdxl else ("states",)
+            cache_dir,
+            "clip",
+            {"text_encoder": backbone_fingerprint(backbone, text_parts)},
+            ("states", "pooled") if sdxl else ("states",),
         )
         llm_store = FeatureStore(cache_dir, "llm", llm_fingerprint(llm), llm_entry_names(llm)) if llm else None
         return cls(latents, clip, llm_store, backbone, llm or None)

@@ -100,9 +100,7 @@ class FeatureAlignmentLoss:
             raise ValueError(f"alignment: teacher shape {tuple(teacher.shape)} != student {tuple(student.shape)}")
         if self.kind == "kl":
             tau = self.temperature
-            kl = F.kl_div(
-                F.log_softmax(teacher / tau, dim=-1), F.softmax(student / tau, dim=-1), reduction="batchmean"
-            )
+            kl = F.kl_div(F.log_softmax(teacher / tau, dim=-1), F.softmax(student / tau, dim=-1), reduction="batchmean")
             return kl * tau * tau
         if self.kind == "cosine" and self.pooling == "tokens":
             return (1.0 - F.cosine_similarity(student, teacher, dim=-1)).mean()
@@ -141,7 +139,9 @@ class TeacherPredictionLoss:
         self.weight = weight
         self.space = space
 
-    def __call__(self, student: torch.Tensor, teacher: torch.Tensor, timesteps: torch.Tensor, scheduler) -> torch.Tensor:
+    def __call__(
+        self, student: torch.Tensor, teacher: torch.Tensor, timesteps: torch.Tensor, scheduler
+    ) -> torch.Tensor:
         if teacher.shape != student.shape:
             raise ValueError(f"teacher prediction shape {tuple(teacher.shape)} != student {tuple(student.shape)}")
         if self.space == "prediction":

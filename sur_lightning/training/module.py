@@ -321,7 +321,9 @@ class ConnectorTrainingModule(L.LightningModule):
                 f"{self.nonfinite_in_a_row} non-finite losses in a row (step {self.global_step}: {bad}); stopping. "
                 "Lower model.optimizer.lr, check the data, or raise model.max_nonfinite_in_a_row"
             )
-        log.warning(f"step {self.global_step}: skipped, non-finite loss ({bad}); {self.nonfinite_skipped} skipped so far")
+        log.warning(
+            f"step {self.global_step}: skipped, non-finite loss ({bad}); {self.nonfinite_skipped} skipped so far"
+        )
 
     def dropped_captions(self, generators: list[torch.Generator]) -> list[bool]:
         """Per sample: is its caption replaced by the empty prompt (probability ``caption_dropout``, one draw each)."""

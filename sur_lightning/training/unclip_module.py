@@ -49,7 +49,6 @@ from sur_lightning.training.module import blank, keyed_seed, sample_generators
 log = logging.getLogger(__name__)
 
 
-
 # ------------------------------------------------------------------------------------------ shared parts
 
 
@@ -79,8 +78,9 @@ def sampled_latents(backbone, batch: dict, generators: list[torch.Generator]) ->
         distribution = DiagonalGaussianDistribution(torch.cat([batch["latent_mean"], batch["latent_logvar"]], dim=1))
     else:
         distribution = backbone.encode_images(batch["pixel_values"])
-    noise = randn_tensor(distribution.mean.shape, generator=generators, device=distribution.mean.device,
-                         dtype=distribution.mean.dtype)
+    noise = randn_tensor(
+        distribution.mean.shape, generator=generators, device=distribution.mean.device, dtype=distribution.mean.dtype
+    )
     return backbone.scale_latents(distribution.mean + distribution.std * noise)
 
 
@@ -124,18 +124,24 @@ class _StageModule(L.LightningModule):
     def image_embeddings(self, ids: Sequence[str]) -> torch.Tensor:
         missing = [i for i in ids if i not in self.embeddings]
         if missing:
-            raise KeyError(f"no image embedding for row {missing[0]!r}: setup() computes them from the datamodule's rows")
+            raise KeyError(
+                f"no image embedding for row {missing[0]!r}: setup() computes them from the datamodule's rows"
+            )
         return torch.stack([self.embeddings[i] for i in ids]).to(self.device)
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
         if self.lr_scheduler_factory is None:
             return optimizer
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": self.lr_scheduler_factory(optimizer), "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": self.lr_scheduler_factory(optimizer), "interval": "step"},
+        }
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith(self.trained_prefix)}
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if k.startswith(self.trained_prefix)
+        }
 
 
 # ------------------------------------------------------------------------------------------ the decoder
@@ -171,8 +177,9 @@ class UnclipDecoderModule(_StageModule):
         self.backbone = backbone
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.projection = projection(embedding_dim=self.tower.config.embedding_dim,
-                                         **ImageEmbeddingProjection.widths_of(backbone.unet))
+            self.projection = projection(
+                embedding_dim=self.tower.config.embedding_dim, **ImageEmbeddingProjection.widths_of(backbone.unet)
+            )
         self.denoising_loss = denoising_loss
         self.embedding_dropout = embedding_dropout
 
@@ -192,8 +199,9 @@ class UnclipDecoderModule(_StageModule):
         embeds = embeds * (~dropped).to(embeds.dtype)[:, None].to(self.device)
         # 2. Noise and timestep.
         noise = self.denoising_loss.sample_noise(latents, generator=generators)
-        timesteps = torch.stack([torch.randint(0, scheduler.config.num_train_timesteps, (), generator=g)
-                                 for g in generators]).to(self.device)
+        timesteps = torch.stack(
+            [torch.randint(0, scheduler.config.num_train_timesteps, (), generator=g) for g in generators]
+        ).to(self.device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         # 3. Projection -> frozen UNet -> denoising loss.
         prediction = self.predict(noisy, timesteps, embeds)
@@ -207,12 +215,15 @@ class UnclipDecoderModule(_StageModule):
         generators = [torch.Generator().manual_seed(keyed_seed("val", batch_idx, i)) for i in batch["id"]]
         latents = sampled_latents(self.backbone, batch, generators)
         noise = self.denoising_loss.sample_noise(latents, generator=generators)
-        timesteps = torch.stack([torch.randint(0, scheduler.config.num_train_timesteps, (), generator=g)
-                                 for g in generators]).to(self.device)
-        prediction = self.predict(scheduler.add_noise(latents, noise, timesteps), timesteps,
-                                  self.image_embeddings(batch["id"]))
-        loss = self.denoising_loss(prediction, self.denoising_loss.target(scheduler, latents, noise, timesteps),
-                                   timesteps, scheduler)
+        timesteps = torch.stack(
+            [torch.randint(0, scheduler.config.num_train_timesteps, (), generator=g) for g in generators]
+        ).to(self.device)
+        prediction = self.predict(
+            scheduler.add_noise(latents, noise, timesteps), timesteps, self.image_embeddings(batch["id"])
+        )
+        loss = self.denoising_loss(
+            prediction, self.denoising_loss.target(scheduler, latents, noise, timesteps), timesteps, scheduler
+        )
         self.log("val/denoising", loss, prog_bar=True, batch_size=len(latents))
         return loss
 
@@ -220,11 +231,16 @@ class UnclipDecoderModule(_StageModule):
         """``folder``: the projection (``save_pretrained``) and ``unclip_decoder.json`` (what it decodes with)."""
         folder = Path(folder)
         self.projection.save_pretrained(folder)
-        write_json(folder / DECODER_RECORD, {
-            "kind": "unclip_decoder", "step": self.global_step, "embedding_dropout": self.embedding_dropout,
-            "image_tower": tower_record(self.image_tower_path),
-            "trained_with": trained_with,
-        })
+        write_json(
+            folder / DECODER_RECORD,
+            {
+                "kind": "unclip_decoder",
+                "step": self.global_step,
+                "embedding_dropout": self.embedding_dropout,
+                "image_tower": tower_record(self.image_tower_path),
+                "trained_with": trained_with,
+            },
+        )
         return folder
 
 
@@ -263,11 +279,16 @@ class UnclipPriorModule(_StageModule):
         self.feature_cache = feature_cache
         text_dim = llm.hidden_size if llm is not None else llm_dim
         if not isinstance(text_dim, int):
-            raise TypeError(f"the unCLIP prior reads one LLM's token states (llm=smollm2_tokens); got width {text_dim!r}")
+            raise TypeError(
+                f"the unCLIP prior reads one LLM's token states (llm=smollm2_tokens); got width {text_dim!r}"
+            )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.prior = prior(text_dim=text_dim, pooled_dim=backbone.cross_attention_dim,
-                               embedding_dim=self.tower.config.embedding_dim)
+            self.prior = prior(
+                text_dim=text_dim,
+                pooled_dim=backbone.cross_attention_dim,
+                embedding_dim=self.tower.config.embedding_dim,
+            )
         self.caption_dropout = caption_dropout
         self.decoder = None if decoder is None else str(decoder)
 
@@ -288,14 +309,20 @@ class UnclipPriorModule(_StageModule):
             states, mask = self.llm(prompts)
         if states is None or states.ndim != 3:
             raise ValueError("the unCLIP prior reads token states [B, L, D]: use llm=smollm2_tokens (pooling: none)")
-        return states.to(self.device), None if mask is None else mask.to(self.device), clip_pooled(self.backbone, clip, prompts)
+        return (
+            states.to(self.device),
+            None if mask is None else mask.to(self.device),
+            clip_pooled(self.backbone, clip, prompts),
+        )
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         generators = sample_generators(self.seed, self.current_epoch, self.global_step, batch["id"])
         dropped = [torch.rand((), generator=g).item() < self.caption_dropout for g in generators]
         states, mask, pooled = self.text(blank(batch["simple_prompt"], dropped))
         # One generator for the batch's noise and timesteps, keyed by its rows and the step.
-        generator = torch.Generator().manual_seed(keyed_seed(self.seed, self.current_epoch, self.global_step, *batch["id"]))
+        generator = torch.Generator().manual_seed(
+            keyed_seed(self.seed, self.current_epoch, self.global_step, *batch["id"])
+        )
         loss = self.prior.training_loss(self.image_embeddings(batch["id"]), states, mask, pooled, generator=generator)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["id"]))
         return loss
@@ -312,13 +339,18 @@ class UnclipPriorModule(_StageModule):
         it is sampled with, the image tower, and the backbone and LLM whose features it reads."""
         folder = Path(folder)
         self.prior.save_pretrained(folder / "prior")
-        write_json(folder / PRIOR_RECORD, {
-            "kind": "unclip", "step": self.global_step, "caption_dropout": self.caption_dropout,
-            "decoder": None if self.decoder is None else str(Path(self.decoder).resolve()),
-            "image_tower": tower_record(self.image_tower_path),
-            "text": {"states": "llm token states", "pooled": "CLIP pooled state"},
-            "trained_with": trained_with,
-        })
+        write_json(
+            folder / PRIOR_RECORD,
+            {
+                "kind": "unclip",
+                "step": self.global_step,
+                "caption_dropout": self.caption_dropout,
+                "decoder": None if self.decoder is None else str(Path(self.decoder).resolve()),
+                "image_tower": tower_record(self.image_tower_path),
+                "text": {"states": "llm token states", "pooled": "CLIP pooled state"},
+                "trained_with": trained_with,
+            },
+        )
         return folder
 
 

@@ -60,7 +60,9 @@ class VQTokenizerModule(L.LightningModule):
         return None  # EMA codebook: nothing to optimise
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("tokenizer.quantizer.")}
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if k.startswith("tokenizer.quantizer.")
+        }
 
     def export_pretrained(self, folder: str | Path, trained_with: dict | None = None) -> Path:
         """The tokenizer's folder (config.json + quantizer.safetensors); it records its own VAE."""

@@ -87,7 +87,9 @@ def test_an_interrupted_extraction_resumes_without_losing_or_repeating_a_row(fol
 
     first = PatchTokenizer()
     with pytest.raises(KeyboardInterrupt):
-        extract_codes(str(folder), out, first, resolution=16, batch_size=4, progress=False, on_batch=stop_after_two_batches)
+        extract_codes(
+            str(folder), out, first, resolution=16, batch_size=4, progress=False, on_batch=stop_after_two_batches
+        )
     assert len(CodeDataset(out)) == 8
     second = PatchTokenizer()
     done = extract_codes(str(folder), out, second, resolution=16, batch_size=4, progress=False)
@@ -118,8 +120,13 @@ def test_a_killed_extraction_resumes_without_losing_or_repeating_a_row(folder, t
     out = tmp_path / "codes"
     script = KILLED_RUN.format(tests=str(Path(__file__).parent), root=str(folder), out=str(out))
     # The child imports this checkout's package, wherever the installed one lives.
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")])}
-    killed = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=120, env=env)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")]),
+    }
+    killed = subprocess.run(
+        [sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=120, env=env
+    )
     assert killed.returncode == -9, killed.stderr
     assert len(CodeDataset(out)) == 8, "the two committed batches survive the kill, the third is gone whole"
     done = extract_codes(str(folder), out, PatchTokenizer(), resolution=16, batch_size=4, progress=False)
@@ -143,7 +150,9 @@ def test_bad_rows_are_named_in_the_data_report(folder, tmp_path):
 def test_resuming_with_another_tokenizer_is_refused(folder, tmp_path):
     out = tmp_path / "codes"
     extract_codes(str(folder), out, PatchTokenizer(), resolution=16, batch_size=8, progress=False)
-    with pytest.raises(ValueError, match=r"codes was written with other settings \(tokenizer: database 'patch-v1', now 'patch-v2'\)"):
+    with pytest.raises(
+        ValueError, match=r"codes was written with other settings \(tokenizer: database 'patch-v1', now 'patch-v2'\)"
+    ):
         extract_codes(str(folder), out, PatchTokenizer("patch-v2"), resolution=16, batch_size=8, progress=False)
 
 

@@ -61,7 +61,10 @@ def write_copies(folder: Path, out: Path) -> dict[str, Path]:
         with tarfile.open(shards / f"shard-{shard:06d}.tar", "w") as tar:
             for r in rows[start : start + 4]:
                 key = Path(r["file_name"]).stem
-                for name, data in ((f"{key}.png", (folder / r["file_name"]).read_bytes()), (f"{key}.json", json.dumps(r).encode())):
+                for name, data in (
+                    (f"{key}.png", (folder / r["file_name"]).read_bytes()),
+                    (f"{key}.json", json.dumps(r).encode()),
+                ):
                     info = tarfile.TarInfo(name)
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
@@ -99,6 +102,7 @@ def png_bytes(image: Image.Image) -> bytes:
 
 def decompression_bomb_png(width: int = 20_000, height: int = 20_000) -> bytes:
     """A valid tiny PNG whose header claims width x height: what a decompression bomb looks like on disk."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -142,9 +146,25 @@ def build_bad_corpus(root: Path) -> dict[str, str]:
     def line(name, text="a small picture", prompt="a detailed description of a small picture"):
         return json.dumps({"file_name": name, "text": text, "prompt": prompt}).encode()
 
-    lines = [line(n) for n in ("good_0.png", "good_1.png", "good_2.png", "rgba.png", "palette.png", "gray.png",
-                               "sixteen.png", "cmyk.jpg", "exif_rotated.jpg", "truncated.png", "not_an_image.png",
-                               "missing.png", "one_pixel.png", "bomb.png")]
+    lines = [
+        line(n)
+        for n in (
+            "good_0.png",
+            "good_1.png",
+            "good_2.png",
+            "rgba.png",
+            "palette.png",
+            "gray.png",
+            "sixteen.png",
+            "cmyk.jpg",
+            "exif_rotated.jpg",
+            "truncated.png",
+            "not_an_image.png",
+            "missing.png",
+            "one_pixel.png",
+            "bomb.png",
+        )
+    ]
     lines.append(line("long_prompt.png", prompt="word " * 2000))  # 10,000 characters
     lines.append(line("empty_prompt.png", text=""))
     lines.append(json.dumps({"file_name": "no_prompt.png", "prompt": "a complex prompt only"}).encode())
@@ -169,7 +189,12 @@ def build_bad_corpus(root: Path) -> dict[str, str]:
 def test_bad_input_corpus_is_skipped_repaired_and_reported(tmp_path, tiny_sd):
     expected = build_bad_corpus(tmp_path / "bad")
     datamodule = ImageTextDataModule(
-        str(tmp_path / "bad"), resolution=32, batch_size=2, val_size=2, tokenizer=tiny_sd, report_dir=str(tmp_path / "run")
+        str(tmp_path / "bad"),
+        resolution=32,
+        batch_size=2,
+        val_size=2,
+        tokenizer=tiny_sd,
+        report_dir=str(tmp_path / "run"),
     )
     datamodule.setup("fit")
     report = json.loads((tmp_path / "run" / "data_report.json").read_text())
@@ -189,7 +214,9 @@ def test_bad_input_corpus_is_skipped_repaired_and_reported(tmp_path, tiny_sd):
     assert len(rows["long_prompt.png"].complex.split()) < 77
 
     # Repairs give real pictures: 16-bit is rescaled, not clipped to white; EXIF rotation is applied.
-    dataset = datamodule.train_set if any(r.id == "sixteen.png" for r in datamodule.train_set.rows) else datamodule.val_set
+    dataset = (
+        datamodule.train_set if any(r.id == "sixteen.png" for r in datamodule.train_set.rows) else datamodule.val_set
+    )
     index = [r.id for r in dataset.rows].index("sixteen.png")
     assert dataset[index]["pixel_values"].std() > 0.1
     from sur_lightning.data.images import load_rgb
@@ -272,7 +299,13 @@ def test_report_goes_to_the_wandb_summary_and_other_loggers():
         {"row": "metadata.jsonl:2", "id": "b.png", "reason": "file not found"}
     ]
     assert wandb.experiment.summary["data/used"] == 2
-    assert csv.metrics == {"data/rows": 3.0, "data/used": 2.0, "data/skipped": 1.0, "data/repaired": 0.0, "data/truncated": 1.0}
+    assert csv.metrics == {
+        "data/rows": 3.0,
+        "data/used": 2.0,
+        "data/skipped": 1.0,
+        "data/repaired": 0.0,
+        "data/truncated": 1.0,
+    }
 
 
 # ------------------------------------------------------------------------------- pokemon-llava and SURD
@@ -294,10 +327,19 @@ def test_pokemon_llava_parquet_with_each_simple_prompt_source(tmp_path, shapes):
     blip.mkdir()
     for i, name in enumerate(names):
         Image.open(shapes / name).save(blip / f"b{i}.png", optimize=True)
-    (blip / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"b{i}.png", "text": f"blip {i}"}) + "\n" for i in range(len(names))))
+    (blip / "metadata.jsonl").write_text(
+        "".join(json.dumps({"file_name": f"b{i}.png", "text": f"blip {i}"}) + "\n" for i in range(len(names)))
+    )
     pairing = write_pairing(str(blip), str(tmp_path / "pairs.jsonl"), image_key="file_name")
 
-    common = {"root": str(tmp_path / "0000.parquet"), "image_key": "image", "simple_key": None, "complex_key": "text", "resolution": 32, "val_size": 0}
+    common = {
+        "root": str(tmp_path / "0000.parquet"),
+        "image_key": "image",
+        "simple_key": None,
+        "complex_key": "text",
+        "resolution": 32,
+        "val_size": 0,
+    }
     by_clause = ImageTextDataModule(simple_prompt=FirstClause(), **common)
     by_clause.setup("fit")
     assert {r.simple for r in by_clause.all_rows()} == {f"a {i} small creature" for i in range(len(names))}
@@ -374,7 +416,9 @@ def test_surd_dataset_root_reads_its_train_folder_and_resolves_extensionless_fil
 def test_a_folder_without_metadata_names_both_places_it_looked(tmp_path):
     (tmp_path / "empty" / "train").mkdir(parents=True)
     (tmp_path / "empty" / "x.png").write_bytes(b"")
-    with pytest.raises(FileNotFoundError, match=r"has no metadata.jsonl or metadata.csv, and neither has .*empty/train"):
+    with pytest.raises(
+        FileNotFoundError, match=r"has no metadata.jsonl or metadata.csv, and neither has .*empty/train"
+    ):
         ImageTextDataModule(str(tmp_path / "empty"), format="folder", resolution=32, val_size=0).setup("fit")
 
 
@@ -442,7 +486,12 @@ def test_epoch_sampler_resumes_mid_epoch_and_refuses_another_layout():
 
 def test_training_batches_are_page_locked_when_cuda_is_present_or_when_asked(shapes, monkeypatch):
     common = {"resolution": 32, "batch_size": 2, "val_size": 0}
-    for cuda, pin_memory, expected in [(False, None, False), (True, None, True), (True, False, False), (False, True, True)]:
+    for cuda, pin_memory, expected in [
+        (False, None, False),
+        (True, None, True),
+        (True, False, False),
+        (False, True, True),
+    ]:
         monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
         datamodule = ImageTextDataModule(str(shapes), pin_memory=pin_memory, **common)
         datamodule.setup("fit")

@@ -28,8 +28,13 @@ SPLITS = ["adapter_train", "held_out_combinations", "held_out_objects"]
 
 def compose_map(tmp_path, cache_dir, *overrides):
     base = [
-        f"paths.root_dir={tmp_path}", f"paths.cache_dir={cache_dir}", f"paths.output_dir={tmp_path}/run",
-        "backbone=tiny", "llm=tiny", "device=cpu", "toyworld_suite.per_split=2",
+        f"paths.root_dir={tmp_path}",
+        f"paths.cache_dir={cache_dir}",
+        f"paths.output_dir={tmp_path}/run",
+        "backbone=tiny",
+        "llm=tiny",
+        "device=cpu",
+        "toyworld_suite.per_split=2",
     ]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose(config_name="embedding_map", overrides=[*base, *overrides])
@@ -65,7 +70,9 @@ def test_the_command_writes_the_maps_and_one_point_per_prompt_and_method(
     simple, complex_ = backbone.encode_prompt([first["prompt"], first["complex"]]).mean(dim=1)
     assert first["distance_to_complex"] == pytest.approx(float(torch.linalg.norm(simple - complex_)), rel=1e-4)
     for prompt_id, _ in prompts:
-        assert by[("sur", prompt_id)]["distance_to_complex"] != pytest.approx(by[("base", prompt_id)]["distance_to_complex"])
+        assert by[("sur", prompt_id)]["distance_to_complex"] != pytest.approx(
+            by[("base", prompt_id)]["distance_to_complex"]
+        )
     for method in ("base", "sur"):
         for split in SPLITS:
             values = [p["distance_to_complex"] for p in points if p["method"] == method and p["split"] == split]
@@ -102,7 +109,9 @@ def test_a_connector_that_outputs_clip_complex_is_at_distance_zero(backbone):
         Prompt("c", "three bricks", "held", "three orange squares", (3, "orange", "square")),
     ]
     complex_column = complex_prompt_column(backbone, prompts)
-    reads_complex = complex_column.conditioning.text_features  # simple prompt -> the CLIP features of its complex prompt
+    reads_complex = (
+        complex_column.conditioning.text_features
+    )  # simple prompt -> the CLIP features of its complex prompt
     echo, pooled = Echo(), Echo(tokens=8)
     columns = [
         Column("base", ClipConditioning(frozen_text_features(backbone))),

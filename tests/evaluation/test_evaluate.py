@@ -65,9 +65,18 @@ def sur_adapter(tmp_path_factory) -> Path:
 
 def compose_evaluate(root: Path, cache_dir: Path, *overrides: str):
     base = [
-        f"paths.root_dir={root}", f"paths.cache_dir={cache_dir}", f"paths.output_dir={root}/run",
-        "backbone=tiny", "llm=tiny", "device=cpu", "sampler.num_inference_steps=2", "sampler.resolution=32",
-        "sampler.batch_size=8", "num_prompts=2", "seeds=[0,1]", "reference.num_images=6",
+        f"paths.root_dir={root}",
+        f"paths.cache_dir={cache_dir}",
+        f"paths.output_dir={root}/run",
+        "backbone=tiny",
+        "llm=tiny",
+        "device=cpu",
+        "sampler.num_inference_steps=2",
+        "sampler.resolution=32",
+        "sampler.batch_size=8",
+        "num_prompts=2",
+        "seeds=[0,1]",
+        "reference.num_images=6",
     ]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose(config_name="evaluate", overrides=[*base, *overrides])
@@ -78,8 +87,12 @@ def offline_run(tmp_path_factory, cache_dir, tiny_sd, tiny_llm, tiny_clip_checkp
     name, checkpoint = tiny_clip_checkpoint
     root = tmp_path_factory.mktemp("evaluate")
     cfg = compose_evaluate(
-        root, cache_dir, f"adapters=[{sur_adapter}]", "metrics.compute=[shapes,fid,clip]",
-        f"metrics.clip.model={name}", f"metrics.clip.pretrained={checkpoint}",
+        root,
+        cache_dir,
+        f"adapters=[{sur_adapter}]",
+        "metrics.compute=[shapes,fid,clip]",
+        f"metrics.clip.model={name}",
+        f"metrics.clip.pretrained={checkpoint}",
     )
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("sur_lightning.evaluation.metrics.fid.InceptionFeatures", PooledPixels)
@@ -103,10 +116,21 @@ def test_offline_default_scores_base_and_adapter(offline_run):
     assert list(report["columns"]) == ["base", "sur"]
     for summary in report["columns"].values():
         assert set(summary) == {
-            "count_accuracy", "color_accuracy", "shape_accuracy", "shape_exact", "valid_image",
-            "fid", "kid_mean", "kid_std", "clip_score", "clip_truncated",
+            "count_accuracy",
+            "color_accuracy",
+            "shape_accuracy",
+            "shape_exact",
+            "valid_image",
+            "fid",
+            "kid_mean",
+            "kid_std",
+            "clip_score",
+            "clip_truncated",
         }
-        assert all(0 <= summary[k] <= 1 for k in ("count_accuracy", "color_accuracy", "shape_accuracy", "shape_exact", "valid_image"))
+        assert all(
+            0 <= summary[k] <= 1
+            for k in ("count_accuracy", "color_accuracy", "shape_accuracy", "shape_exact", "valid_image")
+        )
         assert 0 <= summary["clip_score"] <= 100 and summary["clip_truncated"] == 0
         assert math.isfinite(summary["fid"]) and summary["fid"] > 0 and math.isfinite(summary["kid_mean"])
     # Noise from a random UNet is far from drawn shapes: KID is clearly positive.
@@ -125,8 +149,12 @@ def test_scores_of_a_generate_folder_match(offline_run, tmp_path, cache_dir, tin
     cfg, report = offline_run
     name, checkpoint = tiny_clip_checkpoint
     again = compose_evaluate(
-        tmp_path, cache_dir, f"images_dir={cfg.paths.output_dir}", "metrics.compute=[shapes,fid,clip]",
-        f"metrics.clip.model={name}", f"metrics.clip.pretrained={checkpoint}",
+        tmp_path,
+        cache_dir,
+        f"images_dir={cfg.paths.output_dir}",
+        "metrics.compute=[shapes,fid,clip]",
+        f"metrics.clip.model={name}",
+        f"metrics.clip.pretrained={checkpoint}",
     )
     columns = evaluate(again)["columns"]
     assert list(columns) == list(report["columns"])
@@ -138,7 +166,10 @@ def test_scores_of_a_generate_folder_match(offline_run, tmp_path, cache_dir, tin
     "overrides, key",
     [
         (["metrics.compute=[clip]", "metrics.clip.pretrained=/nowhere/clip.safetensors"], "metrics.clip.pretrained"),
-        (["metrics.compute=[diversity]", "metrics.lpips.backbone_weights=/nowhere/alexnet.pth"], "metrics.lpips.backbone_weights"),
+        (
+            ["metrics.compute=[diversity]", "metrics.lpips.backbone_weights=/nowhere/alexnet.pth"],
+            "metrics.lpips.backbone_weights",
+        ),
         (["metrics.compute=[fid]", "metrics.fid.inception=/nowhere/default_1.pt"], "metrics.fid.inception"),
         (["metrics.compute=[captions]", "metrics.captioner.model=/nowhere/blip"], "metrics.captioner.model"),
     ],
@@ -175,8 +206,17 @@ def test_report_goes_to_loggers_with_an_image_table():
     rendered = [Rendered("base", prompt, 0, Image.new("RGB", (8, 8)), "images/base/p0_seed0.png")]
     report = {
         "columns": {"base": {"kid_mean": 0.5}},
-        "images": [{"column": "base", "prompt_id": "p0", "prompt": prompt.prompt, "category": "shapes", "seed": 0,
-                    "file": "images/base/p0_seed0.png", "shape_exact": 0.0}],
+        "images": [
+            {
+                "column": "base",
+                "prompt_id": "p0",
+                "prompt": prompt.prompt,
+                "category": "shapes",
+                "seed": 0,
+                "file": "images/base/p0_seed0.png",
+                "shape_exact": 0.0,
+            }
+        ],
     }
     logger = TableLogger()
     log_report([logger], report, rendered, step=3)
@@ -191,9 +231,13 @@ def test_evaluation_callback_logs_metrics_during_training(compose, monkeypatch):
 
     monkeypatch.setattr("sur_lightning.evaluation.metrics.fid.InceptionFeatures", PooledPixels)
     cfg = compose(
-        "+experiment=sur_demo", "callbacks=with_evaluation", "+trainer.fast_dev_run=true",
-        "callbacks.evaluation.num_prompts=2", "callbacks.evaluation.num_inference_steps=2",
-        "callbacks.evaluation.resolution=32", "callbacks.evaluation.reference_size=6",
+        "+experiment=sur_demo",
+        "callbacks=with_evaluation",
+        "+trainer.fast_dev_run=true",
+        "callbacks.evaluation.num_prompts=2",
+        "callbacks.evaluation.num_inference_steps=2",
+        "callbacks.evaluation.resolution=32",
+        "callbacks.evaluation.reference_size=6",
     )
     metrics = train(cfg)
     assert {"eval/base/kid_mean", "eval/adapter/kid_mean", "eval/adapter/shape_exact"} <= set(metrics)
@@ -203,8 +247,9 @@ def test_evaluation_callback_logs_metrics_during_training(compose, monkeypatch):
     assert "eval/adapter/kid_mean" in json.loads((output / "metrics.json").read_text())
 
 
-def fake_run(log_dir: Path, task: str, stamp: str, connector: torch.nn.Module, choices: dict,
-             components: dict | None = None) -> Path:
+def fake_run(
+    log_dir: Path, task: str, stamp: str, connector: torch.nn.Module, choices: dict, components: dict | None = None
+) -> Path:
     """A training run folder as train.py leaves it: adapter files and Hydra's .hydra/{config,hydra}.yaml
     (``components``: the run config's backbone/llm nodes)."""
     import yaml
@@ -222,15 +267,18 @@ def test_adapter_columns_are_named_by_connector_and_experiment_not_by_timestamp(
     from sur_lightning.models.connectors.ella import TimestepAwareSemanticConnector
 
     sur = SURAdapter(dim=16, llm_dim=8, eta=FixedEta(0.1), num_heads=2, ff_dim=16)
-    ella = TimestepAwareSemanticConnector(dim=16, llm_dim=8, num_blocks=1, num_heads=2, num_latents=4,
-                                          time_channels=8, time_embed_dim=16)
+    ella = TimestepAwareSemanticConnector(
+        dim=16, llm_dim=8, num_blocks=1, num_heads=2, num_latents=4, time_channels=8, time_embed_dim=16
+    )
     first = fake_run(tmp_path, "demo", "2026-11-24_00-10-04", sur, {})
     second = fake_run(tmp_path, "demo", "2026-11-25_09-00-00", sur, {})
     tsc = fake_run(tmp_path, "ella_demo", "2026-11-24_00-10-04", ella, {})
     assert [name for name, _ in adapter_entries([str(tsc), str(first)])] == ["ella_demo", "sur-demo"]
     # The run folder tells two runs of one experiment apart; the user's own keys are kept as given.
     assert [name for name, _ in adapter_entries([str(first), str(second)])] == [
-        "sur-demo (2026-11-24_00-10-04)", "sur-demo (2026-11-25_09-00-00)"]
+        "sur-demo (2026-11-24_00-10-04)",
+        "sur-demo (2026-11-25_09-00-00)",
+    ]
     assert [name for name, _ in adapter_entries({"mine": str(first)})] == ["mine"]
 
 
@@ -241,15 +289,22 @@ def test_evaluate_accepts_a_training_preset_and_picks_its_latest_adapter(tmp_pat
 
     sur = SURAdapter(dim=16, llm_dim=8, eta=FixedEta(0.1), num_heads=2, ff_dim=16)
     choices = {"backbone": "toy", "llm": "smollm2", "data": "toyworld", "connector": "sur"}
-    toy = {"backbone": {"_target_": "sur_lightning.models.backbone.StableDiffusionBackbone",
-                        "pretrained": {"_target_": "sur_lightning.toyworld.shipped_base", "folder": None}}}
+    toy = {
+        "backbone": {
+            "_target_": "sur_lightning.models.backbone.StableDiffusionBackbone",
+            "pretrained": {"_target_": "sur_lightning.toyworld.shipped_base", "folder": None},
+        }
+    }
     old = fake_run(tmp_path, "demo", "2026-11-24_00-10-04", sur, choices, toy)
     new = fake_run(tmp_path, "demo", "2026-11-25_09-00-00", sur, choices, toy)
     os.utime(old, (1, 1))
     args = preset_overrides(["+experiment=demo", "seeds=[0]"], tmp_path)
     assert args == [f"adapters=['{new}']", "+suite=toyworld", "seeds=[0]"]
     # The README's toy-world commands add the suite themselves: it is not added twice.
-    assert preset_overrides(["+experiment=demo", "+suite=toyworld"], tmp_path) == [f"adapters=['{new}']", "+suite=toyworld"]
+    assert preset_overrides(["+experiment=demo", "+suite=toyworld"], tmp_path) == [
+        f"adapters=['{new}']",
+        "+suite=toyworld",
+    ]
     # The overrides compose into a toy-world evaluation of that adapter.
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="evaluate", overrides=args)
@@ -258,7 +313,9 @@ def test_evaluate_accepts_a_training_preset_and_picks_its_latest_adapter(tmp_pat
     from sur_lightning.config import use_recorded
     from sur_lightning.generation.columns import adapter_records
 
-    assert use_recorded(cfg, adapter_records(cfg.adapters), args) == [f"backbone: shipped_base(folder=None) (recorded by {new}; set backbone=... to choose another)"]
+    assert use_recorded(cfg, adapter_records(cfg.adapters), args) == [
+        f"backbone: shipped_base(folder=None) (recorded by {new}; set backbone=... to choose another)"
+    ]
     assert "toyworld" in str(cfg.backbone.pretrained._target_)
     with pytest.raises(SystemExit, match=r"no trained adapter under .*sur_paper.*adapters=\["):
         preset_overrides(["+experiment=sur_paper"], tmp_path)
@@ -273,8 +330,17 @@ def toy_rows(column: str, split: str, correct: list[int], valid: list[int] | Non
     valid = valid or [1] * len(correct)
     counts = counts or [1] * len(correct)
     return [
-        {"column": column, "category": split, "prompt_id": f"{split}-{offset + i}", "seed": 0, "count": n,
-         "color_accuracy": float(c), "shape_accuracy": float(c), "count_accuracy": 1.0, "valid_image": float(v)}
+        {
+            "column": column,
+            "category": split,
+            "prompt_id": f"{split}-{offset + i}",
+            "seed": 0,
+            "count": n,
+            "color_accuracy": float(c),
+            "shape_accuracy": float(c),
+            "count_accuracy": 1.0,
+            "valid_image": float(v),
+        }
         for i, (c, v, n) in enumerate(zip(correct, valid, counts))
     ]
 
@@ -294,7 +360,9 @@ def test_evaluator_scores_valid_images_and_rows_carry_their_count():
     noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
     rendered = [Rendered("base", p, 0, world.draw_example(*p.target, rng)) for p in prompts]
     rendered += [Rendered("base+complex", p, 0, world.draw_example(*p.target, rng)) for p in prompts]
-    rendered += [Rendered("sur", p, 0, world.draw_example(*p.target, rng) if p.target[0] > 1 else noise) for p in prompts]
+    rendered += [
+        Rendered("sur", p, 0, world.draw_example(*p.target, rng) if p.target[0] > 1 else noise) for p in prompts
+    ]
     report = score_columns(Evaluator(["shapes"]), rendered)
     assert report["columns"]["base"]["valid_image"] == 1.0
     assert report["columns"]["sur"]["valid_image"] == pytest.approx(2 / 3)
@@ -314,7 +382,11 @@ def test_split_scores_give_the_valid_rate_per_split_and_count():
     rows += toy_rows("sur", "a", [1, 0, 1, 1], valid=[0, 1, 1, 1], counts=[1, 1, 2, 2])
     entry = split_scores({"images": rows})["sur"]["a"]
     assert entry["valid_image"] == 0.75 and entry["valid_image_ci95"] == pytest.approx(1.96 * (0.75 * 0.25 / 4) ** 0.5)
-    assert entry["valid_by_count"][1] == {"valid_image": 0.5, "valid_image_ci95": pytest.approx(1.96 * 0.5 / 2**0.5), "n": 2}
+    assert entry["valid_by_count"][1] == {
+        "valid_image": 0.5,
+        "valid_image_ci95": pytest.approx(1.96 * 0.5 / 2**0.5),
+        "n": 2,
+    }
     assert entry["valid_by_count"][2]["valid_image"] == 1.0
     # The valid rate is not a gap metric.
     assert set(gap_closed({"images": rows})["sur"]["a"]) == {"color_accuracy", "shape_accuracy", "count_accuracy"}
@@ -324,7 +396,9 @@ def bootstrap_report(repeat: int = 1) -> dict:
     """base 1/4, base+complex 4/4, sur 3/4 right on colour and shape, each pattern ``repeat`` times over new prompts."""
     rows = []
     for r in range(repeat):
-        rows += toy_rows("base", "a", [0, 0, 0, 1], offset=4 * r) + toy_rows("base+complex", "a", [1, 1, 1, 1], offset=4 * r)
+        rows += toy_rows("base", "a", [0, 0, 0, 1], offset=4 * r) + toy_rows(
+            "base+complex", "a", [1, 1, 1, 1], offset=4 * r
+        )
         rows += toy_rows("sur", "a", [1, 0, 1, 1], offset=4 * r) + toy_rows("same", "a", [1, 1, 1, 1], offset=4 * r)
     return {"columns": {}, "images": rows}
 
@@ -371,7 +445,9 @@ def test_small_or_inverted_or_overlapping_bounds_state_no_gap_closed():
     def report(base, upper, adapter, repeat):
         rows = []
         for r in range(repeat):
-            rows += toy_rows("base", "a", base, offset=len(base) * r) + toy_rows("base+complex", "a", upper, offset=len(base) * r)
+            rows += toy_rows("base", "a", base, offset=len(base) * r) + toy_rows(
+                "base+complex", "a", upper, offset=len(base) * r
+            )
             rows += toy_rows("sur", "a", adapter, offset=len(base) * r)
         return {"columns": {}, "images": rows}
 
@@ -380,7 +456,11 @@ def test_small_or_inverted_or_overlapping_bounds_state_no_gap_closed():
 
     one = report([1], [0], [0], repeat=1)  # the issue's case: n=1, inverted bounds, the adapter wrong
     assert gap_closed(one)["sur"]["a"]["color_accuracy"] is None
-    assert gap_closed_reasons(one)["sur"]["a"] == {"color_accuracy": "n=1", "shape_accuracy": "n=1", "count_accuracy": "n=1"}
+    assert gap_closed_reasons(one)["sur"]["a"] == {
+        "color_accuracy": "n=1",
+        "shape_accuracy": "n=1",
+        "count_accuracy": "n=1",
+    }
     assert gap_cells(toyworld_table(one)) == "– (n=1) / – (n=1) / – (n=1)"
 
     inverted = report([1, 1, 0, 1], [0, 0, 0, 1], [0, 0, 0, 1], repeat=3)  # n=12: base + simple above base + complex

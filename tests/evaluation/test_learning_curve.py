@@ -14,12 +14,19 @@ SPLIT = "held_out_combinations"
 def rows(values: dict[str, list[float]], split: str = SPLIT) -> list[dict]:
     """Per-image rows: one per (prompt p<i>, seed 0), with the given correctness per metric."""
     n = len(next(iter(values.values())))
-    return [{"prompt_id": f"p{i}", "seed": 0, "category": split, **{k: v[i] for k, v in values.items()}} for i in range(n)]
+    return [
+        {"prompt_id": f"p{i}", "seed": 0, "category": split, **{k: v[i] for k, v in values.items()}} for i in range(n)
+    ]
 
 
 def test_two_step_run_exports_each_step_and_every_export_is_scored(compose, backbone):
-    cfg = compose("+experiment=sur_demo", "trainer.max_steps=2", "trainer.val_check_interval=2",
-                  "callbacks.adapter_export.at_steps=[1,2]", "callbacks.sample_grid=null")
+    cfg = compose(
+        "+experiment=sur_demo",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "callbacks.adapter_export.at_steps=[1,2]",
+        "callbacks.sample_grid=null",
+    )
     train(cfg)
     run = Path(cfg.paths.output_dir)
     exports = exported_adapters(run)
@@ -32,8 +39,10 @@ def test_two_step_run_exports_each_step_and_every_export_is_scored(compose, back
     from sur_lightning.generation.columns import build_columns
     from sur_lightning.generation.pipeline import render_columns
 
-    prompts = [Prompt("p0", "two red circles", SPLIT, "two red circles", (2, "red", "circle")),
-               Prompt("p1", "one blue square", SPLIT, "one blue square", (1, "blue", "square"))]
+    prompts = [
+        Prompt("p0", "two red circles", SPLIT, "two red circles", (2, "red", "circle")),
+        Prompt("p1", "one blue square", SPLIT, "one blue square", (1, "blue", "square")),
+    ]
     evaluator = Evaluator(compute=["shapes"])
     scored = []
 
@@ -57,7 +66,9 @@ def test_two_step_run_exports_each_step_and_every_export_is_scored(compose, back
 def test_a_run_without_exports_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="exports.jsonl"):
         exported_adapters(tmp_path)
-    (tmp_path / "exports.jsonl").write_text('{"step": 1, "train_seconds": 1, "file": "adapter-step1.safetensors"}\n{oops\n')
+    (tmp_path / "exports.jsonl").write_text(
+        '{"step": 1, "train_seconds": 1, "file": "adapter-step1.safetensors"}\n{oops\n'
+    )
     with pytest.raises(ValueError, match="exports.jsonl:2"):
         exported_adapters(tmp_path)
 
@@ -86,8 +97,13 @@ def test_summary_interval_holds_the_spread_between_training_seeds():
     runs = {0: {5: {"train_seconds": 1.0, "images": base}}, 1: {5: {"train_seconds": 1.0, "images": upper}}}
     cell = summarise(runs, base, upper, [SPLIT], n_boot=400)[5][SPLIT]["gap_color_accuracy"]
     assert cell["mean"] == 0.5 and cell["lo"] == 0.0 and cell["hi"] == 1.0  # the seeds disagree completely
-    same = summarise({0: {5: {"train_seconds": 1.0, "images": half}}, 1: {5: {"train_seconds": 1.0, "images": half}}},
-                     base, upper, [SPLIT], n_boot=400)[5][SPLIT]["gap_color_accuracy"]
+    same = summarise(
+        {0: {5: {"train_seconds": 1.0, "images": half}}, 1: {5: {"train_seconds": 1.0, "images": half}}},
+        base,
+        upper,
+        [SPLIT],
+        n_boot=400,
+    )[5][SPLIT]["gap_color_accuracy"]
     assert same["mean"] == 0.5 and 0.2 < same["lo"] < 0.5 < same["hi"] < 0.8  # only image noise left
     # Deterministic: the bootstrap has its own seeded generator.
     assert summarise(runs, base, upper, [SPLIT], n_boot=50) == summarise(runs, base, upper, [SPLIT], n_boot=50)
@@ -111,8 +127,13 @@ def test_chart_gives_each_row_its_own_line_style_and_marks_undefined_panels(tmp_
     figures = []
     monkeypatch.setattr(plt, "close", figures.append)
     cell = {"mean": 0.5, "lo": 0.4, "hi": 0.6}
-    curves = {f"row{i}": {s: {"train_seconds": s / 10, SPLIT: {"gap_color_accuracy": cell, "gap_count_accuracy": None}}
-                          for s in (300, 600)} for i in range(12)}
+    curves = {
+        f"row{i}": {
+            s: {"train_seconds": s / 10, SPLIT: {"gap_color_accuracy": cell, "gap_count_accuracy": None}}
+            for s in (300, 600)
+        }
+        for i in range(12)
+    }
     path = chart(curves, [SPLIT], tmp_path / "curve.png", metrics=("gap_color_accuracy", "gap_count_accuracy"))
     assert path.stat().st_size > 0
     (fig,) = figures
@@ -151,8 +172,11 @@ def test_converged_table_reads_each_row_from_its_own_file_and_names_a_missing_on
 def world_runs(adapter: list[float], seeds: int = 2):
     """One world: every training seed scores ``adapter`` per prompt at step 100; the base scores 0, complex 1."""
     run = {100: {"train_seconds": 10.0, "images": rows({"color_accuracy": adapter})}}
-    return ({s: run for s in range(seeds)}, rows({"color_accuracy": [0.0] * len(adapter)}),
-            rows({"color_accuracy": [1.0] * len(adapter)}))
+    return (
+        {s: run for s in range(seeds)},
+        rows({"color_accuracy": [0.0] * len(adapter)}),
+        rows({"color_accuracy": [1.0] * len(adapter)}),
+    )
 
 
 def test_pooling_weighs_each_world_equally_and_names_the_worst_one():
@@ -175,14 +199,30 @@ def test_breakdown_groups_one_splits_images():
     from sur_lightning.toyworld.world import prompt_object
 
     images = [
-        {"prompt_id": "held_out_objects-pine_tree-2-t0", "seed": 0, "category": "held_out_objects", "color_accuracy": 1.0},
-        {"prompt_id": "held_out_objects-pine_tree-3-t1", "seed": 1, "category": "held_out_objects", "color_accuracy": 0.0},
+        {
+            "prompt_id": "held_out_objects-pine_tree-2-t0",
+            "seed": 0,
+            "category": "held_out_objects",
+            "color_accuracy": 1.0,
+        },
+        {
+            "prompt_id": "held_out_objects-pine_tree-3-t1",
+            "seed": 1,
+            "category": "held_out_objects",
+            "color_accuracy": 0.0,
+        },
         {"prompt_id": "held_out_objects-cherry-1-t0", "seed": 0, "category": "held_out_objects", "color_accuracy": 1.0},
-        {"prompt_id": "held_out_combinations-tomato-2-t0", "seed": 0, "category": "held_out_combinations",
-         "color_accuracy": 0.0},
+        {
+            "prompt_id": "held_out_combinations-tomato-2-t0",
+            "seed": 0,
+            "category": "held_out_combinations",
+            "color_accuracy": 0.0,
+        },
     ]
     assert breakdown(images, prompt_object, "held_out_objects") == {
-        "cherry": {"images": 1, "color_accuracy": 1.0}, "pine tree": {"images": 2, "color_accuracy": 0.5}}
+        "cherry": {"images": 1, "color_accuracy": 1.0},
+        "pine tree": {"images": 2, "color_accuracy": 0.5},
+    }
     with pytest.raises(ValueError, match="not a toy-world prompt id"):
         prompt_object("p0")
 
@@ -198,13 +238,25 @@ def test_the_benchmark_report_pools_worlds_and_breaks_held_out_objects_down(tmp_
         images = []
         for obj in run.held_out_objects(split_seed):
             for count in (1, 2):
-                images.append({"prompt_id": f"held_out_objects-{obj.replace(' ', '_')}-{count}-t0", "seed": 0,
-                               "category": "held_out_objects", "color_accuracy": correct, "shape_accuracy": 1.0,
-                               "count_accuracy": 1.0, "valid_image": 1.0})
+                images.append(
+                    {
+                        "prompt_id": f"held_out_objects-{obj.replace(' ', '_')}-{count}-t0",
+                        "seed": 0,
+                        "category": "held_out_objects",
+                        "color_accuracy": correct,
+                        "shape_accuracy": 1.0,
+                        "count_accuracy": 1.0,
+                        "valid_image": 1.0,
+                    }
+                )
         base = [{**r, "color_accuracy": 0.0, "shape_accuracy": 0.0} for r in images]
-        return {"base": {"base": base, "base+complex": images if correct == 1.0 else
-                         [{**r, "color_accuracy": 1.0} for r in images]},
-                "runs": {"ella_demo": {0: {2400: {"train_seconds": 5.0, "images": images}}}}}
+        return {
+            "base": {
+                "base": base,
+                "base+complex": images if correct == 1.0 else [{**r, "color_accuracy": 1.0} for r in images],
+            },
+            "runs": {"ella_demo": {0: {2400: {"train_seconds": 5.0, "images": images}}}},
+        }
 
     results = {"splits": {0: world(0, 1.0), 3: world(3, 0.0)}}
     run.save_results(tmp_path / "results.json", results)

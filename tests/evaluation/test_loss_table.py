@@ -27,13 +27,26 @@ def test_the_script_writes_one_row_per_pair_with_every_loss(loss_table, tmp_path
 
     with open(tmp_path / "results.csv") as f:
         written = list(csv.DictReader(f))
-    expected = ["kind", "change", "a", "b", "minilm_sim", "tiny_kl", "tiny_cosine", "tinytok_kl", "tinytok_cosine", "tinytok_cosine_tokens"]
+    expected = [
+        "kind",
+        "change",
+        "a",
+        "b",
+        "minilm_sim",
+        "tiny_kl",
+        "tiny_cosine",
+        "tinytok_kl",
+        "tinytok_cosine",
+        "tinytok_cosine_tokens",
+    ]
     assert list(written[0]) == expected and [r["kind"] for r in written] == list(loss_table.KINDS)
     assert [(r["a"], r["b"]) for r in written] == [(p["a"], p["b"]) for p in three]
     # The values are the project's losses on the pair's embeddings (a the student, b the teacher).
     a, b = loss_table.pooled(llm)([three[2]["a"]]), loss_table.pooled(llm)([three[2]["b"]])
     assert float(written[2]["tiny_kl"]) == pytest.approx(float(FeatureAlignmentLoss("kl")(a, b)), rel=1e-5)
-    assert float(written[2]["tiny_cosine"]) == pytest.approx(1 - float(torch.cosine_similarity(a, b)), rel=1e-4, abs=1e-6)
+    assert float(written[2]["tiny_cosine"]) == pytest.approx(
+        1 - float(torch.cosine_similarity(a, b)), rel=1e-4, abs=1e-6
+    )
     assert float(written[2]["minilm_sim"]) == pytest.approx(float(torch.cosine_similarity(a, b)), abs=1e-5)
     assert rows[0]["tinytok_cosine_tokens"] >= 0
 

@@ -63,7 +63,11 @@ def test_count_shapes_hand_drawn_edge_cases():
     blank = Image.new("RGB", (40, 40), (255, 255, 255))
     assert shapes.count_shapes(blank) == {}
     assert shapes.check(blank, "one red circle") == {
-        "count": False, "color": False, "shape": False, "exact": False, "valid": False,
+        "count": False,
+        "color": False,
+        "shape": False,
+        "exact": False,
+        "valid": False,
     }
 
     image = blank.copy()
@@ -75,7 +79,11 @@ def test_count_shapes_hand_drawn_edge_cases():
     draw.rectangle((30, 20, 35, 25), fill=(128, 128, 128))  # grey: a shape, but of no palette colour
     assert shapes.count_shapes(image) == {("red", "square"): 2, ("blue", "circle"): 1, (None, "square"): 1}
     assert shapes.check(image, "four red squares") == {
-        "count": True, "color": False, "shape": False, "exact": False, "valid": False,  # four shapes, one grey
+        "count": True,
+        "color": False,
+        "shape": False,
+        "exact": False,
+        "valid": False,  # four shapes, one grey
     }
     assert shapes.check(image, target=(4, "red", "square"))["count"]
 
@@ -101,7 +109,9 @@ def test_world_images_and_their_vae_reconstructions_are_valid():
     rng = random.Random(0)
     images = [world.random_complex_example(rng)[0] for _ in range(300)]
     assert np.mean([shapes.valid_image(image) for image in images]) >= 0.98
-    assert all(shapes.check(image, target=(1, "red", "circle"))["valid"] for image in images[:20])  # wrong target, still valid
+    assert all(
+        shapes.check(image, target=(1, "red", "circle"))["valid"] for image in images[:20]
+    )  # wrong target, still valid
 
     vae = AutoencoderKL.from_pretrained(shipped_base(), subfolder="vae", torch_dtype=torch.float32).eval()
     pixels = torch.stack([torch.from_numpy(np.asarray(image, dtype=np.float32)) for image in images[:48]])
@@ -128,7 +138,9 @@ def test_blotchy_noise_textures_are_invalid():
             "colour blotches filling the frame": smooth_noise(rng, 8, 3) * 255,
             "yellow texture filling the frame": np.asarray(COLORS["yellow"]) * (0.5 + 0.8 * smooth_noise(rng, 8, 1)),
             "pale noise around the background": background + (smooth_noise(rng, 16, 3) - 0.5) * 160,
-            "blotches on the background": np.where(smooth_noise(rng, 8, 1) > 0.6, smooth_noise(rng, 4, 3) * 255, background),
+            "blotches on the background": np.where(
+                smooth_noise(rng, 8, 1) > 0.6, smooth_noise(rng, 4, 3) * 255, background
+            ),
         }
         patch = np.broadcast_to(background, (64, 64, 3)).copy()
         patch[16:40, 20:44] = smooth_noise(rng, 8, 3)[16:40, 20:44] * 255  # a square of noise: not one solid colour

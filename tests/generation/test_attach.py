@@ -24,8 +24,9 @@ SEEDS = [0, 1]
 
 def sur_connector(dim: int, llm_dim: int, pooled_dim: int | None = None) -> SURAdapter:
     torch.manual_seed(0)
-    sur = SURAdapter(dim=dim, llm_dim=llm_dim, eta=FixedEta(0.5), num_layers=1, num_heads=2, ff_dim=32,
-                     pooled_dim=pooled_dim)
+    sur = SURAdapter(
+        dim=dim, llm_dim=llm_dim, eta=FixedEta(0.5), num_layers=1, num_heads=2, ff_dim=32, pooled_dim=pooled_dim
+    )
     with torch.no_grad():  # a trained adapter is not the identity its zero-initialised output starts as
         sur.fc.weight.normal_(std=0.5)
         if sur.pooled_head is not None:
@@ -35,15 +36,28 @@ def sur_connector(dim: int, llm_dim: int, pooled_dim: int | None = None) -> SURA
 
 def ella_connector(dim: int, llm_dim: int, pooled_dim: int | None = None) -> TimestepAwareSemanticConnector:
     torch.manual_seed(0)
-    return TimestepAwareSemanticConnector(dim=dim, llm_dim=llm_dim, num_blocks=1, num_heads=2, num_latents=8,
-                                          time_channels=16, time_embed_dim=32, pooled_dim=pooled_dim,
-                                          pooled="learned" if pooled_dim else "clip").eval()
+    return TimestepAwareSemanticConnector(
+        dim=dim,
+        llm_dim=llm_dim,
+        num_blocks=1,
+        num_heads=2,
+        num_latents=8,
+        time_channels=16,
+        time_embed_dim=32,
+        pooled_dim=pooled_dim,
+        pooled="learned" if pooled_dim else "clip",
+    ).eval()
 
 
 def record(backbone_target: str, folder: str, tiny_llm: str) -> dict:
     from sur_lightning.models.connectors import training_record
 
-    llm = {"_target_": "sur_lightning.models.llm.CausalLMFeatures", "pretrained": tiny_llm, "layer": -1, "pooling": "none"}
+    llm = {
+        "_target_": "sur_lightning.models.llm.CausalLMFeatures",
+        "pretrained": tiny_llm,
+        "layer": -1,
+        "pooling": "none",
+    }
     return training_record({"_target_": backbone_target, "pretrained": folder}, llm, cache_fingerprint={"clip": "abc"})
 
 
@@ -60,15 +74,26 @@ def generate_images(folder: Path, out: Path, tmp_path: Path, cache_dir: Path) ->
 
     from sur_lightning.generate import generate
 
-    overrides = [f"adapters=['{folder}']", f"prompts=[{','.join(PROMPTS)}]", f"seeds=[{SEEDS[0]},{SEEDS[1]}]",
-                 "include_base=false", "sampler.num_inference_steps=3", "sampler.guidance_scale=4.0",
-                 f"paths.root_dir={tmp_path}", f"paths.cache_dir={cache_dir}", f"paths.output_dir={out}", "device=cpu"]
+    overrides = [
+        f"adapters=['{folder}']",
+        f"prompts=[{','.join(PROMPTS)}]",
+        f"seeds=[{SEEDS[0]},{SEEDS[1]}]",
+        "include_base=false",
+        "sampler.num_inference_steps=3",
+        "sampler.guidance_scale=4.0",
+        f"paths.root_dir={tmp_path}",
+        f"paths.cache_dir={cache_dir}",
+        f"paths.output_dir={out}",
+        "device=cpu",
+    ]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="generate", overrides=overrides)
     generate(cfg, overrides)
     manifest = json.loads((out / "manifest.json").read_text())
-    return {(item["prompt"], item["seed"]): np.asarray(Image.open(out / item["file"]), dtype=np.int16)
-            for item in manifest["images"]}
+    return {
+        (item["prompt"], item["seed"]): np.asarray(Image.open(out / item["file"]), dtype=np.int16)
+        for item in manifest["images"]
+    }
 
 
 @pytest.mark.parametrize("kind", ["sd", "sdxl"])
@@ -94,14 +119,24 @@ def test_a_stock_pipeline_with_the_attached_connector_draws_what_generate_draws(
     with sur_lightning.attach(pipe, loaded) as attached:
         for prompt in PROMPTS:
             for seed in SEEDS:
-                image = attached(prompt, negative_prompt="", num_inference_steps=3, guidance_scale=4.0,
-                                 generator=torch.Generator().manual_seed(seed)).images[0]
+                image = attached(
+                    prompt,
+                    negative_prompt="",
+                    num_inference_steps=3,
+                    guidance_scale=4.0,
+                    generator=torch.Generator().manual_seed(seed),
+                ).images[0]
                 difference = np.abs(np.asarray(image, dtype=np.int16) - expected[(prompt, seed)])
                 assert difference.max() <= 2, (prompt, seed, difference.max())
     # Outside the block the pipeline is stock again: its own CLIP conditioning, another image.
     assert "encode_prompt" not in vars(pipe) and not pipe.unet._forward_pre_hooks
-    plain = pipe(PROMPTS[0], negative_prompt="", num_inference_steps=3, guidance_scale=4.0,
-                 generator=torch.Generator().manual_seed(SEEDS[0])).images[0]
+    plain = pipe(
+        PROMPTS[0],
+        negative_prompt="",
+        num_inference_steps=3,
+        guidance_scale=4.0,
+        generator=torch.Generator().manual_seed(SEEDS[0]),
+    ).images[0]
     assert np.abs(np.asarray(plain, dtype=np.int16) - expected[(PROMPTS[0], SEEDS[0])]).max() > 2
 
 
@@ -141,9 +176,15 @@ def test_attach_needs_the_prompt_text_and_a_fitting_width(tiny_sd, tiny_sdxl, ll
     with sur_lightning.attach(pipe, sur), pytest.raises(ValueError, match="needs the text itself"):
         pipe(prompt_embeds=torch.zeros(1, 77, pipe.unet.config.cross_attention_dim), num_inference_steps=1)
     wide = sur_connector(48, llm.hidden_size)
-    with pytest.raises(ConnectorMismatchError, match="width 48.*width 32|width 32.*width 48"), sur_lightning.attach(pipe, wide):
+    with (
+        pytest.raises(ConnectorMismatchError, match="width 48.*width 32|width 32.*width 48"),
+        sur_lightning.attach(pipe, wide),
+    ):
         pass
-    with pytest.raises(ValueError, match="record no LLM.*llm="), sur_lightning.attach(pipe, ella_connector(32, llm.hidden_size)):
+    with (
+        pytest.raises(ValueError, match="record no LLM.*llm="),
+        sur_lightning.attach(pipe, ella_connector(32, llm.hidden_size)),
+    ):
         pass
 
 
@@ -195,8 +236,12 @@ def test_generate_takes_an_adapter_files_backbone_from_its_run_and_a_chosen_one_
             return compose(config_name="generate", overrides=overrides), overrides
 
     cfg, overrides = configured("backbone.dtype=bfloat16")
-    assert use_recorded(cfg, adapter_records(cfg.adapters), overrides) == [f"backbone: {tiny_sdxl} (recorded by {path}; set backbone=... to choose another)"]
-    assert cfg.backbone.pretrained == tiny_sdxl and cfg.backbone.dtype == "bfloat16"  # the dotted override still applies
+    assert use_recorded(cfg, adapter_records(cfg.adapters), overrides) == [
+        f"backbone: {tiny_sdxl} (recorded by {path}; set backbone=... to choose another)"
+    ]
+    assert (
+        cfg.backbone.pretrained == tiny_sdxl and cfg.backbone.dtype == "bfloat16"
+    )  # the dotted override still applies
     cfg, overrides = configured("backbone=tiny")
     assert use_recorded(cfg, adapter_records(cfg.adapters), overrides) == []
     with pytest.raises(ConnectorMismatchError, match="cross-attention width 48 .*width 32"):
@@ -206,8 +251,9 @@ def test_generate_takes_an_adapter_files_backbone_from_its_run_and_a_chosen_one_
 def draw(pipe, connector) -> np.ndarray:
     """One 2-step image of PROMPTS[0] through ``connector`` attached to ``pipe``."""
     with sur_lightning.attach(pipe, connector) as attached:
-        image = attached(PROMPTS[0], num_inference_steps=2, guidance_scale=4.0,
-                         generator=torch.Generator().manual_seed(0)).images[0]
+        image = attached(
+            PROMPTS[0], num_inference_steps=2, guidance_scale=4.0, generator=torch.Generator().manual_seed(0)
+        ).images[0]
     return np.asarray(image, dtype=np.int16)
 
 
@@ -221,7 +267,9 @@ def tiny_pipe(tiny_sd):
 
 
 @pytest.mark.parametrize("connector_kind", ["sur", "ella"])
-def test_the_folder_and_the_single_file_both_load_and_attach_alike(connector_kind, tiny_pipe, tiny_sd, tiny_llm, llm, tmp_path):
+def test_the_folder_and_the_single_file_both_load_and_attach_alike(
+    connector_kind, tiny_pipe, tiny_sd, tiny_llm, llm, tmp_path
+):
     """What AdapterExport writes: ``adapter/`` (config.json + model.safetensors) and ``adapter.safetensors`` + .json,
     both with the record; the file alone (no run config beside it) must give ELLA its LLM as the folder does."""
     build = sur_connector if connector_kind == "sur" else ella_connector
@@ -237,7 +285,9 @@ def test_the_folder_and_the_single_file_both_load_and_attach_alike(connector_kin
     assert np.array_equal(images[0], images[1])
 
 
-def test_an_adapter_file_without_a_record_resolves_its_runs_saved_config(tiny_pipe, tiny_llm, llm, tmp_path, monkeypatch):
+def test_an_adapter_file_without_a_record_resolves_its_runs_saved_config(
+    tiny_pipe, tiny_llm, llm, tmp_path, monkeypatch
+):
     """An ELLA adapter.safetensors written before the header held the record: its LLM comes from the run's
     .hydra/config.yaml, which Hydra saves unresolved (``${paths.cache_dir}``, ``${hydra:runtime.cwd}``)."""
     import yaml
@@ -251,13 +301,21 @@ def test_an_adapter_file_without_a_record_resolves_its_runs_saved_config(tiny_pi
     # tiny LLM's builder lived in models/llm.py (connector_record renames it to where it is now).
     saved = {
         "task_name": "ella_demo",
-        "paths": {"root_dir": "${oc.env:SUR_LIGHTNING_ROOT,${hydra:runtime.cwd}}",
-                  "cache_dir": "${oc.env:SUR_LIGHTNING_CACHE,${paths.root_dir}/" + cache.name + "}"},
+        "paths": {
+            "root_dir": "${oc.env:SUR_LIGHTNING_ROOT,${hydra:runtime.cwd}}",
+            "cache_dir": "${oc.env:SUR_LIGHTNING_CACHE,${paths.root_dir}/" + cache.name + "}",
+        },
         "connector": {"_target_": "sur_lightning.models.connectors.ella.TimestepAwareSemanticConnector"},
         "backbone": {"_target_": BACKBONES["sd"][0], "pretrained": "${paths.cache_dir}/tiny-sd"},
-        "llm": {"_target_": "sur_lightning.models.llm.CausalLMFeatures",
-                "pretrained": {"_target_": "sur_lightning.models.llm.build_tiny_causal_lm", "root": "${paths.cache_dir}/tiny-llm"},
-                "layer": -1, "pooling": "${llm_pooling:${oc.select:connector._target_,null}}"},
+        "llm": {
+            "_target_": "sur_lightning.models.llm.CausalLMFeatures",
+            "pretrained": {
+                "_target_": "sur_lightning.models.llm.build_tiny_causal_lm",
+                "root": "${paths.cache_dir}/tiny-llm",
+            },
+            "layer": -1,
+            "pooling": "${llm_pooling:${oc.select:connector._target_,null}}",
+        },
     }
     (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(saved))
     (run / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": {"cwd": str(cache.parent)}}}))

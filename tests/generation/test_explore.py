@@ -50,7 +50,9 @@ def test_slerp_is_per_token_angle_with_linear_length():
     e0, e1 = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 3.0]])
     # 90°: the midpoint direction is 45°, and the length halfway between 1 and 3.
     torch.testing.assert_close(slerp(e0, e1, 0.5), torch.tensor([[2**0.5, 2**0.5]]))
-    torch.testing.assert_close(slerp(e0, e1, 1 / 3), 5 / 3 * torch.tensor([[np.cos(np.pi / 6), np.sin(np.pi / 6)]], dtype=torch.float32))
+    torch.testing.assert_close(
+        slerp(e0, e1, 1 / 3), 5 / 3 * torch.tensor([[np.cos(np.pi / 6), np.sin(np.pi / 6)]], dtype=torch.float32)
+    )
     # Element-wise arc-cosines would move each coordinate on its own; one angle per vector keeps the plane.
     parallel = slerp(e0, 2 * e0, 0.5)
     torch.testing.assert_close(parallel, torch.tensor([[1.5, 0.0]]))  # the near-parallel fallback is finite
@@ -150,8 +152,9 @@ def test_variations_at_strength_zero_are_the_vae_round_trip_of_the_input(pipelin
     assert np.abs(pixels(half) - pixels(trip)).max() > 2  # re-noised and denoised: another image
     assert not np.array_equal(pixels(picture.columns["#1"][1]), pixels(picture.columns["#2"][1]))  # one seed each
     with pytest.raises(ValueError, match="0 denoising steps"):
-        Variations(strengths=[0.2]).vary(setup_of(pipeline, [], num_inference_steps=2), Variations.img2img(pipeline), base,
-                                         PROMPT, source, 0.2, [1])
+        Variations(strengths=[0.2]).vary(
+            setup_of(pipeline, [], num_inference_steps=2), Variations.img2img(pipeline), base, PROMPT, source, 0.2, [1]
+        )
 
 
 def test_variations_recompute_a_timestep_aware_connector_at_every_step(backbone, pipeline, token_llm):
@@ -169,7 +172,9 @@ def test_variations_recompute_a_timestep_aware_connector_at_every_step(backbone,
     source = Image.new("RGB", (32, 32), "red")
     TimestepAwareSemanticConnector.forward = spy
     try:
-        Variations().vary(setup_of(pipeline, [], num_inference_steps=4), Variations.img2img(pipeline), ella, PROMPT, source, 0.5, [1])
+        Variations().vary(
+            setup_of(pipeline, [], num_inference_steps=4), Variations.img2img(pipeline), ella, PROMPT, source, 0.5, [1]
+        )
     finally:
         TimestepAwareSemanticConnector.forward = original
     assert len(set(seen)) == 2 and len(seen) == 4  # 2 of 4 steps at strength 0.5, prompt and negative each
@@ -188,7 +193,10 @@ def test_best_of_n_keeps_the_scorer_argmax(pipeline, base):
     scorer = FixedScores([0.1, 0.9, 0.3])
     tool = BestOfN(scorer, n=3)
     picture = tool.run(setup_of(pipeline, [Column("base", base, {"kind": "base"})], seeds=[0, 1]))
-    first, best = [r for r in picture.images if r.column == "base"], [r for r in picture.images if r.column == "base best-of-3"]
+    first, best = (
+        [r for r in picture.images if r.column == "base"],
+        [r for r in picture.images if r.column == "base best-of-3"],
+    )
     assert [r.info["score"] for r in picture.images if r.column == "base all-3"] == pytest.approx([0.1, 0.9, 0.3] * 2)
     assert [r.seed for r in first] == [0, 3] and [r.seed for r in best] == [1, 4]  # draws 0 and 1: seeds 0-2, 3-5
     candidates = render(pipeline, base, [PROMPT] * 3, [3, 4, 5], **FAST)
@@ -223,8 +231,14 @@ def adapters(tmp_path_factory):
 
 def compose_explore(tmp_path, cache_dir, *overrides):
     base = [
-        f"paths.root_dir={tmp_path}", f"paths.cache_dir={cache_dir}", f"paths.output_dir={tmp_path}/run",
-        "backbone=tiny", "llm=tiny", "sampler.num_inference_steps=2", "sampler.resolution=32", "device=cpu",
+        f"paths.root_dir={tmp_path}",
+        f"paths.cache_dir={cache_dir}",
+        f"paths.output_dir={tmp_path}/run",
+        "backbone=tiny",
+        "llm=tiny",
+        "sampler.num_inference_steps=2",
+        "sampler.resolution=32",
+        "device=cpu",
     ]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose(config_name="explore", overrides=[*base, *overrides])
@@ -236,12 +250,20 @@ def compose_explore(tmp_path, cache_dir, *overrides):
         ("interpolate", ["tool.steps=3"], 2, 3, 6),  # base → sur for 2 prompts
         ("interpolate", ["tool.between=prompts", "tool.steps=3", "tool.noise_to_seed=5"], 3, 3, 9),  # base, sur, ella
         ("text_diff", ["tool.strengths=[0,1]"], 6, 2, 12),
-        ("variations", ["tool.strengths=[0,0.5]", "tool.num_variations=2", "sampler.num_inference_steps=4"], 12, 3, 6 * 5),  # input + 2 × 2
+        (
+            "variations",
+            ["tool.strengths=[0,0.5]", "tool.num_variations=2", "sampler.num_inference_steps=4"],
+            12,
+            3,
+            6 * 5,
+        ),  # input + 2 × 2
         ("best_of_n", ["tool.n=2", "metrics.compute=[shapes]"], 6, 3, 6 * 4),  # first, best, 2 candidates
     ],
 )
 @pytest.mark.slow
-def test_each_tool_writes_its_grid_and_manifest(tmp_path, cache_dir, tiny_sd, tiny_llm, adapters, tool, overrides, rows, columns, images):
+def test_each_tool_writes_its_grid_and_manifest(
+    tmp_path, cache_dir, tiny_sd, tiny_llm, adapters, tool, overrides, rows, columns, images
+):
     sur_path, ella_path = adapters
     chosen = [sur_path] if tool == "interpolate" and "tool.between=prompts" not in overrides else [sur_path, ella_path]
     cfg = compose_explore(tmp_path, cache_dir, f"tool={tool}", f"adapters=[{','.join(map(str, chosen))}]", *overrides)
@@ -253,13 +275,17 @@ def test_each_tool_writes_its_grid_and_manifest(tmp_path, cache_dir, tiny_sd, ti
     assert manifest["settings"]["tool"]["_target_"].startswith("sur_lightning.generation.tools.")
     if tool == "best_of_n":
         report = json.loads((run / "report.json").read_text())
-        assert set(report["columns"]) == {f"{c}{k}" for c in ("base", "sur", "ella") for k in ("", " best-of-2", " all-2")}
+        assert set(report["columns"]) == {
+            f"{c}{k}" for c in ("base", "sur", "ella") for k in ("", " best-of-2", " all-2")
+        }
         assert {r.column for r in read_manifest(run)} == set(report["columns"])  # evaluate images_dir=<run> reads it
     if tool == "text_diff":
         assert {row["strength"] for row in manifest["images"]} == {0.0, 1.0}
 
 
-def test_interpolating_base_into_ella_fails_before_rendering_naming_both(tmp_path, cache_dir, tiny_sd, tiny_llm, adapters):
+def test_interpolating_base_into_ella_fails_before_rendering_naming_both(
+    tmp_path, cache_dir, tiny_sd, tiny_llm, adapters
+):
     cfg = compose_explore(tmp_path, cache_dir, "tool=interpolate", f"adapters=[{adapters[1]}]")
     with pytest.raises(ValueError, match="base gives 77 tokens and ella 8"):
         explore(cfg, overrides=[])

@@ -42,8 +42,14 @@ def tiny_sur(batch_first: bool = True, eta: float = 0.5, seed: int = 0) -> SURAd
     """zero_init_output=False, so the adapter's output (not only its bias) reaches the conditioning."""
     torch.manual_seed(seed)
     return SURAdapter(
-        dim=32, llm_dim=32, eta=FixedEta(eta), num_heads=4, ff_dim=32, dropout=0.0,
-        batch_first=batch_first, zero_init_output=False,
+        dim=32,
+        llm_dim=32,
+        eta=FixedEta(eta),
+        num_heads=4,
+        ff_dim=32,
+        dropout=0.0,
+        batch_first=batch_first,
+        zero_init_output=False,
     ).eval()
 
 
@@ -84,7 +90,9 @@ def test_unconditional_rows_do_not_depend_on_the_conditional_prompts(backbone, p
     runs = []
     for prompts in (PROMPTS_A, PROMPTS_B):
         with unet_inputs(backbone.unet) as calls:
-            render(pipelines["ddim"], conditioning, prompts, [0, 1], num_inference_steps=2, guidance_scale=5.0, height=32)
+            render(
+                pipelines["ddim"], conditioning, prompts, [0, 1], num_inference_steps=2, guidance_scale=5.0, height=32
+            )
         runs.append(calls)
     assert len(runs[0]) == len(runs[1]) == 2
     empty = conditioning.features(["", ""])
@@ -116,13 +124,23 @@ def test_timestep_aware_connector_is_recomputed_at_every_step(backbone, pipeline
 
 
 @pytest.mark.parametrize("guidance_scale", [5.0, 1.0])
-def test_the_connector_runs_once_per_branch_per_step_and_never_for_placeholders(backbone, pipelines, token_llm, guidance_scale):
+def test_the_connector_runs_once_per_branch_per_step_and_never_for_placeholders(
+    backbone, pipelines, token_llm, guidance_scale
+):
     ella = tiny_ella()
     conditioning = ConnectorConditioning(ella, frozen_text_features(backbone, token_llm))
     timesteps = []
     handle = ella.register_forward_hook(lambda module, args, output: timesteps.append(args[1].reshape(-1)[0].item()))
     try:
-        render(pipelines["ddim"], conditioning, PROMPTS_A, [0, 1], num_inference_steps=3, guidance_scale=guidance_scale, height=32)
+        render(
+            pipelines["ddim"],
+            conditioning,
+            PROMPTS_A,
+            [0, 1],
+            num_inference_steps=3,
+            guidance_scale=guidance_scale,
+            height=32,
+        )
     finally:
         handle.remove()
     branches = 2 if guidance_scale > 1 else 1
@@ -137,7 +155,9 @@ def test_a_timestep_independent_connector_runs_once_per_branch_per_render(backbo
     handle = sur.register_forward_hook(lambda module, args, output: calls.append(1))
     try:
         with unet_inputs(backbone.unet) as unet_calls:
-            render(pipelines["ddim"], conditioning, PROMPTS_A, [0, 1], num_inference_steps=3, guidance_scale=5.0, height=32)
+            render(
+                pipelines["ddim"], conditioning, PROMPTS_A, [0, 1], num_inference_steps=3, guidance_scale=5.0, height=32
+            )
     finally:
         handle.remove()
     assert len(calls) == 2 and len(unet_calls) == 3  # prompt and negative once each, for three steps
@@ -210,7 +230,10 @@ def test_prompt_lists_from_strings_suites_and_dataset_folders(tmp_path):
     assert len(counting) == 3 and counting[0].category == "counting"
     folder = tmp_path / "set" / "train"
     folder.mkdir(parents=True)
-    rows = [{"file_name": "000001.png", "text": "two red circles", "prompt": "long"}, {"file_name": "x.png", "text": "one blue square"}]
+    rows = [
+        {"file_name": "000001.png", "text": "two red circles", "prompt": "long"},
+        {"file_name": "x.png", "text": "one blue square"},
+    ]
     (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     prompts = load_prompt_list(str(folder))
     assert [(p.id, p.prompt) for p in prompts] == [("000001", "two red circles"), ("x", "one blue square")]
@@ -221,8 +244,14 @@ def test_prompt_lists_from_strings_suites_and_dataset_folders(tmp_path):
 
 def compose_generate(tmp_path, cache_dir, *overrides, name="generate"):
     base = [
-        f"paths.root_dir={tmp_path}", f"paths.cache_dir={cache_dir}", f"paths.output_dir={tmp_path}/run",
-        "backbone=tiny", "llm=tiny", "sampler.num_inference_steps=2", "sampler.resolution=32", "device=cpu",
+        f"paths.root_dir={tmp_path}",
+        f"paths.cache_dir={cache_dir}",
+        f"paths.output_dir={tmp_path}/run",
+        "backbone=tiny",
+        "llm=tiny",
+        "sampler.num_inference_steps=2",
+        "sampler.resolution=32",
+        "device=cpu",
     ]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose(config_name=name, overrides=[*base, *overrides])
@@ -231,7 +260,11 @@ def compose_generate(tmp_path, cache_dir, *overrides, name="generate"):
 def test_generate_writes_images_grid_eta_strips_and_manifest(tmp_path, cache_dir, tiny_sd, tiny_llm):
     adapter, _ = save_connector(tiny_sur(), tmp_path / "runA" / "adapter.safetensors")
     cfg = compose_generate(
-        tmp_path, cache_dir, f"adapters=[{adapter}]", "eta_sweep=[0.0,1.0]", "seeds=[0,1]",
+        tmp_path,
+        cache_dir,
+        f"adapters=[{adapter}]",
+        "eta_sweep=[0.0,1.0]",
+        "seeds=[0,1]",
         "prompts=[two red circles,one blue square]",
     )
     written = generate(cfg)
@@ -240,7 +273,10 @@ def test_generate_writes_images_grid_eta_strips_and_manifest(tmp_path, cache_dir
     assert folders == ["base", "sur_eta0", "sur_eta1"]  # named by its connector (no run config beside it)
     for folder in folders:
         assert sorted(p.name for p in (run / "images" / folder).iterdir()) == [
-            "prompt-000_seed0.png", "prompt-000_seed1.png", "prompt-001_seed0.png", "prompt-001_seed1.png"
+            "prompt-000_seed0.png",
+            "prompt-000_seed1.png",
+            "prompt-001_seed0.png",
+            "prompt-001_seed1.png",
         ]
     assert Image.open(run / "grid.png").size == (160 + 3 * 128, 16 + 4 * 128)
     assert len(written["strips"]) == 4 and all(Path(p).exists() for p in written["strips"])
@@ -250,27 +286,42 @@ def test_generate_writes_images_grid_eta_strips_and_manifest(tmp_path, cache_dir
     assert row["adapter"] == str(adapter) and row["eta"] == 1.0 and row["seed"] in (0, 1) and row["prompt"]
     # Same seeds everywhere: η = 0 reproduces the base model's images exactly.
     for name in ("prompt-000_seed0.png", "prompt-001_seed1.png"):
-        assert np.array_equal(np.asarray(Image.open(run / "images/base" / name)), np.asarray(Image.open(run / "images/sur_eta0" / name)))
+        assert np.array_equal(
+            np.asarray(Image.open(run / "images/base" / name)), np.asarray(Image.open(run / "images/sur_eta0" / name))
+        )
 
 
 def test_generate_with_an_ella_adapter_reads_token_states(tmp_path, cache_dir, tiny_sd, tiny_llm):
     adapter, _ = save_connector(tiny_ella(), tmp_path / "ella.safetensors")
     cfg = compose_generate(
-        tmp_path, cache_dir, f"adapters={{ella:{{path:{adapter},mode:concat_clip}}}}", "llm.pooling=none",
-        "include_base=false", "prompts=[two red circles]",
+        tmp_path,
+        cache_dir,
+        f"adapters={{ella:{{path:{adapter},mode:concat_clip}}}}",
+        "llm.pooling=none",
+        "include_base=false",
+        "prompts=[two red circles]",
     )
     generate(cfg)
     manifest = json.loads((Path(cfg.paths.output_dir) / "manifest.json").read_text())
-    assert [(r["column"], r["mode"], r["kind"]) for r in manifest["images"]] == [("ella", "concat_clip", "TimestepAwareSemanticConnector")]
+    assert [(r["column"], r["mode"], r["kind"]) for r in manifest["images"]] == [
+        ("ella", "concat_clip", "TimestepAwareSemanticConnector")
+    ]
     # Without llm.pooling=none: generation loads the LLM only for connectors that read token states, and asks for them.
-    default = compose_generate(tmp_path, cache_dir, f"adapters=[{adapter}]", "prompts=[two red circles]",
-                               f"paths.output_dir={tmp_path}/default")
+    default = compose_generate(
+        tmp_path,
+        cache_dir,
+        f"adapters=[{adapter}]",
+        "prompts=[two red circles]",
+        f"paths.output_dir={tmp_path}/default",
+    )
     assert default.llm.pooling == "mean"
     generate(default)
     assert (tmp_path / "default" / "images" / "ella").is_dir()
 
 
-def test_generate_without_an_adapter_warns_that_a_random_test_backbone_draws_noise(tmp_path, cache_dir, tiny_sd, capsys):
+def test_generate_without_an_adapter_warns_that_a_random_test_backbone_draws_noise(
+    tmp_path, cache_dir, tiny_sd, capsys
+):
     """`python -m sur_lightning.generate 'prompts=[two red circles]'`: the default backbone is the random tiny one."""
     from sur_lightning.generation.columns import random_backbone_warning
 
@@ -282,4 +333,6 @@ def test_generate_without_an_adapter_warns_that_a_random_test_backbone_draws_noi
     # An adapter, or a folder no random-weight builder wrote (the toy base, a trained model): no warning.
     assert random_backbone_warning(SimpleNamespace(pretrained=tiny_sd), ["adapter.safetensors"]) is None
     assert random_backbone_warning(SimpleNamespace(pretrained=str(tmp_path)), None) is None
-    assert random_backbone_warning(SimpleNamespace(pretrained="stable-diffusion-v1-5/stable-diffusion-v1-5"), None) is None
+    assert (
+        random_backbone_warning(SimpleNamespace(pretrained="stable-diffusion-v1-5/stable-diffusion-v1-5"), None) is None
+    )

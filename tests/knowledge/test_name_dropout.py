@@ -101,7 +101,9 @@ def test_every_variant_of_every_prompt_is_renamed_and_undone_exactly(renamer):
     two = NameDropout(renamer.names, variants=2)
     assert two.all_variants("a pair of limes") == renamer.all_variants("a pair of limes")[:2]
     assert two.invert(renamer.variant("a pair of limes", 3)) is None
-    objects_per_word = Counter(renamer.placeholders_in(v).pop() for p in every_toy_prompt() for v in renamer.all_variants(p))
+    objects_per_word = Counter(
+        renamer.placeholders_in(v).pop() for p in every_toy_prompt() for v in renamer.all_variants(p)
+    )
     assert len(objects_per_word) > 0.8 * len(PLACEHOLDER_WORDS)
     # Prompts that name no single object are left alone, and ordinary text inverts to nothing.
     assert renamer.all_variants("two red circles") == [] and renamer.variant("a lime and a lemon", 0) is None
@@ -109,7 +111,9 @@ def test_every_variant_of_every_prompt_is_renamed_and_undone_exactly(renamer):
 
 
 def test_the_renamed_prompt_and_its_fact_share_the_placeholder_and_name_neither_form(renaming_retriever, renamer):
-    prompts = [narrative_prompt(obj, count, (i + count) % len(TEMPLATES)) for i, obj in enumerate(OBJECTS) for count in COUNTS]
+    prompts = [
+        narrative_prompt(obj, count, (i + count) % len(TEMPLATES)) for i, obj in enumerate(OBJECTS) for count in COUNTS
+    ]
     variants = [renamer.variant(p, (i % 4)) for i, p in enumerate(prompts)]
     plain = Retriever(renaming_retriever.knowledge_base, renaming_retriever.encoder)
     for prompt, variant, (text, start), (original_text, original_start) in zip(
@@ -123,18 +127,20 @@ def test_the_renamed_prompt_and_its_fact_share_the_placeholder_and_name_neither_
         # The fact is the original's (retrieval ran on the original prompt), with the name replaced.
         assert fact == renamer.rename_fact(original_text[:original_start], renamer.find(prompt), word)
         assert f" {obj.color} " in fact and obj.shape in fact
-    (text, start), = renaming_retriever.augment_spans([renamer.variant("a pair of tomatoes", 0)])
+    ((text, start),) = renaming_retriever.augment_spans([renamer.variant("a pair of tomatoes", 0)])
     word = renamer.placeholders_in(text).pop()
     assert text == f"A {word} is a round red fruit, shaped like a circle.\na pair of {word}s"
     # "orange" is the object's name and its colour: the colour stays, the name goes.
-    (text, start), = renaming_retriever.augment_spans([renamer.variant("a single orange", 1)])
+    ((text, start),) = renaming_retriever.augment_spans([renamer.variant("a single orange", 1)])
     word = renamer.placeholders_in(text).pop()
     assert text == f"A {word} is a round orange citrus fruit, shaped like a circle.\na single {word}"
     assert renamer.rename_fact("An emerald is green. Emeralds are gems.", renamer.find("an emerald"), "sukeb") == (
         "A sukeb is green. Sukebs are gems."
     )
     # Prompts that were never renamed read as before; a placeholder that is no variant is an error.
-    assert renaming_retriever.augment(["a pair of limes", "a violin concert"]) == plain.augment(["a pair of limes", "a violin concert"])
+    assert renaming_retriever.augment(["a pair of limes", "a violin concert"]) == plain.augment(
+        ["a pair of limes", "a violin concert"]
+    )
     with pytest.raises(ValueError, match="no renamed variant"):
         renaming_retriever.augment(["a pair of sukebs and a zemip"])
 
@@ -149,7 +155,9 @@ def test_anonymise_reads_every_named_prompt_as_its_variant_0_and_leaves_the_rest
         # A prompt name dropout renamed already keeps its own variant.
         renamed = renamer.variant(prompt, 2)
         assert anonymous.augment([renamed]) == renaming_retriever.augment([renamed])
-    assert anonymous.augment(["a violin concert", "two red circles"]) == plain.augment(["a violin concert", "two red circles"])
+    assert anonymous.augment(["a violin concert", "two red circles"]) == plain.augment(
+        ["a violin concert", "two red circles"]
+    )
     assert anonymous.fingerprint()["anonymise"] is True and "anonymise" not in plain.fingerprint()
 
 
@@ -160,8 +168,9 @@ def test_the_unseen_objects_preset_is_the_benchmark_row_that_reads_facts_anonymi
     run = load_experiment_script("toyworld_benchmark/run.py", "toyworld_benchmark_run")
     preset, overrides, _ = run.ROWS["ella_name_dropout_p1_anonymise"]
     cfg = compose("+experiment=ella_unseen_objects", tiny=False)
-    row = compose(f"+experiment={preset}", *overrides, "trainer.max_steps=4800", "task_name=ella_unseen_objects",
-                  tiny=False)
+    row = compose(
+        f"+experiment={preset}", *overrides, "trainer.max_steps=4800", "task_name=ella_unseen_objects", tiny=False
+    )
     assert OmegaConf.to_container(cfg.llm) == OmegaConf.to_container(row.llm)
     assert cfg.llm.rag.anonymise and cfg.data.name_dropout == 1.0 and cfg.trainer.max_steps == 4800
     # Everything else too, but the tags (unresolved: the loggers interpolate the tags).
@@ -205,11 +214,16 @@ def test_p0_changes_no_fingerprint_and_no_prompt(tmp_path, cache_dir, tiny_sd, t
     assert default.llm.rag.name_dropout == 0.0 and default.data.name_dropout == 0.0
     before = compose_world(tmp_path, cache_dir, *rag, "~llm.rag.name_dropout", "~llm.rag.name_variants")
     assert llm_fingerprint(default.llm) == llm_fingerprint(before.llm)
-    assert llm_fingerprint(compose_world(tmp_path, cache_dir, *rag, "llm.rag.name_variants=2").llm) == llm_fingerprint(before.llm)
+    assert llm_fingerprint(compose_world(tmp_path, cache_dir, *rag, "llm.rag.name_variants=2").llm) == llm_fingerprint(
+        before.llm
+    )
     assert "name_dropout" not in llm_fingerprint(default.llm)["rag"]
     anonymous = compose_world(tmp_path, cache_dir, *rag, "llm.rag.anonymise=true")
     assert instantiate(anonymous.llm.rag).anonymise and llm_fingerprint(anonymous.llm)["rag"]["anonymise"] is True
-    on = {p: llm_fingerprint(compose_world(tmp_path, cache_dir, *rag, f"llm.rag.name_dropout={p}").llm) for p in (0.25, 0.5)}
+    on = {
+        p: llm_fingerprint(compose_world(tmp_path, cache_dir, *rag, f"llm.rag.name_dropout={p}").llm)
+        for p in (0.25, 0.5)
+    }
     assert on[0.25] == on[0.5] != llm_fingerprint(default.llm) and on[0.5]["rag"]["name_dropout"]["version"] == 1
 
     # With p = 0 (or without RAG) the data serve the rows' own prompts and the cache lists no variants.
@@ -221,7 +235,9 @@ def test_p0_changes_no_fingerprint_and_no_prompt(tmp_path, cache_dir, tiny_sd, t
     assert instantiate(compose_world(tmp_path, cache_dir).data).renamer is None
 
 
-def test_the_dataset_renames_training_rows_keyed_by_seed_epoch_and_row_not_validation(tmp_path, cache_dir, tiny_sd, tiny_llm):
+def test_the_dataset_renames_training_rows_keyed_by_seed_epoch_and_row_not_validation(
+    tmp_path, cache_dir, tiny_sd, tiny_llm
+):
     cfg = compose_world(tmp_path, cache_dir, "+llm/rag=toyworld", "llm.rag.name_dropout=0.5")
     assert cfg.data.name_dropout == 0.5 and cfg.data.name_variants == 4
     datamodule = instantiate(cfg.data)
@@ -240,8 +256,12 @@ def test_the_dataset_renames_training_rows_keyed_by_seed_epoch_and_row_not_valid
     plain = instantiate(compose_world(tmp_path, cache_dir, "+llm/rag=toyworld").data)
     plain.setup("fit")
     assert torch.equal(plain.train_set[(2, 0)]["pixel_values"], train[(2, 0)]["pixel_values"])
-    assert [datamodule.val_set[i]["simple_prompt"] for i in range(len(datamodule.val_set))] == [r.simple for r in datamodule.val_set.rows]
-    assert {p for p, _ in datamodule.renamed_prompts()} == {v for r in train.rows for v in datamodule.renamer.all_variants(r.simple)}
+    assert [datamodule.val_set[i]["simple_prompt"] for i in range(len(datamodule.val_set))] == [
+        r.simple for r in datamodule.val_set.rows
+    ]
+    assert {p for p, _ in datamodule.renamed_prompts()} == {
+        v for r in train.rows for v in datamodule.renamer.all_variants(r.simple)
+    }
 
 
 def test_name_dropout_without_retrieval_or_with_other_variants_is_an_error(tmp_path, cache_dir, tiny_sd, tiny_llm):
@@ -260,7 +280,9 @@ def test_name_dropout_without_retrieval_or_with_other_variants_is_an_error(tmp_p
 
 
 @pytest.mark.slow
-def test_the_cache_holds_every_variant_so_a_cached_training_step_needs_no_llm(tmp_path, cache_dir, tiny_sd, tiny_llm, monkeypatch):
+def test_the_cache_holds_every_variant_so_a_cached_training_step_needs_no_llm(
+    tmp_path, cache_dir, tiny_sd, tiny_llm, monkeypatch
+):
     from sur_lightning.models.llm import CausalLMFeatures
     from sur_lightning.train import train
     from sur_lightning.training.feature_cache import build_cache, extra_prompts, missing_entries
@@ -293,7 +315,11 @@ def test_the_cache_holds_every_variant_so_a_cached_training_step_needs_no_llm(tm
     served = []
     monkeypatch.setattr(CausalLMFeatures, "__init__", refuse)
     real_lookup = FeatureCache.text_features
-    monkeypatch.setattr(FeatureCache, "text_features", lambda self, prompts, device="cpu": served.extend(prompts) or real_lookup(self, prompts, device))
+    monkeypatch.setattr(
+        FeatureCache,
+        "text_features",
+        lambda self, prompts, device="cpu": served.extend(prompts) or real_lookup(self, prompts, device),
+    )
     metrics = train(compose_world(tmp_path, cache_dir, *overrides, "data.cache=require"))
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
     assert len(served) == 8 and all(p in {v for v, _ in variants} for p in served)  # p = 1: every sample renamed
@@ -333,7 +359,9 @@ def test_the_span_probe_pools_the_fact_tokens_and_the_prompt_tokens(tiny_llm, kb
     assert torch.equal(mask, tokens.mask & ~tokens.facts)
 
     fits = []
-    monkeypatch.setattr(probe, "linear_probe", lambda features, names, colors: fits.append(features) or {"accuracy": 0.0})
+    monkeypatch.setattr(
+        probe, "linear_probe", lambda features, names, colors: fits.append(features) or {"accuracy": 0.0}
+    )
     few = probe.object_prompts()[::6]  # two prompts per object keep it quick
     monkeypatch.setattr(probe, "object_prompts", lambda: few)
     result = probe.probe_spans(llm)
@@ -343,15 +371,21 @@ def test_the_span_probe_pools_the_fact_tokens_and_the_prompt_tokens(tiny_llm, kb
     assert renamed["renamed"] and retriever.renamer is None  # the probe's renamer was its own
     name = probe.object_prompts()[0][0]
     assert len(NameDropout.for_knowledge_base(kb).placeholders_in(renamed["example"])) == 1
-    assert renamed["prompts_without_facts"] == 0 and not names_word(renamed["example"], name, OBJECTS_BY_NAME[name].plural)
+    assert renamed["prompts_without_facts"] == 0 and not names_word(
+        renamed["example"], name, OBJECTS_BY_NAME[name].plural
+    )
 
 
 def test_the_span_probe_is_behind_a_flag(tiny_llm, cache_dir, monkeypatch):
     from sur_lightning.toyworld import probe
 
     calls = []
-    monkeypatch.setattr(probe, "probe_spans", lambda llm, renamed=False: calls.append(("spans", renamed)) or {"facts": {}})
-    monkeypatch.setattr(probe, "probe_llm", lambda llm: calls.append(("pooled", llm.rag is not None)) or {"accuracy": 0.5})
+    monkeypatch.setattr(
+        probe, "probe_spans", lambda llm, renamed=False: calls.append(("spans", renamed)) or {"facts": {}}
+    )
+    monkeypatch.setattr(
+        probe, "probe_llm", lambda llm: calls.append(("pooled", llm.rag is not None)) or {"accuracy": 0.5}
+    )
     base = ["llm=tiny", f"paths.cache_dir={cache_dir}", "+llm/rag=toyworld"]
     probe.main(["--spans", *base])
     probe.main(["--spans", "--renamed", *base])

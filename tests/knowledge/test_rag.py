@@ -44,7 +44,10 @@ def test_the_bundled_knowledge_base_covers_every_toy_world_object():
 
 @pytest.mark.parametrize(
     "bad_line, message",
-    [("{not json", r"kb.jsonl:2: not valid JSON"), ('{"title": "Lime"}', r'kb.jsonl:2: expected an object with string "title" and "text"')],
+    [
+        ("{not json", r"kb.jsonl:2: not valid JSON"),
+        ('{"title": "Lime"}', r'kb.jsonl:2: expected an object with string "title" and "text"'),
+    ],
 )
 def test_a_bad_row_is_an_error_naming_file_and_line(tmp_path, bad_line, message):
     path = write_jsonl(tmp_path / "kb.jsonl", [{"title": "Lemon", "text": "A lemon is yellow."}, bad_line])
@@ -62,7 +65,10 @@ def test_duplicate_and_empty_rows_are_skipped_and_counted(tmp_path):
     ]
     kb = KnowledgeBase(write_jsonl(tmp_path / "kb.jsonl", rows))
     assert kb.titles == ["Lemon", "Lime"] and kb.duplicates == 1
-    assert kb.skipped == [f"{tmp_path / 'kb.jsonl'}:3: duplicate of an earlier entry 'lemon'", f"{tmp_path / 'kb.jsonl'}:4: empty text"]
+    assert kb.skipped == [
+        f"{tmp_path / 'kb.jsonl'}:3: duplicate of an earlier entry 'lemon'",
+        f"{tmp_path / 'kb.jsonl'}:4: empty text",
+    ]
     assert "2 entries, 2 skipped (1 duplicates)" in kb.summary()
 
 
@@ -77,7 +83,10 @@ def test_retrieval_finds_the_matching_entry_and_nothing_for_an_unrelated_prompt(
 def test_augment_puts_the_facts_in_the_template_and_leaves_a_prompt_without_facts_alone(minilm):
     retriever = Retriever(bundled_knowledge_base("toyworld"), minilm, template="Facts: {facts}\nPrompt: {prompt}")
     with_facts, without = retriever.augment(["a pair of limes", UNRELATED])
-    assert with_facts == "Facts: A lime is a small round green citrus fruit, shaped like a circle.\nPrompt: a pair of limes"
+    assert (
+        with_facts
+        == "Facts: A lime is a small round green citrus fruit, shaped like a circle.\nPrompt: a pair of limes"
+    )
     assert without == UNRELATED
     text, start = retriever.augment_spans(["a pair of limes"])[0]
     assert text[start:] == "a pair of limes"
@@ -117,7 +126,9 @@ def test_the_retrieved_facts_reach_the_llm_input(tiny_llm, retriever):
     states, mask = features(["a pair of lemons on a table", UNRELATED])
     hook.remove()
     decoded = features.tokenizer.batch_decode(fed[0], skip_special_tokens=True)
-    assert decoded[0].startswith("a lemon is a round yellow citrus fruit") and decoded[0].endswith("a pair of lemons on a table")
+    assert decoded[0].startswith("a lemon is a round yellow citrus fruit") and decoded[0].endswith(
+        "a pair of lemons on a table"
+    )
     assert decoded[1] == UNRELATED
 
     # rag_pooling="prompt": the features cover the prompt's own tokens (plus the special ones), as without RAG.
@@ -126,7 +137,9 @@ def test_the_retrieved_facts_reach_the_llm_input(tiny_llm, retriever):
     # The prompt's tokens attended to the facts: their states change; a prompt without facts is untouched.
     assert not torch.allclose(states[0][mask[0]], plain_states[0][plain_mask[0]])
     torch.testing.assert_close(states[1][mask[1]], plain_states[1][plain_mask[1]])
-    _, all_mask = CausalLMFeatures(tiny_llm, rag=retriever, rag_pooling="all", pooling="none")(["a pair of lemons on a table"])
+    _, all_mask = CausalLMFeatures(tiny_llm, rag=retriever, rag_pooling="all", pooling="none")(
+        ["a pair of lemons on a table"]
+    )
     assert all_mask.sum() > mask[0].sum()
 
 

@@ -23,8 +23,15 @@ PROMPTS = ["two red circles", "a trio of tomatoes", "a pair of limes"]
 
 
 def rewriter(tiny_llm, cache_file, **kwargs) -> PromptRewriter:
-    return PromptRewriter(tiny_llm, kwargs.pop("templates", TEMPLATES), max_new_tokens=4, batch_size=2,
-                          cache_file=str(cache_file), device="cpu", **kwargs)
+    return PromptRewriter(
+        tiny_llm,
+        kwargs.pop("templates", TEMPLATES),
+        max_new_tokens=4,
+        batch_size=2,
+        cache_file=str(cache_file),
+        device="cpu",
+        **kwargs,
+    )
 
 
 def test_second_run_reads_the_cache_without_loading_the_llm(tiny_llm, tmp_path):
@@ -108,7 +115,9 @@ def test_toyworld_parse_names_count_colour_and_shape_or_none():
     assert parse_toyworld("Three red circles on a table.") == (3, "red", "circle")
     assert parse_toyworld("two red or green squares") == (2, None, "square")
     assert parse_toyworld("a tomato") == (None, None, None)
-    accuracy = toyworld_accuracy(["three red circles", "two blue squares"], [(3, "red", "circle"), (2, "red", "square")])
+    accuracy = toyworld_accuracy(
+        ["three red circles", "two blue squares"], [(3, "red", "circle"), (2, "red", "square")]
+    )
     assert accuracy == {"count_named": 1.0, "color_named": 0.5, "shape_named": 1.0}
 
 
@@ -122,10 +131,17 @@ def test_rewrite_cli_prints_saves_and_scores_a_toyworld_suite(tiny_llm, tmp_path
     rows = [{"id": f"p{i}", "prompt": p, "count": 2, "color": "red", "shape": "circle"} for i, p in enumerate(PROMPTS)]
     suite.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="rewrite", overrides=[
-            f"prompts={suite}", f"rewriter.pretrained={tiny_llm}", "rewriter.max_new_tokens=3",
-            f"paths.root_dir={tmp_path}", f"paths.cache_dir={tmp_path}/cache", f"out={tmp_path}/out/rewrites.jsonl",
-        ])
+        cfg = compose(
+            config_name="rewrite",
+            overrides=[
+                f"prompts={suite}",
+                f"rewriter.pretrained={tiny_llm}",
+                "rewriter.max_new_tokens=3",
+                f"paths.root_dir={tmp_path}",
+                f"paths.cache_dir={tmp_path}/cache",
+                f"out={tmp_path}/out/rewrites.jsonl",
+            ],
+        )
     summary = main.__wrapped__(cfg)
     assert summary["prompts"] == 3 and summary["generated"] == 3 and 0 <= summary["color_named"] <= 1
     saved = [json.loads(line) for line in (tmp_path / "out" / "rewrites.jsonl").read_text().splitlines()]
@@ -144,8 +160,12 @@ def test_prompt_alignment_both_is_the_mean_of_complex_and_rewrite_terms(backbone
 
     def module(target):
         return ConnectorTrainingModule(
-            backbone, SURAdapter(dim=backbone.cross_attention_dim, llm_dim=8, eta=FixedEta(0.1), num_heads=2, ff_dim=16), DenoisingLoss(),
-            torch.optim.AdamW, prompt_loss=FeatureAlignmentLoss("mse", weight=1.0), align_target=target,
+            backbone,
+            SURAdapter(dim=backbone.cross_attention_dim, llm_dim=8, eta=FixedEta(0.1), num_heads=2, ff_dim=16),
+            DenoisingLoss(),
+            torch.optim.AdamW,
+            prompt_loss=FeatureAlignmentLoss("mse", weight=1.0),
+            align_target=target,
         )
 
     from sur_lightning.models.connectors import ConnectorOutput
@@ -166,8 +186,15 @@ def test_prompt_alignment_both_is_the_mean_of_complex_and_rewrite_terms(backbone
 
 
 def test_training_aligns_to_cached_rewrites_and_caches_their_clip_states(compose, tiny_llm):
-    cfg = compose("loss=cosine", "loss.align_target=both", f"rewriter.pretrained={tiny_llm}",
-                  "rewriter.max_new_tokens=4", "data.cache=auto", "trainer.max_steps=2", "trainer.val_check_interval=2")
+    cfg = compose(
+        "loss=cosine",
+        "loss.align_target=both",
+        f"rewriter.pretrained={tiny_llm}",
+        "rewriter.max_new_tokens=4",
+        "data.cache=auto",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+    )
     metrics = train(cfg)
     assert {"train/prompt_complex", "train/prompt_rewrite"} <= set(metrics)
     from conftest import open_cache
@@ -195,7 +222,9 @@ def test_simple_from_llm_writes_every_simple_prompt_from_the_complex_one(compose
     datamodule = instantiate(cfg.data, **arguments)
     datamodule.setup("fit")
     rows = datamodule.all_rows()
-    expected = dict(zip([r.complex for r in rows], arguments["rewriter"].rewrite([r.complex for r in rows], task="simplify")))
+    expected = dict(
+        zip([r.complex for r in rows], arguments["rewriter"].rewrite([r.complex for r in rows], task="simplify"))
+    )
     assert all(row.simple == expected[row.complex] for row in rows)
     assert arguments["rewriter"].generated > 0
 

@@ -128,7 +128,9 @@ def test_official_configuration_has_66_820_608_parameters():
         model = TimestepAwareSemanticConnector()
     assert sum(p.numel() for p in model.parameters()) == 66_820_608
     # The written-out official parameter table agrees, and maps one-to-one onto ours with the same shapes.
-    official = official_shapes(llm_dim=2048, dim=768, num_blocks=6, num_latents=64, time_channels=320, time_embed_dim=768)
+    official = official_shapes(
+        llm_dim=2048, dim=768, num_blocks=6, num_latents=64, time_channels=320, time_embed_dim=768
+    )
     assert sum(math.prod(s) for s in official.values()) == 66_820_608
     with torch.device("meta"):
         load_official_state_dict(model, {k: torch.empty(s) for k, s in official.items()})

@@ -78,14 +78,23 @@ def test_embeddings_are_unit_length_refuse_other_sizes_and_round_trip(tmp_path):
 def test_the_training_command_exports_a_tower_whose_hash_is_checked(tmp_path):
     export = tmp_path / "tower"
     command = [
-        sys.executable, "-m", "sur_lightning.toyworld.image_tower",
-        f"export_dir={export}", "steps=3", "warmup=1", "eval.images_per_target=1",
-        "model.channels=[8,8,16,16]", "model.embedding_dim=8", f"hydra.run.dir={tmp_path}/hydra",
+        sys.executable,
+        "-m",
+        "sur_lightning.toyworld.image_tower",
+        f"export_dir={export}",
+        "steps=3",
+        "warmup=1",
+        "eval.images_per_target=1",
+        "model.channels=[8,8,16,16]",
+        "model.embedding_dim=8",
+        f"hydra.run.dir={tmp_path}/hydra",
     ]
     subprocess.run(command, check=True, capture_output=True, timeout=300)
     record = verify_image_tower(export)
-    assert record["command"] == f"python -m sur_lightning.toyworld.image_tower export_dir={export} steps=3 warmup=1 " \
+    assert (
+        record["command"] == f"python -m sur_lightning.toyworld.image_tower export_dir={export} steps=3 warmup=1 "
         "eval.images_per_target=1 model.channels=[8,8,16,16] model.embedding_dim=8"
+    )
     assert record["retrieval"]["images"] == 54 and 0 <= record["retrieval"]["top1_exact"] <= 1
     assert record["environment"]["threads"] == 1
     tower = ImageTower.from_pretrained(shipped_image_tower(export))
@@ -99,7 +108,13 @@ def test_training_is_reproducible_with_pinned_threads():
     from sur_lightning.config import CONFIG_DIR
     from sur_lightning.toyworld.image_tower import train
 
-    overrides = ["steps=2", "warmup=1", "eval.images_per_target=1", "model.channels=[8,8,16,16]", "model.embedding_dim=8"]
+    overrides = [
+        "steps=2",
+        "warmup=1",
+        "eval.images_per_target=1",
+        "model.channels=[8,8,16,16]",
+        "model.embedding_dim=8",
+    ]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="toyworld_image_tower", overrides=overrides)
     threads = torch.get_num_threads()
@@ -138,14 +153,21 @@ def test_shipped_tower_matches_its_hash_passed_its_gate_and_reads_the_shipped_ba
     record = verify_image_tower()
     assert record["retrieval"]["top1_exact"] >= 0.95 and record["retrieval"]["passed"]
     assert record["retrieval"]["images"] >= 1000
-    assert record["command"] == "python -m sur_lightning.toyworld.image_tower export_dir=sur_lightning/toyworld/base/image_tower"
+    assert (
+        record["command"]
+        == "python -m sur_lightning.toyworld.image_tower export_dir=sur_lightning/toyworld/base/image_tower"
+    )
     # The tower reads the base's text encoder: a retrained base would need a retrained tower.
     assert record["text_encoder"]["sha256"] == verify_base()["sha256"]["text_encoder/model.safetensors"]
     # Shipped as package data and committed (the .gitignore exception for the base's safetensors).
     pyproject = (IMAGE_TOWER_DIR.parents[3] / "pyproject.toml").read_text()
     assert '"base/*/*.safetensors"' in pyproject and '"base/*/*.json"' in pyproject
-    ignored = subprocess.run(["git", "check-ignore", "-q", str(IMAGE_TOWER_DIR / "diffusion_pytorch_model.safetensors")],
-                             check=False, cwd=IMAGE_TOWER_DIR, capture_output=True)
+    ignored = subprocess.run(
+        ["git", "check-ignore", "-q", str(IMAGE_TOWER_DIR / "diffusion_pytorch_model.safetensors")],
+        check=False,
+        cwd=IMAGE_TOWER_DIR,
+        capture_output=True,
+    )
     assert ignored.returncode == 1, "the shipped tower's weights are git-ignored"
     assert json.loads((IMAGE_TOWER_DIR / "config.json").read_text())["_class_name"] == "ImageTower"
 
@@ -169,8 +191,10 @@ def test_the_scorer_ranks_the_matching_image_first(scorer):
     from torchvision.transforms.functional import to_tensor
 
     rng = random.Random(3)
-    candidates = [world.draw_example(*target, rng) for target in
-                  [(3, "red", "circle"), (2, "red", "circle"), (2, "blue", "circle"), (2, "red", "square")]]
+    candidates = [
+        world.draw_example(*target, rng)
+        for target in [(3, "red", "circle"), (2, "red", "circle"), (2, "blue", "circle"), (2, "red", "square")]
+    ]
     prompt = world.complex_prompt(2, "red", "circle")
     scores = scorer.score(candidates, [prompt] * 4)
     assert scores.shape == (4,) and scores.abs().max() <= 1 + 1e-5
@@ -190,6 +214,8 @@ def test_best_of_n_composes_the_image_tower_scorer():
     from sur_lightning.config import CONFIG_DIR
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="explore", overrides=["tool=best_of_n", "tool/scorer=image_tower", "tool.scorer_text=complex"])
+        cfg = compose(
+            config_name="explore", overrides=["tool=best_of_n", "tool/scorer=image_tower", "tool.scorer_text=complex"]
+        )
     scorer = instantiate(cfg.tool.scorer)
     assert isinstance(scorer, ImageTowerScorer) and cfg.tool.scorer_text == "complex"

@@ -98,7 +98,9 @@ def test_quantized_llm_preset_composes_and_on_cpu_fails_naming_the_key(compose, 
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a)
+    )
     with pytest.raises(InstantiationException, match=r"llm.quantization=4bit needs bitsandbytes"):
         instantiate(compose("llm=llama13b_8bit", "llm.quantization=4bit").llm)
     with pytest.raises(InstantiationException, match=r"llm.quantization must be null, '8bit' or '4bit', got '2bit'"):
@@ -117,7 +119,9 @@ def test_a_random_llm_like_another_has_its_shape_and_tokens_but_not_its_weights(
     mtime = (Path(folder) / "random_spec.json").stat().st_mtime_ns
     assert build_random_causal_lm_like(tmp_path / "random", like=tiny_llm, seed=3) == folder
     assert (Path(folder) / "random_spec.json").stat().st_mtime_ns == mtime  # built once
-    assert AutoConfig.from_pretrained(folder).to_dict()["hidden_size"] == AutoConfig.from_pretrained(tiny_llm).hidden_size
+    assert (
+        AutoConfig.from_pretrained(folder).to_dict()["hidden_size"] == AutoConfig.from_pretrained(tiny_llm).hidden_size
+    )
     real, random = (AutoModelForCausalLM.from_pretrained(f).state_dict() for f in (tiny_llm, folder))
     assert real.keys() == random.keys() and all(real[k].shape == random[k].shape for k in real)
     assert not torch.equal(real["model.embed_tokens.weight"], random["model.embed_tokens.weight"])

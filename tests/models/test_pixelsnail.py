@@ -22,9 +22,20 @@ def one_thread():
 
 def tiny(**overrides) -> PixelSNAIL:
     torch.manual_seed(0)
-    config = {"codebook_size": K, "grid_size": G, "channels": 16, "num_blocks": 2, "res_per_block": 1, "num_heads": 2,
-              "kernel_size": 3, "first_kernel_size": 3, "pooled_dim": P, "token_dim": D, "dropout": 0.0,
-              "caption_dropout": 0.0}
+    config = {
+        "codebook_size": K,
+        "grid_size": G,
+        "channels": 16,
+        "num_blocks": 2,
+        "res_per_block": 1,
+        "num_heads": 2,
+        "kernel_size": 3,
+        "first_kernel_size": 3,
+        "pooled_dim": P,
+        "token_dim": D,
+        "dropout": 0.0,
+        "caption_dropout": 0.0,
+    }
     return PixelSNAIL(**{**config, **overrides})
 
 
@@ -56,8 +67,12 @@ def test_logits_at_a_position_read_exactly_the_earlier_codes():
     model = tiny().eval()
     changed = dependence(model, codes(1, seed=1)[0])
     later_or_same = torch.ones(G * G, G * G, dtype=torch.bool).tril()  # [j, n] with n <= j
-    assert not changed[later_or_same].any(), f"a code changes the logits at or before its own position: {changed.nonzero()}"
-    assert changed[~later_or_same].all(), "every earlier code must reach every later position (attention covers the blind spot)"
+    assert not changed[later_or_same].any(), (
+        f"a code changes the logits at or before its own position: {changed.nonzero()}"
+    )
+    assert changed[~later_or_same].all(), (
+        "every earlier code must reach every later position (attention covers the blind spot)"
+    )
 
 
 def test_changing_all_later_codes_at_once_leaves_the_logits_unchanged():
@@ -134,7 +149,9 @@ def test_a_training_step_reduces_the_loss_and_trains_the_null_caption():
         loss.backward()
         losses.append(loss.item())
         optimizer.step()
-    assert losses[0] == pytest.approx(torch.log(torch.tensor(float(K))).item(), abs=0.02)  # uniform at init (small head)
+    assert losses[0] == pytest.approx(
+        torch.log(torch.tensor(float(K))).item(), abs=0.02
+    )  # uniform at init (small head)
     assert losses[-1] < 0.7 * losses[0], losses
     assert model.null_pooled.abs().sum() > 0, "dropped captions train the null caption"
 

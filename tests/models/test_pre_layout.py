@@ -37,8 +37,10 @@ def test_moved_builders_map_to_the_random_models_module_and_back():
 
     from sur_lightning.models.connectors import MOVED_BUILDERS, pre_layout_targets
 
-    old = {"_target_": "sur_lightning.models.backbone.StableDiffusionBackbone",
-           "pretrained": {"_target_": "sur_lightning.backbone.build_tiny_stable_diffusion", "root": "x"}}
+    old = {
+        "_target_": "sur_lightning.models.backbone.StableDiffusionBackbone",
+        "pretrained": {"_target_": "sur_lightning.backbone.build_tiny_stable_diffusion", "root": "x"},
+    }
     now = current_targets(old)
     assert now["pretrained"]["_target_"] == "sur_lightning.models.random_models.build_tiny_stable_diffusion"
     assert pre_layout_targets(now) == {**old, "_target_": "sur_lightning.backbone.StableDiffusionBackbone"}
@@ -70,10 +72,18 @@ def test_the_header_alone_loads_too(tmp_path):
 
 @pytest.mark.slow
 def test_a_pre_layout_checkpoint_resumes(compose):
-    cfg = compose("+experiment=sur_demo", "trainer.max_steps=2", "trainer.val_check_interval=2",
-                  "callbacks.model_checkpoint.every_n_train_steps=2", f"ckpt_path={FIXTURES / 'sur_demo_tiny_step1.ckpt'}")
+    cfg = compose(
+        "+experiment=sur_demo",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "callbacks.model_checkpoint.every_n_train_steps=2",
+        f"ckpt_path={FIXTURES / 'sur_demo_tiny_step1.ckpt'}",
+    )
     train(cfg)
     output = Path(cfg.paths.output_dir)
     assert json.loads((output / "metrics.json").read_text())["global_step"] == 2
     # The adapter it exports is written with today's module paths.
-    assert load_connector(output / "adapter.safetensors").config["_target_"] == "sur_lightning.models.connectors.sur.SURAdapter"
+    assert (
+        load_connector(output / "adapter.safetensors").config["_target_"]
+        == "sur_lightning.models.connectors.sur.SURAdapter"
+    )

@@ -12,8 +12,15 @@ from sur_lightning.models.image_tower import ImageTower
 from sur_lightning.models.prior import PRIOR_SCHEDULER, DiffusionPrior
 from sur_lightning.toyworld import shipped_image_tower, world
 
-TINY = {"text_dim": 12, "pooled_dim": 10, "embedding_dim": 16, "num_embeddings": 6, "num_layers": 2,
-        "num_attention_heads": 2, "attention_head_dim": 8}
+TINY = {
+    "text_dim": 12,
+    "pooled_dim": 10,
+    "embedding_dim": 16,
+    "num_embeddings": 6,
+    "num_layers": 2,
+    "num_attention_heads": 2,
+    "attention_head_dim": 8,
+}
 
 
 def text(batch: int, length: int = 4, seed: int = 0):
@@ -88,18 +95,26 @@ def test_sampling_is_deterministic_per_seed_and_reads_the_text():
     states, mask, pooled = text(3)
     first = prior.sample(states, mask, pooled, generator=0, num_inference_steps=5)
     assert first.shape == (3, 16) and torch.isfinite(first).all()
-    torch.testing.assert_close(prior.sample(states, mask, pooled, generator=0, num_inference_steps=5), first, atol=0, rtol=0)
+    torch.testing.assert_close(
+        prior.sample(states, mask, pooled, generator=0, num_inference_steps=5), first, atol=0, rtol=0
+    )
     assert not torch.allclose(prior.sample(states, mask, pooled, generator=1, num_inference_steps=5), first)
     other_states, _, other_pooled = text(3, seed=9)
     assert not torch.allclose(prior.sample(other_states, mask, other_pooled, generator=0, num_inference_steps=5), first)
     # Guidance against the unconditional features: seeded too, and 1.0 is the plain conditional sample.
     negative = (torch.zeros(1, 2, 12), None, torch.zeros(1, 10))
-    guided = prior.sample(states, mask, pooled, generator=0, num_inference_steps=5, guidance_scale=3.0, negative=negative)
+    guided = prior.sample(
+        states, mask, pooled, generator=0, num_inference_steps=5, guidance_scale=3.0, negative=negative
+    )
     torch.testing.assert_close(
-        prior.sample(states, mask, pooled, generator=0, num_inference_steps=5, guidance_scale=3.0, negative=negative), guided)
+        prior.sample(states, mask, pooled, generator=0, num_inference_steps=5, guidance_scale=3.0, negative=negative),
+        guided,
+    )
     assert not torch.allclose(guided, first)
     torch.testing.assert_close(
-        prior.sample(states, mask, pooled, generator=0, num_inference_steps=5, guidance_scale=1.0, negative=negative), first)
+        prior.sample(states, mask, pooled, generator=0, num_inference_steps=5, guidance_scale=1.0, negative=negative),
+        first,
+    )
 
 
 def test_the_causal_mask_is_applied_and_padding_is_never_read():
@@ -140,5 +155,7 @@ def test_save_and_load_keep_the_fitted_stats(tmp_path):
     loaded = DiffusionPrior.from_pretrained(tmp_path / "prior").eval()
     states, mask, pooled = text(2)
     torch.testing.assert_close(loaded.transformer.clip_std, prior.transformer.clip_std)
-    torch.testing.assert_close(loaded.sample(states, mask, pooled, generator=3, num_inference_steps=3),
-                               prior.sample(states, mask, pooled, generator=3, num_inference_steps=3))
+    torch.testing.assert_close(
+        loaded.sample(states, mask, pooled, generator=3, num_inference_steps=3),
+        prior.sample(states, mask, pooled, generator=3, num_inference_steps=3),
+    )

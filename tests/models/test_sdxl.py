@@ -158,12 +158,14 @@ def test_ella_pooled_modes(sdxl):
     _, pooled = sdxl.encode_text(["two red circles"])
     states = torch.randn(1, 5, 16)
     t = torch.tensor([10])
-    clip_mode = TimestepAwareSemanticConnector(dim=48, llm_dim=16, num_blocks=1, num_heads=4, num_latents=8,
-                                               time_embed_dim=32, pooled_dim=32)
+    clip_mode = TimestepAwareSemanticConnector(
+        dim=48, llm_dim=16, num_blocks=1, num_heads=4, num_latents=8, time_embed_dim=32, pooled_dim=32
+    )
     out = clip_mode(TextFeatures(llm=states, pooled=pooled), t)
     assert out.conditioning.shape == (1, 8, 48) and out.pooled is pooled and not clip_mode.adapts_pooled
-    learned = TimestepAwareSemanticConnector(dim=48, llm_dim=16, num_blocks=1, num_heads=4, num_latents=8,
-                                             time_embed_dim=32, pooled_dim=32, pooled="learned")
+    learned = TimestepAwareSemanticConnector(
+        dim=48, llm_dim=16, num_blocks=1, num_heads=4, num_latents=8, time_embed_dim=32, pooled_dim=32, pooled="learned"
+    )
     out = learned(TextFeatures(llm=states, pooled=pooled), t)
     assert out.pooled.shape == (1, 32) and not torch.allclose(out.pooled, pooled) and learned.adapts_pooled
     with pytest.raises(ValueError, match="'clip' or 'learned'"):
@@ -197,8 +199,12 @@ def test_feature_cache_stores_pooled_embeddings_and_image_geometry(compose):
 def test_sdxl_training_from_the_cache_resumes_and_generates(compose):
     from sur_lightning.train import train
 
-    common = (*sdxl_overrides("sur"), "data.cache=auto", "trainer.val_check_interval=2",
-              "callbacks.model_checkpoint.every_n_train_steps=2")
+    common = (
+        *sdxl_overrides("sur"),
+        "data.cache=auto",
+        "trainer.val_check_interval=2",
+        "callbacks.model_checkpoint.every_n_train_steps=2",
+    )
     first = compose(*common, "trainer.max_steps=2")
     train(first)
     out = Path(first.paths.output_dir)
@@ -245,14 +251,32 @@ def test_sdxl_presets_compose_with_the_fields_1024px_settings(compose, preset):
 def test_sdxl_presets_train_on_the_tiny_sdxl(compose, preset):
     from sur_lightning.train import train
 
-    small = ["connector.num_heads=4", "connector.ff_dim=32"] if preset == "sur_sdxl" else [
-        "connector.num_blocks=1", "connector.num_heads=4", "connector.time_embed_dim=32", "connector.time_channels=32"]
+    small = (
+        ["connector.num_heads=4", "connector.ff_dim=32"]
+        if preset == "sur_sdxl"
+        else [
+            "connector.num_blocks=1",
+            "connector.num_heads=4",
+            "connector.time_embed_dim=32",
+            "connector.time_channels=32",
+        ]
+    )
     # The preset's own settings (bf16-mixed, checkpointing, caption dropout, the cache) on tiny models and data.
     cfg = compose(
-        f"+experiment={preset}", "backbone=sdxl_tiny", "llm=tiny", "data=synthetic", "data.resolution=64",
-        "data.root.num_images=6", "data.val_size=2", "trainer.accelerator=cpu", "trainer.max_steps=2",
-        "callbacks.sample_grid.num_inference_steps=2", "callbacks.sample_grid.prompts=[two red circles]",
-        "callbacks.sample_grid.seeds=[0]", "backbone.gradient_checkpointing=true", *small,
+        f"+experiment={preset}",
+        "backbone=sdxl_tiny",
+        "llm=tiny",
+        "data=synthetic",
+        "data.resolution=64",
+        "data.root.num_images=6",
+        "data.val_size=2",
+        "trainer.accelerator=cpu",
+        "trainer.max_steps=2",
+        "callbacks.sample_grid.num_inference_steps=2",
+        "callbacks.sample_grid.prompts=[two red circles]",
+        "callbacks.sample_grid.seeds=[0]",
+        "backbone.gradient_checkpointing=true",
+        *small,
     )
     metrics = train(cfg)
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
@@ -266,10 +290,25 @@ def test_bench_measures_the_floor_on_sdxl(tmp_path, cache_dir, tiny_sdxl, tiny_l
 
     from sur_lightning.bench import run
 
-    overrides = [o for o in tiny_overrides(tmp_path, cache_dir) if not o.startswith(("callbacks.", "data.val_size", "connector."))]
+    overrides = [
+        o
+        for o in tiny_overrides(tmp_path, cache_dir)
+        if not o.startswith(("callbacks.", "data.val_size", "connector."))
+    ]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = hydra_compose(config_name="bench", overrides=[
-            *overrides, "backbone=sdxl_tiny", "connector=sur_small", "connector.ff_dim=32", "bench.steps=1",
-            "bench.warmup=1", "bench.inference_steps=2", "bench.inference_repeats=1", "bench.cache_off=false"])
+        cfg = hydra_compose(
+            config_name="bench",
+            overrides=[
+                *overrides,
+                "backbone=sdxl_tiny",
+                "connector=sur_small",
+                "connector.ff_dim=32",
+                "bench.steps=1",
+                "bench.warmup=1",
+                "bench.inference_steps=2",
+                "bench.inference_repeats=1",
+                "bench.cache_off=false",
+            ],
+        )
     result = run(cfg)
     assert result["floor_s"] > 0 and result["warm_cache_ratio_to_floor"] > 0 and result["inference"]["ratio"] > 0

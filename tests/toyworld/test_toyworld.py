@@ -58,10 +58,19 @@ def test_checker_rejects_wrong_targets():
     image, _, (count, color, shape) = world_images(1, seed=3)[0]
     other_color = next(c for c in COLORS if c != color)
     other_shape = next(s for s in SHAPES if s != shape)
-    assert shapes.check(image, target=(count, color, shape)) == {"count": True, "color": True, "shape": True, "exact": True,
-                                                                 "valid": True}
+    assert shapes.check(image, target=(count, color, shape)) == {
+        "count": True,
+        "color": True,
+        "shape": True,
+        "exact": True,
+        "valid": True,
+    }
     assert shapes.check(image, target=(count, other_color, other_shape)) == {
-        "count": True, "color": False, "shape": False, "exact": False, "valid": True,  # valid whatever the target
+        "count": True,
+        "color": False,
+        "shape": False,
+        "exact": False,
+        "valid": True,  # valid whatever the target
     }
 
 
@@ -139,7 +148,8 @@ def test_world_folder_manifest_and_suites(tmp_path):
     assert other != out and json.loads((other / "manifest.json").read_text())["settings"]["seed"] == 1
     assert (out / "manifest.json").stat().st_mtime_ns == stamp
     assert world.suite(tmp_path / "world", "held_out_objects", seed=1, images_per_combo=3) != world.suite(
-        tmp_path / "world", "held_out_objects", seed=0, images_per_combo=3)
+        tmp_path / "world", "held_out_objects", seed=0, images_per_combo=3
+    )
 
 
 # ---------------------------------------------------------------- the shipped base
@@ -181,12 +191,21 @@ def test_pretraining_runs_resumes_and_exports_a_loadable_base(tmp_path):
     tiny = [
         f"work_dir={tmp_path}/work",
         f"export_dir={tmp_path}/base",
-        "vae.steps=2", "vae.batch_size=2", "vae.model.block_out_channels=[8,8,16]",
-        "text_encoder.hidden_size=16", "text_encoder.num_heads=2",
-        "unet.model.block_out_channels=[8,16]", "unet.model.num_heads=2",
-        "unet.num_images=8", "unet.batch_size=2", "unet.warmup=1",
-        "eval_every=0", "checkpoint_every=1", "log_every=1",
-        "eval.steps=2", "eval.final_seeds=[0]",
+        "vae.steps=2",
+        "vae.batch_size=2",
+        "vae.model.block_out_channels=[8,8,16]",
+        "text_encoder.hidden_size=16",
+        "text_encoder.num_heads=2",
+        "unet.model.block_out_channels=[8,16]",
+        "unet.model.num_heads=2",
+        "unet.num_images=8",
+        "unet.batch_size=2",
+        "unet.warmup=1",
+        "eval_every=0",
+        "checkpoint_every=1",
+        "log_every=1",
+        "eval.steps=2",
+        "eval.final_seeds=[0]",
         f"hydra.run.dir={tmp_path}/hydra",
     ]
     run = [sys.executable, "-m", "sur_lightning.toyworld.pretrain", *tiny]
@@ -247,13 +266,16 @@ def test_gap_closed_on_a_hand_made_report():
     from sur_lightning.evaluation.report import gap_closed, split_scores, toyworld_table
 
     def rows(column, split, colors):
-        return [{"column": column, "category": split, "color_accuracy": c, "shape_accuracy": 1.0, "count_accuracy": 0.0}
-                for c in colors]
+        return [
+            {"column": column, "category": split, "color_accuracy": c, "shape_accuracy": 1.0, "count_accuracy": 0.0}
+            for c in colors
+        ]
 
     # Each pattern three times: 12 images per split, enough for a gap to be stated (report.MIN_GAP_N).
     report = {
         "columns": {},
-        "images": 3 * (rows("base", "a", [0, 0, 0, 1]) + rows("base+complex", "a", [1, 1, 1, 1]) + rows("sur", "a", [1, 1, 0, 1])),
+        "images": 3
+        * (rows("base", "a", [0, 0, 0, 1]) + rows("base+complex", "a", [1, 1, 1, 1]) + rows("sur", "a", [1, 1, 0, 1])),
     }
     scores = split_scores(report)
     assert scores["sur"]["a"]["color_accuracy"] == 0.75
@@ -269,12 +291,24 @@ def test_suite_rows_with_targets_and_their_errors(tmp_path):
     from sur_lightning.data.prompt_suites import load_jsonl
 
     good = tmp_path / "good.jsonl"
-    good.write_text(json.dumps({"prompt": "a pair of limes", "complex": "two green circles", "count": 2,
-                                "color": "green", "shape": "circle"}) + "\n")
+    good.write_text(
+        json.dumps(
+            {
+                "prompt": "a pair of limes",
+                "complex": "two green circles",
+                "count": 2,
+                "color": "green",
+                "shape": "circle",
+            }
+        )
+        + "\n"
+    )
     (prompt,) = load_jsonl(good)
     assert prompt.target == (2, "green", "circle") and prompt.complex == "two green circles"
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"prompt": "a lime", "count": 1}) + "\n" + json.dumps({"prompt": "x", "complex": 3}) + "\n")
+    bad.write_text(
+        json.dumps({"prompt": "a lime", "count": 1}) + "\n" + json.dumps({"prompt": "x", "complex": 3}) + "\n"
+    )
     with pytest.raises(ValueError, match=r"bad.jsonl:1: a target needs all of count, color, shape(.|\n)*bad.jsonl:2"):
         load_jsonl(bad)
 

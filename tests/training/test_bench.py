@@ -12,9 +12,18 @@ def test_bench_reports_floor_phases_cache_and_inference(tmp_path, cache_dir, tin
 
     overrides = [o for o in tiny_overrides(tmp_path, cache_dir) if not o.startswith(("callbacks.", "data.val_size"))]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="bench", overrides=[*overrides, "bench.steps=2", "bench.warmup=1",
-                                                      "bench.inference_steps=2", "bench.inference_repeats=1",
-                                                      "bench.ratio_rounds=3", "bench.round_steps=1"])
+        cfg = compose(
+            config_name="bench",
+            overrides=[
+                *overrides,
+                "bench.steps=2",
+                "bench.warmup=1",
+                "bench.inference_steps=2",
+                "bench.inference_repeats=1",
+                "bench.ratio_rounds=3",
+                "bench.round_steps=1",
+            ],
+        )
     result = run(cfg)
     rounds = result["floor_ratio"]
     assert len(rounds["ratios"]) == 3 and rounds["ratio_min"] <= rounds["ratio_median"] <= rounds["ratio_max"]
@@ -40,8 +49,10 @@ def test_bench_with_no_training_steps_measures_generation_only(tmp_path, cache_d
 
     overrides = [o for o in tiny_overrides(tmp_path, cache_dir) if not o.startswith(("callbacks.", "data.val_size"))]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="bench", overrides=[*overrides, "bench.steps=0", "bench.inference_steps=2",
-                                                      "bench.inference_repeats=1"])
+        cfg = compose(
+            config_name="bench",
+            overrides=[*overrides, "bench.steps=0", "bench.inference_steps=2", "bench.inference_repeats=1"],
+        )
         nothing = compose(config_name="bench", overrides=[*overrides, "bench.steps=0", "bench.inference_steps=0"])
     result = run(cfg)
     assert "warm_cache" not in result and "floor_s" not in result and result["inference"]["base"] > 0
@@ -50,7 +61,9 @@ def test_bench_with_no_training_steps_measures_generation_only(tmp_path, cache_d
         run(nothing)
 
 
-def test_bench_memory_growth_sees_a_step_that_keeps_what_it_allocates(tmp_path, cache_dir, tiny_sd, tiny_llm, monkeypatch):
+def test_bench_memory_growth_sees_a_step_that_keeps_what_it_allocates(
+    tmp_path, cache_dir, tiny_sd, tiny_llm, monkeypatch
+):
     """A leak of 32 MB per step shows as ~64 MB over 2 timed steps; the current RSS, not the peak, is what is read."""
     import torch
     from conftest import tiny_overrides
@@ -83,7 +96,12 @@ def test_random_backbones_of_real_proportions_load_like_the_hub_model(tmp_path):
 
     folder = build_random_stable_diffusion(tmp_path / "mid", shape="mid", sample_size=8)
     assert sorted(p.name for p in (tmp_path / "mid").iterdir() if p.is_dir() and not p.name.startswith("_")) == [
-        "scheduler", "text_encoder", "tokenizer", "unet", "vae"]
+        "scheduler",
+        "text_encoder",
+        "tokenizer",
+        "unet",
+        "vae",
+    ]
     backbone = StableDiffusionBackbone(folder)
     assert tuple(backbone.unet.config.block_out_channels) == (64, 128, 256)
     assert backbone.cross_attention_dim == 256 == backbone.text_encoder.config.hidden_size
@@ -136,13 +154,25 @@ def test_bench_applies_the_trainers_precision_as_lightning_does():
 
 
 def test_a_floor_ratio_below_one_is_flagged_as_noise_not_reported():
-    rounds = {"rounds": 5, "ratios": [0.9, 0.94, 0.95, 1.0, 1.02], "ratio_median": 0.95, "ratio_min": 0.9,
-              "ratio_max": 1.02, "below_one": True}
-    result = {"warm_cache": dict.fromkeys(("data", "connector", "unet_forward", "other_forward", "backward",
-                                           "optimizer", "step"), 0.1),
-              "floor_s": 0.105, "warm_cache_ratio_to_floor": 0.95, "floor_ratio": rounds, "peak_rss_mb": 1.0,
-              "config": {"steps": 2}, "machine": {"cpu": "x", "threads": 2, "gpu": None, "torch": "t", "diffusers": "d",
-                                                 "lightning": "l"}}
+    rounds = {
+        "rounds": 5,
+        "ratios": [0.9, 0.94, 0.95, 1.0, 1.02],
+        "ratio_median": 0.95,
+        "ratio_min": 0.9,
+        "ratio_max": 1.02,
+        "below_one": True,
+    }
+    result = {
+        "warm_cache": dict.fromkeys(
+            ("data", "connector", "unet_forward", "other_forward", "backward", "optimizer", "step"), 0.1
+        ),
+        "floor_s": 0.105,
+        "warm_cache_ratio_to_floor": 0.95,
+        "floor_ratio": rounds,
+        "peak_rss_mb": 1.0,
+        "config": {"steps": 2},
+        "machine": {"cpu": "x", "threads": 2, "gpu": None, "torch": "t", "diffusers": "d", "lightning": "l"},
+    }
     text = table(result)
     assert "median of 5 alternating rounds; range 0.90–1.02" in text and "BELOW 1" in text
     assert "BELOW 1" not in table({**result, "floor_ratio": {**rounds, "ratio_median": 1.1, "below_one": False}})

@@ -55,7 +55,9 @@ def test_cache_returns_bit_identical_tensors_to_a_fresh_encoder_run(compose, tmp
     assert "pixel_values" not in example and example["latent_mean"].shape == (4, 16, 16)
     module = SimpleNamespace(backbone=backbone)
     from_cache = ConnectorTrainingModule.latents(
-        module, {"latent_mean": entry["mean"][None], "latent_logvar": entry["logvar"][None]}, torch.Generator().manual_seed(0)
+        module,
+        {"latent_mean": entry["mean"][None], "latent_logvar": entry["logvar"][None]},
+        torch.Generator().manual_seed(0),
     )
     from_pixels = ConnectorTrainingModule.latents(
         module, {"pixel_values": preprocess(image, 64, True, False)[None]}, torch.Generator().manual_seed(0)
@@ -84,7 +86,9 @@ def test_a_changed_fingerprint_triggers_recomputation(compose, tmp_path, backbon
 
 def test_require_fails_on_a_missing_entry_naming_its_key(compose, tmp_path):
     cfg = cached_config(compose, tmp_path, "data.cache=require")
-    with pytest.raises(CacheMissError, match=r"data.cache=require .* the first: latents of metadata.jsonl:\d+ .* key [0-9a-f]{40}"):
+    with pytest.raises(
+        CacheMissError, match=r"data.cache=require .* the first: latents of metadata.jsonl:\d+ .* key [0-9a-f]{40}"
+    ):
         build_cache(instantiate(cfg.data), open_cache(cfg), extra_prompts(cfg.get("callbacks")), mode="require")
 
 
@@ -117,7 +121,9 @@ def test_an_interrupted_build_resumes_and_half_written_files_are_ignored(compose
     images = len(datamodule.all_rows())  # training and validation images, one plain variant each
     assert len(missing["latents"]) == images - 2 and not missing["clip"] and not missing["llm"]
     encoded = []
-    monkeypatch.setattr(backbone, "encode_images", lambda x: encoded.append(len(x)) or type(backbone).encode_images(backbone, x))
+    monkeypatch.setattr(
+        backbone, "encode_images", lambda x: encoded.append(len(x)) or type(backbone).encode_images(backbone, x)
+    )
     build_cache(datamodule, partial, extra_prompts(cfg.get("callbacks")), backbone=backbone)
     assert sum(encoded) == images - 2
     assert len(open_cache(cfg).latents) == images
@@ -130,7 +136,12 @@ def test_with_a_complete_cache_no_llm_is_built_and_no_vae_encoder_runs(compose, 
     from sur_lightning.train import train
 
     cfg = cached_config(
-        compose, tmp_path, "data.cache=require", "trainer.max_steps=2", "+trainer.limit_val_batches=0", "~callbacks.sample_grid"
+        compose,
+        tmp_path,
+        "data.cache=require",
+        "trainer.max_steps=2",
+        "+trainer.limit_val_batches=0",
+        "~callbacks.sample_grid",
     )
     build_cache(instantiate(cfg.data), open_cache(cfg), extra_prompts(cfg.get("callbacks")), backbone=backbone)
 
@@ -142,7 +153,9 @@ def test_with_a_complete_cache_no_llm_is_built_and_no_vae_encoder_runs(compose, 
     kwargs = prepare_feature_cache(instantiate(cfg.data), open_cache(cfg), extra_prompts(cfg.get("callbacks")))
     assert kwargs["llm"] is None and kwargs["llm_dim"] == 32 and kwargs["backbone"].vae.encoder is None
     # Encoding with that backbone later says why it cannot, instead of failing on a None inside diffusers.
-    with pytest.raises(RuntimeError, match=r"VAE encoder was dropped \(training reads cached latents: data.cache=require\)"):
+    with pytest.raises(
+        RuntimeError, match=r"VAE encoder was dropped \(training reads cached latents: data.cache=require\)"
+    ):
         kwargs["backbone"].encode_images(torch.zeros(1, 3, 64, 64))
     metrics = train(cfg)
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
@@ -165,7 +178,9 @@ def test_under_ddp_only_rank_0_builds_and_the_other_ranks_wait(compose, tmp_path
     result = {}
 
     def rank_1():
-        result["rank1"] = prepare_feature_cache(instantiate(cfg.data), open_cache(cfg), extra_prompts(cfg.get("callbacks")), rank=1, poll_s=0.05)
+        result["rank1"] = prepare_feature_cache(
+            instantiate(cfg.data), open_cache(cfg), extra_prompts(cfg.get("callbacks")), rank=1, poll_s=0.05
+        )
 
     waiter = threading.Thread(target=rank_1, name="rank1")
     waiter.start()
@@ -180,5 +195,11 @@ def test_under_ddp_only_rank_0_builds_and_the_other_ranks_wait(compose, tmp_path
 def test_a_waiting_rank_gives_up_after_cache_wait_s_naming_the_key(compose, tmp_path):
     cfg = cached_config(compose, tmp_path, "cache_wait_s=0.2")
     with pytest.raises(CacheMissError, match=r"rank 3: the feature cache is still incomplete after 0 s .*cache_wait_s"):
-        prepare_feature_cache(instantiate(cfg.data), open_cache(cfg), extra_prompts(cfg.get("callbacks")), rank=3, poll_s=0.05,
-                              wait_s=cfg.cache_wait_s)
+        prepare_feature_cache(
+            instantiate(cfg.data),
+            open_cache(cfg),
+            extra_prompts(cfg.get("callbacks")),
+            rank=3,
+            poll_s=0.05,
+            wait_s=cfg.cache_wait_s,
+        )

@@ -126,7 +126,9 @@ def test_denoising_gradient_reaches_every_tsc_parameter_and_nothing_frozen_t5(el
     assert_denoising_gradient_reaches_every_tsc_parameter_and_nothing_frozen(model, batch)
 
 
-def test_denoising_gradient_reaches_every_tsc_parameter_and_nothing_frozen_decoder_llm(compose_ella, tmp_path, cache_dir):
+def test_denoising_gradient_reaches_every_tsc_parameter_and_nothing_frozen_decoder_llm(
+    compose_ella, tmp_path, cache_dir
+):
     _, model, batch = build(tmp_path, cache_dir, "llm=tiny", "llm.pooling=none")
     assert model.llm.pooling == "none"
     assert_denoising_gradient_reaches_every_tsc_parameter_and_nothing_frozen(model, batch)
@@ -205,7 +207,10 @@ def test_ella_demo_trains_fast_dev_run_through_the_entry_point(compose_ella):
 
     # ella_demo with the tiny LLM's token states in place of SmolLM2's (the same CausalLMFeatures path).
     cfg = compose_ella(
-        "+experiment=ella_demo", "llm=tiny", "llm.pooling=none", "+trainer.fast_dev_run=true",
+        "+experiment=ella_demo",
+        "llm=tiny",
+        "llm.pooling=none",
+        "+trainer.fast_dev_run=true",
         "model.lr_scheduler.num_warmup_steps=0",
     )
     metrics = train(cfg)

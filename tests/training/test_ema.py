@@ -54,9 +54,17 @@ def test_exported_adapter_and_sample_grid_use_the_ema_average_not_the_raw_weight
             params = ConnectorEMA.parameters(pl_module)
             validated_with_average.append(all(torch.equal(p, ema.averages[n]) for n, p in params.items()))
 
-    trainer = L.Trainer(max_steps=2, limit_val_batches=1, val_check_interval=2, num_sanity_val_steps=0, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[ema, AdapterExport(tmp_path), grid, snapshots, Validation()])
+    trainer = L.Trainer(
+        max_steps=2,
+        limit_val_batches=1,
+        val_check_interval=2,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[ema, AdapterExport(tmp_path), grid, snapshots, Validation()],
+    )
     trainer.fit(model, datamodule=datamodule)
     assert validated_with_average == [True]
 
@@ -85,8 +93,14 @@ def test_diffusers_warmup_decay_and_bad_decay_named():
 
 @pytest.mark.slow
 def test_ema_state_survives_ckpt_path_resume(compose, tmp_path):
-    common = ("+experiment=sur_demo", "callbacks/ema=on", "callbacks.ema.decay=0.5", "callbacks.sample_grid=null",
-              "trainer.val_check_interval=100000", "callbacks.model_checkpoint.every_n_train_steps=2")
+    common = (
+        "+experiment=sur_demo",
+        "callbacks/ema=on",
+        "callbacks.ema.decay=0.5",
+        "callbacks.sample_grid=null",
+        "trainer.val_check_interval=100000",
+        "callbacks.model_checkpoint.every_n_train_steps=2",
+    )
     whole = compose(*common, "trainer.max_steps=3", f"paths.output_dir={tmp_path / 'whole'}")
     train(whole)
     first = compose(*common, "trainer.max_steps=2", f"paths.output_dir={tmp_path / 'parts'}")

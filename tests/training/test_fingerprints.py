@@ -66,7 +66,9 @@ def store_fingerprints(compose, tmp_path, cache_dir, name: str) -> dict[str, str
     out = {}
     for store in (cache.latents, cache.clip, cache.llm):
         # The folder is named by the hash of the raw fingerprint (with this machine's paths).
-        assert store.fingerprint_hash == hashlib.sha256(json.dumps(store.fingerprint, sort_keys=True).encode()).hexdigest()
+        assert (
+            store.fingerprint_hash == hashlib.sha256(json.dumps(store.fingerprint, sort_keys=True).encode()).hexdigest()
+        )
         assert store.folder.name == store.fingerprint_hash[:16]
         text = normalised(store.fingerprint, tmp_path, cache_dir)
         out[store.kind] = hashlib.sha256(text.encode()).hexdigest()[:16]

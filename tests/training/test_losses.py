@@ -33,7 +33,9 @@ def test_kl_equals_the_official_formula_with_temperature():
     student, teacher = torch.randn(3, 5, 7), torch.randn(3, 5, 7)
     tau = 2.0
     official = F.kl_div(F.log_softmax(teacher / tau, -1), F.softmax(student / tau, -1), reduction="batchmean") * tau**2
-    assert FeatureAlignmentLoss("kl", temperature=tau)(student, teacher).item() == pytest.approx(official.item(), rel=1e-6)
+    assert FeatureAlignmentLoss("kl", temperature=tau)(student, teacher).item() == pytest.approx(
+        official.item(), rel=1e-6
+    )
 
 
 def test_kl_gradient_flows_through_the_student_target_argument():
@@ -70,7 +72,9 @@ def test_unknown_kind_is_rejected_by_name():
 
 
 def scheduler(prediction_type="epsilon"):
-    return DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type)
+    return DDPMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type
+    )
 
 
 def test_denoising_plain_mse_and_targets():
@@ -128,8 +132,9 @@ def test_teacher_prediction_in_x0_space_is_the_mse_of_the_clean_latents_the_pred
 
     from sur_lightning.training.losses import TeacherPredictionLoss
 
-    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                              prediction_type=prediction_type)
+    scheduler = DDPMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type
+    )
     torch.manual_seed(0)
     x_t, student, teacher = torch.randn(3, 4, 4, 8, 8).unbind(0)
     timesteps = torch.tensor([5, 300, 700, 999])

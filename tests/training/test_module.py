@@ -1,6 +1,5 @@
 """The training step: what receives gradients, and what one optimizer step changes."""
 
-
 import lightning as L
 import pytest
 import torch
@@ -55,8 +54,13 @@ def test_one_optimizer_step_changes_only_trainable_parameters(compose, tmp_path)
     cfg, model, _ = build(compose, "+experiment=cosine_eta_adaptive")
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     trainer = L.Trainer(
-        max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, limit_val_batches=0, default_root_dir=tmp_path,
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
     )
     trainer.fit(model, datamodule=instantiate(cfg.data))
     changed = {name for name, p in model.named_parameters() if not torch.equal(p.detach(), before[name])}
@@ -70,8 +74,15 @@ def test_one_optimizer_step_changes_only_trainable_parameters(compose, tmp_path)
 
 def test_checkpoint_holds_only_the_connector(compose, tmp_path):
     cfg, model, _ = build(compose, "+experiment=sur_paper")
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        limit_val_batches=0, default_root_dir=tmp_path, enable_checkpointing=False)
+    trainer = L.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        enable_checkpointing=False,
+    )
     trainer.fit(model, datamodule=instantiate(cfg.data))
     trainer.save_checkpoint(tmp_path / "x.ckpt")
     state = torch.load(tmp_path / "x.ckpt", weights_only=False)["state_dict"]
@@ -120,8 +131,15 @@ def test_eta_histogram_reaches_tensorboard(compose, tmp_path):
 
     cfg, model, _ = build(compose, "+experiment=cosine_eta_adaptive", "model.eta_histogram_every_n_steps=1")
     logger = TensorBoardLogger(tmp_path / "tb", name="")
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=logger, enable_checkpointing=False,
-                        enable_progress_bar=False, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=logger,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model, datamodule=instantiate(cfg.data))
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -146,8 +164,15 @@ def nan_on_calls(monkeypatch, bad_calls):
 def fit(cfg, model, max_steps, callbacks=()):
     import lightning as L
 
-    trainer = L.Trainer(max_steps=max_steps, limit_val_batches=0, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks))
+    trainer = L.Trainer(
+        max_steps=max_steps,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=list(callbacks),
+    )
     trainer.fit(model, datamodule=instantiate(cfg.data))
     return trainer
 
@@ -228,8 +253,14 @@ def test_training_draws_are_keyed_by_sample_not_by_batch_layout_or_global_rng(co
 
 
 def test_teacher_prediction_is_the_mse_to_the_frozen_unet_under_clip_of_the_complex_prompt(compose):
-    _, model, batch = build(compose, "+experiment=sur_paper", "+loss/teacher=unet", "loss.teacher_prediction.weight=2.0",
-                            "model.prompt_loss=null", "model.llm_loss=null")
+    _, model, batch = build(
+        compose,
+        "+experiment=sur_paper",
+        "+loss/teacher=unet",
+        "loss.teacher_prediction.weight=2.0",
+        "model.prompt_loss=null",
+        "model.llm_loss=null",
+    )
     calls, logged = [], {}
     predict = model.backbone.predict
 
@@ -258,8 +289,15 @@ def test_teacher_prediction_is_refused_where_it_cannot_reach_the_connector_or_ha
     with pytest.raises(Exception, match="denoise_grad_to_connector=true"):
         instantiate(compose("+experiment=sur_released", "+loss/teacher=unet").model)
     with pytest.raises(Exception, match="caption_dropout=0.1 cannot be combined"):
-        instantiate(compose("+experiment=sur_paper", "+loss/teacher=unet", "model.prompt_loss=null",
-                            "model.llm_loss=null", "model.caption_dropout=0.1").model)
+        instantiate(
+            compose(
+                "+experiment=sur_paper",
+                "+loss/teacher=unet",
+                "model.prompt_loss=null",
+                "model.llm_loss=null",
+                "model.caption_dropout=0.1",
+            ).model
+        )
     from sur_lightning.training.losses import TeacherPredictionLoss
 
     with pytest.raises(ValueError, match="weight must be positive"):

@@ -26,8 +26,13 @@ def module(backbone, llm_dim, weights, learn=False, kind="mse"):
     torch.manual_seed(0)
     adapter = SURAdapter(dim=backbone.cross_attention_dim, llm_dim=llm_dim, eta=FixedEta(0.1), num_heads=2, ff_dim=16)
     return ConnectorTrainingModule(
-        backbone, adapter, DenoisingLoss(), torch.optim.AdamW, llm_loss=FeatureAlignmentLoss(kind, weight=1.0),
-        teacher_weights=weights, learn_teacher_weights=learn,
+        backbone,
+        adapter,
+        DenoisingLoss(),
+        torch.optim.AdamW,
+        llm_loss=FeatureAlignmentLoss(kind, weight=1.0),
+        teacher_weights=weights,
+        learn_teacher_weights=learn,
     )
 
 
@@ -104,8 +109,15 @@ def test_smollm2_and_minilm_train_together_each_with_its_own_w0_and_logged_term(
     from sur_lightning.models.connectors import load_connector
     from sur_lightning.train import train
 
-    cfg = compose("llm=multi", "loss=cosine", "data.cache=auto", "trainer.max_steps=2", "trainer.val_check_interval=2",
-                  "llm.weights.smollm2=3", "llm.weights.minilm=1")
+    cfg = compose(
+        "llm=multi",
+        "loss=cosine",
+        "data.cache=auto",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "llm.weights.smollm2=3",
+        "llm.weights.minilm=1",
+    )
     metrics = train(cfg)
     assert {"train/llm/smollm2", "train/llm/minilm"} <= set(metrics)
     assert metrics["train/teacher_weight/smollm2"] == pytest.approx(0.75)

@@ -25,15 +25,32 @@ def compose(*overrides: str):
 
 
 def common(root: Path, cache: Path, run: str) -> list[str]:
-    return ["threads=1", "logger=csv", f"paths.root_dir={root}", f"paths.cache_dir={cache}",
-            f"paths.output_dir={root}/{run}", "callbacks.progress_bar=null"]
+    return [
+        "threads=1",
+        "logger=csv",
+        f"paths.root_dir={root}",
+        f"paths.cache_dir={cache}",
+        f"paths.output_dir={root}/{run}",
+        "callbacks.progress_bar=null",
+    ]
 
 
 def vqvae(root: Path, cache: Path, tiny_sd: str, *extra: str):
-    return compose("+experiment=vqvae_toy", *common(root, cache, "vq"), f"backbone.pretrained={tiny_sd}",
-                   "data=synthetic", "data.root.num_images=12", "data.resolution=32", "data.batch_size=4",
-                   "data.val_size=4", "model.tokenizer.codebook_size=8", "trainer.max_steps=2",
-                   "trainer.val_check_interval=2", "callbacks.model_checkpoint.every_n_train_steps=2", *extra)
+    return compose(
+        "+experiment=vqvae_toy",
+        *common(root, cache, "vq"),
+        f"backbone.pretrained={tiny_sd}",
+        "data=synthetic",
+        "data.root.num_images=12",
+        "data.resolution=32",
+        "data.batch_size=4",
+        "data.val_size=4",
+        "model.tokenizer.codebook_size=8",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "callbacks.model_checkpoint.every_n_train_steps=2",
+        *extra,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -69,17 +86,33 @@ def test_vqvae_fits_exports_and_resumes(tokenizer_run, cache_dir, tiny_sd):
 
 def pixelsnail(root: Path, cache: Path, tiny_llm: str, tokenizer: Path, *extra: str):
     return compose(
-        "+experiment=pixelsnail_toy", *common(root, cache, "prior"), "llm=tiny", "llm.pooling=none",
-        f"llm.pretrained={tiny_llm}", f"data.tokenizer={tokenizer}", f"data.out={root}/codes",
-        "data.batch_size=4", "data.val_size=4", "data.resolution=32", "model.prior.codebook_size=8",
-        "model.prior.grid_size=8", "model.prior.channels=16", "model.prior.dropout=0.0",
-        "model.optimizer.lr=1e-2", "model.lr_scheduler.num_warmup_steps=0", "trainer.max_steps=12",
-        "trainer.val_check_interval=4", "callbacks.model_checkpoint.every_n_train_steps=4",
-        "callbacks.model_export.at_steps=[4]", *extra)
+        "+experiment=pixelsnail_toy",
+        *common(root, cache, "prior"),
+        "llm=tiny",
+        "llm.pooling=none",
+        f"llm.pretrained={tiny_llm}",
+        f"data.tokenizer={tokenizer}",
+        f"data.out={root}/codes",
+        "data.batch_size=4",
+        "data.val_size=4",
+        "data.resolution=32",
+        "model.prior.codebook_size=8",
+        "model.prior.grid_size=8",
+        "model.prior.channels=16",
+        "model.prior.dropout=0.0",
+        "model.optimizer.lr=1e-2",
+        "model.lr_scheduler.num_warmup_steps=0",
+        "trainer.max_steps=12",
+        "trainer.val_check_interval=4",
+        "callbacks.model_checkpoint.every_n_train_steps=4",
+        "callbacks.model_export.at_steps=[4]",
+        *extra,
+    )
 
 
-def test_pixelsnail_trains_on_extracted_codes_resumes_and_renders_a_column(tokenizer_run, cache_dir, tiny_llm,
-                                                                           tmp_path, backbone):
+def test_pixelsnail_trains_on_extracted_codes_resumes_and_renders_a_column(
+    tokenizer_run, cache_dir, tiny_llm, tmp_path, backbone
+):
     from sur_lightning.data.prompt_suites import Prompt
     from sur_lightning.generation.columns import sampler_columns
     from sur_lightning.generation.pipeline import render_columns
@@ -94,11 +127,23 @@ def test_pixelsnail_trains_on_extracted_codes_resumes_and_renders_a_column(token
     assert report["counts"]["rows"] == 12 and report["counts"]["used"] == 12
     # The training loss falls from the uniform prior's log K (8 training rows: validation only overfits).
     assert metrics["train/nll"] < math.log(8) - 0.3, metrics
-    assert [json.loads(x)["file"] for x in (run / "exports.jsonl").read_text().splitlines()] == ["pixelsnail-step4", "pixelsnail"]
+    assert [json.loads(x)["file"] for x in (run / "exports.jsonl").read_text().splitlines()] == [
+        "pixelsnail-step4",
+        "pixelsnail",
+    ]
     saved = PixelSNAIL.from_pretrained(str(run / "pixelsnail" / "prior"))
     # Resume in place: 4 more steps from the checkpoint, the codes read again from the same database.
-    train(pixelsnail(tmp_path, cache_dir, tiny_llm, tokenizer, f"data.root={synthetic}", "trainer.max_steps=16",
-                     f"ckpt_path={run}"))
+    train(
+        pixelsnail(
+            tmp_path,
+            cache_dir,
+            tiny_llm,
+            tokenizer,
+            f"data.root={synthetic}",
+            "trainer.max_steps=16",
+            f"ckpt_path={run}",
+        )
+    )
     resumed = PixelSNAIL.from_pretrained(str(run / "pixelsnail" / "prior"))
     assert not torch.equal(saved.head.weight, resumed.head.weight)
 
@@ -106,17 +151,29 @@ def test_pixelsnail_trains_on_extracted_codes_resumes_and_renders_a_column(token
     (column,) = sampler_columns([run / "pixelsnail"])
     assert column.name == "pixelsnail" and column.conditioning is None
     prompts = [Prompt("a", "two red circles", "test"), Prompt("b", "a pair of tomatoes", "test")]
-    rendered = render_columns(backbone, [column], prompts, [0, 1], out_dir=tmp_path / "grid", progress=False,
-                              batch_size=3)
+    rendered = render_columns(
+        backbone, [column], prompts, [0, 1], out_dir=tmp_path / "grid", progress=False, batch_size=3
+    )
     assert len(rendered) == 4 and all(r.image.size == (32, 32) for r in rendered)
     again = render_columns(backbone, [column], prompts[1:], [1], progress=False)
-    assert list(again[0].image.getdata()) == list(rendered[3].image.getdata()), "an image depends on its seed, not its batch"
+    assert list(again[0].image.getdata()) == list(rendered[3].image.getdata()), (
+        "an image depends on its seed, not its batch"
+    )
 
 
 def test_a_prefix_of_rows_gives_the_same_logits():
     torch.manual_seed(0)
-    model = PixelSNAIL(codebook_size=8, grid_size=4, channels=8, num_blocks=1, res_per_block=1, num_heads=2,
-                       pooled_dim=6, token_dim=6, dropout=0.0).eval()
+    model = PixelSNAIL(
+        codebook_size=8,
+        grid_size=4,
+        channels=8,
+        num_blocks=1,
+        res_per_block=1,
+        num_heads=2,
+        pooled_dim=6,
+        token_dim=6,
+        dropout=0.0,
+    ).eval()
     codes = torch.randint(0, 8, (2, 4, 4))
     text = (torch.randn(2, 6), torch.randn(2, 3, 6), torch.ones(2, 3, dtype=torch.bool))
     full = model(codes, *text)

@@ -35,13 +35,22 @@ def test_cold_and_warm_cache_give_the_same_initial_weights_and_losses(compose, t
     (drawing from the global generator, as SmolLM2's GGUF conversion does); a warm one loads them. Same seed: the
     same starting connector and the same losses."""
     initial = []
-    monkeypatch.setattr(ConnectorTrainingModule, "on_train_start",
-                        lambda self: initial.append({k: v.clone() for k, v in self.connector.state_dict().items()}),
-                        raising=False)
+    monkeypatch.setattr(
+        ConnectorTrainingModule,
+        "on_train_start",
+        lambda self: initial.append({k: v.clone() for k, v in self.connector.state_dict().items()}),
+        raising=False,
+    )
     cache = tmp_path / "cold-cache"  # models and features: empty before the first run
-    common = [f"paths.cache_dir={cache}", "data.cache=auto", "trainer.max_steps=4", "trainer.log_every_n_steps=1",
-              "trainer.val_check_interval=100000", "callbacks.sample_grid=null",
-              "callbacks.model_checkpoint.every_n_train_steps=100000"]
+    common = [
+        f"paths.cache_dir={cache}",
+        "data.cache=auto",
+        "trainer.max_steps=4",
+        "trainer.log_every_n_steps=1",
+        "trainer.val_check_interval=100000",
+        "callbacks.sample_grid=null",
+        "callbacks.model_checkpoint.every_n_train_steps=100000",
+    ]
     losses = []
     for run in ("cold", "warm"):
         cfg = compose("+experiment=sur_demo", *common, f"paths.output_dir={tmp_path / run}")
@@ -76,7 +85,9 @@ def test_an_llm_entry_does_not_depend_on_the_prompts_encoded_with_it(tmp_path, l
     for prompt in prompts:
         alone = FeatureStore(tmp_path, "alone", {"p": prompt}, ("states",))
         fill_text(alone, [prompt], llm, torch.float32, "LLM states")
-        assert torch.equal(FeatureCache.lookup(together, prompt)["states"], FeatureCache.lookup(alone, prompt)["states"])
+        assert torch.equal(
+            FeatureCache.lookup(together, prompt)["states"], FeatureCache.lookup(alone, prompt)["states"]
+        )
 
 
 def shard_entries(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -97,21 +108,38 @@ def shard_entries(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
 def test_two_jobs_on_one_empty_cache_both_train_and_each_entry_is_written_once(tmp_path, cache_dir, tiny_sd, tiny_llm):
     def command(name: str, features: Path) -> list[str]:
         output = tmp_path / name
-        return [sys.executable, "-m", "sur_lightning.train", "+experiment=sur_demo", *tiny_overrides(tmp_path, cache_dir),
-                "data.cache=auto", f"data.cache_dir={features}", "trainer.max_steps=1", "trainer.val_check_interval=100000",
-                "callbacks.sample_grid=null", f"paths.output_dir={output}", f"hydra.run.dir={output}"]
+        return [
+            sys.executable,
+            "-m",
+            "sur_lightning.train",
+            "+experiment=sur_demo",
+            *tiny_overrides(tmp_path, cache_dir),
+            "data.cache=auto",
+            f"data.cache_dir={features}",
+            "trainer.max_steps=1",
+            "trainer.val_check_interval=100000",
+            "callbacks.sample_grid=null",
+            f"paths.output_dir={output}",
+            f"hydra.run.dir={output}",
+        ]
 
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
     shared = tmp_path / "shared-features"
-    jobs = [subprocess.Popen(command(f"job{i}", shared), cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    jobs = [
+        subprocess.Popen(
+            command(f"job{i}", shared), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for i in range(2)
+    ]
     logs = [job.communicate(timeout=600)[0] for job in jobs]
     assert [job.returncode for job in jobs] == [0, 0], "\n".join(log[-3000:] for log in logs)
     # One job built the entries, the other waited for the lock and found nothing missing.
     assert sum("LLM states:   0%" in log for log in logs) == 1
 
     alone = tmp_path / "alone-features"
-    result = subprocess.run(command("alone", alone), check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        command("alone", alone), check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     both, one = shard_entries(shared), shard_entries(alone)
     assert both.keys() == one.keys() and len(both) > 0

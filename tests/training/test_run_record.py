@@ -28,7 +28,10 @@ def cli_overrides(overrides: list[str]) -> list[str]:
 
 def wandb_env(tmp_path: Path) -> dict:
     # wandb's own folders (artifact staging, settings) inside the test's folder, not the user's home.
-    folders = {name: str(tmp_path / "wandb-home" / name.lower()) for name in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR")}
+    folders = {
+        name: str(tmp_path / "wandb-home" / name.lower())
+        for name in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR")
+    }
     return {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", **folders}
 
 
@@ -51,7 +54,9 @@ def test_run_dir_picks_the_run_whose_checkpoint_was_written_last(tmp_path):
 def test_ckpt_path_last_with_nothing_to_resume_stops_and_says_so(tmp_path, cache_dir, tiny_sd, tiny_llm):
     overrides = cli_overrides(tiny_overrides(tmp_path, cache_dir))
     command = [sys.executable, "-m", "sur_lightning.train", "+experiment=sur_demo", *overrides, "ckpt_path=last"]
-    result = subprocess.run(command, check=False, cwd=ROOT, env=wandb_env(tmp_path), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        command, check=False, cwd=ROOT, env=wandb_env(tmp_path), capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 1
     runs = tmp_path / "outputs" / "sur_demo" / "runs"
     assert f"Nothing to resume: no run of task 'sur_demo' under {runs}" in result.stdout
@@ -65,8 +70,14 @@ def test_a_killed_run_resumes_in_place_through_ckpt_path_last(tmp_path, cache_di
     continues in its own folder (an older run with a damaged checkpoint is left alone), with the same W&B run id,
     its first .hydra/ kept, and train.log telling both parts."""
     overrides = cli_overrides(tiny_overrides(tmp_path, cache_dir))
-    common = ["+experiment=sur_demo", *overrides, "logger=wandb", "callbacks.sample_grid=null",
-              "trainer.val_check_interval=100000", "callbacks.model_checkpoint.every_n_train_steps=3"]
+    common = [
+        "+experiment=sur_demo",
+        *overrides,
+        "logger=wandb",
+        "callbacks.sample_grid=null",
+        "trainer.val_check_interval=100000",
+        "callbacks.model_checkpoint.every_n_train_steps=3",
+    ]
     runs = tmp_path / "outputs" / "sur_demo" / "runs"
     older = runs / "2000-01-01_00-00-00" / "checkpoints" / "last.ckpt"
     older.parent.mkdir(parents=True)
@@ -74,8 +85,13 @@ def test_a_killed_run_resumes_in_place_through_ckpt_path_last(tmp_path, cache_di
     os.utime(older, (0, 0))
 
     env = wandb_env(tmp_path)
-    process = subprocess.Popen([sys.executable, "-m", "sur_lightning.train", *common, "trainer.max_steps=100000"],
-                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sur_lightning.train", *common, "trainer.max_steps=100000"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 300
         while not list(runs.glob("2*_*/checkpoints/step000003.ckpt")):
@@ -118,10 +134,10 @@ def wandb_records(path: Path):
         if 32768 - position % 32768 < 7:  # a block's tail too short for a chunk header is padding
             position += 32768 - position % 32768
             continue
-        crc, length, kind = struct.unpack("<IHB", data[position:position + 7])
+        crc, length, kind = struct.unpack("<IHB", data[position : position + 7])
         if kind == 0:
             break
-        chunk = data[position + 7:position + 7 + length]
+        chunk = data[position + 7 : position + 7 + length]
         assert crc == zlib.crc32(chunk, zlib.crc32(bytes([kind]))), f"{path}: bad chunk at byte {position}"
         position += 7 + length
         pending += chunk
@@ -150,32 +166,58 @@ def test_the_run_folder_and_the_offline_wandb_run_hold_the_report_images_and_ada
     the run folder has train.log with the table and report.md/report.json; the offline W&B run has the per-split
     table and the sample grid at steps 1 and 2, and the adapter folder as a model artifact with trained_with."""
     overrides = cli_overrides(toy_demo_overrides(tmp_path, cache_dir))
-    command = [sys.executable, "-m", "sur_lightning.train", "+experiment=demo", "callbacks=toyworld_smoke", *overrides,
-               "logger=wandb", "callbacks.adapter_export.at_steps=[1]", "callbacks.evaluation.num_inference_steps=2"]
-    result = subprocess.run(command, check=False, cwd=ROOT, env=wandb_env(tmp_path), capture_output=True, text=True, timeout=600)
+    command = [
+        sys.executable,
+        "-m",
+        "sur_lightning.train",
+        "+experiment=demo",
+        "callbacks=toyworld_smoke",
+        *overrides,
+        "logger=wandb",
+        "callbacks.adapter_export.at_steps=[1]",
+        "callbacks.evaluation.num_inference_steps=2",
+    ]
+    result = subprocess.run(
+        command, check=False, cwd=ROOT, env=wandb_env(tmp_path), capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     console = result.stdout + result.stderr
-    for noise in ("litlogger", "anonymous setting", "Modules in eval mode", "module(s) in eval mode", "no last checkpoint"):
+    for noise in (
+        "litlogger",
+        "anonymous setting",
+        "Modules in eval mode",
+        "module(s) in eval mode",
+        "no last checkpoint",
+    ):
         assert noise not in console, noise
     run = next((tmp_path / "outputs" / "demo" / "runs").iterdir())
 
     log = (run / "train.log").read_text()
     assert "| held_out_combinations | adapter + simple | 4 |" in log and "Run finished at step 2" in log
-    assert (run / "metrics.json").exists() and "| held_out_objects | base + complex | 4 |" in (run / "report.md").read_text()
+    assert (run / "metrics.json").exists() and "| held_out_objects | base + complex | 4 |" in (
+        run / "report.md"
+    ).read_text()
     assert json.loads((run / "report.json").read_text())["settings"]["step"] == 2
 
     offline = next((run / "wandb").glob("offline-run-*"))
     records = list(wandb_records(next(offline.glob("*.wandb"))))
     name = next(r.run.display_name for r in records if r.WhichOneof("record_type") == "run")
     assert name.startswith("demo-ella-s42-") and len(name) == len("demo-ella-s42-") + 6
-    config = {u.key: json.loads(u.value_json) for r in records if r.WhichOneof("record_type") == "config" for u in r.config.update}
+    config = {
+        u.key: json.loads(u.value_json)
+        for r in records
+        if r.WhichOneof("record_type") == "config"
+        for u in r.config.update
+    }
     assert "logger=wandb" in config["overrides"]
 
     history = [history_row(r.history) for r in records if r.WhichOneof("record_type") == "history"]
     tables = [(h["trainer/global_step"], h["eval/splits"]) for h in history if "eval/splits" in h]
     images = [(h["trainer/global_step"], h["samples"]) for h in history if "samples" in h]
     assert [step for step, _ in tables] == [1, 2] and [step for step, _ in images] == [1, 2]
-    assert all(t["_type"] == "table-file" and i["_type"] == "images/separated" for (_, t), (_, i) in zip(tables, images))
+    assert all(
+        t["_type"] == "table-file" and i["_type"] == "images/separated" for (_, t), (_, i) in zip(tables, images)
+    )
     table = json.loads((offline / "files" / tables[-1][1]["path"]).read_text())
     assert "gap_closed/color_accuracy" in table["columns"] and len(table["data"]) == 2 * 3  # 2 splits x 3 columns
     rows = {(row[0], row[1]): dict(zip(table["columns"], row)) for row in table["data"]}
@@ -185,7 +227,9 @@ def test_the_run_folder_and_the_offline_wandb_run_hold_the_report_images_and_ada
     assert len(grids) == 2
 
     # (W&B stores each logged table as a "run_table" artifact too.)
-    artifacts = [r.artifact for r in records if r.WhichOneof("record_type") == "artifact" and r.artifact.type == "model"]
+    artifacts = [
+        r.artifact for r in records if r.WhichOneof("record_type") == "artifact" and r.artifact.type == "model"
+    ]
     assert len(artifacts) == 1
     artifact = artifacts[0]
     assert artifact.type == "model" and artifact.name == f"adapter-{offline.name.rsplit('-', 1)[1]}"

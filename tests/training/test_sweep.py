@@ -37,17 +37,24 @@ def test_presets_are_connector_neutral(compose):
     "overrides, names",
     [
         (["connector=ella", "loss=kl"], ["connector=ella", "loss=kl", "loss=denoising"]),
-        (["connector=ella", "loss=denoising", "llm.pooling=mean"], ["connector=ella", "llm=smollm2", "llm.pooling=none"]),
+        (
+            ["connector=ella", "loss=denoising", "llm.pooling=mean"],
+            ["connector=ella", "llm=smollm2", "llm.pooling=none"],
+        ),
         (["connector=sur", "llm=t5_tiny"], ["connector=sur", "llm=t5_tiny"]),
-        (["loss=denoising", "+loss/teacher=unet", "model.caption_dropout=0.1"],
-         ["model.caption_dropout=0.1", "loss/teacher=unet"]),
+        (
+            ["loss=denoising", "+loss/teacher=unet", "model.caption_dropout=0.1"],
+            ["model.caption_dropout=0.1", "loss/teacher=unet"],
+        ),
     ],
 )
 def test_incompatible_pairs_are_named(compose, overrides, names):
     cfg = compose("+experiment=sur_demo", *overrides, tiny=False)
-    choices = {"connector": cfg.connector._target_.endswith("SURAdapter") and "sur" or "ella",
-               "llm": next((o.split("=")[1] for o in overrides if o.startswith("llm=")), "smollm2"),
-               "loss": next((o.split("=")[1] for o in overrides if o.startswith("loss=")), "cosine")}
+    choices = {
+        "connector": cfg.connector._target_.endswith("SURAdapter") and "sur" or "ella",
+        "llm": next((o.split("=")[1] for o in overrides if o.startswith("llm=")), "smollm2"),
+        "loss": next((o.split("=")[1] for o in overrides if o.startswith("loss=")), "cosine"),
+    }
     with pytest.raises(IncompatibleConfigError) as info:
         check_combination(cfg, choices)
     for name in names:
@@ -64,8 +71,15 @@ def multirun(tmp_path, cache_dir, *sweep: str) -> subprocess.CompletedProcess:
     # connector.ff_dim is SUR's: the tiny overrides without it serve both connectors.
     overrides = [o for o in tiny_overrides(tmp_path, cache_dir) if not o.startswith(("paths.output_dir", "connector."))]
     command = [
-        sys.executable, "-m", "sur_lightning.train", "-m", "+experiment=sur_demo", "+trainer.fast_dev_run=true",
-        *overrides, *sweep, f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        sys.executable,
+        "-m",
+        "sur_lightning.train",
+        "-m",
+        "+experiment=sur_demo",
+        "+trainer.fast_dev_run=true",
+        *overrides,
+        *sweep,
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
     ]
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
     return subprocess.run(command, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -97,7 +111,10 @@ def test_a_connector_sweep_runs_every_job_names_wandb_runs_and_reports(tmp_path,
 
     report = sweep_report(sweep)
     assert report["swept"] == ["connector"]
-    assert [(r["connector"], r["status"], r["step"]) for r in report["rows"]] == [("sur", "finished", 1), ("ella", "finished", 1)]
+    assert [(r["connector"], r["status"], r["step"]) for r in report["rows"]] == [
+        ("sur", "finished", 1),
+        ("ella", "finished", 1),
+    ]
     assert "train/loss" in report["columns"] and report["plot"].exists()
     assert "| 1 | ella | finished | 1 |" in report["markdown"].read_text()
 
@@ -125,9 +142,17 @@ def test_the_slurm_launcher_composes_with_one_task_per_gpu(tmp_path):
     from sur_lightning.config import CONFIG_DIR
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", return_hydra_config=True,
-                      overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=4",
-                                 "trainer=ddp", "ckpt_path=last"])
+        cfg = compose(
+            config_name="train",
+            return_hydra_config=True,
+            overrides=[
+                "hydra/launcher=slurm",
+                "hydra.launcher.partition=gpu",
+                "hydra.launcher.gpus_per_node=4",
+                "trainer=ddp",
+                "ckpt_path=last",
+            ],
+        )
     launcher = cfg.hydra.launcher
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert (launcher.partition, launcher.gpus_per_node, launcher.tasks_per_node) == ("gpu", 4, 4)

@@ -22,8 +22,12 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_every_experiment_composes_untouched(compose, experiment):
     cfg = compose(f"+experiment={experiment}", tiny=False)
     # The other generators' presets train modules of their own (tests/test_pixelsnail_pipeline.py, test_unclip.py).
-    module = {"vqvae_toy": "VQTokenizerModule", "pixelsnail_toy": "PixelSNAILModule",
-              "unclip_decoder_toy": "UnclipDecoderModule", "unclip_toy": "UnclipPriorModule"}.get(experiment, "ConnectorTrainingModule")
+    module = {
+        "vqvae_toy": "VQTokenizerModule",
+        "pixelsnail_toy": "PixelSNAILModule",
+        "unclip_decoder_toy": "UnclipDecoderModule",
+        "unclip_toy": "UnclipPriorModule",
+    }.get(experiment, "ConnectorTrainingModule")
     assert cfg.model._target_.endswith(module)
     assert cfg.task_name == experiment
 
@@ -40,8 +44,13 @@ def test_experiment_trains_fast_dev_run(compose, experiment, tmp_path):
 
 
 def test_demo_writes_checkpoint_adapter_grid_metrics_and_offline_wandb(compose):
-    cfg = compose("+experiment=sur_demo", "trainer.max_steps=2", "trainer.val_check_interval=2",
-                  "callbacks.model_checkpoint.every_n_train_steps=2", "logger=wandb")
+    cfg = compose(
+        "+experiment=sur_demo",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "callbacks.model_checkpoint.every_n_train_steps=2",
+        "logger=wandb",
+    )
     train(cfg)
     output = Path(cfg.paths.output_dir)
     assert (output / "checkpoints" / "last.ckpt").exists()
@@ -55,7 +64,10 @@ def test_demo_writes_checkpoint_adapter_grid_metrics_and_offline_wandb(compose):
     assert folder.config == load_connector(output / "adapter.safetensors").config
     trained = folder.trained_with
     assert trained["backbone"]["config"]["_target_"] == cfg.backbone._target_
-    assert trained["backbone"]["id"].startswith("build_tiny_stable_diffusion(") and trained["backbone"]["cross_attention_dim"] == 32
+    assert (
+        trained["backbone"]["id"].startswith("build_tiny_stable_diffusion(")
+        and trained["backbone"]["cross_attention_dim"] == 32
+    )
     assert trained["llm"]["id"].startswith("build_tiny_causal_lm(") and trained["llm"]["pooling"] == "mean"
     assert trained["llm"]["layer"] == cfg.llm.layer and trained["llm"]["hidden_size"] == folder.config["llm_dim"]
 
@@ -96,18 +108,38 @@ def test_multirun_eta_by_loss_runs_to_the_end(tmp_path, cache_dir, tiny_sd, tiny
     sweep = tmp_path / "multirun"
     overrides = [o for o in tiny_overrides(tmp_path, cache_dir) if not o.startswith("paths.output_dir")]
     command = [
-        sys.executable, "-m", "sur_lightning.train", "-m", "+experiment=sur_demo",
-        "eta=fixed,adaptive", "loss=kl,cosine", "+trainer.fast_dev_run=true",
-        *overrides, f"hydra.sweep.dir={sweep}",
+        sys.executable,
+        "-m",
+        "sur_lightning.train",
+        "-m",
+        "+experiment=sur_demo",
+        "eta=fixed,adaptive",
+        "loss=kl,cosine",
+        "+trainer.fast_dev_run=true",
+        *overrides,
+        f"hydra.sweep.dir={sweep}",
     ]
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(command, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = sorted(sweep.glob("*/metrics.json"))
     assert len(metrics) == 4, [p.parent.name for p in metrics]
-    jobs = {tuple(sorted(o for o in (p.parent / ".hydra" / "overrides.yaml").read_text().split() if o.startswith(("eta=", "loss="))))
-            for p in metrics}
-    assert jobs == {("eta=fixed", "loss=kl"), ("eta=fixed", "loss=cosine"), ("eta=adaptive", "loss=kl"), ("eta=adaptive", "loss=cosine")}
+    jobs = {
+        tuple(
+            sorted(
+                o
+                for o in (p.parent / ".hydra" / "overrides.yaml").read_text().split()
+                if o.startswith(("eta=", "loss="))
+            )
+        )
+        for p in metrics
+    }
+    assert jobs == {
+        ("eta=fixed", "loss=kl"),
+        ("eta=fixed", "loss=cosine"),
+        ("eta=adaptive", "loss=kl"),
+        ("eta=adaptive", "loss=cosine"),
+    }
     # Each job's train.log holds its own run's log, Lightning's lines included, and no other job's.
     logs = [(p.parent / "train.log").read_text() for p in metrics]
     assert all(log.count("Run finished at step 1") == 1 and log.count("GPU available") == 1 for log in logs)
@@ -118,9 +150,17 @@ def test_optuna_search_runs_trials_and_reports_the_best(tmp_path, cache_dir, tin
     sweep = tmp_path / "optuna"
     overrides = [o for o in tiny_overrides(tmp_path, cache_dir) if not o.startswith("paths.output_dir")]
     command = [
-        sys.executable, "-m", "sur_lightning.train", "-m", "+experiment=cosine_eta_adaptive", "+hparams_search=eta_optuna",
-        "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=1", "+trainer.fast_dev_run=true",
-        *overrides, f"hydra.sweep.dir={sweep}",
+        sys.executable,
+        "-m",
+        "sur_lightning.train",
+        "-m",
+        "+experiment=cosine_eta_adaptive",
+        "+hparams_search=eta_optuna",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.sampler.n_startup_trials=1",
+        "+trainer.fast_dev_run=true",
+        *overrides,
+        f"hydra.sweep.dir={sweep}",
     ]
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(command, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -131,7 +171,11 @@ def test_optuna_search_runs_trials_and_reports_the_best(tmp_path, cache_dir, tin
 
 
 def test_training_resumes_from_a_connector_only_checkpoint(compose):
-    common = ("+experiment=sur_demo", "trainer.val_check_interval=2", "callbacks.model_checkpoint.every_n_train_steps=2")
+    common = (
+        "+experiment=sur_demo",
+        "trainer.val_check_interval=2",
+        "callbacks.model_checkpoint.every_n_train_steps=2",
+    )
     first = compose(*common, "trainer.max_steps=2")
     train(first)
     checkpoint = Path(first.paths.output_dir) / "checkpoints" / "last.ckpt"
@@ -154,8 +198,13 @@ def test_sur_presets_flip_like_the_authors_and_released_trains_on_every_row(comp
 
 
 def test_sur_released_trains_with_flips_from_the_cache_and_no_validation_rows(compose):
-    cfg = compose("+experiment=sur_released", "data.val_size=0", "data.cache=auto", "trainer.max_steps=2",
-                  "callbacks.sample_grid=null")
+    cfg = compose(
+        "+experiment=sur_released",
+        "data.val_size=0",
+        "data.cache=auto",
+        "trainer.max_steps=2",
+        "callbacks.sample_grid=null",
+    )
     metrics = train(cfg)
     assert "train/loss" in metrics and "val/denoising" not in metrics
     from conftest import open_cache
@@ -173,9 +222,16 @@ def test_sigterm_writes_a_checkpoint_that_ckpt_path_last_resumes(tmp_path, cache
 
     output = tmp_path / "run"
     command = [
-        sys.executable, "-m", "sur_lightning.train", "+experiment=sur_demo", *tiny_overrides(tmp_path, cache_dir),
-        "trainer.max_steps=100000", "trainer.val_check_interval=100000", "callbacks.sample_grid=null",
-        "callbacks.model_checkpoint.every_n_train_steps=3", f"hydra.run.dir={output}",
+        sys.executable,
+        "-m",
+        "sur_lightning.train",
+        "+experiment=sur_demo",
+        *tiny_overrides(tmp_path, cache_dir),
+        "trainer.max_steps=100000",
+        "trainer.val_check_interval=100000",
+        "callbacks.sample_grid=null",
+        "callbacks.model_checkpoint.every_n_train_steps=3",
+        f"hydra.run.dir={output}",
     ]
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -190,8 +246,14 @@ def test_sigterm_writes_a_checkpoint_that_ckpt_path_last_resumes(tmp_path, cache
     step = torch.load(saved, map_location="cpu", weights_only=False)["global_step"]
     assert step >= 3 and f"SIGTERM at step {step}" in log
 
-    resumed = compose("+experiment=sur_demo", "callbacks.sample_grid=null", f"paths.output_dir={output}",
-                      f"trainer.max_steps={step + 2}", "trainer.val_check_interval=100000", "ckpt_path=last")
+    resumed = compose(
+        "+experiment=sur_demo",
+        "callbacks.sample_grid=null",
+        f"paths.output_dir={output}",
+        f"trainer.max_steps={step + 2}",
+        "trainer.val_check_interval=100000",
+        "ckpt_path=last",
+    )
     train(resumed)
     assert json.loads((output / "metrics.json").read_text())["global_step"] == step + 2
 
@@ -200,16 +262,27 @@ def test_sigterm_writes_a_checkpoint_that_ckpt_path_last_resumes(tmp_path, cache
 def test_ddp_cpu_trains_two_gloo_processes_and_builds_the_cache_once(tmp_path, cache_dir, tiny_sd, tiny_llm):
     output = tmp_path / "run"
     command = [
-        sys.executable, "-m", "sur_lightning.train", "+experiment=sur_demo", *tiny_overrides(tmp_path, cache_dir),
-        "trainer=ddp_cpu", "data.cache=auto", f"data.cache_dir={tmp_path / 'features'}", "trainer.max_steps=2",
-        "trainer.val_check_interval=2", "callbacks.sample_grid=null", f"hydra.run.dir={output}",
+        sys.executable,
+        "-m",
+        "sur_lightning.train",
+        "+experiment=sur_demo",
+        *tiny_overrides(tmp_path, cache_dir),
+        "trainer=ddp_cpu",
+        "data.cache=auto",
+        f"data.cache_dir={tmp_path / 'features'}",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "callbacks.sample_grid=null",
+        f"hydra.run.dir={output}",
     ]
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((output / "metrics.json").read_text())["global_step"] == 2
     log = result.stdout + result.stderr
-    assert "distributed_backend=gloo" in log and "All distributed processes registered. Starting with 2 processes" in log
+    assert (
+        "distributed_backend=gloo" in log and "All distributed processes registered. Starting with 2 processes" in log
+    )
     # Rank 0 filled the cache before launching rank 1, which found it complete and encoded nothing.
     # (tqdm may print a finished bar twice; each build starts its bar once.)
     assert log.count("LLM states:   0%") == 1 and log.count("CLIP states:   0%") == 1
@@ -236,17 +309,30 @@ def test_sigkill_mid_epoch_then_ckpt_path_last_continues_with_the_uninterrupted_
 
     import torch
 
-    common = ["callbacks.sample_grid=null", "trainer.val_check_interval=4", "trainer.log_every_n_steps=1",
-              "callbacks.model_checkpoint.every_n_train_steps=3"]
-    reference = compose("+experiment=sur_demo", *common, "trainer.max_steps=9", f"paths.output_dir={tmp_path / 'reference'}")
+    common = [
+        "callbacks.sample_grid=null",
+        "trainer.val_check_interval=4",
+        "trainer.log_every_n_steps=1",
+        "callbacks.model_checkpoint.every_n_train_steps=3",
+    ]
+    reference = compose(
+        "+experiment=sur_demo", *common, "trainer.max_steps=9", f"paths.output_dir={tmp_path / 'reference'}"
+    )
     train(reference)
     expected = step_losses(tmp_path / "reference" / "csv" / "version_0")
     assert len(expected) == 9
 
     output = tmp_path / "killed"
     command = [
-        sys.executable, "-m", "sur_lightning.train", "+experiment=sur_demo", *tiny_overrides(tmp_path, cache_dir), *common,
-        "trainer.max_steps=100000", f"paths.output_dir={output}", f"hydra.run.dir={output}",
+        sys.executable,
+        "-m",
+        "sur_lightning.train",
+        "+experiment=sur_demo",
+        *tiny_overrides(tmp_path, cache_dir),
+        *common,
+        "trainer.max_steps=100000",
+        f"paths.output_dir={output}",
+        f"hydra.run.dir={output}",
     ]
     # As many threads as this process has (conftest caps it at 2; OMP_NUM_THREADS=1 makes it 1): the same float
     # reduction order on both sides.
@@ -267,7 +353,9 @@ def test_sigkill_mid_epoch_then_ckpt_path_last_continues_with_the_uninterrupted_
     step = saved["global_step"]
     assert step in (3, 6) and step % 5 != 0  # mid-epoch
 
-    resumed = compose("+experiment=sur_demo", *common, "trainer.max_steps=9", f"paths.output_dir={output}", "ckpt_path=last")
+    resumed = compose(
+        "+experiment=sur_demo", *common, "trainer.max_steps=9", f"paths.output_dir={output}", "ckpt_path=last"
+    )
     train(resumed)
     after = step_losses(max((output / "csv").glob("version_*")))
     assert sorted(after) == [s for s in sorted(expected) if s >= step]
@@ -292,15 +380,28 @@ def test_two_gloo_processes_match_one_process_with_the_doubled_batch(tmp_path, c
     """
     from safetensors.torch import load_file
 
-    common = ["connector.dropout=0", "trainer.max_steps=3", "trainer.val_check_interval=100000", "callbacks.sample_grid=null",
-              "callbacks.model_checkpoint.every_n_train_steps=100000"]
+    common = [
+        "connector.dropout=0",
+        "trainer.max_steps=3",
+        "trainer.val_check_interval=100000",
+        "callbacks.sample_grid=null",
+        "callbacks.model_checkpoint.every_n_train_steps=100000",
+    ]
     single = compose("+experiment=sur_demo", *common, "data.batch_size=4", f"paths.output_dir={tmp_path / 'single'}")
     train(single)
 
     output = tmp_path / "ddp"
     command = [
-        sys.executable, "-m", "sur_lightning.train", "+experiment=sur_demo", *tiny_overrides(tmp_path, cache_dir), *common,
-        "trainer=ddp_cpu", "data.batch_size=2", f"paths.output_dir={output}", f"hydra.run.dir={output}",
+        sys.executable,
+        "-m",
+        "sur_lightning.train",
+        "+experiment=sur_demo",
+        *tiny_overrides(tmp_path, cache_dir),
+        *common,
+        "trainer=ddp_cpu",
+        "data.batch_size=2",
+        f"paths.output_dir={output}",
+        f"hydra.run.dir={output}",
     ]
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -314,7 +415,9 @@ def test_two_gloo_processes_match_one_process_with_the_doubled_batch(tmp_path, c
     lr_budget = sum(lr * min(1.0, t / warmup) for t in range(3))  # get_constant_schedule_with_warmup
     assert difference < 0.05 * lr_budget
 
-    other = compose("+experiment=sur_demo", *common, "data.batch_size=4", "model.seed=7", f"paths.output_dir={tmp_path / 'other'}")
+    other = compose(
+        "+experiment=sur_demo", *common, "data.batch_size=4", "model.seed=7", f"paths.output_dir={tmp_path / 'other'}"
+    )
     train(other)
     three = load_file(tmp_path / "other" / "adapter.safetensors")
     other_noise = max((one[k] - three[k]).abs().max().item() for k in one)
@@ -331,8 +434,14 @@ def test_keeps_the_k_newest_checkpoints_and_loads_them_weights_only(compose, tmp
 
     import torch
 
-    cfg = compose("+experiment=sur_demo", "trainer.max_steps=5", "trainer.val_check_interval=100000", "callbacks.sample_grid=null",
-                  "callbacks.model_checkpoint.every_n_train_steps=1", "callbacks.model_checkpoint.save_top_k=2")
+    cfg = compose(
+        "+experiment=sur_demo",
+        "trainer.max_steps=5",
+        "trainer.val_check_interval=100000",
+        "callbacks.sample_grid=null",
+        "callbacks.model_checkpoint.every_n_train_steps=1",
+        "callbacks.model_checkpoint.save_top_k=2",
+    )
     train(cfg)
     folder = Path(cfg.paths.output_dir) / "checkpoints"
     assert sorted(p.name for p in folder.glob("*.ckpt")) == ["last.ckpt", "step000004.ckpt", "step000005.ckpt"]
@@ -341,7 +450,12 @@ def test_keeps_the_k_newest_checkpoints_and_loads_them_weights_only(compose, tmp
     tampered = torch.load(folder / "last.ckpt", weights_only=True)
     tampered["extra"] = Pickled()
     torch.save(tampered, tmp_path / "tampered.ckpt")
-    resumed = compose("+experiment=sur_demo", "trainer.max_steps=6", "callbacks.sample_grid=null",
-                      f"ckpt_path={tmp_path / 'tampered.ckpt'}", f"paths.output_dir={tmp_path / 'resumed'}")
+    resumed = compose(
+        "+experiment=sur_demo",
+        "trainer.max_steps=6",
+        "callbacks.sample_grid=null",
+        f"ckpt_path={tmp_path / 'tampered.ckpt'}",
+        f"paths.output_dir={tmp_path / 'resumed'}",
+    )
     with pytest.raises(pickle.UnpicklingError, match="weights_only"):
         train(resumed)

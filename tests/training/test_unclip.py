@@ -26,8 +26,12 @@ def tiny_tower(seed: int = 0) -> ImageTower:
 
 def decoder_module(backbone, dropout: float = 0.0) -> UnclipDecoderModule:
     return UnclipDecoderModule(
-        backbone, tiny_tower(), functools.partial(ImageEmbeddingProjection, num_tokens=2, hidden_dim=16),
-        DenoisingLoss(), functools.partial(torch.optim.AdamW, lr=1e-3), embedding_dropout=dropout,
+        backbone,
+        tiny_tower(),
+        functools.partial(ImageEmbeddingProjection, num_tokens=2, hidden_dim=16),
+        DenoisingLoss(),
+        functools.partial(torch.optim.AdamW, lr=1e-3),
+        embedding_dropout=dropout,
     )
 
 
@@ -46,8 +50,9 @@ def test_the_decoder_trains_its_projection_and_leaves_the_unet_frozen(backbone):
     loss.backward()
     projection = dict(module.projection.named_parameters())
     # Every projection weight gets a gradient, the zero-initialised time projection included.
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in projection.values()), \
-        [n for n, p in projection.items() if p.grad is None or p.grad.abs().sum() == 0]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in projection.values()), [
+        n for n, p in projection.items() if p.grad is None or p.grad.abs().sum() == 0
+    ]
     assert all(p.grad is None for p in backbone.parameters())
     assert all(p.grad is None for p in module.tower.parameters())
     trained = {id(p) for group in module.configure_optimizers().param_groups for p in group["params"]}
@@ -88,9 +93,12 @@ def test_the_prior_training_step_lowers_its_loss(tiny_llm, backbone):
 
     llm = CausalLMFeatures(tiny_llm, pooling="none")
     module = UnclipPriorModule(
-        backbone, tiny_tower(), functools.partial(DiffusionPrior, num_embeddings=16, num_layers=2,
-                                                  num_attention_heads=2, attention_head_dim=8),
-        functools.partial(torch.optim.AdamW, lr=3e-3), caption_dropout=0.0, llm=llm,
+        backbone,
+        tiny_tower(),
+        functools.partial(DiffusionPrior, num_embeddings=16, num_layers=2, num_attention_heads=2, attention_head_dim=8),
+        functools.partial(torch.optim.AdamW, lr=3e-3),
+        caption_dropout=0.0,
+        llm=llm,
     )
     prompts = ["two red circles", "one blue square", "three green triangles", "a single yellow circle"]
     ids = [f"row{i}" for i in range(4)]
@@ -102,8 +110,11 @@ def test_the_prior_training_step_lowers_its_loss(tiny_llm, backbone):
     def fixed_loss() -> float:
         with torch.no_grad():
             states, mask, pooled = module.text(prompts)
-            return float(module.prior.training_loss(module.image_embeddings(ids), states, mask, pooled,
-                                                    generator=torch.Generator().manual_seed(0)))
+            return float(
+                module.prior.training_loss(
+                    module.image_embeddings(ids), states, mask, pooled, generator=torch.Generator().manual_seed(0)
+                )
+            )
 
     optimizer = module.configure_optimizers()
     before = fixed_loss()
@@ -123,10 +134,16 @@ def test_a_render_column_draws_one_image_per_prompt_and_seed_deterministically(b
     from sur_lightning.generation.unclip import DecoderRender
 
     torch.manual_seed(0)
-    projection = ImageEmbeddingProjection(16, **ImageEmbeddingProjection.widths_of(backbone.unet), num_tokens=2, hidden_dim=8)
+    projection = ImageEmbeddingProjection(
+        16, **ImageEmbeddingProjection.widths_of(backbone.unet), num_tokens=2, hidden_dim=8
+    )
     table = {"a": torch.randn(16), "b": torch.randn(16), "c": torch.randn(16)}
-    column = Column("unclip", None, {"kind": "unclip"},
-                    render=DecoderRender(backbone, projection, lambda prompts, seeds: torch.stack([table[p] for p in prompts])))
+    column = Column(
+        "unclip",
+        None,
+        {"kind": "unclip"},
+        render=DecoderRender(backbone, projection, lambda prompts, seeds: torch.stack([table[p] for p in prompts])),
+    )
     prompts = [Prompt(id=p, prompt=p, category="test") for p in table]
     kwargs = {"num_inference_steps": 2, "guidance_scale": 3.0, "batch_size": 4, "progress": False}
     rendered = render_columns(backbone, [column], prompts, [0, 1], **kwargs)
@@ -142,8 +159,15 @@ def test_the_prior_samples_one_chain_per_prompt_and_seed():
     from sur_lightning.models.connectors import TextFeatures
 
     torch.manual_seed(0)
-    prior = DiffusionPrior(text_dim=6, pooled_dim=4, embedding_dim=8, num_embeddings=5, num_layers=1,
-                           num_attention_heads=2, attention_head_dim=4)
+    prior = DiffusionPrior(
+        text_dim=6,
+        pooled_dim=4,
+        embedding_dim=8,
+        num_embeddings=5,
+        num_layers=1,
+        num_attention_heads=2,
+        attention_head_dim=4,
+    )
     prior.fit_embedding_stats(torch.randn(10, 8))
 
     class Backbone:  # the pooled state is read at the highest token id; here the first token
@@ -152,8 +176,11 @@ def test_the_prior_samples_one_chain_per_prompt_and_seed():
 
     def text_features(prompts):
         states = torch.stack([torch.full((3, 6), float(len(p))) for p in prompts])
-        return TextFeatures(clip=torch.stack([torch.full((3, 4), float(len(p))) for p in prompts]), llm=states,
-                            llm_mask=torch.ones(len(prompts), 3, dtype=torch.bool))
+        return TextFeatures(
+            clip=torch.stack([torch.full((3, 4), float(len(p))) for p in prompts]),
+            llm=states,
+            llm_mask=torch.ones(len(prompts), 3, dtype=torch.bool),
+        )
 
     embed = PriorEmbeddings(Backbone(), prior, text_features, num_inference_steps=3)
     together = embed(["ab", "abcd", "ab"], [0, 0, 1])
@@ -161,9 +188,13 @@ def test_the_prior_samples_one_chain_per_prompt_and_seed():
     assert not torch.equal(together[0], together[2])  # another seed, another embedding
 
 
-@pytest.mark.parametrize("experiment, target", [
-    ("unclip_decoder_toy", "UnclipDecoderModule"), ("unclip_toy", "UnclipPriorModule"),
-])
+@pytest.mark.parametrize(
+    "experiment, target",
+    [
+        ("unclip_decoder_toy", "UnclipDecoderModule"),
+        ("unclip_toy", "UnclipPriorModule"),
+    ],
+)
 def test_the_unclip_presets_compose(compose, experiment, target):
     cfg = compose(f"+experiment={experiment}", tiny=False)
     assert cfg.model._target_.endswith(target) and cfg.connector is None
@@ -173,17 +204,34 @@ def test_the_unclip_presets_compose(compose, experiment, target):
 
 
 def unclip_overrides(tmp_path: Path, cache_dir: Path) -> list[str]:
-    return ["backbone=tiny", "data=synthetic", "trainer=cpu", "logger=csv", f"paths.root_dir={tmp_path}",
-            f"paths.cache_dir={cache_dir}", "data.num_workers=0", "data.batch_size=2", "data.root.num_images=12",
-            "data.val_size=2", "trainer.max_steps=2", "trainer.val_check_interval=2", "threads=1"]
+    return [
+        "backbone=tiny",
+        "data=synthetic",
+        "trainer=cpu",
+        "logger=csv",
+        f"paths.root_dir={tmp_path}",
+        f"paths.cache_dir={cache_dir}",
+        "data.num_workers=0",
+        "data.batch_size=2",
+        "data.root.num_images=12",
+        "data.val_size=2",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "threads=1",
+    ]
 
 
 def test_decoder_then_prior_train_through_the_entry_point_and_export(compose, tmp_path, cache_dir):
     from sur_lightning.generation.unclip import load_decoder, load_prior
     from sur_lightning.train import train
 
-    decoder_cfg = compose("+experiment=unclip_decoder_toy", *unclip_overrides(tmp_path, cache_dir),
-                          f"paths.output_dir={tmp_path}/decoder_run", "callbacks.export.at_steps=[1]", tiny=False)
+    decoder_cfg = compose(
+        "+experiment=unclip_decoder_toy",
+        *unclip_overrides(tmp_path, cache_dir),
+        f"paths.output_dir={tmp_path}/decoder_run",
+        "callbacks.export.at_steps=[1]",
+        tiny=False,
+    )
     train(decoder_cfg)
     decoder = tmp_path / "decoder_run" / "decoder"
     projection, record = load_decoder(decoder)
@@ -192,8 +240,15 @@ def test_decoder_then_prior_train_through_the_entry_point_and_export(compose, tm
     assert (tmp_path / "decoder_run" / "decoder-step1" / "unclip_decoder.json").exists()
     assert (decoder / "diffusion_pytorch_model.safetensors").exists()
 
-    prior_cfg = compose("+experiment=unclip_toy", *unclip_overrides(tmp_path, cache_dir), "llm=tiny", "llm.pooling=none",
-                        f"paths.output_dir={tmp_path}/prior_run", f"model.decoder={decoder}", tiny=False)
+    prior_cfg = compose(
+        "+experiment=unclip_toy",
+        *unclip_overrides(tmp_path, cache_dir),
+        "llm=tiny",
+        "llm.pooling=none",
+        f"paths.output_dir={tmp_path}/prior_run",
+        f"model.decoder={decoder}",
+        tiny=False,
+    )
     metrics = train(prior_cfg)
     assert "train/loss" in metrics and "val/prior" in metrics
     prior, record = load_prior(tmp_path / "prior_run" / "unclip")

@@ -74,8 +74,8 @@ class ConnectorMismatchError(ValueError):
 class ConnectorFiles:
     """``save_pretrained`` / ``from_pretrained`` on every connector class, as diffusers' models have them::
 
-        connector.save_pretrained("my-connector", trained_with=record)   # config.json + model.safetensors
-        SURAdapter.from_pretrained("my-connector", dim=768)               # checks widths, loads strictly
+    connector.save_pretrained("my-connector", trained_with=record)   # config.json + model.safetensors
+    SURAdapter.from_pretrained("my-connector", dim=768)               # checks widths, loads strictly
     """
 
     def save_pretrained(self, folder: str | Path, trained_with: dict | None = None) -> Path:
@@ -101,7 +101,11 @@ def save_pretrained(connector: torch.nn.Module, folder: str | Path, trained_with
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    config = {"kind": connector_name(connector.config.get("_target_")), "connector": connector.config, "trained_with": trained_with}
+    config = {
+        "kind": connector_name(connector.config.get("_target_")),
+        "connector": connector.config,
+        "trained_with": trained_with,
+    }
     state = {k: v.detach().contiguous().cpu() for k, v in connector.state_dict().items()}
     save_file(state, str(folder / WEIGHTS_NAME), metadata={"config": json.dumps(connector.config)})
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2))
@@ -112,7 +116,9 @@ def read_folder_config(folder: str | Path) -> dict:
     """A connector folder's ``config.json``, checked: it must hold a ``connector`` node with a ``_target_``."""
     config_path = Path(folder) / CONFIG_NAME
     if not config_path.exists():
-        raise FileNotFoundError(f"{folder} is not a connector folder: it has no {CONFIG_NAME} (save_pretrained writes one)")
+        raise FileNotFoundError(
+            f"{folder} is not a connector folder: it has no {CONFIG_NAME} (save_pretrained writes one)"
+        )
     try:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as error:
@@ -139,8 +145,14 @@ def connector_record(path: str | Path) -> dict | None:
     return current_targets(recorded or run_config_record(path))
 
 
-def check_widths(config: dict, where: str, dim: int | None = None, llm_dim=None, dim_source: str = "the UNet",
-                 llm_source: str = "the LLM") -> None:
+def check_widths(
+    config: dict,
+    where: str,
+    dim: int | None = None,
+    llm_dim=None,
+    dim_source: str = "the UNet",
+    llm_source: str = "the LLM",
+) -> None:
     """Raise ``ConnectorMismatchError`` naming both widths when ``dim`` (cross-attention) or ``llm_dim`` differ
     from the connector config's (``None``: not checked)."""
     trained_dim, trained_llm = config.get("dim"), config.get("llm_dim")

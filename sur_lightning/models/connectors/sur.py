@@ -194,9 +194,17 @@ def load_official_state_dict(
     if unknown or missing:
         raise KeyError(
             f"{source} does not match the official SUR-adapter: unknown keys {unknown[:8]}, missing {missing[:8]}"
-            + (" (η has parameters: build the adapter with eta=fixed)" if any(k.startswith("eta.") for k in missing) else "")
+            + (
+                " (η has parameters: build the adapter with eta=fixed)"
+                if any(k.startswith("eta.") for k in missing)
+                else ""
+            )
         )
-    shapes = [f"{k}: {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in mapped.items() if v.shape != expected[k].shape]
+    shapes = [
+        f"{k}: {tuple(v.shape)} vs {tuple(expected[k].shape)}"
+        for k, v in mapped.items()
+        if v.shape != expected[k].shape
+    ]
     if shapes:
         raise ValueError(f"{source}: shapes differ from the adapter built here: {shapes[:4]}")
     adapter.load_state_dict(mapped, strict=False)
@@ -219,7 +227,13 @@ def official_adapter(path: str | Path, eta: float = 0.1, num_heads: int = 8, llm
         raise KeyError(f"{path} is not an official SUR-adapter checkpoint: no {err.args[0]}") from None
     num_layers = len({k.split(".")[2] for k in state if k.startswith("transformer_encoder.layers.")})
     adapter = SURAdapter(
-        dim=dim, llm_dim=llm_dim, eta=FixedEta(eta), num_layers=num_layers, num_heads=num_heads, ff_dim=ff_dim,
-        batch_first=False, train_llm_projection=False,
+        dim=dim,
+        llm_dim=llm_dim,
+        eta=FixedEta(eta),
+        num_layers=num_layers,
+        num_heads=num_heads,
+        ff_dim=ff_dim,
+        batch_first=False,
+        train_llm_projection=False,
     )
     return load_official_state_dict(adapter, state, source=str(path)).eval()
