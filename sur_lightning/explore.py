@@ -6,11 +6,13 @@ variations and best-of-N reranking.
     python -m sur_lightning.explore tool=text_diff tool.source=tomato tool.target=blueberry adapters=[<adapter>]
     python -m sur_lightning.explore tool=variations tool.image=photo.png adapters=[<adapter>]
     python -m sur_lightning.explore tool=best_of_n tool/scorer=clip 'metrics.compute=[clip]' adapters=[<adapter>]
+    python -m sur_lightning.explore tool=variations unclip=<prior export>   # unCLIP: the image embedding, new noise
 
 Writes, under the run folder: ``grid.png`` (one row per strip, labelled), ``images/<tool>/...`` and ``manifest.json``
 (every image with what made it: t, strength, scores). Best-of-N also writes its first-sample and best columns as a
 generate run, so ``report.md`` (with ``metrics.compute``) or a later ``evaluate images_dir=<run>`` scores both.
-The tools: ``sur_lightning/generation/tools.py``; the slerp and the blended conditionings: ``generation/interpolation.py``.
+The tools: ``sur_lightning/generation/tools.py``; the slerp and the blended conditionings: ``generation/interpolation.py``;
+on an unCLIP column, the paper's tools in image-embedding space: ``generation/unclip.py`` (docs/unclip.md).
 """
 
 from __future__ import annotations

@@ -185,8 +185,15 @@ def unclip_column(
 ) -> Column:
     """The column prior -> decoder of a prior export ``folder`` (``unclip.json``). ``llm``: the LLM module the prior
     reads (token states), or None to build the one it was trained with (its record's ``trained_with.llm``);
-    ``decoder``: a decoder folder instead of the one its record names."""
-    from sur_lightning.generation.unclip import DecoderRender, PriorEmbeddings, load_decoder, load_prior
+    ``decoder``: a decoder folder instead of the one its record names. The image tower the prior's (or else the
+    decoder's) record names is loaded too when it exists here, for the tools that encode images (``explore``)."""
+    from sur_lightning.generation.unclip import (
+        DecoderRender,
+        PriorEmbeddings,
+        load_decoder,
+        load_image_tower,
+        load_prior,
+    )
 
     prior, record = load_prior(folder)
     decoder = decoder or record.get("decoder")
@@ -194,7 +201,7 @@ def unclip_column(
         raise ValueError(
             f"{folder}: its unclip.json names no decoder (trained with model.decoder=null): pass decoder=<folder>"
         )
-    projection, _ = load_decoder(decoder)
+    projection, decoder_record = load_decoder(decoder)
     if llm is None:
         node = (record.get("trained_with") or {}).get("llm")
         if node is None:
@@ -207,7 +214,9 @@ def unclip_column(
         backbone, prior.to(backbone.device), frozen_text_features(backbone, llm), num_inference_steps, guidance_scale
     )
     source = {"kind": "unclip", "prior": str(folder), "decoder": str(decoder), "prior_guidance_scale": guidance_scale}
-    return Column(name, None, source, render=DecoderRender(backbone, projection, embed))
+    tower = load_image_tower(record, decoder_record)
+    tower = None if tower is None else tower.to(backbone.device)
+    return Column(name, None, source, render=DecoderRender(backbone, projection, embed, tower))
 
 
 def oracle_column(
@@ -219,9 +228,10 @@ def oracle_column(
     from sur_lightning.models.image_tower import ImageTower
 
     projection, _ = load_decoder(decoder)
-    embed = TowerEmbeddings(ImageTower.from_pretrained(str(image_tower)).to(backbone.device), reference)
+    tower = ImageTower.from_pretrained(str(image_tower)).to(backbone.device)
+    embed = TowerEmbeddings(tower, reference)
     source = {"kind": "unclip_oracle", "decoder": str(decoder), "image_tower": str(image_tower)}
-    return Column(name, None, source, render=DecoderRender(backbone, projection, embed))
+    return Column(name, None, source, render=DecoderRender(backbone, projection, embed, tower))
 
 
 def adapter_records(adapters, unclip: str | Path | None = None) -> list[tuple[str, dict]]:

@@ -14,6 +14,13 @@ writes as ``grid.png``, ``images/`` and ``manifest.json``.
   same conditioning (SDEdit through diffusers' img2img pipeline); strength 0 is the VAE's round trip.
 - ``BestOfN``: N samples per prompt, the one a scorer ranks highest kept. The scorer is any object with
   ``score(images, prompts) -> [N]`` (CLIP score for real models, a held-apart scorer on the toy world).
+
+An unCLIP column (``explore unclip=<prior export>``, ``columns.unclip_column``) has no text conditioning: there the
+tools are the paper's, in its image-embedding space (``generation/unclip.py``): interpolation slerps between two
+prompts' prior samples (``between=prompts``) or two images' embeddings (``images=[a, b]``), decoded with one noise;
+text diffs slerp the prompt's embedding toward normalise(z(target) − z(source)); variations encode the image with
+the image tower and decode its embedding with new noise. Best-of-N reranks its draws as any column's. What a tool
+cannot do on such a column (``between=columns``, ``noise_to_seed``) is an error naming it.
 """
 
 from __future__ import annotations
@@ -29,6 +36,13 @@ from sur_lightning.generation.columns import Column
 from sur_lightning.generation.conditioning import ClipConditioning, conditioning_hook
 from sur_lightning.generation.interpolation import BlendConditioning, TextDiffConditioning, noise_slerp
 from sur_lightning.generation.pipeline import Rendered, placeholder_embeds, render, seeded_noise
+from sur_lightning.generation.unclip import (
+    DecoderRender,
+    decode_embeddings,
+    embedding_interpolation,
+    embedding_text_diff,
+    variations,
+)
 
 REFERENCE_COLUMNS = ("base+complex",)  # the upper bound's column: shown by generate, not explored
 
@@ -67,9 +81,26 @@ class Setup:
         images = render(
             self.pipeline, conditioning, prompts, seeds, negative_prompt=self.negative_prompt, **self.sampler, **kwargs
         )
+        return self.counted(images)
+
+    def counted(self, images: list[Image.Image]) -> list[Image.Image]:
         if self.progress is not None:
             self.progress.update(len(images))
         return images
+
+    def draw(self, column: Column, prompts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image]:
+        """The column's images of (prompt, seed) pairs, whatever draws them: its conditioning through the pipeline,
+        an unCLIP column's decoder (through the same pipeline and sampler), or its own ``render``."""
+        if column.render is None:
+            return self.render(column.conditioning, prompts, seeds)
+        if isinstance(column.render, DecoderRender):
+            embeds = column.render.embed(list(prompts), [int(s) for s in seeds])
+            return self.counted(
+                decode_embeddings(self.pipeline, column.render.projection, embeds, seeds, **self.sampler)
+            )
+        return self.counted(
+            column.render(list(prompts), list(seeds), negative_prompt=self.negative_prompt, **self.sampler)
+        )
 
 
 @dataclass
@@ -80,6 +111,19 @@ class Picture:
     columns: dict[str, list[Image.Image]]
     rows: list[str]
     images: list[Rendered]
+
+
+def unclip_render(column: Column, tool: str) -> DecoderRender | None:
+    """The column's ``DecoderRender`` when it is an unCLIP column (prior or oracle -> decoder), None when it is a
+    text conditioning. Any other generator of its own (PixelSNAIL) has nothing a tool can move: an error."""
+    if column.render is None:
+        return None
+    if isinstance(column.render, DecoderRender):
+        return column.render
+    raise ValueError(
+        f"tool={tool}: column {column.name!r} ({column.source.get('kind', 'its own sampler')}) has neither a text "
+        "conditioning nor an image embedding to move: leave it out (pixelsnail=[])"
+    )
 
 
 def _grid_columns(titles: Sequence[str], strips: Sequence[Sequence[Image.Image]]) -> dict[str, list[Image.Image]]:
@@ -95,6 +139,12 @@ class Interpolation:
     method:            ``slerp`` (per token, norm-preserving) or ``lerp``.
     noise_to_seed:     also slerp the initial noise, from the row's seed to this seed's (unCLIP's latent
                        interpolation); None keeps the row's noise along the strip.
+    images:            two image files: on unCLIP columns, slerp between their image-tower embeddings (text columns
+                       are then left out).
+
+    On an unCLIP column the strip moves in its image-embedding space (``unclip.embedding_interpolation``), decoded
+    with the row seed's noise: between=prompts from each prompt's prior sample to the next prompt's (same seed),
+    or ``images``. between=columns (a text conditioning into an adapter) and ``noise_to_seed`` do not apply there.
     """
 
     def __init__(
@@ -104,7 +154,11 @@ class Interpolation:
         between: str = "columns",
         from_column: str = "base",
         noise_to_seed: int | None = None,
+        images: Sequence[str] | None = None,
     ) -> None:
+        if images is not None and len(images) != 2:
+            raise ValueError(f"tool.images: the two images to interpolate between, got {list(images)}")
+        self.images = list(images) if images is not None else None
         if steps < 2:
             raise ValueError(f"tool.steps: an interpolation needs at least 2 steps (both ends), got {steps}")
         if between not in ("columns", "prompts"):
@@ -151,12 +205,64 @@ class Interpolation:
                 {"from": a.prompt, "to": b.prompt},
             )
             for column in setup.explored
+            if column.render is None
             for a, b in pairs
         ]
 
+    def unclip_strips(
+        self, setup: Setup, unclip: dict[str, DecoderRender]
+    ) -> list[tuple[str, str, Prompt, dict, tuple]]:
+        """(row label, column name, prompt, info, (start [E], end [E]) per seed) per strip of the unCLIP columns."""
+        if self.noise_to_seed is not None:
+            raise ValueError(
+                f"tool.noise_to_seed: the unCLIP column(s) {list(unclip)} decode every embedding of a strip from one "
+                "seed's noise; set tool.noise_to_seed=null"
+            )
+        if self.images is not None:
+            pictures = [Image.open(path).convert("RGB") for path in self.images]
+            names = " -> ".join(str(path).rsplit("/", 1)[-1] for path in self.images)
+            prompt = Prompt("images", names, "custom")
+            info = {"from": str(self.images[0]), "to": str(self.images[1])}
+            strips = []
+            for name, decoder in unclip.items():
+                start, end = decoder.encode(pictures)
+                strips.append((f"{name}: {names}", name, prompt, info, [(start, end)] * len(setup.seeds)))
+            return strips
+        if self.between == "columns":
+            raise ValueError(
+                f"tool.between=columns blends a text conditioning into an adapter; the unCLIP column(s) {list(unclip)} "
+                "interpolate in their image-embedding space: use tool.between=prompts (two prompts' prior samples) "
+                "or tool.images=[a.png,b.png] (two images' embeddings)"
+            )
+        if len(setup.prompts) < 2:
+            raise ValueError("tool.between=prompts interpolates each prompt into the next: give at least 2 prompts")
+        strips = []
+        for name, decoder in unclip.items():
+            for a, b in zip(setup.prompts, setup.prompts[1:]):
+                ends = [tuple(decoder.embed([a.prompt, b.prompt], [seed, seed])) for seed in setup.seeds]
+                strips.append((f"{name}: {a.prompt} -> {b.prompt}", name, a, {"from": a.prompt, "to": b.prompt}, ends))
+        return strips
+
     def run(self, setup: Setup) -> Picture:
         strips, rows, images = [], [], []
-        for label, column, blend, prompt, info in self.strips(setup):
+        unclip = {c.name: r for c in setup.explored if (r := unclip_render(c, "interpolate")) is not None}
+        for label, column, prompt, info, ends in self.unclip_strips(setup, unclip) if unclip else []:
+            for seed, (start, end) in zip(setup.seeds, ends):
+                strip = embedding_interpolation(
+                    setup.pipeline, unclip[column], start, end, self.weights, seed, self.method, **setup.sampler
+                )
+                strips.append(setup.counted(strip))
+                rows.append(f"{label} ({seed})" if len(setup.seeds) > 1 else label)
+                images += [
+                    Rendered(
+                        column, prompt, seed, image, info={**info, "t": t, "method": self.method, "space": "image"}
+                    )
+                    for t, image in zip(self.weights, strip)
+                ]
+        if self.images is not None and not unclip:
+            raise ValueError("tool.images interpolates two images' embeddings: give unclip=<prior export>")
+        text_strips = [] if self.images is not None else self.strips(setup)
+        for label, column, blend, prompt, info in text_strips:
             for seed in setup.seeds:
                 latents = None
                 if self.noise_to_seed is not None:
@@ -181,7 +287,11 @@ class Interpolation:
 class TextDiffs:
     """Strips over ``strengths``: each prompt's conditioning moved along c(``target``) − c(``source``), through every
     column (base and adapters); s = 0 is the prompt's own image. ``method``: ``add`` (c + s·diff) or ``slerp``
-    (unCLIP's: toward the difference's direction)."""
+    (unCLIP's: toward the difference's direction).
+
+    On an unCLIP column, the paper's (``unclip.embedding_text_diff``): the prompt's prior sample z_i slerped toward
+    normalise(z(target) − z(source)), the captions' prior samples at the same seed, all decoded from the seed's
+    noise; s = 0 is the column's own image of the prompt, and ``method`` does not apply (always slerp)."""
 
     def __init__(
         self, source: str, target: str, strengths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0), method: str = "add"
@@ -193,15 +303,26 @@ class TextDiffs:
     def run(self, setup: Setup) -> Picture:
         strips, rows, images = [], [], []
         for column in setup.explored:
-            diff = TextDiffConditioning(column.conditioning, self.source, self.target, self.strengths, self.method)
+            decoder = unclip_render(column, "text_diff")
+            if decoder is None:
+                diff = TextDiffConditioning(column.conditioning, self.source, self.target, self.strengths, self.method)
             for prompt in setup.prompts:
                 for seed in setup.seeds:
                     n = len(self.strengths)
-                    strip = setup.render(diff, [prompt.prompt] * n, [seed] * n)
+                    if decoder is None:
+                        strip = setup.render(diff, [prompt.prompt] * n, [seed] * n)
+                    else:
+                        image, source, target = decoder.embed([prompt.prompt, self.source, self.target], [seed] * 3)
+                        strip = setup.counted(
+                            embedding_text_diff(
+                                setup.pipeline, decoder, image, source, target, self.strengths, seed, **setup.sampler
+                            )
+                        )
                     strips.append(strip)
                     label = f"{column.name}: {prompt.prompt} + s*({self.target} - {self.source})"
                     rows.append(f"{label} ({seed})" if len(setup.seeds) > 1 else label)
-                    info = {"source": self.source, "target": self.target, "method": self.method}
+                    method = self.method if decoder is None else "slerp (image embedding)"
+                    info = {"source": self.source, "target": self.target, "method": method}
                     images += [
                         Rendered(column.name, prompt, seed, image, info={**info, "strength": s})
                         for s, image in zip(self.strengths, strip)
@@ -213,7 +334,10 @@ class Variations:
     """For every column and prompt: the input image (``image``, a file; else the column's own image of the prompt at
     each seed), then ``num_variations`` images re-noised from it to each strength and denoised with the same
     conditioning (diffusers' img2img pipeline over the same components, with the per-call hook). Strength 0 is the
-    VAE's round trip (encode, decode), the input as the model can represent it."""
+    VAE's round trip (encode, decode), the input as the model can represent it.
+
+    On an unCLIP column, the paper's (``unclip.variations``): the input's image-tower embedding decoded with
+    ``num_variations`` new seeds; ``strengths`` do not apply (one strip per prompt and seed)."""
 
     def __init__(
         self, strengths: Sequence[float] = (0.3, 0.6), num_variations: int = 4, image: str | None = None
@@ -281,9 +405,17 @@ class Variations:
         for column in setup.explored:
             for prompt in setup.prompts:
                 for seed in setup.seeds:
-                    source = given or setup.render(column.conditioning, [prompt.prompt], [seed])[0]
+                    decoder = unclip_render(column, "variations")
+                    source = given or setup.draw(column, [prompt.prompt], [seed])[0]
                     images.append(Rendered(column.name, prompt, seed, source, info={"input": self.image or "drawn"}))
                     seeds = [seed * self.num_variations + k + 1 for k in range(self.num_variations)]
+                    if decoder is not None:
+                        varied = setup.counted(variations(setup.pipeline, decoder, source, seeds, **setup.sampler))
+                        strips.append([source, *varied])
+                        rows.append(f"{column.name}: {prompt.prompt} ({seed}) image embedding, new noise")
+                        info = {"input_seed": seed, "space": "image embedding"}
+                        images += [Rendered(column.name, prompt, s, im, info=info) for s, im in zip(seeds, varied)]
+                        continue
                     for strength in self.strengths:
                         varied = self.vary(setup, img2img, column.conditioning, prompt.prompt, source, strength, seeds)
                         strips.append([source, *varied])
@@ -361,7 +493,7 @@ class BestOfN:
             for prompt in setup.prompts:
                 for seed in setup.seeds:
                     seeds = [seed * self.n + k for k in range(self.n)]
-                    candidates = setup.render(column.conditioning, [prompt.prompt] * self.n, seeds)
+                    candidates = setup.draw(column, [prompt.prompt] * self.n, seeds)
                     best, scores = self.choose(candidates, self.text(prompt))
                     info = {"scores": scores, "candidate_seeds": seeds, "chosen": best, "draw": seed}
                     images.append(Rendered(column.name, prompt, seeds[0], candidates[0], info=info))

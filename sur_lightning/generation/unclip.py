@@ -7,6 +7,11 @@ with embedding dropout). ``DecoderRender`` is a column's ``render`` (``columns.C
 PIL images, from any ``embed(prompts, seeds) -> [B, E]``; ``columns.unclip_column`` gives it the prior's samples
 (``PriorEmbeddings``), ``columns.oracle_column`` the image tower's embeddings of true images (``TowerEmbeddings``).
 
+unCLIP's own tools (§3) move in the image-embedding space instead of a text conditioning: ``variations`` (encode an
+image with the image tower, decode its embedding with new noise), ``embedding_interpolation`` (slerp between two
+embeddings, decoded with one noise) and ``embedding_text_diff`` (slerp from an image's embedding toward the
+normalised difference of two captions' embeddings). ``generation/tools.py`` runs them on an unCLIP column.
+
 The same seed gives the same embedding (prior) and the same initial latents (decoder), so a column is
 deterministic per (prompt, seed) whatever the batch.
 """
@@ -20,6 +25,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from sur_lightning.generation.interpolation import interpolate, slerp
 from sur_lightning.models.image_tower import ImageTower
 from sur_lightning.models.prior import DiffusionPrior
 from sur_lightning.models.unclip_decoder import ImageEmbeddingProjection, added_time_embedding
@@ -94,18 +100,50 @@ def decode_embeddings(
         ).images
 
 
+def load_image_tower(*records: dict) -> ImageTower | None:
+    """The image tower the first of ``records`` that names one existing here (``image_tower.path``) was trained
+    with, its weights checked against its ``image_tower.json`` when it has one; None when none does."""
+    from sur_lightning.toyworld import IMAGE_TOWER_RECORD, verify_image_tower
+
+    for record in records:
+        path = (record.get("image_tower") or {}).get("path")
+        if path and (Path(path) / "config.json").exists():
+            if (Path(path) / IMAGE_TOWER_RECORD).exists():
+                verify_image_tower(path)
+            return ImageTower.from_pretrained(str(path)).eval()
+    return None
+
+
 class DecoderRender:
     """A column's ``render``: ``(prompts, seeds, scheduler=, num_inference_steps=, guidance_scale=, height=, width=,
     negative_prompt=) -> images``, decoding ``embed(prompts, seeds)`` [B, E]. The negative prompt does not apply
-    (the decoder's unconditional branch is the zero embedding)."""
+    (the decoder's unconditional branch is the zero embedding). ``tower``: the image tower of the embedding space,
+    for the tools that encode an image (``encode``); None when the export names none that exists here."""
 
     def __init__(
-        self, backbone, projection: ImageEmbeddingProjection, embed: Callable[[list[str], list[int]], torch.Tensor]
+        self,
+        backbone,
+        projection: ImageEmbeddingProjection,
+        embed: Callable[[list[str], list[int]], torch.Tensor],
+        tower: ImageTower | None = None,
     ):
         self.backbone = backbone
         self.projection = projection
         self.embed = embed
+        self.tower = tower
         self._pipelines: dict[str, object] = {}
+
+    @torch.no_grad()
+    def encode(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """[B, E]: the image tower's embeddings of ``images`` (resized to the tower's side)."""
+        if self.tower is None:
+            raise ValueError(
+                "this unCLIP column has no image tower (its unclip.json and its decoder's record name none that "
+                "exists here): encoding an image (variations, tool.images) needs the tower the decoder was trained on"
+            )
+        size = self.tower.config.image_size
+        pixels = torch.stack([to_pixels(image, size) for image in images])
+        return self.tower.embed_images(pixels.to(self.tower.device)).cpu()
 
     def __call__(
         self, prompts: Sequence[str], seeds: Sequence[int], scheduler: str = "ddim", negative_prompt: str = "", **kwargs
@@ -181,3 +219,60 @@ def to_pixels(image: Image.Image, size: int) -> torch.Tensor:
 
     array = np.asarray(image.convert("RGB").resize((size, size)), dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1)
+
+
+# ------------------------------------------------------------------ unCLIP's tools, in image-embedding space (§3)
+
+
+def variations(
+    pipeline, render: DecoderRender, image: Image.Image, seeds: Sequence[int], **sampler
+) -> list[Image.Image]:
+    """unCLIP's variations: the image tower's embedding z_i [1, E] of ``image``, decoded once per seed (new noise,
+    the same embedding), so what the embedding holds stays and the rest varies. Returns len(seeds) images; the
+    image of seed s is exactly ``decode_embeddings`` of z_i from seed s. ``sampler``: ``decode_embeddings``' knobs."""
+    embedding = render.encode([image])
+    return decode_embeddings(pipeline, render.projection, embedding.expand(len(seeds), -1), seeds, **sampler)
+
+
+def embedding_interpolation(
+    pipeline,
+    render: DecoderRender,
+    start: torch.Tensor,
+    end: torch.Tensor,
+    weights: Sequence[float],
+    seed: int,
+    method: str = "slerp",
+    **sampler,
+) -> list[Image.Image]:
+    """unCLIP's interpolation: z_t = slerp(start, end, t) [K, E] for the K ``weights`` (``start``/``end`` [E]: two
+    images' tower embeddings, or two prompts' prior samples), every one decoded from ``seed``'s noise, so only the
+    embedding moves. t = 0 and t = 1 are exactly the decodes of ``start`` and ``end``."""
+    t = torch.tensor([float(w) for w in weights]).reshape(-1, 1)
+    path = interpolate(start.reshape(1, -1).float(), end.reshape(1, -1).float(), t, method)
+    return decode_embeddings(pipeline, render.projection, path, [seed] * len(t), **sampler)
+
+
+def embedding_text_diff(
+    pipeline,
+    render: DecoderRender,
+    image_embedding: torch.Tensor,
+    source: torch.Tensor,
+    target: torch.Tensor,
+    strengths: Sequence[float],
+    seed: int,
+    **sampler,
+) -> list[Image.Image]:
+    """unCLIP's text diff: z_d = normalise(z_t − z_t0) with z_t0 = ``source`` and z_t = ``target`` [E] the two
+    captions' embeddings, then slerp(z_i, z_d, s) [K, E] from the image's embedding z_i = ``image_embedding`` [E]
+    for the K ``strengths``, all decoded from ``seed``'s noise; s = 0 is the image's own decode.
+
+    DALL·E 2 takes z_t, z_t0 from CLIP's text tower. The toy world's text side (``ImageTower.text_head``) is trained
+    only to retrieve, not to land where the images lie, so here the prior's samples for the two captions, already in
+    the image-embedding space, are the practical stand-in (``tools.TextDiffs`` passes them)."""
+    difference = (target - source).reshape(1, -1).float()
+    if float(difference.norm()) < 1e-6:
+        raise ValueError("the two captions give the same embedding: their difference has no direction to move along")
+    direction = torch.nn.functional.normalize(difference, dim=-1)
+    s = torch.tensor([float(v) for v in strengths]).reshape(-1, 1)
+    path = slerp(image_embedding.reshape(1, -1).float(), direction, s)
+    return decode_embeddings(pipeline, render.projection, path, [seed] * len(s), **sampler)

@@ -97,3 +97,47 @@ def pooled_text_states(text_encoder, tokenizer, prompts: Sequence[str]) -> torch
     )
     device = next(text_encoder.parameters()).device
     return text_encoder(tokens.input_ids.to(device)).pooler_output.float()
+
+
+class ClipVisionTower(nn.Module):
+    """A frozen CLIP vision model with projection (transformers' ``CLIPVisionModelWithProjection``) read like an
+    ``ImageTower``: the image-embedding space of diffusers' ``StableUnCLIPPipeline`` (CLIP ViT-L/14,
+    ``openai/clip-vit-large-patch14``: D = 768), whose decoder draws from ``image_embeds``.
+
+        pixels [B, 3, H, W] in [-1, 1] -> resized (bicubic) to the model's side, CLIP-normalised
+          -> CLIPVisionModelWithProjection -> image_embeds [B, D] (not normalised: what the stock decoder reads)
+
+    ``config.embedding_dim`` and ``config.image_size`` answer as ``ImageTower``'s do. ``folder``: a hub id or a
+    local folder (the key ``conf/model/unclip_prior.yaml`` gives the toy tower's folder).
+    """
+
+    MEAN = (0.48145466, 0.4578275, 0.40821073)
+    STD = (0.26862954, 0.26130258, 0.27577711)
+
+    def __init__(self, folder: str = "openai/clip-vit-large-patch14", subfolder: str | None = None) -> None:
+        from types import SimpleNamespace
+
+        from transformers import CLIPVisionModelWithProjection
+
+        super().__init__()
+        kwargs = {"subfolder": subfolder} if subfolder else {}
+        self.model = CLIPVisionModelWithProjection.from_pretrained(str(folder), **kwargs).eval()
+        self.model.requires_grad_(False)
+        self.pretrained = str(folder)
+        self.config = SimpleNamespace(
+            embedding_dim=int(self.model.config.projection_dim), image_size=int(self.model.config.image_size)
+        )
+        self.register_buffer("mean", torch.tensor(self.MEAN).reshape(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(self.STD).reshape(1, 3, 1, 1), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.mean.device
+
+    @torch.no_grad()
+    def embed_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels [B, 3, H, W] in [-1, 1] -> CLIP image embeddings [B, D]."""
+        size = self.config.image_size
+        pixels = F.interpolate(pixels.float(), size=(size, size), mode="bicubic", align_corners=False)
+        pixels = ((pixels.clamp(-1, 1) + 1) / 2 - self.mean) / self.std
+        return self.model(pixel_values=pixels.to(self.model.dtype)).image_embeds.float()

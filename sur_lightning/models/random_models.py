@@ -11,6 +11,7 @@ a spec file (``RANDOM_MODEL_SPECS``); the production loaders then read it like a
     build_tiny_causal_lm           a small LLaMA with the CLIP tokenizer         (llm=tiny)
     build_tiny_t5_encoder          a small T5 encoder with the CLIP tokenizer    (llm=t5_tiny)
     build_tiny_bert                a small BERT with MiniLM's tokenizer          (the retriever's tests)
+    build_tiny_clip_vision         a small CLIP vision model with projection     (+experiment=unclip_sd21 tests)
 
 Every builder keeps the global generator as it was (``rng.keeps_global_rng``), so a run's connector starts from
 the same weights whether the model was built before or now.
@@ -437,4 +438,32 @@ def build_random_causal_lm_like(root: str | Path, like: str | Path, seed: int = 
     AutoModelForCausalLM.from_config(config).save_pretrained(root)
     AutoTokenizer.from_pretrained(like).save_pretrained(root)
     (root / "random_spec.json").write_text(json.dumps(spec))
+    return str(root)
+
+
+@keeps_global_rng
+def build_tiny_clip_vision(root: str | Path, hidden_size: int = 32, projection_dim: int = 16, seed: int = 0) -> str:
+    """Write a small random ``CLIPVisionModelWithProjection`` (32 px, patch 8) into ``root`` (once); return its path.
+
+    For tests of the real-model unCLIP prior (``+experiment=unclip_sd21``): it loads through
+    ``models.image_tower.ClipVisionTower`` exactly like ``openai/clip-vit-large-patch14``.
+    """
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    root = Path(root)
+    spec = {"hidden_size": hidden_size, "projection_dim": projection_dim, "seed": seed}
+    if built_before(root / "tiny_spec.json", spec):
+        return str(root)
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+        projection_dim=projection_dim,
+    )
+    CLIPVisionModelWithProjection(config).save_pretrained(root)
+    (root / "tiny_spec.json").write_text(json.dumps(spec))
     return str(root)

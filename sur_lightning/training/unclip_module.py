@@ -39,7 +39,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from sur_lightning.generation.unclip import DECODER_RECORD, PRIOR_RECORD, clip_pooled
 from sur_lightning.models.backbone import StableDiffusionBackbone
-from sur_lightning.models.image_tower import ImageTower
+from sur_lightning.models.image_tower import ClipVisionTower, ImageTower
 from sur_lightning.models.llm import CausalLMFeatures
 from sur_lightning.models.prior import DiffusionPrior
 from sur_lightning.models.unclip_decoder import ImageEmbeddingProjection, added_time_embedding
@@ -66,8 +66,11 @@ def image_embedding_table(tower: ImageTower, datamodule, batch_size: int = 256) 
     return table
 
 
-def load_tower(image_tower: str | ImageTower) -> ImageTower:
-    tower = image_tower if isinstance(image_tower, ImageTower) else ImageTower.from_pretrained(str(image_tower))
+def load_tower(image_tower: str | ImageTower | ClipVisionTower) -> ImageTower | ClipVisionTower:
+    """A frozen tower: one given (the toy ``ImageTower``, or a CLIP vision model as ``ClipVisionTower``), or the
+    ``ImageTower`` saved in folder ``image_tower``."""
+    is_tower = isinstance(image_tower, (ImageTower, ClipVisionTower))
+    tower = image_tower if is_tower else ImageTower.from_pretrained(str(image_tower))
     return tower.eval().requires_grad_(False)
 
 
@@ -87,6 +90,8 @@ def sampled_latents(backbone, batch: dict, generators: list[torch.Generator]) ->
 def tower_record(image_tower) -> dict:
     """The image tower's folder and the SHA-256s its own record holds (``image_tower.json``), when it has one."""
     folder = Path(str(image_tower))
+    if not folder.exists():  # a hub id (a CLIP vision model): recorded as it is
+        return {"path": str(image_tower), "sha256": None}
     record_file = folder / "image_tower.json"
     hashes = json.loads(record_file.read_text()).get("sha256") if record_file.exists() else None
     return {"path": str(folder.resolve()), "sha256": hashes}
@@ -107,7 +112,9 @@ class _StageModule(L.LightningModule):
 
     def __init__(self, image_tower, optimizer, lr_scheduler, seed: int) -> None:
         super().__init__()
-        self.image_tower_path = image_tower if isinstance(image_tower, str) else None
+        self.image_tower_path = (
+            image_tower if isinstance(image_tower, str) else getattr(image_tower, "pretrained", None)
+        )
         self.tower = load_tower(image_tower)
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler

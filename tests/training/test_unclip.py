@@ -256,3 +256,37 @@ def test_decoder_then_prior_train_through_the_entry_point_and_export(compose, tm
     assert bool((prior.transformer.clip_std > 0).all())  # fitted from the rows' embeddings before training
     exports = [json.loads(line)["file"] for line in (tmp_path / "prior_run" / "exports.jsonl").read_text().splitlines()]
     assert exports == ["unclip"]
+
+
+def test_the_sd21_preset_trains_a_prior_toward_clip_image_embeddings(compose, tmp_path, cache_dir):
+    """+experiment=unclip_sd21 with tiny random parts (no hub): a CLIP vision model's image_embeds are the targets."""
+    from sur_lightning.generation.unclip import load_prior
+    from sur_lightning.models.image_tower import ClipVisionTower
+    from sur_lightning.models.random_models import build_tiny_clip_vision
+    from sur_lightning.train import train
+
+    cfg = compose("+experiment=unclip_sd21", tiny=False)
+    assert cfg.backbone.pretrained == "stabilityai/stable-diffusion-2-1" and cfg.llm.pooling == "none"
+    assert cfg.model.image_tower._target_.endswith("ClipVisionTower") and cfg.model.decoder is None
+    assert cfg.model.image_tower.folder == "openai/clip-vit-large-patch14"
+
+    vision = build_tiny_clip_vision(cache_dir / "tiny-clip-vision")
+    tower = ClipVisionTower(vision)
+    assert tower.embed_images(torch.zeros(2, 3, 64, 64)).shape == (2, 16)
+    cfg = compose(
+        "+experiment=unclip_sd21",
+        *unclip_overrides(tmp_path, cache_dir),
+        "llm=tiny",
+        "llm.pooling=none",
+        f"model.image_tower.folder={vision}",
+        "model.prior.num_layers=1",
+        "model.prior.num_attention_heads=2",
+        "model.prior.attention_head_dim=8",
+        f"paths.output_dir={tmp_path}/sd21_run",
+        tiny=False,
+    )
+    metrics = train(cfg)
+    assert "train/loss" in metrics
+    prior, record = load_prior(tmp_path / "sd21_run" / "unclip")
+    assert prior.config.embedding_dim == 16 and record["image_tower"]["path"] == vision
+    assert record["decoder"] is None
