@@ -179,3 +179,28 @@ def test_a_prefix_of_rows_gives_the_same_logits():
     full = model(codes, *text)
     for rows in range(1, 5):
         torch.testing.assert_close(model(codes[:, :rows], *text), full[:, :, :rows])
+
+
+def test_tokenizer_evaluation_scores_reconstructions_and_maps_code_histograms(tokenizer_run, tmp_path):
+    from sur_lightning.data.prompt_suites import Prompt
+    from sur_lightning.evaluation.tokenizer import code_histograms, evaluate_tokenizer, toyworld_images
+    from sur_lightning.models.vq_tokenizer import LatentVQTokenizer
+
+    vq_root, _ = tokenizer_run
+    tokenizer = LatentVQTokenizer.from_pretrained(vq_root / "vq" / "tokenizer")
+    targets = [(1, "red", "circle"), (2, "blue", "square"), (3, "green", "triangle")]
+    prompts = [Prompt(f"p{i}", "x", "train" if i else "unseen", target=t) for i, t in enumerate(targets)]
+    images, rows = toyworld_images(prompts, [0, 1], size=32)
+    assert images.shape == (6, 3, 32, 32) and [p.id for p in rows] == ["p0", "p1", "p2"] * 2
+    identity = lambda a, b: (a - b).abs().flatten(1).mean(1)  # a stand-in distance for LPIPS
+    report = evaluate_tokenizer(tokenizer, images, rows, tmp_path, lpips=identity)
+    overall = report["overall"]
+    assert 0 < overall["mse"] < 1 and overall["psnr"] > 0 and -1 <= overall["ssim"] <= 1 and overall["lpips"] >= 0
+    assert set(report["splits"]) == {"unseen", "train"} and 1 <= report["codes_used"] <= 8
+    assert (tmp_path / "codes_pca.png").exists() and (tmp_path / "codes_tsne.png").exists()
+    assert len(report["maps"]["pca"]) == 6 and json.loads((tmp_path / "tokenizer_report.json").read_text())
+    # Without LPIPS weights the report says so instead of a number.
+    skipped = evaluate_tokenizer(tokenizer, images, rows, tmp_path, lpips_skipped="no weights", projections=["pca"])
+    assert skipped["overall"]["lpips"] is None and skipped["lpips_skipped"] == "no weights"
+    histograms = code_histograms(torch.tensor([[[0, 1], [1, 1]]]), 3)
+    assert histograms.tolist() == [[0.25, 0.75, 0.0]]
