@@ -204,3 +204,53 @@ def test_tokenizer_evaluation_scores_reconstructions_and_maps_code_histograms(to
     assert skipped["overall"]["lpips"] is None and skipped["lpips_skipped"] == "no weights"
     histograms = code_histograms(torch.tensor([[[0, 1], [1, 1]]]), 3)
     assert histograms.tolist() == [[0.25, 0.75, 0.0]]
+
+
+@pytest.mark.parametrize("experiment", ["vqvae", "pixelsnail"])
+def test_real_data_presets_need_data_root_and_name_it(experiment, tmp_path, cache_dir):
+    from omegaconf.errors import MissingMandatoryValue
+
+    cfg = compose(f"+experiment={experiment}")
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.accelerator == "gpu"
+    assert cfg.backbone._target_.endswith("StableDiffusionBackbone") and cfg.data.resolution == 64
+    with pytest.raises(MissingMandatoryValue, match="data.root"):
+        # (pixelsnail's tokenizer is named, else the missing newest vqvae run is reported first, naming data.tokenizer)
+        tokenizer = ["data.tokenizer=/nowhere"] if experiment == "pixelsnail" else []
+        train(compose(f"+experiment={experiment}", *common(tmp_path, cache_dir, "run"), "trainer=cpu", *tokenizer))
+
+
+def test_real_data_presets_train_two_steps_on_a_tiny_folder(tmp_path, cache_dir, tiny_sd, tiny_llm):
+    from sur_lightning.data.synthetic import generate_dataset
+    from sur_lightning.models.vq_tokenizer import LatentVQTokenizer
+
+    folder = generate_dataset(tmp_path / "folder", num_images=10, image_size=32, seed=0)
+    tiny = ["trainer=cpu", "trainer.max_steps=2", "trainer.val_check_interval=2", "data.batch_size=4"]
+    tiny += ["data.val_size=2", "data.resolution=32", "data.num_workers=0", f"data.root={folder}"]
+    tiny += ["callbacks.model_checkpoint.every_n_train_steps=2"]
+    vq = compose(
+        "+experiment=vqvae",
+        *common(tmp_path, cache_dir, "vq"),
+        *tiny,
+        f"backbone.pretrained={tiny_sd}",
+        "model.tokenizer.codebook_size=8",
+    )
+    train(vq)
+    tokenizer = tmp_path / "vq" / "tokenizer"
+    assert LatentVQTokenizer.from_pretrained(tokenizer).fitted
+    prior = compose(
+        "+experiment=pixelsnail",
+        *common(tmp_path, cache_dir, "prior"),
+        *tiny,
+        f"backbone.pretrained={tiny_sd}",
+        "llm=tiny",
+        "llm.pooling=none",
+        f"llm.pretrained={tiny_llm}",
+        f"data.tokenizer={tokenizer}",
+        f"data.out={tmp_path}/codes",
+        "model.prior.codebook_size=8",
+        "model.prior.grid_size=8",
+        "model.prior.channels=16",
+        "model.prior.num_blocks=1",
+    )
+    metrics = train(prior)
+    assert math.isfinite(metrics["train/nll"]) and (tmp_path / "prior" / "pixelsnail" / "prior").is_dir()
