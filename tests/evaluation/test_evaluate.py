@@ -162,6 +162,22 @@ def test_scores_of_a_generate_folder_match(offline_run, tmp_path, cache_dir, tin
         assert summary == pytest.approx(report["columns"][name], rel=1e-4)
 
 
+def test_checker_captions_through_evaluate_on_a_generate_folder(offline_run, tmp_path, cache_dir):
+    cfg, _ = offline_run
+    again = compose_evaluate(
+        tmp_path,
+        cache_dir,
+        f"images_dir={cfg.paths.output_dir}",
+        "metrics.compute=[shapes,checker_captions]",
+        "metrics.captions.meteor=false",
+    )
+    report = evaluate(again)
+    for summary in report["columns"].values():
+        assert {"checker_bleu_1", "checker_bleu_4", "checker_rouge1_f", "checker_rougeL_f"} <= set(summary)
+        assert "checker_meteor" not in summary
+    assert all(isinstance(row["checker_caption"], str) and row["checker_caption"] for row in report["images"])
+
+
 @pytest.mark.parametrize(
     "overrides, key",
     [
@@ -172,6 +188,10 @@ def test_scores_of_a_generate_folder_match(offline_run, tmp_path, cache_dir, tin
         ),
         (["metrics.compute=[fid]", "metrics.fid.inception=/nowhere/default_1.pt"], "metrics.fid.inception"),
         (["metrics.compute=[captions]", "metrics.captioner.model=/nowhere/blip"], "metrics.captioner.model"),
+        (
+            ["metrics.compute=[checker_captions]", "metrics.captions.wordnet=/nowhere/wordnet"],
+            "metrics.captions.wordnet",
+        ),
     ],
 )
 def test_missing_weights_stop_the_run_before_generating(tmp_path, cache_dir, overrides, key):
