@@ -127,7 +127,7 @@ def plot_map(
     splits = list(dict.fromkeys(p.category for p in prompts))
     markers = {split: MARKERS[i % len(MARKERS)] for i, split in enumerate(splits)}
     colours = [point_colour(p) for p in prompts]
-    figure = Figure(figsize=(3.6 * len(methods), 4.2))
+    figure = Figure(figsize=(max(3.6 * len(methods), 9.0), 4.2))  # one panel still needs room for its legend
     axes = figure.subplots(1, len(methods), sharex=True, sharey=True, squeeze=False)[0]
     for k, (axis, method) in enumerate(zip(axes, methods)):
         axis.scatter(coords[:, 0], coords[:, 1], s=5, color="0.85", linewidths=0)

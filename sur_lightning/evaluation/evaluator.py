@@ -9,6 +9,11 @@ Metrics (``metrics.compute``):
   clip        CLIP score with open_clip ``metrics.clip.model`` / ``metrics.clip.pretrained``
   captions    BLIP caption of each image vs its prompt: BLEU-1/4, ROUGE-1/L, METEOR (WordNet)
   diversity   mean pairwise LPIPS among the seeds of one prompt (needs >= 2 seeds)
+  checker_captions
+              caption-back without weights, for any column: the shape checker's reading of each image
+              written as "two red circles" (``captions.checker_caption``), scored against the prompt's complex
+              prompt (the prompt itself where it has none) with BLEU-1/4, ROUGE-1/L and METEOR (WordNet, the
+              ``captions`` settings); keys ``checker_<metric>``, per image ``checker_caption``
 
 Every requested metric loads its weights before any image is generated; missing weights stop the run
 with the metric's own message naming the weights and the config key. Nothing is skipped silently.
@@ -28,7 +33,7 @@ from sur_lightning.evaluation.report import gap_closed, gap_closed_intervals, ga
 from sur_lightning.generation.pipeline import Rendered
 from sur_lightning.runtime import pick_device
 
-METRICS = ("shapes", "fid", "clip", "captions", "diversity")
+METRICS = ("shapes", "fid", "clip", "captions", "diversity", "checker_captions")
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -110,9 +115,12 @@ class Evaluator:
             clip = dict(clip or {})
             self.clip = CLIPScorer(clip.get("model", "ViT-L-14"), clip.get("pretrained", "openai"), device=self.device)
         if "captions" in self.compute:
-            from sur_lightning.evaluation.metrics.captions import Captioner, load_wordnet
+            from sur_lightning.evaluation.metrics.captions import Captioner
 
             self.captioner = Captioner(**dict(captioner or {}), device=self.device)
+        if "captions" in self.compute or "checker_captions" in self.compute:
+            from sur_lightning.evaluation.metrics.captions import load_wordnet
+
             captions = dict(captions or {})
             self.meteor = bool(captions.get("meteor", True))
             self.wordnet = load_wordnet(captions.get("wordnet")) if self.meteor else None
@@ -124,12 +132,18 @@ class Evaluator:
 
     @torch.no_grad()
     def score(
-        self, images: Sequence[Image.Image], prompts: Sequence[str], targets: Sequence[tuple | None] | None = None
+        self,
+        images: Sequence[Image.Image],
+        prompts: Sequence[str],
+        targets: Sequence[tuple | None] | None = None,
+        references: Sequence[str | None] | None = None,
     ) -> tuple[dict[str, float], dict[str, list]]:
         """(summary {metric: value}, per_image {metric: [value per image]}) for ``images`` and their ``prompts``.
 
         ``targets``: per image the (count, colour, shape) it must show, for prompts that do not spell
-        it out ("a pair of tomatoes"); None reads it from the prompt ("two red circles")."""
+        it out ("a pair of tomatoes"); None reads it from the prompt ("two red circles").
+        ``references``: per image the text ``checker_captions`` scores against (the complex prompt); None, or a
+        None entry, uses the prompt."""
         if len(images) != len(prompts):
             raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
         summary: dict[str, float] = {}
@@ -173,6 +187,15 @@ class Evaluator:
             captions = [caption for c in chunks for caption in self.captioner(images[c])]
             per_image["caption"] = captions
             summary.update(score_captions(captions, list(prompts), meteor_metric=self.meteor, wordnet=self.wordnet))
+        if "checker_captions" in self.compute:
+            from sur_lightning.evaluation.metrics.captions import checker_caption, score_captions
+
+            captions = [checker_caption(image, **self.shapes_kwargs) for image in images]
+            references = list(references) if references is not None else [None] * len(images)
+            references = [reference or prompt for reference, prompt in zip(references, prompts)]
+            per_image["checker_caption"] = captions
+            scores = score_captions(captions, references, meteor_metric=self.meteor, wordnet=self.wordnet)
+            summary.update({f"checker_{name}": value for name, value in scores.items()})
         if "diversity" in self.compute:
             from sur_lightning.evaluation.metrics.diversity import diversity_by_prompt
 
@@ -188,7 +211,9 @@ def score_columns(evaluator: Evaluator, rendered: Sequence[Rendered]) -> dict:
     for column in dict.fromkeys(r.column for r in rendered):
         items = [r for r in rendered if r.column == column]
         targets = [r.prompt.target for r in items]
-        summary, per_image = evaluator.score([r.image for r in items], [r.prompt.prompt for r in items], targets)
+        references = [r.prompt.complex for r in items]
+        images, prompts = [r.image for r in items], [r.prompt.prompt for r in items]
+        summary, per_image = evaluator.score(images, prompts, targets, references)
         report["columns"][column] = summary
         categories = sorted({r.prompt.category for r in items})
         if len(categories) > 1:
@@ -196,7 +221,7 @@ def score_columns(evaluator: Evaluator, rendered: Sequence[Rendered]) -> dict:
                 category: {
                     name: float(np.mean([v for v, r in zip(values, items) if r.prompt.category == category]))
                     for name, values in per_image.items()
-                    if name != "caption"
+                    if name not in ("caption", "checker_caption")
                 }
                 for category in categories
             }

@@ -43,7 +43,8 @@ class CodebookNotFittedError(RuntimeError):
 class LatentVQTokenizer(nn.Module):
     """Frozen VAE + EMA codebook over its latent vectors (see the module docstring for shapes).
 
-    vae:                     a Stable Diffusion folder (with ``vae/``) or an ``AutoencoderKL`` folder itself.
+    vae:                     a Stable Diffusion folder (with ``vae/``), an ``AutoencoderKL`` folder itself, or a
+                             Stable Diffusion hub id (its ``vae/``, from the hub cache offline).
     codebook_size:           K, the number of codes (the prior's vocabulary). 256 at 16x16 passes the
                              toy world's checker gate.
     decay:                   EMA decay of the codebook (vector-quantize-pytorch's default 0.8 moves fast:
@@ -72,10 +73,19 @@ class LatentVQTokenizer(nn.Module):
             "threshold_ema_dead_code": float(threshold_ema_dead_code),
         }
         folder = Path(vae)
-        subfolder = "vae" if (folder / "vae").is_dir() else None
-        if not (folder / (subfolder or "") / "config.json").is_file():
-            raise FileNotFoundError(f"LatentVQTokenizer: {folder} holds no VAE (no config.json in it or in vae/)")
-        self.vae = AutoencoderKL.from_pretrained(str(folder), subfolder=subfolder, torch_dtype=torch.float32)
+        if folder.exists():
+            subfolder = "vae" if (folder / "vae").is_dir() else None
+            if not (folder / (subfolder or "") / "config.json").is_file():
+                raise FileNotFoundError(f"LatentVQTokenizer: {folder} holds no VAE (no config.json in it or in vae/)")
+            self.vae = AutoencoderKL.from_pretrained(str(folder), subfolder=subfolder, torch_dtype=torch.float32)
+        else:  # a hub id (backbone=sd15's default): its vae/ from the hub or its cache
+            try:
+                self.vae = AutoencoderKL.from_pretrained(str(vae), subfolder="vae", torch_dtype=torch.float32)
+            except (OSError, ValueError) as error:
+                raise FileNotFoundError(
+                    f"LatentVQTokenizer: cannot load the VAE of {vae!r} ({type(error).__name__}: {str(error)[:200]}); "
+                    "offline, point backbone.pretrained (model.tokenizer.vae) at a local Stable Diffusion folder"
+                ) from error
         self.vae.requires_grad_(False).eval()
         self.latent_channels = int(self.vae.config.latent_channels)
         self.downsample = 2 ** (len(self.vae.config.block_out_channels) - 1)

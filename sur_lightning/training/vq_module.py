@@ -11,7 +11,8 @@ Shapes (B batch, R image side, G = R / f, C latent channels, K codes)::
       -> frozen VAE encoder: latents [B, C, G, G] (posterior mean)
       -> codebook (EMA update in training): codes [B, G, G], quantized [B, C, G, G]
       -> logged: train/latent_mse (quantized vs latents), train/codes_used (share of the K codes in the batch)
-    validation: -> frozen VAE decoder: reconstruction [B, 3, R, R]; val/mse and val/psnr in [0, 1] pixel units
+    validation: -> frozen VAE decoder: reconstruction [B, 3, R, R]; val/mse, val/psnr and val/ssim in [0, 1]
+                pixel units
 
 Checkpoints hold the codebook alone (its EMA statistics included), so ``ckpt_path=last`` resumes the fit;
 ``export_pretrained(folder)`` writes the tokenizer that the code extraction reads (``config.json`` +
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import lightning as L
 import torch.nn.functional as F
+from torchmetrics.functional.image import structural_similarity_index_measure
 
 from sur_lightning.models.vq_tokenizer import LatentVQTokenizer
 
@@ -55,6 +57,10 @@ class VQTokenizerModule(L.LightningModule):
         mse = F.mse_loss((reconstruction + 1) / 2, (images + 1) / 2)
         self.log("val/mse", mse, prog_bar=True, batch_size=images.shape[0])
         self.log("val/psnr", 10 * math.log10(1.0 / max(float(mse), 1e-12)), batch_size=images.shape[0])
+        ssim = structural_similarity_index_measure(
+            (reconstruction.clamp(-1, 1) + 1) / 2, (images + 1) / 2, data_range=1.0
+        )
+        self.log("val/ssim", ssim, batch_size=images.shape[0])
 
     def configure_optimizers(self):
         return None  # EMA codebook: nothing to optimise

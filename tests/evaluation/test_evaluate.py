@@ -162,6 +162,22 @@ def test_scores_of_a_generate_folder_match(offline_run, tmp_path, cache_dir, tin
         assert summary == pytest.approx(report["columns"][name], rel=1e-4)
 
 
+def test_checker_captions_through_evaluate_on_a_generate_folder(offline_run, tmp_path, cache_dir):
+    cfg, _ = offline_run
+    again = compose_evaluate(
+        tmp_path,
+        cache_dir,
+        f"images_dir={cfg.paths.output_dir}",
+        "metrics.compute=[shapes,checker_captions]",
+        "metrics.captions.meteor=false",
+    )
+    report = evaluate(again)
+    for summary in report["columns"].values():
+        assert {"checker_bleu_1", "checker_bleu_4", "checker_rouge1_f", "checker_rougeL_f"} <= set(summary)
+        assert "checker_meteor" not in summary
+    assert all(isinstance(row["checker_caption"], str) and row["checker_caption"] for row in report["images"])
+
+
 @pytest.mark.parametrize(
     "overrides, key",
     [
@@ -172,6 +188,10 @@ def test_scores_of_a_generate_folder_match(offline_run, tmp_path, cache_dir, tin
         ),
         (["metrics.compute=[fid]", "metrics.fid.inception=/nowhere/default_1.pt"], "metrics.fid.inception"),
         (["metrics.compute=[captions]", "metrics.captioner.model=/nowhere/blip"], "metrics.captioner.model"),
+        (
+            ["metrics.compute=[checker_captions]", "metrics.captions.wordnet=/nowhere/wordnet"],
+            "metrics.captions.wordnet",
+        ),
     ],
 )
 def test_missing_weights_stop_the_run_before_generating(tmp_path, cache_dir, overrides, key):
@@ -477,3 +497,33 @@ def test_small_or_inverted_or_overlapping_bounds_state_no_gap_closed():
     assert gap_closed_reasons(clear)["sur"]["a"] == {"count_accuracy": "no gap"}
     low, high = gap_closed_intervals(clear)["sur"]["a"]["color_accuracy"]
     assert low <= 2 / 3 <= high and gap_cells(toyworld_table(clear)).startswith(f"0.67 [{low:.2f}, {high:.2f}]")
+
+
+def test_checker_captions_score_any_column_against_the_complex_prompt():
+    import random
+
+    from sur_lightning.data.prompt_suites import Prompt
+    from sur_lightning.evaluation.evaluator import Evaluator, score_columns
+    from sur_lightning.generation.pipeline import Rendered
+    from sur_lightning.toyworld import world
+
+    rng = random.Random(0)
+    prompts = [
+        Prompt("p0", "a pair of tomatoes", "held_out", complex="two red circles", target=(2, "red", "circle")),
+        Prompt("p1", "one blue square", "train", complex="one blue square", target=(1, "blue", "square")),
+    ]
+    blank = Image.new("RGB", (64, 64), (255, 255, 255))
+    rendered = [Rendered("pixelsnail", p, 0, world.draw_example(*p.target, rng)) for p in prompts]
+    rendered += [Rendered("unclip", prompts[0], 0, world.draw_example(3, "red", "circle", rng))]
+    rendered += [Rendered("unclip", prompts[1], 0, blank)]
+    report = score_columns(Evaluator(["checker_captions"], captions={"meteor": False}), rendered)
+    exact = report["columns"]["pixelsnail"]
+    assert exact["checker_bleu_1"] == pytest.approx(1.0) and exact["checker_rougeL_f"] == pytest.approx(1.0)
+    assert [row["checker_caption"] for row in report["images"]] == [
+        "two red circles",
+        "one blue square",
+        "three red circles",
+        "nothing",
+    ]
+    assert report["columns"]["unclip"]["checker_rouge1_f"] == pytest.approx((2 / 3 + 0) / 2, abs=1e-6)
+    assert "checker_caption" not in report["categories"]["unclip"]["held_out"]

@@ -12,7 +12,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from sur_lightning.data import prompt_suites
-from sur_lightning.data.synthetic import COLORS, draw_shapes, simple_prompt
+from sur_lightning.data.synthetic import BACKGROUND, COLORS, draw_shapes, simple_prompt
 from sur_lightning.evaluation.metrics import captions, diversity, fid, shapes
 
 # ---------------------------------------------------------------- shapes
@@ -436,3 +436,35 @@ def test_clip_score_is_deterministic_bounded_and_counts_truncation(tiny_clip, tm
 
     with pytest.raises(RuntimeError, match="metrics.clip.pretrained"):
         CLIPScorer(tiny_clip, pretrained=str(tmp_path / "missing.safetensors"))
+
+
+# ---------------------------------------------------------------- caption-back with the checker as captioner
+
+
+def test_checker_caption_writes_the_reading_in_the_bases_vocabulary():
+    from sur_lightning.toyworld import world
+
+    rng = random.Random(0)
+    assert captions.checker_caption(world.draw_example(2, "red", "circle", rng)) == "two red circles"
+    assert captions.checker_caption(world.draw_example(1, "blue", "square", rng)) == "one blue square"
+    blank = Image.new("RGB", (64, 64), BACKGROUND)
+    assert captions.checker_caption(blank) == "nothing"
+    mixed = np.asarray(world.draw_example(1, "green", "triangle", rng)).copy()
+    mixed[2:10, 2:10] = COLORS["red"]  # a small red square in a corner the world leaves empty
+    assert captions.checker_caption(mixed) in (
+        "one green triangle and one red square",
+        "one red square and one green triangle",
+    )
+
+
+def test_checker_caption_metrics_on_a_hand_made_pair(tmp_path):
+    # "two red circles" read back for "three red circles": 2 of 3 unigrams match, no 4-gram exists.
+    result = captions.score_captions(["two red circles"], ["three red circles"], meteor_metric=False)
+    assert result["bleu_1"] == pytest.approx(2 / 3, abs=1e-6)
+    assert result["bleu_4"] == 0.0
+    assert result["rouge1_f"] == pytest.approx(2 / 3, abs=1e-6) and result["rougeL_f"] == pytest.approx(2 / 3, abs=1e-6)
+    # An exact reading: METEOR is F = 1 less the fragmentation penalty 0.5 (1 chunk / 3 matches)^3.
+    _write_wordnet(tmp_path / "wn", ["circle", "disc"])
+    exact = captions.score_captions(["two red circles"], ["two red circles"], wordnet=tmp_path / "wn")
+    assert exact["meteor"] == pytest.approx(1 - 0.5 / 27, abs=1e-4)
+    assert exact["bleu_1"] == pytest.approx(1.0) and exact["rougeL_f"] == pytest.approx(1.0)

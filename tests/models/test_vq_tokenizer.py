@@ -84,3 +84,10 @@ def test_shipped_vae_codes_pass_the_checker_gate():
     results = [check(image, target=target) for image, target in zip(reconstructions, targets)]
     for key in ("count", "color", "shape", "valid"):
         assert sum(r[key] for r in results) >= 15, (key, results)
+
+
+def test_a_hub_vae_that_cannot_be_loaded_names_the_key():
+    from sur_lightning.models.vq_tokenizer import LatentVQTokenizer
+
+    with pytest.raises(FileNotFoundError, match="backbone.pretrained"):
+        LatentVQTokenizer("nobody-h35b/no-such-model")

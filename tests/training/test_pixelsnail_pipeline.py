@@ -179,3 +179,78 @@ def test_a_prefix_of_rows_gives_the_same_logits():
     full = model(codes, *text)
     for rows in range(1, 5):
         torch.testing.assert_close(model(codes[:, :rows], *text), full[:, :, :rows])
+
+
+def test_tokenizer_evaluation_scores_reconstructions_and_maps_code_histograms(tokenizer_run, tmp_path):
+    from sur_lightning.data.prompt_suites import Prompt
+    from sur_lightning.evaluation.tokenizer import code_histograms, evaluate_tokenizer, toyworld_images
+    from sur_lightning.models.vq_tokenizer import LatentVQTokenizer
+
+    vq_root, _ = tokenizer_run
+    tokenizer = LatentVQTokenizer.from_pretrained(vq_root / "vq" / "tokenizer")
+    targets = [(1, "red", "circle"), (2, "blue", "square"), (3, "green", "triangle")]
+    prompts = [Prompt(f"p{i}", "x", "train" if i else "unseen", target=t) for i, t in enumerate(targets)]
+    images, rows = toyworld_images(prompts, [0, 1], size=32)
+    assert images.shape == (6, 3, 32, 32) and [p.id for p in rows] == ["p0", "p1", "p2"] * 2
+    identity = lambda a, b: (a - b).abs().flatten(1).mean(1)  # a stand-in distance for LPIPS
+    report = evaluate_tokenizer(tokenizer, images, rows, tmp_path, lpips=identity)
+    overall = report["overall"]
+    assert 0 < overall["mse"] < 1 and overall["psnr"] > 0 and -1 <= overall["ssim"] <= 1 and overall["lpips"] >= 0
+    assert set(report["splits"]) == {"unseen", "train"} and 1 <= report["codes_used"] <= 8
+    assert (tmp_path / "codes_pca.png").exists() and (tmp_path / "codes_tsne.png").exists()
+    assert len(report["maps"]["pca"]) == 6 and json.loads((tmp_path / "tokenizer_report.json").read_text())
+    # Without LPIPS weights the report says so instead of a number.
+    skipped = evaluate_tokenizer(tokenizer, images, rows, tmp_path, lpips_skipped="no weights", projections=["pca"])
+    assert skipped["overall"]["lpips"] is None and skipped["lpips_skipped"] == "no weights"
+    histograms = code_histograms(torch.tensor([[[0, 1], [1, 1]]]), 3)
+    assert histograms.tolist() == [[0.25, 0.75, 0.0]]
+
+
+@pytest.mark.parametrize("experiment", ["vqvae", "pixelsnail"])
+def test_real_data_presets_need_data_root_and_name_it(experiment, tmp_path, cache_dir):
+    from omegaconf.errors import MissingMandatoryValue
+
+    cfg = compose(f"+experiment={experiment}")
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.accelerator == "gpu"
+    assert cfg.backbone._target_.endswith("StableDiffusionBackbone") and cfg.data.resolution == 64
+    with pytest.raises(MissingMandatoryValue, match="data.root"):
+        # (pixelsnail's tokenizer is named, else the missing newest vqvae run is reported first, naming data.tokenizer)
+        tokenizer = ["data.tokenizer=/nowhere"] if experiment == "pixelsnail" else []
+        train(compose(f"+experiment={experiment}", *common(tmp_path, cache_dir, "run"), "trainer=cpu", *tokenizer))
+
+
+def test_real_data_presets_train_two_steps_on_a_tiny_folder(tmp_path, cache_dir, tiny_sd, tiny_llm):
+    from sur_lightning.data.synthetic import generate_dataset
+    from sur_lightning.models.vq_tokenizer import LatentVQTokenizer
+
+    folder = generate_dataset(tmp_path / "folder", num_images=10, image_size=32, seed=0)
+    tiny = ["trainer=cpu", "trainer.max_steps=2", "trainer.val_check_interval=2", "data.batch_size=4"]
+    tiny += ["data.val_size=2", "data.resolution=32", "data.num_workers=0", f"data.root={folder}"]
+    tiny += ["callbacks.model_checkpoint.every_n_train_steps=2"]
+    vq = compose(
+        "+experiment=vqvae",
+        *common(tmp_path, cache_dir, "vq"),
+        *tiny,
+        f"backbone.pretrained={tiny_sd}",
+        "model.tokenizer.codebook_size=8",
+    )
+    train(vq)
+    tokenizer = tmp_path / "vq" / "tokenizer"
+    assert LatentVQTokenizer.from_pretrained(tokenizer).fitted
+    prior = compose(
+        "+experiment=pixelsnail",
+        *common(tmp_path, cache_dir, "prior"),
+        *tiny,
+        f"backbone.pretrained={tiny_sd}",
+        "llm=tiny",
+        "llm.pooling=none",
+        f"llm.pretrained={tiny_llm}",
+        f"data.tokenizer={tokenizer}",
+        f"data.out={tmp_path}/codes",
+        "model.prior.codebook_size=8",
+        "model.prior.grid_size=8",
+        "model.prior.channels=16",
+        "model.prior.num_blocks=1",
+    )
+    metrics = train(prior)
+    assert math.isfinite(metrics["train/nll"]) and (tmp_path / "prior" / "pixelsnail" / "prior").is_dir()

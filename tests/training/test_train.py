@@ -25,6 +25,8 @@ def test_every_experiment_composes_untouched(compose, experiment):
     module = {
         "vqvae_toy": "VQTokenizerModule",
         "pixelsnail_toy": "PixelSNAILModule",
+        "vqvae": "VQTokenizerModule",
+        "pixelsnail": "PixelSNAILModule",
         "unclip_decoder_toy": "UnclipDecoderModule",
         "unclip_toy": "UnclipPriorModule",
     }.get(experiment, "ConnectorTrainingModule")

@@ -13,6 +13,10 @@
   saying so; it is never skipped silently (``meteor=False`` leaves it out on purpose).
 
 Texts are lower-cased before scoring; references may be one string or a list of strings per caption.
+
+``checker_caption`` is the toy world's captioner, which needs no weights: the shape checker's reading of an
+image (``metrics/shapes.py``: count, colour and kind of each component) written in the base's vocabulary,
+"two red circles" (several kinds joined by "and", "nothing" for an empty image).
 """
 
 from __future__ import annotations
@@ -124,6 +128,26 @@ def score_captions(
     if meteor_metric:
         result["meteor"] = meteor(captions, references, wordnet)
     return result
+
+
+def checker_caption(image, **detect_kwargs) -> str:
+    """The shape checker's reading of one image (PIL, uint8 [H, W, 3] or float [3, H, W] in [0, 1]) as a caption
+    in the toy base's vocabulary: "two red circles"; "one red circle and two blue squares" for mixed readings
+    (largest group first), "two circles" where a component's colour is off the palette, "nothing" for no shape.
+    ``detect_kwargs``: those of ``shapes.detect_shapes`` (tolerance, min_area, foreground_threshold)."""
+    from collections import Counter
+
+    from sur_lightning.data.synthetic import NUMBER_WORDS, plural
+    from sur_lightning.evaluation.metrics.shapes import detect_shapes
+
+    groups = Counter(detect_shapes(image, **detect_kwargs)).most_common()
+    if not groups:
+        return "nothing"
+    words = []
+    for (color, kind), count in groups:
+        number = NUMBER_WORDS[count] if count < len(NUMBER_WORDS) else str(count)
+        words.append(" ".join(w for w in (number, color, plural(kind, count)) if w))
+    return " and ".join(words)
 
 
 class Captioner:
