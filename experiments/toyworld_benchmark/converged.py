@@ -40,6 +40,11 @@ READ_AT = {
     "mse_eta_one": ("summary.json", 2400),
     "sur_paper": ("summary.json", 2400),
     "denoising_only": ("summary.json", 2400),
+    # The other generators, one training seed each (issues 34, 35): unCLIP's prior through its decoder, the decoder
+    # given a true image's embedding (the bound of every prior), and the VQ + PixelSNAIL generator.
+    "unclip": ("results_unclip/summary.json", 2000),
+    "unclip_oracle": ("results_unclip/summary.json", 1500),
+    "pixelsnail": ("results_pixelsnail/summary.json", 2400),
 }
 
 

@@ -4,7 +4,7 @@
 (``PromptStates``) condition a trained ``PixelSNAIL``, which draws a code grid per (prompt, seed) in raster order
 (classifier-free guidance ``guidance_scale``, ``temperature``; row b's draws come from a generator seeded by its
 seed alone, so an image does not depend on its batch); the VQ tokenizer turns the codes into latents and its frozen
-VAE decoder into images. ``columns.pixelsnail_column(folder)`` wraps it as a ``Column`` (``Column.sampler``), which
+VAE decoder into images. ``columns.pixelsnail_column(folder)`` wraps it as a ``Column`` (``Column.render``), which
 ``render_columns`` renders like any other, so the toy-world checker scores it beside the connectors.
 
 ``folder``: an export of ``+experiment=pixelsnail_toy`` (``<run>/pixelsnail/`` or ``pixelsnail-step{N}/``):

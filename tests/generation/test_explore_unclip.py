@@ -32,6 +32,11 @@ def same(a: Image.Image, b: Image.Image) -> bool:
     return np.array_equal(np.asarray(a), np.asarray(b))
 
 
+def nearly_same(a: Image.Image, b: Image.Image) -> bool:
+    difference = np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16))
+    return difference.max() <= 8 and difference.mean() < 0.5
+
+
 @pytest.fixture(scope="module")
 def export(tmp_path_factory, backbone, llm) -> Path:
     """A prior export (``unclip/``), its decoder and its image tower, as ``training/unclip_module.py`` writes them."""
@@ -85,7 +90,9 @@ def test_variations_decode_the_image_embedding_with_new_noise(setup, column, tmp
     # At the variation's own seed it is exactly the decode of the input's image-tower embedding (no other noise).
     embedding = column.render.encode([source])
     for row in varied:
-        assert same(row.image, plain(setup, column, embedding, [row.seed])[0])
+        # Close, not equal: the tool encodes and decodes in batches, this check one image at a time, and on several
+        # threads a batched convolution rounds differently (a pixel or two move by a level or two).
+        assert nearly_same(row.image, plain(setup, column, embedding, [row.seed])[0])
     assert [r.seed for r in varied] == [1, 2, 3] and not same(varied[0].image, varied[1].image)
     # A given image file is encoded instead of the column's own image.
     source.save(tmp_path / "input.png")

@@ -29,6 +29,7 @@ def test_every_experiment_composes_untouched(compose, experiment):
         "pixelsnail": "PixelSNAILModule",
         "unclip_decoder_toy": "UnclipDecoderModule",
         "unclip_toy": "UnclipPriorModule",
+        "unclip_sd21": "UnclipPriorModule",
     }.get(experiment, "ConnectorTrainingModule")
     assert cfg.model._target_.endswith(module)
     assert cfg.task_name == experiment
