@@ -86,7 +86,8 @@ def table(read_at: dict[str, tuple[str, int]] = READ_AT, root: Path = HERE) -> s
         )
     return (
         "Gap closed (colour, shape) and the valid-image rate, each row at the longest budget measured for it; means over "
-        "3 training seeds with 95 % intervals (two-level bootstrap). The last column is the step from which the "
+        "the training seeds in the `seeds` column (3; 1 so far for unclip, unclip_oracle and pixelsnail) with 95 % "
+        "intervals (two-level bootstrap). The last column is the step from which the "
         f'held-out colour gap stays within ±{TOLERANCE} of that budget\'s value, or "still moving" where the last '
         "step moved it more (– with one step). Written by `converged.py` from "
         + ", ".join(f"`{file}`" for file in dict.fromkeys(file for file, _ in read_at.values()))

@@ -82,9 +82,13 @@ class PixelSNAILSampler:
                 if (folder / "trained_with.json").exists()
                 else {}
             )
-            if not (record.get("llm") or {}).get("config"):
+            entry = record.get("llm") or {}
+            # training_record's {"id", ..., "config": node}; exports written before ModelExport shared the connectors'
+            # record hold the LLM's config node itself.
+            node = entry.get("config") if "_target_" not in entry else entry
+            if not node:
                 raise ValueError(f"{folder}: trained_with.json names no LLM; pass llm= (the one it was trained with)")
-            llm = instantiate(record["llm"]["config"])
+            llm = instantiate(node)
         prior = PixelSNAIL.from_pretrained(str(folder / "prior"))
         tokenizer = LatentVQTokenizer.from_pretrained(folder / "tokenizer")
         if prior.config.codebook_size != tokenizer.codebook_size:
