@@ -36,7 +36,7 @@ from sur_lightning.config import (
 )
 from sur_lightning.data.surd import PrecomputedLLMFeatures
 from sur_lightning.runtime import environment, pin_threads
-from sur_lightning.training.callbacks import AdapterExport, SampleGrid
+from sur_lightning.training.callbacks import AdapterExport, ModelExport, SampleGrid
 from sur_lightning.training.feature_cache import check_name_dropout, extra_prompts, prepare_feature_cache
 from sur_lightning.training.feature_store import FeatureCache
 
@@ -121,7 +121,9 @@ def report_outputs(cfg, trainer, callbacks, loggers, metrics: dict[str, float]) 
     if (output_dir / "data_report.json").exists():
         lines.append(f"data:       {output_dir / 'data_report.json'} (skipped, repaired and truncated rows)")
     for callback in callbacks:
-        if isinstance(callback, AdapterExport) and callback.last_folder:
+        if isinstance(callback, ModelExport) and callback.last_folder:
+            lines.append(f"export:     {callback.last_folder} ({callback.filename}; generate/evaluate/explore read it)")
+        elif isinstance(callback, AdapterExport) and callback.last_folder:
             lines.append(
                 f"adapter:    {callback.last_folder} (config.json + model.safetensors; sur_lightning.load_connector)"
             )

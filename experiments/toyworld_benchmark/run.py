@@ -133,13 +133,20 @@ ROWS: dict[str, tuple[str, list[str], str]] = {
             "the image tower's embedding, decoded by the frozen toy UNet through a trained projection (4 tokens + time)"
         ),
     ),
+    # The knowledge recipe of ella_unseen_objects on the prior: it reads the same LLM features, so the retrieved fact,
+    # name dropout and anonymised names apply to it unchanged; the decoder (which reads no text) is the unclip row's.
+    "unclip_anonymise": (
+        "unclip_toy",
+        ["+llm/rag=toyworld", "llm.rag_pooling=all", "llm.rag.name_dropout=1.0", "llm.rag.anonymise=true"],
+        "the unclip row's prior reading SmolLM2's states of the retrieved fact + the prompt, every name a nonsense word",
+    ),
     "unclip_oracle": (
         "unclip_decoder_toy",
         [],
         "unCLIP's decoder given the image tower's embedding of a true image of the prompt (the bound of every prior)",
     ),
 }
-UNCLIP_ROWS = ("unclip", "unclip_oracle")
+UNCLIP_ROWS = ("unclip", "unclip_anonymise", "unclip_oracle")
 # Presets that train their own generator (conf/callbacks/generator.yaml: an export_pretrained folder per scored step)
 # instead of a connector on the frozen base -> the name of their final export. A row of one draws its images with
 # its own sampler (Column.render); vqvae_toy is no row, it fits the tokenizer the pixelsnail row reads.
@@ -250,21 +257,22 @@ def tokenizer_for(args) -> Path:
 
 
 def train_unclip(name: str, seed: int, split_seed: int, args) -> Path:
-    """unCLIP's runs for one seed: the decoder (runs/unclip_decoder/seed<S>, ``--decoder-steps``), then for the
-    ``unclip`` row the prior sampled through it (runs/unclip/seed<S>, ``--steps``); each resumes a killed run.
-    Returns the row's run folder."""
+    """unCLIP's runs for one seed: the decoder (runs/unclip_decoder/seed<S>, ``--decoder-steps``), shared by every
+    row of that seed, then for a prior row the prior sampled through it (runs/<row>/seed<S>, ``--steps``); each
+    resumes a killed run. Returns the row's run folder."""
     from sur_lightning.train import train
 
     decoder_run = world_out(args, split_seed) / "runs" / "unclip_decoder" / f"seed{seed}"
     runs = [(decoder_run, "unclip_decoder_toy", [args.decoder_steps], "decoder", [])]
-    if name == "unclip":
+    if name != "unclip_oracle":
+        preset, overrides, _ = ROWS[name]
         runs.append(
             (
-                world_out(args, split_seed) / "runs" / "unclip" / f"seed{seed}",
-                "unclip_toy",
+                world_out(args, split_seed) / "runs" / name / f"seed{seed}",
+                preset,
                 args.steps,
                 "unclip",
-                [f"model.decoder={decoder_run / 'decoder'}"],
+                [f"model.decoder={decoder_run / 'decoder'}", *overrides],
             )
         )
     for out, preset, steps, export, overrides in runs:
@@ -363,11 +371,11 @@ class Scorer:
         column.name = "adapter"
         return self.rows([column], path.parent / "eval" / path.stem, split_seed)["adapter"]
 
-    def unclip(self, path: Path, split_seed: int) -> list[dict]:
+    def unclip(self, name: str, path: Path, split_seed: int) -> list[dict]:
         """A prior export (``unclip-step<N>/``), sampled prior -> decoder (the decoder its unclip.json names)."""
         from sur_lightning.generation.columns import unclip_column
 
-        column = unclip_column(self.backbone, path, llm=self.llm("unclip"), name="adapter")
+        column = unclip_column(self.backbone, path, llm=self.llm(name), name="adapter")
         return self.rows([column], path.parent / "eval" / path.name, split_seed)["adapter"]
 
     def unclip_oracle(self, path: Path, split_seed: int) -> list[dict]:
@@ -384,13 +392,13 @@ class Scorer:
 def score_unclip(name: str, run: Path, scorer: Scorer, done: dict, on_step, split_seed: int) -> None:
     """Score each step export of an unCLIP run: the prior's ``unclip-step<N>`` (and the final ``unclip``), or for the
     oracle the decoder's final export at its step."""
-    if name == "unclip":
+    if name != "unclip_oracle":
         exports = learning_curve.exported_adapters(run, prefix="unclip")
         for export in exports:
             if export["step"] not in done:
                 done[export["step"]] = {
                     "train_seconds": export["train_seconds"],
-                    "images": scorer.unclip(export["path"], split_seed),
+                    "images": scorer.unclip(name, export["path"], split_seed),
                 }
                 on_step(export["step"], done[export["step"]])
         return

@@ -208,19 +208,24 @@ class AdapterExport(EveryNSteps):
     def on_train_start(self, trainer, pl_module) -> None:
         self._started = time.perf_counter()
 
-    @rank_zero_only
-    def export(self, pl_module, name: str, folder: bool = False) -> Path:
+    def write(self, pl_module, name: str, record: dict, folder: bool) -> tuple[Path, Path | None]:
+        """Writes export ``name``: the file the learning curve reads, and the folder when ``folder``."""
         # The file's header carries the record too, so the file alone is as usable as the folder (the run's
         # .hydra/config.yaml is unresolved: `${paths.cache_dir}` means nothing outside this run's config).
-        record = self.record(pl_module)
         with averaged_weights(pl_module):
             path, _ = save_connector(pl_module.connector, self.dirpath / f"{name}.safetensors", record)
-            if folder:
-                self.last_folder = save_pretrained(pl_module.connector, self.dirpath / name, record)
+            saved = save_pretrained(pl_module.connector, self.dirpath / name, record) if folder else None
+        return path, saved
+
+    @rank_zero_only
+    def export(self, pl_module, name: str, folder: bool = False) -> Path:
+        path, saved = self.write(pl_module, name, self.record(pl_module), folder)
         self.last_path = path
+        if saved is not None:
+            self.last_folder = saved
         export = {"step": pl_module.global_step, "train_seconds": round(self.train_seconds(), 2), "file": path.name}
-        with open(self.dirpath / "exports.jsonl", "a", encoding="utf-8") as log:
-            log.write(json.dumps(export) + "\n")
+        with open(self.dirpath / "exports.jsonl", "a", encoding="utf-8") as log_file:
+            log_file.write(json.dumps(export) + "\n")
         return path
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -231,25 +236,29 @@ class AdapterExport(EveryNSteps):
         self.export(pl_module, self.filename, folder=True)
         self.log_artifact(trainer)
 
-    @rank_zero_only
-    def log_artifact(self, trainer) -> None:
-        """The ``adapter/`` folder as a W&B artifact of type "model" (``adapter-<run id>``, aliases ``latest`` and
-        ``step<N>``), with its ``config.json``'s connector config and ``trained_with`` as the artifact's metadata,
-        so the W&B UI shows what the adapter was trained for and ``run.use_artifact`` fetches it."""
-        runs = [logger.experiment for logger in trainer.loggers if isinstance(logger, WandbLogger)]
-        if not runs or self.last_folder is None:
-            return
-        import wandb
-
+    def artifact_metadata(self, trainer) -> dict:
+        """What the W&B UI shows of the final folder: its ``config.json``'s connector config and ``trained_with``."""
         config = json.loads((self.last_folder / CONFIG_NAME).read_text())
-        metadata = {
+        return {
             "step": trainer.global_step,
             "kind": config.get("kind"),
             "connector": config.get("connector"),
             "trained_with": config.get("trained_with"),
         }
+
+    @rank_zero_only
+    def log_artifact(self, trainer) -> None:
+        """The final folder as a W&B artifact of type "model" (``<filename>-<run id>``, aliases ``latest`` and
+        ``step<N>``) with ``artifact_metadata`` as its metadata, so the W&B UI shows what the model was trained for
+        and ``run.use_artifact`` fetches it."""
+        runs = [logger.experiment for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+        if not runs or self.last_folder is None:
+            return
+        import wandb
+
+        metadata = self.artifact_metadata(trainer)
         for run in runs:
-            artifact = wandb.Artifact(f"adapter-{run.id}", type="model", metadata=metadata)
+            artifact = wandb.Artifact(f"{self.filename}-{run.id}", type="model", metadata=metadata)
             artifact.add_dir(str(self.last_folder))
             run.log_artifact(artifact, aliases=["latest", f"step{trainer.global_step}"])
 
@@ -268,34 +277,16 @@ class ModelExport(AdapterExport):
     (the learning curve's x-axes, ``learning_curve.exported_adapters(run, prefix=...)``). The final folder is also
     a W&B artifact of type "model" (``<filename>-<run id>``)."""
 
-    @rank_zero_only
-    def export(self, pl_module, name: str, folder: bool = False) -> Path:
+    def write(self, pl_module, name: str, record: dict, folder: bool) -> tuple[Path, Path]:
         # The connectors' record (training_record: backbone and LLM nodes, widths, cache fingerprints), which
         # generate/evaluate read back (columns.use_recorded).
-        path = pl_module.export_pretrained(self.dirpath / name, self.record(pl_module))
-        export = {"step": pl_module.global_step, "train_seconds": round(self.train_seconds(), 2), "file": path.name}
-        with open(self.dirpath / "exports.jsonl", "a", encoding="utf-8") as log_file:
-            log_file.write(json.dumps(export) + "\n")
+        path = pl_module.export_pretrained(self.dirpath / name, record)
         if folder:
-            self.exported = path
             log.info(f"{type(pl_module).__name__}: exported {path}")
-        return path
+        return path, path if folder else None
 
-    def on_train_end(self, trainer, pl_module) -> None:
-        self.export(pl_module, self.filename, folder=True)
-        self.log_folder_artifact(trainer)
-
-    @rank_zero_only
-    def log_folder_artifact(self, trainer) -> None:
-        runs = [logger.experiment for logger in trainer.loggers if isinstance(logger, WandbLogger)]
-        if not runs or getattr(self, "exported", None) is None:
-            return
-        import wandb
-
-        for run in runs:
-            artifact = wandb.Artifact(f"{self.filename}-{run.id}", type="model", metadata={"step": trainer.global_step})
-            artifact.add_dir(str(self.exported))
-            run.log_artifact(artifact, aliases=["latest", f"step{trainer.global_step}"])
+    def artifact_metadata(self, trainer) -> dict:
+        return {"step": trainer.global_step}
 
 
 class SampleGrid(EveryNSteps):
