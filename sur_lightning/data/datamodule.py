@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -84,6 +85,9 @@ class ImageTextDataModule(L.LightningDataModule):
     pin_memory:    page-locked training batches (null: when CUDA is present).
     cache:         auto | require | off, with ``cache_dir``: see ``sur_lightning/training/feature_cache.py``.
     report_dir:    where ``data_report.json`` is written (the run's folder).
+    balance_by:    a metadata column (the toy world's ``shape``, ``object``, ``color``): every value of it gets an
+                   equal share of each training epoch, its rows drawn with replacement (``EpochSampler(weights=...)``);
+                   null: every row once per epoch. The shares are written to the data report.
     name_dropout, name_variants, name_knowledge_base: name dropout for the training rows (p, K and the
                    knowledge base whose "Name (plural)" titles are the names; see ``sur_lightning.knowledge.name_dropout.NameDropout``).
                    conf/data takes all three from ``llm.rag`` (``llm.rag.name_dropout`` is the switch);
@@ -121,6 +125,7 @@ class ImageTextDataModule(L.LightningDataModule):
         name_dropout: float = 0.0,
         name_variants: int = 4,
         name_knowledge_base: str | None = None,
+        balance_by: str | None = None,
     ) -> None:
         super().__init__()
         if cache not in CACHE_MODES:
@@ -167,6 +172,12 @@ class ImageTextDataModule(L.LightningDataModule):
         self.cache_dir = cache_dir
         self.report_dir = report_dir
         self.seed = seed
+        if balance_by is not None and self.format == "webdataset":
+            raise ValueError(
+                f"data.balance_by={balance_by!r} weights rows drawn by index, but data.format=webdataset streams its "
+                "rows: use a folder/parquet/arrow copy"
+            )
+        self.balance_by = balance_by
         self.name_dropout = float(name_dropout or 0.0)
         self.name_variants = int(name_variants)
         self.renamer = self.name_renamer(name_variants, name_knowledge_base)
@@ -433,11 +444,33 @@ class ImageTextDataModule(L.LightningDataModule):
         # Each rank reads its share of one seeded order itself (the trainer runs with
         # use_distributed_sampler=false), and the order resumes mid-epoch: see EpochSampler.
         rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        self.train_sampler = EpochSampler(len(self.train_set), seed=self.seed, rank=rank, world_size=world_size)
+        self.train_sampler = EpochSampler(
+            len(self.train_set), seed=self.seed, rank=rank, world_size=world_size, weights=self.balance_weights()
+        )
         # Its own generator for the workers' base seed, so creating an iterator (as a resume does) leaves
         # the global RNG alone.
         generator = torch.Generator().manual_seed(self.seed)
         return ResumableDataLoader(self.train_set, sampler=self.train_sampler, generator=generator, **common)
+
+    def balance_weights(self) -> list[float] | None:
+        """One weight per training row, 1 / (rows sharing its ``balance_by`` value), or None when not balancing."""
+        if self.balance_by is None:
+            return None
+        values = []
+        for row in self.train_set.rows:
+            if self.balance_by not in row.extra:
+                raise KeyError(
+                    f"data.balance_by={self.balance_by!r}: {row.where} has no such column (it has {sorted(row.extra)})"
+                )
+            values.append(str(row.extra[self.balance_by]))
+        counts = Counter(values)
+        self.report.balanced = {
+            "by": self.balance_by,
+            "rows": dict(sorted(counts.items())),
+            "share": {value: round(1 / len(counts), 4) for value in sorted(counts)},
+        }
+        log.info(f"data.balance_by={self.balance_by}: rows per value {self.report.balanced['rows']}, equal shares")
+        return [1.0 / counts[value] for value in values]
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None:

@@ -27,6 +27,7 @@ class DataReport:
         self.seen: set[tuple[str, str, str]] = set()
         self.rows = 0
         self.folder: str | None = None  # the folder whose metadata was read, when the data is a folder
+        self.balanced: dict | None = None  # data.balance_by: the column, its rows per value and each value's share
 
     def add(self, kind: str, row: str, id: str, reason: str) -> None:
         if kind not in KINDS:
@@ -58,7 +59,8 @@ class DataReport:
         counts = {"rows": self.rows, "used": max(self.rows - skipped, 0)}
         counts.update({kind: len({e["row"] for e in self.events[kind]}) for kind in KINDS})
         folder = {"folder": self.folder} if self.folder else {}
-        return {**folder, "counts": counts, **{kind: list(self.events[kind]) for kind in KINDS}}
+        balanced = {"balanced": self.balanced} if self.balanced else {}
+        return {**folder, "counts": counts, **balanced, **{kind: list(self.events[kind]) for kind in KINDS}}
 
     def write(self, path: str | Path) -> Path:
         """Write the report atomically (a reader never sees half a file)."""

@@ -20,13 +20,29 @@ class EpochSampler(Sampler[tuple[int, int]]):
     batch. (Lightning's own DistributedSampler would shuffle with another generator than the one-process
     RandomSampler, so the two would see different data.)
 
+    ``weights`` (one per sample, None: uniform): epoch e instead draws ``num_samples`` indices with replacement,
+    in proportion to the weights, from a generator seeded with ``seed + e``; a training mix that balances a
+    column's values (``ImageTextDataModule(balance_by=...)``) with the same resume and DDP guarantees.
+
     Yields (epoch, index): ``ImageTextDataset`` keys a row's flip and crop by the epoch.
     ``consumed``: samples of this epoch that reached the training step (counted by the datamodule, not
     by ``__iter__``, because Lightning fetches a batch ahead). ``state_dict`` is (epoch, consumed); after
     ``load_state_dict`` the next ``__iter__`` starts at the first sample not yet trained on.
     """
 
-    def __init__(self, num_samples: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        num_samples: int,
+        seed: int,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        weights: list[float] | None = None,
+    ) -> None:
+        if weights is not None and (len(weights) != num_samples or min(weights) < 0 or sum(weights) <= 0):
+            raise ValueError(
+                f"EpochSampler: weights must be {num_samples} non-negative numbers, not all zero (got {len(weights)})"
+            )
         if not 0 <= rank < world_size:
             raise ValueError(f"EpochSampler: rank {rank} is outside world_size {world_size}")
         if num_samples < world_size:
@@ -36,6 +52,7 @@ class EpochSampler(Sampler[tuple[int, int]]):
         self.shuffle = shuffle
         self.rank = rank
         self.world_size = world_size
+        self.weights = None if weights is None else torch.tensor(weights, dtype=torch.float64)
         self.epoch = 0
         self.consumed = 0
 
@@ -44,7 +61,10 @@ class EpochSampler(Sampler[tuple[int, int]]):
 
     def order(self, epoch: int) -> list[int]:
         """This rank's indices for ``epoch``, in training order."""
-        if self.shuffle:
+        if self.weights is not None:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            order = torch.multinomial(self.weights, self.num_samples, replacement=True, generator=generator)
+        elif self.shuffle:
             order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + epoch))
         else:
             order = torch.arange(self.num_samples)

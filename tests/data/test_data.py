@@ -496,3 +496,56 @@ def test_training_batches_are_page_locked_when_cuda_is_present_or_when_asked(sha
         datamodule = ImageTextDataModule(str(shapes), pin_memory=pin_memory, **common)
         datamodule.setup("fit")
         assert datamodule.train_dataloader().pin_memory is expected, (cuda, pin_memory)
+
+
+def test_balance_by_gives_each_value_an_equal_share_resumably_and_names_a_missing_column(tmp_path, shapes):
+    """data.balance_by=shape on 12 rows, 9 circles and 3 triangles: each shape is drawn about half the time, the draws
+    repeat per (seed, epoch) and split across ranks as one process's; a row without the column is named."""
+    import shutil
+    from collections import Counter
+
+    from sur_lightning.data.sampler import EpochSampler
+
+    folder = tmp_path / "skewed"
+    folder.mkdir()
+    source = min(shapes.glob("*.png"))
+    rows = []
+    for i in range(12):
+        shutil.copy(source, folder / f"{i:02d}.png")
+        shape = "triangle" if i < 3 else "circle"
+        rows.append({"file_name": f"{i:02d}.png", "text": f"a {shape}", "prompt": f"one red {shape}", "shape": shape})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    datamodule = ImageTextDataModule(
+        str(folder), resolution=32, batch_size=4, val_size=0, balance_by="shape", report_dir=str(tmp_path)
+    )
+    datamodule.setup("fit")
+    datamodule.train_dataloader()
+    sampler = datamodule.train_sampler
+    shape_of = {i: row.extra["shape"] for i, row in enumerate(datamodule.train_set.rows)}
+    drawn = Counter()
+    for epoch in range(50):
+        sampler.set_epoch(epoch)
+        drawn.update(shape_of[index] for _, index in sampler)
+    assert 0.4 < drawn["triangle"] / sum(drawn.values()) < 0.6  # 0.25 unbalanced
+    sampler.set_epoch(7)
+    again = EpochSampler(12, seed=datamodule.seed, weights=datamodule.balance_weights())
+    again.set_epoch(7)
+    assert list(again) == list(sampler)
+    ranks = [EpochSampler(12, seed=0, rank=r, world_size=2, weights=[1.0] * 3 + [1 / 3] * 9) for r in (0, 1)]
+    single = EpochSampler(12, seed=0, weights=[1.0] * 3 + [1 / 3] * 9)
+    assert sorted(i for _, i in single) == sorted(i for r in ranks for _, i in r)
+    assert datamodule.write_report() is not None
+    report = json.loads((tmp_path / "data_report.json").read_text())
+    assert report["balanced"] == {
+        "by": "shape",
+        "rows": {"circle": 9, "triangle": 3},
+        "share": {"circle": 0.5, "triangle": 0.5},
+    }
+
+    missing = ImageTextDataModule(str(folder), resolution=32, batch_size=4, val_size=0, balance_by="object")
+    missing.setup("fit")
+    with pytest.raises(KeyError, match=r"data.balance_by='object': metadata.jsonl:\d+ has no such column"):
+        missing.train_dataloader()
+    with pytest.raises(ValueError, match="weights must be 3 non-negative"):
+        EpochSampler(3, seed=0, weights=[1.0, -1.0, 1.0])
