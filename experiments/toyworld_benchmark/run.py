@@ -170,6 +170,22 @@ ROWS["ella_random_llm"] = (
 )
 # "ella_unseen_objects" is the preset itself (conf/experiment/ella_unseen_objects.yaml), whatever recipe it holds.
 ROWS["ella_unseen_objects"] = ("ella_unseen_objects", [], "the +experiment=ella_unseen_objects preset as it stands")
+# Remedies for the worlds that hold out shapes the training mix has few of (issue 36), each one change to the preset.
+ROWS["ella_unseen_objects_balanced"] = (
+    "ella_unseen_objects",
+    ["data.balance_by=shape"],
+    "the preset with a training mix that gives each shape an equal share (data.balance_by=shape)",
+)
+ROWS["ella_unseen_objects_k7"] = (
+    "ella_unseen_objects",
+    ["llm.rag.name_variants=7"],
+    "the preset with 7 nonsense words per caption instead of 4",
+)
+ROWS["ella_unseen_objects_4blocks"] = (
+    "ella_unseen_objects",
+    ["connector.num_blocks=4"],
+    "the preset with a TSC of 4 blocks instead of 2: more of the connector to read the fact with",
+)
 # Evaluation seeds of each split (seeds of the sampler's noise, not of the world).
 SPLIT_SEEDS = {"adapter_train": [0], "held_out_combinations": [0, 1], "held_out_objects": [0, 1, 2]}
 # Five worlds that together hold out every object once (found by search over make_splits(0..299)):

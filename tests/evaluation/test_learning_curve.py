@@ -289,3 +289,24 @@ def test_the_text_encoder_ablation_rows_differ_from_the_demo_recipe_in_the_text_
         assert changed == {"llm"}, (row, changed)
         # Token states for ELLA, whichever text model: set, or chosen by the connector (conf/llm/minilm.yaml).
         assert cfg["llm"]["pooling"] == "none" or "llm_pooling" in cfg["llm"]["pooling"]
+
+
+def test_each_unseen_object_remedy_row_changes_one_thing_of_the_preset(compose):
+    from conftest import load_experiment_script
+    from omegaconf import OmegaConf
+
+    run = load_experiment_script("toyworld_benchmark/run.py", "toyworld_benchmark_run")
+    reference = OmegaConf.to_container(compose("+experiment=ella_unseen_objects", tiny=False))
+    expected = {
+        "ella_unseen_objects_balanced": ("data", "balance_by", "shape"),
+        "ella_unseen_objects_k7": ("llm", "rag", 7),
+        "ella_unseen_objects_4blocks": ("connector", "num_blocks", 4),
+    }
+    for row, (group, key, value) in expected.items():
+        preset, overrides, _ = run.ROWS[row]
+        cfg = OmegaConf.to_container(compose(f"+experiment={preset}", *overrides, tiny=False))
+        changed = {k for k in reference if reference[k] != cfg[k]}
+        # (conf/data reads name_variants from llm.rag by interpolation: unresolved, the data node is unchanged.)
+        assert changed == {group}, (row, changed)
+        found = cfg[group][key]["name_variants"] if key == "rag" else cfg[group][key]
+        assert found == value, row
