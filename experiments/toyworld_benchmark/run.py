@@ -418,7 +418,11 @@ def score_unclip(name: str, run: Path, scorer: Scorer, done: dict, on_step, spli
                 }
                 on_step(export["step"], done[export["step"]])
         return
-    (export,) = [e for e in learning_curve.exported_adapters(run, prefix="decoder")][-1:]
+    exports = learning_curve.exported_adapters(run, prefix="decoder")
+    if not exports:  # a decoder trained without a step export (before at_steps reached it): its final folder
+        line = json.loads((run / "exports.jsonl").read_text().splitlines()[-1])
+        exports = [{**line, "path": run / line["file"]}]
+    export = exports[-1]
     if export["step"] not in done:
         done[export["step"]] = {
             "train_seconds": export["train_seconds"],
