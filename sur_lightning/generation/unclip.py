@@ -17,7 +17,7 @@ deterministic per (prompt, seed) whatever the batch.
 
 A prior trained on a stock pipeline's own prior text (``+experiment=unclip_sd21_clip``) is also exported as a plain
 ``PriorTransformer`` (``prior_transformer/``). ``stock_unclip_pipeline`` loads diffusers' ``StableUnCLIPPipeline``
-with it as its ``prior``.
+with it as its ``prior``, and ``StockUnclipRender`` draws a column through that pipeline as it ships.
 """
 
 from __future__ import annotations
@@ -97,6 +97,54 @@ def stock_unclip_pipeline(pipeline: str | Path | None, prior_export: str | Path,
     prior = PriorTransformer.from_pretrained(str(Path(prior_export) / stock["folder"]), **dtype)
     pipeline = str(pipeline or stock["pipeline"])
     return load_pretrained(StableUnCLIPPipeline, pipeline, "unclip_pipeline", prior=prior.eval(), **dtype)
+
+
+class StockUnclipRender:
+    """A column's ``render`` (``DecoderRender``'s arguments) through a ``StableUnCLIPPipeline`` as it ships: its
+    prior text encoder, prior chain, image noising and decoder, with the trained prior (``stock_unclip_pipeline``).
+
+    One pipeline call per (prompt, seed), its generator seeded by the seed on the CPU (the other columns draw their
+    noise there too), so an image does not depend on its batch. ``scheduler`` picks the decoder's sampler from the
+    pipeline's own scheduler config, as for the other columns; the prior's chain is the pipeline's DDPM
+    (``prior_num_inference_steps``, ``prior_guidance_scale``: the pipeline's defaults)."""
+
+    def __init__(self, pipeline, prior_num_inference_steps: int = 25, prior_guidance_scale: float = 4.0) -> None:
+        self.pipeline = pipeline
+        self.pipeline.set_progress_bar_config(disable=True)
+        self.scheduler_config = pipeline.scheduler.config
+        self.prior_num_inference_steps = prior_num_inference_steps
+        self.prior_guidance_scale = prior_guidance_scale
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        scheduler: str = "ddim",
+        negative_prompt: str = "",
+        num_inference_steps: int = 20,
+        guidance_scale: float = 10.0,
+        height: int | None = None,
+        width: int | None = None,
+    ) -> list[Image.Image]:
+        from sur_lightning.generation.pipeline import sampler_named
+
+        self.pipeline.scheduler = sampler_named(scheduler, self.scheduler_config)
+        images = []
+        for prompt, seed in zip(prompts, seeds):
+            images += self.pipeline(
+                prompt,
+                negative_prompt=negative_prompt or None,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                height=height,
+                width=width,
+                generator=torch.Generator().manual_seed(int(seed)),
+                prior_num_inference_steps=self.prior_num_inference_steps,
+                prior_guidance_scale=self.prior_guidance_scale,
+                output_type="pil",
+            ).images
+        return images
 
 
 @torch.no_grad()

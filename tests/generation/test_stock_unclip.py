@@ -189,6 +189,32 @@ def test_the_stock_pipeline_draws_with_the_trained_prior_and_its_prior_stage_is_
     assert not torch.allclose(embeds[0], other_seed, atol=1e-3)
 
 
+def test_generate_draws_a_stock_unclip_column(export, tmp_path, cache_dir):
+    from sur_lightning.generate import generate
+
+    overrides = [
+        f"paths.root_dir={tmp_path}",
+        f"paths.cache_dir={cache_dir}",
+        f"paths.output_dir={tmp_path}/run",
+        f"unclip={export}",
+        "include_base=false",
+        "prompts=[one red circle]",
+        "seeds=[0,1]",
+        "sampler.num_inference_steps=2",
+        "device=cpu",
+    ]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="generate", overrides=overrides)
+    generate(cfg, overrides=overrides)
+    run = Path(cfg.paths.output_dir)
+    assert sorted(p.name for p in (run / "images" / "unclip").iterdir()) == [
+        "prompt-000_seed0.png",
+        "prompt-000_seed1.png",
+    ]
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["columns"]["unclip"]["kind"] == "unclip_stock"
+
+
 def test_a_prior_whose_widths_differ_exports_no_prior_transformer_and_says_why(stock_pipeline, tmp_path):
     """The pipeline's 32-wide prior text into a 16-wide image embedding: text_proj cannot be folded in."""
     import functools
