@@ -366,8 +366,8 @@ def evaluator_arguments(cfg: DictConfig) -> dict:
 def column_arguments(cfg: DictConfig) -> dict:
     """``generation.columns.grid_columns``'s arguments after the backbone and prompts, from a generate/evaluate/
     explore config: the adapters, the LLM's config node (built only for a connector that reads token states),
-    mode, η or its sweep, whether the base columns are drawn, the negative prompt's conditioning, and the
-    PixelSNAIL exports drawn as columns of their own."""
+    mode, η or its sweep, whether the base columns are drawn, the negative prompt's conditioning, the
+    PixelSNAIL exports drawn as columns of their own, and the unCLIP prior export (and the pipeline that draws it)."""
     return {
         "adapters": cfg.adapters,
         "llm_config": cfg.get("llm"),
@@ -378,6 +378,7 @@ def column_arguments(cfg: DictConfig) -> dict:
         "negative": cfg.get("negative", "connector"),
         "pixelsnail": list(cfg.get("pixelsnail") or []),
         "unclip": cfg.get("unclip"),
+        "unclip_pipeline": cfg.get("unclip_pipeline"),
     }
 
 

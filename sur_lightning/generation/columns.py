@@ -4,7 +4,8 @@ A ``Column`` is a name, a conditioning and a description of its source. ``build_
 column and one per adapter (or per η of a sweep), each checked against the backbone and LLM on an empty
 prompt, so a mismatch fails naming the adapter file. ``complex_prompt_column`` is the base model given
 each prompt's complex prompt (the upper bound). ``unclip_column`` / ``oracle_column`` draw with unCLIP's prior ->
-decoder and its decoder alone (``generation/unclip.py``), ``pixelsnail_column`` with a PixelSNAIL export
+decoder and its decoder alone (``generation/unclip.py``), ``stock_unclip_column`` with diffusers'
+``StableUnCLIPPipeline`` around a prior exported in its format, ``pixelsnail_column`` with a PixelSNAIL export
 (``generation/pixelsnail.py``): both through ``Column.render``. ``grid_columns`` gives a grid's columns from the
 values of a generate/evaluate config (``config.column_arguments``).
 """
@@ -219,6 +220,24 @@ def unclip_column(
     return Column(name, None, source, render=DecoderRender(backbone, projection, embed, tower))
 
 
+def stock_unclip_column(backbone, folder: str | Path, pipeline: str | None = None, name: str = "unclip") -> Column:
+    """The column of a prior export that holds ``prior_transformer/`` (``+experiment=unclip_sd21_clip``), drawn by
+    diffusers' ``StableUnCLIPPipeline`` as it ships with that prior swapped in (``unclip.StockUnclipRender``):
+    ``pipeline``, or the one whose prior text the export read, on the backbone's device and in its dtype."""
+    from sur_lightning.generation.unclip import StockUnclipRender, stock_prior, stock_unclip_pipeline
+
+    loaded = stock_unclip_pipeline(pipeline, folder, torch_dtype=backbone.unet.dtype).to(backbone.device)
+    render = StockUnclipRender(loaded)
+    source = {
+        "kind": "unclip_stock",
+        "prior": str(folder),
+        "pipeline": str(pipeline or stock_prior(folder)["pipeline"]),
+        "prior_num_inference_steps": render.prior_num_inference_steps,
+        "prior_guidance_scale": render.prior_guidance_scale,
+    }
+    return Column(name, None, source, render=render)
+
+
 def oracle_column(
     backbone, decoder: str | Path, image_tower: str | Path, reference: Callable, name: str = "unclip_oracle"
 ) -> Column:
@@ -313,10 +332,13 @@ def grid_columns(
     negative: str = "connector",
     pixelsnail: Sequence[str] = (),
     unclip: str | None = None,
+    unclip_pipeline: str | None = None,
 ) -> list[Column]:
     """A grid's columns: ``build_columns`` (the LLM built from ``llm_config``, its config node, only when a
     connector reads its token states), with ``base+complex`` second when ``include_base`` and a prompt has a
-    complex one, a column per PixelSNAIL export in ``pixelsnail`` and one for an unCLIP prior export ``unclip``.
+    complex one, a column per PixelSNAIL export in ``pixelsnail`` and one for an unCLIP prior export ``unclip``
+    (drawn by ``StableUnCLIPPipeline`` when the export holds its ``prior_transformer/``: ``unclip_pipeline``, or the
+    pipeline it records).
     ``config.column_arguments(cfg)`` gives every argument after ``prompts`` from a
     generate/evaluate/explore config; run ``config.use_recorded`` first for the backbone and LLM the adapters
     were trained with."""
@@ -331,7 +353,11 @@ def grid_columns(
         include_base=include_base,
         negative=negative,
     )
-    if unclip:  # unCLIP: prior -> decoder, reading the LLM its record names unless llm= chose one
+    from sur_lightning.generation.unclip import stock_prior
+
+    if unclip and stock_prior(unclip) is not None:  # the stock pipeline with the trained prior: no LLM to read
+        columns.append(stock_unclip_column(backbone, unclip, unclip_pipeline))
+    elif unclip:  # unCLIP: prior -> decoder, reading the LLM its record names unless llm= chose one
         columns.append(unclip_column(backbone, unclip, llm=token_llm(llm_config) if llm_config is not None else None))
     complex_column = complex_prompt_column(backbone, prompts) if include_base else None
     if complex_column is not None:

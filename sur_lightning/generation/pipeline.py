@@ -35,17 +35,20 @@ SCHEDULERS = {
 def build_pipeline(backbone, scheduler: str = "ddim"):
     """A ``StableDiffusionPipeline`` (``StableDiffusionXLPipeline`` for SDXL) over the backbone's frozen components
     (no copies)."""
+    pipeline = backbone.assemble_pipeline(sampler_named(scheduler, backbone.noise_scheduler.config))
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def sampler_named(scheduler: str, config):
+    """The sampler named ``scheduler`` (``SCHEDULERS``) from a scheduler's ``config`` (its betas, prediction type)."""
     import diffusers
 
     if scheduler not in SCHEDULERS:
         raise ValueError(f"scheduler must be one of {sorted(SCHEDULERS)}, got {scheduler!r}")
-    config = backbone.noise_scheduler.config
     # The training scheduler (DDPM) carries clip_sample=True, which SD's DDIM sampling must not use.
     overrides = {"clip_sample": False} if scheduler == "ddim" else {}
-    sampler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(config, **overrides)
-    pipeline = backbone.assemble_pipeline(sampler)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
+    return getattr(diffusers, SCHEDULERS[scheduler]).from_config(config, **overrides)
 
 
 def placeholder_embeds(pipeline, features, batch: int) -> dict[str, torch.Tensor]:

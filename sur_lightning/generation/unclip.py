@@ -14,6 +14,10 @@ normalised difference of two captions' embeddings). ``generation/tools.py`` runs
 
 The same seed gives the same embedding (prior) and the same initial latents (decoder), so a column is
 deterministic per (prompt, seed) whatever the batch.
+
+A prior trained on a stock pipeline's own prior text (``+experiment=unclip_sd21_clip``) is also exported as a plain
+``PriorTransformer`` (``prior_transformer/``). ``stock_unclip_pipeline`` loads diffusers' ``StableUnCLIPPipeline``
+with it as its ``prior``, and ``StockUnclipRender`` draws a column through that pipeline as it ships.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from sur_lightning.models.unclip_decoder import ImageEmbeddingProjection, added_
 
 DECODER_RECORD = "unclip_decoder.json"
 PRIOR_RECORD = "unclip.json"
+# The prior export's folder of the plain PriorTransformer that StableUnCLIPPipeline takes as its prior.
+STOCK_PRIOR = "prior_transformer"
 
 
 def clip_pooled(backbone, clip_states: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
@@ -60,6 +66,85 @@ def load_prior(folder: str | Path) -> tuple[DiffusionPrior, dict]:
     prior = DiffusionPrior.from_pretrained(str(Path(folder) / "prior")).eval()
     prior.check_fitted()
     return prior, record
+
+
+def stock_prior(folder: str | Path) -> dict | None:
+    """What ``unclip.json`` of a prior export records of its ``prior_transformer/`` (``folder``, ``pipeline``: the
+    StableUnCLIPPipeline whose prior text it read) when it holds one; None when it does not."""
+    stock = read_record(folder, PRIOR_RECORD).get("prior_transformer") or {}
+    return stock if stock.get("folder") else None
+
+
+def stock_unclip_pipeline(pipeline: str | Path | None, prior_export: str | Path, torch_dtype=None):
+    """diffusers' ``StableUnCLIPPipeline`` from ``pipeline`` (a hub id or a local folder; None: the one whose prior
+    text the export read) with the trained prior as its ``prior``. The same as, in diffusers alone::
+
+        prior = PriorTransformer.from_pretrained("<prior export>/prior_transformer")
+        pipe = StableUnCLIPPipeline.from_pretrained("<pipeline>", prior=prior)
+    """
+    from diffusers import PriorTransformer, StableUnCLIPPipeline
+
+    from sur_lightning.models.backbone import load_pretrained
+
+    stock = stock_prior(prior_export)
+    if stock is None:
+        skipped = (read_record(prior_export, PRIOR_RECORD).get("prior_transformer") or {}).get("skipped")
+        raise ValueError(
+            f"{prior_export} holds no {STOCK_PRIOR}/ for StableUnCLIPPipeline: "
+            + (skipped or "it was exported before priors were also exported in that format")
+        )
+    dtype = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
+    prior = PriorTransformer.from_pretrained(str(Path(prior_export) / stock["folder"]), **dtype)
+    pipeline = str(pipeline or stock["pipeline"])
+    return load_pretrained(StableUnCLIPPipeline, pipeline, "unclip_pipeline", prior=prior.eval(), **dtype)
+
+
+class StockUnclipRender:
+    """A column's ``render`` (``DecoderRender``'s arguments) through a ``StableUnCLIPPipeline`` as it ships: its
+    prior text encoder, prior chain, image noising and decoder, with the trained prior (``stock_unclip_pipeline``).
+
+    One pipeline call per (prompt, seed), its generator seeded by the seed on the CPU (the other columns draw their
+    noise there too), so an image does not depend on its batch. ``scheduler`` picks the decoder's sampler from the
+    pipeline's own scheduler config, as for the other columns; the prior's chain is the pipeline's DDPM
+    (``prior_num_inference_steps``, ``prior_guidance_scale``: the pipeline's defaults)."""
+
+    def __init__(self, pipeline, prior_num_inference_steps: int = 25, prior_guidance_scale: float = 4.0) -> None:
+        self.pipeline = pipeline
+        self.pipeline.set_progress_bar_config(disable=True)
+        self.scheduler_config = pipeline.scheduler.config
+        self.prior_num_inference_steps = prior_num_inference_steps
+        self.prior_guidance_scale = prior_guidance_scale
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        scheduler: str = "ddim",
+        negative_prompt: str = "",
+        num_inference_steps: int = 20,
+        guidance_scale: float = 10.0,
+        height: int | None = None,
+        width: int | None = None,
+    ) -> list[Image.Image]:
+        from sur_lightning.generation.pipeline import sampler_named
+
+        self.pipeline.scheduler = sampler_named(scheduler, self.scheduler_config)
+        images = []
+        for prompt, seed in zip(prompts, seeds):
+            images += self.pipeline(
+                prompt,
+                negative_prompt=negative_prompt or None,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                height=height,
+                width=width,
+                generator=torch.Generator().manual_seed(int(seed)),
+                prior_num_inference_steps=self.prior_num_inference_steps,
+                prior_guidance_scale=self.prior_guidance_scale,
+                output_type="pil",
+            ).images
+        return images
 
 
 @torch.no_grad()

@@ -28,6 +28,9 @@ Shapes (B batch, L text tokens <= N = ``num_embeddings``, T ``text_dim``, P ``po
 
     [text_proj(text_states) padded to N, text_pooled, t, x_t, query] -> causal transformer -> query -> x_0 [B, E]
 
+``stock_transformer`` gives the ``PriorTransformer`` alone, ``text_proj`` folded in, for diffusers'
+``StableUnCLIPPipeline``, which passes CLIP's token states straight to ``encoder_hidden_states``.
+
 Noise schedule: ``PRIOR_SCHEDULER``, a squared-cosine DDPM schedule with ``prediction_type="sample"`` (the model
 predicts x_0), as unCLIP's prior; ``clip_sample`` is off, because the standardised embedding is not bounded by 1.
 ``sample`` draws embeddings from a seeded generator (optionally with classifier-free guidance against given
@@ -42,6 +45,8 @@ from diffusers import DDPMScheduler, PriorTransformer
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
+
+from sur_lightning.models.rng import keeps_global_rng
 
 # unCLIP's prior noise schedule; built from this config (not the library's defaults, which clip x_0 to [-1, 1]).
 PRIOR_SCHEDULER = {
@@ -142,6 +147,37 @@ class DiffusionPrior(ModelMixin, ConfigMixin):
         mask = F.pad(text_mask.bool(), (0, n - length), value=False)
         states = F.pad(self.text_proj(text_states.to(self.dtype)), (0, 0, 0, n - length))
         return states * mask[..., None].to(states.dtype), mask
+
+    @keeps_global_rng  # building the copy draws its (overwritten) initial weights
+    @torch.no_grad()
+    def stock_transformer(self) -> PriorTransformer:
+        """A plain ``PriorTransformer`` that computes ``forward`` from the token states themselves: ``text_proj``
+        folded into its ``encoder_hidden_states_proj``, the fitted ``clip_mean``/``clip_std`` carried (its
+        ``post_process_latents`` is ``unstandardise``). The form diffusers' ``StableUnCLIPPipeline`` calls: it passes
+        its prior text encoder's ``last_hidden_state`` [B, N, T], ``attention_mask`` and ``text_embeds``.
+
+        Two affine maps in a row are one: W2 (W1 x + b1) + b2 = (W2 W1) x + (W2 b1 + b2), folded in float64.
+        ``encoder_hidden_states_proj`` reads ``embedding_dim``-wide states, so the fold needs ``text_dim ==
+        embedding_dim`` (else a ValueError). The other thing ``prepare_text`` does, zeroing the padded positions,
+        changes nothing: PriorTransformer adds -10000 to a masked key's attention score, and every row keeps its
+        first key unmasked (a real token: CLIP's start token), so a masked key's softmax weight underflows to
+        exactly 0 in float32 (for scores less than ~9,900 apart) and its state never reaches a real position.
+        """
+        config = self.config
+        if config.text_dim != config.embedding_dim:
+            raise ValueError(
+                f"DiffusionPrior.stock_transformer: text_proj maps text_dim={config.text_dim} to "
+                f"embedding_dim={config.embedding_dim}, but PriorTransformer's encoder_hidden_states_proj reads "
+                f"embedding_dim-wide states: the fold needs text_dim == embedding_dim"
+            )
+        stock = PriorTransformer.from_config(self.transformer.config)
+        stock.load_state_dict(self.transformer.state_dict())
+        inner = self.transformer.encoder_hidden_states_proj
+        w1, b1 = self.text_proj.weight.double(), self.text_proj.bias.double()
+        w2, b2 = inner.weight.double(), inner.bias.double()
+        stock.encoder_hidden_states_proj.weight.copy_(w2 @ w1)
+        stock.encoder_hidden_states_proj.bias.copy_(w2 @ b1 + b2)
+        return stock.to(self.device, self.dtype).eval()
 
     # ------------------------------------------------------------------ the model
 

@@ -12,6 +12,7 @@ a spec file (``RANDOM_MODEL_SPECS``); the production loaders then read it like a
     build_tiny_t5_encoder          a small T5 encoder with the CLIP tokenizer    (llm=t5_tiny)
     build_tiny_bert                a small BERT with MiniLM's tokenizer          (the retriever's tests)
     build_tiny_clip_vision         a small CLIP vision model with projection     (+experiment=unclip_sd21 tests)
+    build_tiny_stable_unclip       StableUnCLIPPipeline's classes and layout      (+experiment=unclip_sd21_clip tests)
 
 Every builder keeps the global generator as it was (``rng.keeps_global_rng``), so a run's connector starts from
 the same weights whether the model was built before or now.
@@ -465,5 +466,92 @@ def build_tiny_clip_vision(root: str | Path, hidden_size: int = 32, projection_d
         projection_dim=projection_dim,
     )
     CLIPVisionModelWithProjection(config).save_pretrained(root)
+    (root / "tiny_spec.json").write_text(json.dumps(spec))
+    return str(root)
+
+
+@keeps_global_rng
+def build_tiny_stable_unclip(root: str | Path, embedding_dim: int = 32, sample_size: int = 8, seed: int = 0) -> str:
+    """Write a small random ``StableUnCLIPPipeline`` into ``root`` (once); return its path.
+
+    The classes and folders of ``stabilityai/stable-diffusion-2-1-unclip-small``: prior_tokenizer/ and tokenizer/
+    (the real CLIP vocabulary), prior_text_encoder/ (``CLIPTextModelWithProjection``, hidden and projection width
+    ``embedding_dim``, as ViT-L/14's 768 and 768), prior/ (a random ``PriorTransformer`` over 77 tokens),
+    prior_scheduler/ (the stock one: DDPM, squared cosine, predicting the sample, x_0 clipped to ±5),
+    image_normalizer/, image_noising_scheduler/, text_encoder/ (``CLIPTextModel``), unet/ (class_embed_type
+    "projection" reading the noised image embedding and its noise level, 2 * ``embedding_dim``), scheduler/
+    (DDIM, v-prediction) and vae/. The VAE downsamples by 4: ``sample_size`` 8 draws 32 px images.
+    """
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        DDPMScheduler,
+        PriorTransformer,
+        StableUnCLIPPipeline,
+        UNet2DConditionModel,
+    )
+    from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    root = Path(root)
+    spec = {"embedding_dim": embedding_dim, "sample_size": sample_size, "seed": seed}
+    if built_before(root / "tiny_spec.json", spec):
+        return str(root)
+    torch.manual_seed(seed)
+    width = embedding_dim
+    tokenizer = clip_tokenizer(root, model_max_length=77)
+    pipeline = StableUnCLIPPipeline(
+        prior_tokenizer=tokenizer,
+        prior_text_encoder=CLIPTextModelWithProjection(clip_text_config(width, 2, heads=2, ff=2 * width)),
+        prior=PriorTransformer(
+            num_attention_heads=2, attention_head_dim=8, num_layers=1, embedding_dim=embedding_dim, num_embeddings=77
+        ),
+        prior_scheduler=DDPMScheduler(
+            num_train_timesteps=1000,
+            beta_schedule="squaredcos_cap_v2",
+            prediction_type="sample",
+            variance_type="fixed_small_log",
+            clip_sample=True,
+            clip_sample_range=5.0,
+        ),
+        image_normalizer=StableUnCLIPImageNormalizer(embedding_dim=embedding_dim),
+        image_noising_scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2"),
+        tokenizer=tokenizer,
+        text_encoder=CLIPTextModel(clip_text_config(width, 2, heads=2, ff=2 * width)),
+        unet=UNet2DConditionModel(
+            sample_size=sample_size,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(width, 2 * width),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=width,
+            attention_head_dim=4,
+            norm_num_groups=8,
+            class_embed_type="projection",
+            projection_class_embeddings_input_dim=2 * embedding_dim,
+        ),
+        scheduler=DDIMScheduler(
+            beta_schedule="scaled_linear",
+            beta_start=0.00085,
+            beta_end=0.012,
+            prediction_type="v_prediction",
+            set_alpha_to_one=False,
+            steps_offset=1,
+        ),
+        vae=AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            block_out_channels=(8, 16, 16),
+            down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3,
+            layers_per_block=1,
+            norm_num_groups=8,
+            sample_size=sample_size * 4,
+        ),
+    )
+    pipeline.save_pretrained(root)
     (root / "tiny_spec.json").write_text(json.dumps(spec))
     return str(root)

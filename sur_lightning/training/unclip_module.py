@@ -18,17 +18,24 @@ Prior step (``UnclipPriorModule``)::
       probability caption_dropout (for classifier-free guidance)
       -> DiffusionPrior.training_loss(image tower embedding e [B, E], text) (MSE on the clean embedding)
 
+With ``text_encoder`` (``+experiment=unclip_sd21_clip``: ``models/prior_text.py`` ``StableUnclipPriorText``) the text
+is instead what a stock ``StableUnCLIPPipeline`` feeds its prior: its prior text encoder's token states [B, 77, D],
+their mask and its ``text_embeds`` [B, P], computed in the module at every step.
+
 The prior's ``clip_mean`` / ``clip_std`` are fitted from the training rows' embeddings at ``setup`` before the
 first step (a resumed run restores the same values from its checkpoint).
 Exports (``ModelExport`` in callbacks.py calls ``export_pretrained``): the decoder's folder (``config.json``,
 ``diffusion_pytorch_model.safetensors``, ``unclip_decoder.json``) and the prior's (``prior/`` the same way and
-``unclip.json``, which names the decoder it is sampled with); ``generation/unclip.py`` loads either.
+``unclip.json``, which names the decoder it is sampled with); ``generation/unclip.py`` loads either. A prior that
+reads a stock pipeline's text also exports ``prior_transformer/``, a plain ``PriorTransformer`` that pipeline takes
+as its ``prior`` (``DiffusionPrior.stock_transformer``); ``unclip.json`` says why when it is not written.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -37,11 +44,12 @@ import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.utils.torch_utils import randn_tensor
 
-from sur_lightning.generation.unclip import DECODER_RECORD, PRIOR_RECORD, clip_pooled
+from sur_lightning.generation.unclip import DECODER_RECORD, PRIOR_RECORD, STOCK_PRIOR, clip_pooled
 from sur_lightning.models.backbone import StableDiffusionBackbone
 from sur_lightning.models.image_tower import ClipVisionTower, ImageTower
 from sur_lightning.models.llm import CausalLMFeatures
 from sur_lightning.models.prior import DiffusionPrior
+from sur_lightning.models.prior_text import StableUnclipPriorText
 from sur_lightning.models.unclip_decoder import ImageEmbeddingProjection, added_time_embedding
 from sur_lightning.training.losses import DenoisingLoss
 from sur_lightning.training.module import blank, keyed_seed, sample_generators
@@ -261,6 +269,8 @@ class UnclipPriorModule(_StageModule):
                      the LLM's width, CLIP's width, the tower's width).
     caption_dropout: probability that a row's prompt becomes the empty prompt (classifier-free guidance).
     decoder:         the decoder folder the prior is sampled with (recorded in the export; not needed to train).
+    text_encoder:    a ``StableUnclipPriorText``: read a stock ``StableUnCLIPPipeline``'s prior text (its token states
+                     and ``text_embeds``) instead of the LLM's states and the backbone's pooled CLIP state (llm=null).
     llm, llm_dim, feature_cache: the LLM and its width, or the feature cache that replaces them (``prepare_feature_cache``).
     """
 
@@ -276,6 +286,7 @@ class UnclipPriorModule(_StageModule):
         caption_dropout: float = 0.1,
         decoder: str | None = None,
         seed: int = 0,
+        text_encoder: StableUnclipPriorText | None = None,
         llm: CausalLMFeatures | None = None,
         llm_dim: int | None = None,
         feature_cache=None,
@@ -284,18 +295,20 @@ class UnclipPriorModule(_StageModule):
         self.backbone = backbone
         self.llm = llm
         self.feature_cache = feature_cache
-        text_dim = llm.hidden_size if llm is not None else llm_dim
-        if not isinstance(text_dim, int):
-            raise TypeError(
-                f"the unCLIP prior reads one LLM's token states (llm=smollm2_tokens); got width {text_dim!r}"
-            )
+        self.text_encoder = text_encoder
+        if text_encoder is not None:
+            if llm is not None:
+                raise ValueError("model.text_encoder replaces the LLM: set llm=null (none is read)")
+            text_dim, pooled_dim = text_encoder.hidden_size, text_encoder.pooled_dim
+        else:
+            text_dim, pooled_dim = llm.hidden_size if llm is not None else llm_dim, backbone.cross_attention_dim
+            if not isinstance(text_dim, int):
+                raise TypeError(
+                    f"the unCLIP prior reads one LLM's token states (llm=smollm2_tokens); got width {text_dim!r}"
+                )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.prior = prior(
-                text_dim=text_dim,
-                pooled_dim=backbone.cross_attention_dim,
-                embedding_dim=self.tower.config.embedding_dim,
-            )
+            self.prior = prior(text_dim=text_dim, pooled_dim=pooled_dim, embedding_dim=self.tower.config.embedding_dim)
         self.caption_dropout = caption_dropout
         self.decoder = None if decoder is None else str(decoder)
 
@@ -307,7 +320,13 @@ class UnclipPriorModule(_StageModule):
             self.prior.fit_embedding_stats(torch.stack([self.embeddings[i] for i in train_ids]).to(self.device))
 
     def text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """(LLM token states [B, L, D], their mask [B, L], CLIP's pooled state [B, d]) of the prompts."""
+        """(LLM token states [B, L, D], their mask [B, L], CLIP's pooled state [B, d]) of the prompts; with
+        ``text_encoder``, (its token states [B, 77, D], their mask, its ``text_embeds`` [B, P])."""
+        if self.text_encoder is not None:
+            # Computed here at every step, the feature cache on or off: the cache holds the backbone's CLIP states
+            # and the LLM's, not this tower's, and the tower is frozen and small (CLIP ViT-L/14's text side, 123 M).
+            states, mask, pooled = self.text_encoder(prompts)
+            return states.to(self.device), mask.to(self.device), pooled.to(self.device)
         if self.feature_cache is not None:
             features = self.feature_cache.text_features(prompts, device=self.device)
             clip, states, mask = features.clip, features.llm, features.llm_mask
@@ -343,9 +362,26 @@ class UnclipPriorModule(_StageModule):
 
     def export_pretrained(self, folder: Path, trained_with: dict | None = None) -> Path:
         """``folder``: ``prior/`` (``save_pretrained``, fitted statistics included) and ``unclip.json``: the decoder
-        it is sampled with, the image tower, and the backbone and LLM whose features it reads."""
+        it is sampled with, the image tower, and the backbone and LLM whose features it reads. With a stock pipeline's
+        text, also ``prior_transformer/``: ``DiffusionPrior.stock_transformer``, the ``prior`` of that pipeline;
+        ``unclip.json``'s ``prior_transformer`` names it, or says why it is not written."""
         folder = Path(folder)
         self.prior.save_pretrained(folder / "prior")
+        blocker = self.stock_blocker()
+        if blocker is None:
+            self.prior.stock_transformer().save_pretrained(folder / STOCK_PRIOR)
+            stock = {"folder": STOCK_PRIOR, "pipeline": self.text_encoder.pipeline}
+        else:
+            shutil.rmtree(folder / STOCK_PRIOR, ignore_errors=True)  # none from an earlier export in this folder
+            stock = {"folder": None, "skipped": blocker}
+        if self.text_encoder is not None:
+            text = {
+                "states": "prior_text_encoder last_hidden_state",
+                "pooled": "prior_text_encoder text_embeds",
+                "pipeline": self.text_encoder.pipeline,
+            }
+        else:
+            text = {"states": "llm token states", "pooled": "CLIP pooled state"}
         write_json(
             folder / PRIOR_RECORD,
             {
@@ -354,11 +390,34 @@ class UnclipPriorModule(_StageModule):
                 "caption_dropout": self.caption_dropout,
                 "decoder": None if self.decoder is None else str(Path(self.decoder).resolve()),
                 "image_tower": tower_record(self.image_tower_path),
-                "text": {"states": "llm token states", "pooled": "CLIP pooled state"},
+                "text": text,
+                "prior_transformer": stock,
                 "trained_with": trained_with,
             },
         )
         return folder
+
+    def stock_blocker(self) -> str | None:
+        """Why ``StableUnCLIPPipeline`` cannot take this prior as its ``prior``; None when it can."""
+        config = self.prior.config
+        if self.text_encoder is None:
+            return (
+                "the prior reads an LLM's token states and the backbone's pooled CLIP state, while "
+                "StableUnCLIPPipeline feeds its prior its prior_text_encoder's last_hidden_state and text_embeds: "
+                "train with +experiment=unclip_sd21_clip for a drop-in prior"
+            )
+        if config.text_dim != config.embedding_dim:
+            return (
+                f"the prior text encoder is {config.text_dim} wide but the image embedding {config.embedding_dim}: "
+                "PriorTransformer's encoder_hidden_states_proj reads embedding_dim-wide states, so text_proj cannot "
+                "be folded into it (choose an image tower of the text encoder's width, as CLIP ViT-L/14's 768)"
+            )
+        if config.num_embeddings != self.text_encoder.max_length:
+            return (
+                f"the pipeline pads its prior text to {self.text_encoder.max_length} tokens but the prior reads "
+                f"num_embeddings={config.num_embeddings}: set model.prior.num_embeddings={self.text_encoder.max_length}"
+            )
+        return None
 
 
 def newest_decoder(path: str | Path) -> str:

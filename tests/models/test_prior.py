@@ -31,10 +31,11 @@ def text(batch: int, length: int = 4, seed: int = 0):
     return torch.randn(batch, length, 12, generator=generator), mask, torch.randn(batch, 10, generator=generator)
 
 
-def fitted_prior(seed: int = 0) -> DiffusionPrior:
+def fitted_prior(seed: int = 0, **changes) -> DiffusionPrior:
+    """The TINY prior (with ``changes`` to its config), statistics fitted on random unit vectors."""
     torch.manual_seed(seed)
-    prior = DiffusionPrior(**TINY)
-    prior.fit_embedding_stats(torch.nn.functional.normalize(torch.randn(32, 16), dim=-1))
+    prior = DiffusionPrior(**(TINY | changes))
+    prior.fit_embedding_stats(torch.nn.functional.normalize(torch.randn(32, prior.config.embedding_dim), dim=-1))
     return prior
 
 
@@ -159,3 +160,28 @@ def test_save_and_load_keep_the_fitted_stats(tmp_path):
         loaded.sample(states, mask, pooled, generator=3, num_inference_steps=3),
         prior.sample(states, mask, pooled, generator=3, num_inference_steps=3),
     )
+
+
+def test_the_stock_transformer_folds_the_text_projection_in_and_keeps_the_statistics():
+    from diffusers import PriorTransformer
+
+    prior = fitted_prior(text_dim=16)
+    stock = prior.stock_transformer()
+    assert type(stock) is PriorTransformer and not stock.training
+    assert torch.equal(stock.clip_std, prior.transformer.clip_std) and torch.equal(
+        stock.clip_mean, prior.transformer.clip_mean
+    )
+    generator = torch.Generator().manual_seed(2)
+    states = torch.randn(3, TINY["num_embeddings"], 16, generator=generator)
+    mask = torch.ones(3, TINY["num_embeddings"], dtype=torch.bool)
+    mask[0, 2:] = False  # padded: the states there stay non-zero for the stock transformer, zeroed by the prior
+    mask[1, 4:] = False
+    pooled, noisy = torch.randn(3, 10, generator=generator), torch.randn(3, 16, generator=generator)
+    timesteps = torch.tensor([900, 300, 5])
+    with torch.no_grad():
+        expected = prior(noisy, timesteps, states, mask, pooled)
+        got = stock(noisy, timesteps, proj_embedding=pooled, encoder_hidden_states=states, attention_mask=mask)
+    torch.testing.assert_close(got.predicted_image_embedding, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(stock.post_process_latents(noisy), prior.unstandardise(noisy))
+    with pytest.raises(ValueError, match="text_dim == embedding_dim"):
+        fitted_prior().stock_transformer()  # text_dim 12, embedding_dim 16

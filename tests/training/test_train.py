@@ -30,6 +30,7 @@ def test_every_experiment_composes_untouched(compose, experiment):
         "unclip_decoder_toy": "UnclipDecoderModule",
         "unclip_toy": "UnclipPriorModule",
         "unclip_sd21": "UnclipPriorModule",
+        "unclip_sd21_clip": "UnclipPriorModule",
     }.get(experiment, "ConnectorTrainingModule")
     assert cfg.model._target_.endswith(module)
     assert cfg.task_name == experiment

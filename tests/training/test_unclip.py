@@ -256,6 +256,9 @@ def test_decoder_then_prior_train_through_the_entry_point_and_export(compose, tm
     assert bool((prior.transformer.clip_std > 0).all())  # fitted from the rows' embeddings before training
     exports = [json.loads(line)["file"] for line in (tmp_path / "prior_run" / "exports.jsonl").read_text().splitlines()]
     assert exports == ["unclip"]
+    # Its text is the LLM's: no PriorTransformer for StableUnCLIPPipeline, and the record says why.
+    assert record["prior_transformer"]["folder"] is None and "LLM" in record["prior_transformer"]["skipped"]
+    assert not (tmp_path / "prior_run" / "unclip" / "prior_transformer").exists()
 
 
 def test_the_sd21_preset_trains_a_prior_toward_clip_image_embeddings(compose, tmp_path, cache_dir):
