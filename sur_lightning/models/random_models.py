@@ -77,6 +77,23 @@ def clip_text_config(width: int, layers: int, heads: int, ff: int, act: str = "q
 # Stable Diffusion 1.5's layout
 
 
+def tiny_vae(sample_size: int):
+    """A 3-level VAE of 8/16/16 channels (latents at 1/4 of the image side, the toy base's layout)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=sample_size * 4,
+    )
+
+
 @keeps_global_rng
 def build_tiny_stable_diffusion(
     root: str | Path,
@@ -92,7 +109,7 @@ def build_tiny_stable_diffusion(
     text_encoder/, tokenizer/ (real CLIP vocabulary), scheduler/ (SD1.5's DDPM settings).
     The VAE downsamples by 4, so 64 px images give 16x16 latents.
     """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
     root = Path(root)
@@ -113,17 +130,7 @@ def build_tiny_stable_diffusion(
         attention_head_dim=4,
         norm_num_groups=8,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=sample_size * 4,
-    )
+    vae = tiny_vae(sample_size)
     text_encoder = CLIPTextModel(clip_text_config(text_dim, text_layers, heads=2, ff=2 * text_dim))
     save_stable_diffusion(root, unet, vae, text_encoder)
     (root / "tiny_spec.json").write_text(json.dumps(spec))
@@ -483,7 +490,6 @@ def build_tiny_stable_unclip(root: str | Path, embedding_dim: int = 32, sample_s
     (DDIM, v-prediction) and vae/. The VAE downsamples by 4: ``sample_size`` 8 draws 32 px images.
     """
     from diffusers import (
-        AutoencoderKL,
         DDIMScheduler,
         DDPMScheduler,
         PriorTransformer,
@@ -540,17 +546,7 @@ def build_tiny_stable_unclip(root: str | Path, embedding_dim: int = 32, sample_s
             set_alpha_to_one=False,
             steps_offset=1,
         ),
-        vae=AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            latent_channels=4,
-            block_out_channels=(8, 16, 16),
-            down_block_types=("DownEncoderBlock2D",) * 3,
-            up_block_types=("UpDecoderBlock2D",) * 3,
-            layers_per_block=1,
-            norm_num_groups=8,
-            sample_size=sample_size * 4,
-        ),
+        vae=tiny_vae(sample_size),
     )
     pipeline.save_pretrained(root)
     (root / "tiny_spec.json").write_text(json.dumps(spec))
