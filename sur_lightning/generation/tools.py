@@ -120,9 +120,11 @@ def unclip_render(column: Column, tool: str) -> DecoderRender | None:
         return None
     if isinstance(column.render, DecoderRender):
         return column.render
+    # The stock StableUnCLIPPipeline's column (unclip_sd21_clip exports) draws through diffusers end to end.
+    leave_out = "unclip=null" if column.source.get("kind") == "unclip_stock" else "pixelsnail=[]"
     raise ValueError(
         f"tool={tool}: column {column.name!r} ({column.source.get('kind', 'its own sampler')}) has neither a text "
-        "conditioning nor an image embedding to move: leave it out (pixelsnail=[])"
+        f"conditioning nor an image embedding this tool can move: leave it out ({leave_out})"
     )
 
 

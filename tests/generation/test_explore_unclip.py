@@ -146,6 +146,9 @@ def test_what_an_unclip_column_cannot_do_is_an_error_naming_it(setup, backbone):
     pixelsnail = Column("pixelsnail", None, {"kind": "pixelsnail"}, render=lambda prompts, seeds, **_: [])
     with pytest.raises(ValueError, match="column 'pixelsnail'.*neither a text conditioning nor an image embedding"):
         Variations().run(Setup(setup.pipeline, [pixelsnail], setup.prompts, [0], sampler=dict(FAST)))
+    stock = Column("stock", None, {"kind": "unclip_stock"}, render=lambda prompts, seeds, **_: [])
+    with pytest.raises(ValueError, match=r"column 'stock'.*leave it out \(unclip=null\)"):
+        Variations().run(Setup(setup.pipeline, [stock], setup.prompts, [0], sampler=dict(FAST)))
     no_tower = Column("unclip", None, {}, render=type(setup.columns[0].render)(backbone, None, None))
     with pytest.raises(ValueError, match="no image tower"):
         no_tower.render.encode([Image.new("RGB", (8, 8))])
