@@ -28,18 +28,28 @@ METRICS = ("bleu_1", "rouge1_f", "rougeL_f")
 BASE_COLUMNS = {"base + simple": "base", "base + complex": "base_complex"}
 
 
-def load_results(results_dir: Path) -> dict:
+def benchmark():
     sys.path.insert(0, str(HERE))
-    from run import load_results as load
+    import run
 
-    return load(results_dir / "results.json")
+    return run
 
 
-def step_images(run: Path, step: int) -> Path:
+def load_results(results_dir: Path) -> dict:
+    return benchmark().load_results(results_dir / "results.json")
+
+
+def step_images(run: Path, step: int, scored_as: str | None = None) -> Path:
     """The images a run's export at ``step`` was scored with: ``eval/<name ending in step<N>>/images/adapter``, or a
-    run's only evaluated export (unCLIP's oracle scores its final ``decoder``)."""
-    evaluated = sorted(p for p in (run / "eval").iterdir() if (p / "images" / "adapter").is_dir())
-    at_step = [p for p in evaluated if p.name.endswith(f"step{step}")]
+    run's only evaluated export (unCLIP's oracle scores its final ``decoder``). ``scored_as``: a row scored from
+    this run's exports with other settings (``run.SCORED_FROM``), whose images are ``eval/<export>@<row>``."""
+    suffix = f"step{step}" if scored_as is None else f"step{step}@{scored_as}"
+    evaluated = sorted(
+        p
+        for p in (run / "eval").iterdir()
+        if (p / "images" / "adapter").is_dir() and (scored_as is None) == ("@" not in p.name)
+    )
+    at_step = [p for p in evaluated if p.name.endswith(suffix)]
     if len(at_step) == 1:
         return at_step[0] / "images" / "adapter"
     if len(evaluated) == 1:
@@ -83,6 +93,7 @@ def collect(results_dirs: list[Path], steps: dict[str, int], references_of=world
     pairs: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     read_at: dict[str, dict] = {}
     based = set()
+    scored_from = benchmark().SCORED_FROM
     for results_dir in results_dirs:
         results = load_results(results_dir)
         for split_seed, world in results["splits"].items():
@@ -103,8 +114,9 @@ def collect(results_dirs: list[Path], steps: dict[str, int], references_of=world
                     step = steps.get(row, max(scored))
                     if step not in scored:
                         continue
-                    run = results_dir / f"split{split_seed}" / "runs" / row / f"seed{seed}"
-                    for split, found_pairs in caption_folder(step_images(run, step), references).items():
+                    trained, scored_as = (benchmark().SCORED_FROM[row][0], row) if row in scored_from else (row, None)
+                    run = results_dir / f"split{split_seed}" / "runs" / trained / f"seed{seed}"
+                    for split, found_pairs in caption_folder(step_images(run, step, scored_as), references).items():
                         pairs[row][split] += found_pairs
                     seen = read_at.setdefault(row, {"step": step, "seeds": set(), "worlds": set()})
                     seen["seeds"].add(seed)

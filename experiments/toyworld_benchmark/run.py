@@ -186,6 +186,16 @@ ROWS["ella_unseen_objects_4blocks"] = (
     ["connector.num_blocks=4"],
     "the preset with a TSC of 4 blocks instead of 2: more of the connector to read the fact with",
 )
+ROWS["ella_unseen_objects_concat_clip"] = (
+    "ella_unseen_objects",
+    [],
+    "the preset's runs drawn with CLIP's states before the connector's (mode=concat_clip); scored, not trained again",
+)
+# Rows with no training of their own: the runs of another row, drawn with other inference settings (build_columns'
+# keywords). Their images go to eval/<export>@<row> in the trained row's run folders.
+SCORED_FROM: dict[str, tuple[str, dict]] = {
+    "ella_unseen_objects_concat_clip": ("ella_unseen_objects", {"mode": "concat_clip"}),
+}
 # Evaluation seeds of each split (seeds of the sampler's noise, not of the world).
 SPLIT_SEEDS = {"adapter_train": [0], "held_out_combinations": [0, 1], "held_out_objects": [0, 1, 2]}
 # Five worlds that together hold out every object once (found by search over make_splits(0..299)):
@@ -383,9 +393,13 @@ class Scorer:
                 path, "adapter", llm=self.llm(name), guidance_scale=self.args.prior_guidance_scale
             )
         else:
-            (column,) = build_columns(self.backbone, [str(path)], llm=lambda: self.llm(name), include_base=False)
+            knobs = SCORED_FROM.get(name, (name, {}))[1]
+            (column,) = build_columns(
+                self.backbone, [str(path)], llm=lambda: self.llm(name), include_base=False, **knobs
+            )
         column.name = "adapter"
-        return self.rows([column], path.parent / "eval" / path.stem, split_seed)["adapter"]
+        images = path.stem if name not in SCORED_FROM else f"{path.stem}@{name}"
+        return self.rows([column], path.parent / "eval" / images, split_seed)["adapter"]
 
     def unclip(self, name: str, path: Path, split_seed: int) -> list[dict]:
         """A prior export (``unclip-step<N>/``), sampled prior -> decoder (the decoder its unclip.json names)."""
@@ -680,7 +694,7 @@ def main() -> None:
                     if name in UNCLIP_ROWS:
                         run = train_unclip(name, seed, split_seed, args)
                     else:
-                        run = train_run(name, seed, split_seed, args)
+                        run = train_run(SCORED_FROM.get(name, (name,))[0], seed, split_seed, args)
 
                     def on_step(step, result, name=name, seed=seed, world=world, split_seed=split_seed):
                         world["runs"][name][seed][step] = result

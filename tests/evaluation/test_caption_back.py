@@ -76,3 +76,18 @@ def test_an_image_of_an_unknown_prompt_or_a_missing_step_is_named(tmp_path):
         caption_back.collect([results], {}, lambda split_seed: {})
     with pytest.raises(FileNotFoundError, match="no kept images of step 30"):
         caption_back.step_images(results / "split0" / "runs" / "r" / "seed0", 30)
+
+
+def test_a_row_scored_from_another_rows_runs_reads_its_own_images(tmp_path):
+    """run.SCORED_FROM rows (concat_clip) keep their images beside the trained row's, as eval/<export>@<row>."""
+    from sur_lightning.generation.conditioning import MODES
+
+    results = results_folder(tmp_path / "results")
+    run = results / "split0" / "runs" / "r" / "seed0"
+    scored = run / "eval" / "adapter-step20@r_concat" / "images" / "adapter"
+    scored.mkdir(parents=True)
+    assert caption_back.step_images(run, 20) == run / "eval" / "adapter-step20" / "images" / "adapter"
+    assert caption_back.step_images(run, 20, "r_concat") == scored
+    for row, (trained, knobs) in caption_back.benchmark().SCORED_FROM.items():
+        assert trained in caption_back.benchmark().ROWS and row in caption_back.benchmark().ROWS
+        assert knobs.get("mode", "replace") in MODES
