@@ -97,8 +97,53 @@ def table(read_at: dict[str, tuple[str, int]] = READ_AT, root: Path = HERE) -> s
     )
 
 
+# Rows measured on several worlds (run.py --split-seeds), read from the pooled summaries: (summary file, step).
+ACROSS_WORLDS = {
+    "ella_unseen_objects": ("results_splits/summary.json", 4800),
+    "ella_demo": ("results_ablation/summary.json", 2400),
+    "ella_minilm": ("results_ablation/summary.json", 2400),
+    "ella_base_clip": ("results_ablation/summary.json", 2400),
+    "ella_random_llm": ("results_ablation/summary.json", 2400),
+}
+
+
+def across_worlds_table(read_at: dict[str, tuple[str, int]] = ACROSS_WORLDS, root: Path = HERE) -> str:
+    """Each row pooled over its worlds (each weighted equally) with the worst world beside every gap; rows whose
+    summary is not written yet are left out and named below the table."""
+    header = "| row | step | worlds | runs |" + "".join(
+        f" {split}: colour (worst) | shape (worst) | valid |" for split in HELD_OUT
+    )
+    lines = [header, "|---" * (4 + 3 * len(HELD_OUT)) + "|"]
+    missing = []
+    for name, (file, step) in read_at.items():
+        path = root / file
+        entry = json.loads(path.read_text()).get(name, {}).get(str(step)) if path.exists() else None
+        if entry is None or "worst" not in entry:
+            missing.append(f"`{name}` ({file}, step {step})")
+            continue
+        cells = []
+        for split in HELD_OUT:
+            worst = entry["worst"][split]
+            for metric in ("gap_color_accuracy", "gap_shape_accuracy"):
+                w = worst.get(metric) or {}
+                tail = f" ({w['mean']:.2f}, world {w['split_seed']})" if "mean" in w else ""
+                cells.append(fmt(entry[split].get(metric)) + tail)
+            cells.append(fmt(entry[split].get("valid_image")))
+        lines.append(f"| {name} | {step} | {entry['split_seeds']} | {entry['seeds']} | " + " | ".join(cells) + " |")
+    note = f"\n\nNot measured yet: {', '.join(missing)}.\n" if missing else "\n"
+    return (
+        "Across worlds: each row pooled over the worlds it ran on (each world weighted equally; 95 % intervals from a "
+        "three-level bootstrap over worlds, training seeds and prompt × seed pairs), the worst world's own mean beside "
+        "each gap. `runs` counts (world, training seed) pairs. Written by `converged.py` from "
+        + ", ".join(f"`{file}`" for file in dict.fromkeys(file for file, _ in read_at.values()))
+        + ".\n\n"
+        + "\n".join(lines)
+        + note
+    )
+
+
 def main() -> None:
-    text = table()
+    text = table() + "\n## Across worlds\n\n" + across_worlds_table()
     (HERE / "converged.md").write_text(text)
     rows = curves()
     for x, suffix in (("step", "steps"), ("train_seconds", "seconds")):

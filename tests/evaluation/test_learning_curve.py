@@ -310,3 +310,28 @@ def test_each_unseen_object_remedy_row_changes_one_thing_of_the_preset(compose):
         assert changed == {group}, (row, changed)
         found = cfg[group][key]["name_variants"] if key == "rag" else cfg[group][key]
         assert found == value, row
+
+
+def test_the_across_worlds_table_shows_the_pooled_gap_beside_the_worst_world_and_names_what_is_missing(tmp_path):
+    from conftest import load_experiment_script
+
+    converged = load_experiment_script("toyworld_benchmark/converged.py", "toyworld_benchmark_converged")
+    cell = {"mean": 0.5, "lo": 0.4, "hi": 0.6}
+    entry = {
+        "seeds": 6,
+        "split_seeds": 3,
+        "worst": {
+            split: {"gap_color_accuracy": {"split_seed": 3, "mean": 0.1}, "gap_shape_accuracy": {}}
+            for split in converged.HELD_OUT
+        },
+        **{
+            split: {"gap_color_accuracy": cell, "gap_shape_accuracy": cell, "valid_image": cell}
+            for split in converged.HELD_OUT
+        },
+    }
+    (tmp_path / "s.json").write_text(json.dumps({"row_a": {"4800": entry}}))
+    text = converged.across_worlds_table({"row_a": ("s.json", 4800), "row_b": ("t.json", 2400)}, tmp_path)
+    assert (
+        "| row_a | 4800 | 3 | 6 | 0.50 [0.40, 0.60] (0.10, world 3) | 0.50 [0.40, 0.60] | 0.50 [0.40, 0.60] |" in text
+    )
+    assert "Not measured yet: `row_b` (t.json, step 2400)." in text
