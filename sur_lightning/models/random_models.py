@@ -77,6 +77,26 @@ def clip_text_config(width: int, layers: int, heads: int, ff: int, act: str = "q
 # Stable Diffusion 1.5's layout
 
 
+def tiny_unet(sample_size: int, width: int, cross_attention_dim: int, **extra):
+    """A 2-level UNet of ``width``/2·``width`` channels, cross-attention in its outer level; ``extra``: more of
+    ``UNet2DConditionModel``'s arguments (unCLIP's class embedding)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(width, 2 * width),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=4,
+        norm_num_groups=8,
+        **extra,
+    )
+
+
 def tiny_vae(sample_size: int):
     """A 3-level VAE of 8/16/16 channels (latents at 1/4 of the image side, the toy base's layout)."""
     from diffusers import AutoencoderKL
@@ -109,7 +129,6 @@ def build_tiny_stable_diffusion(
     text_encoder/, tokenizer/ (real CLIP vocabulary), scheduler/ (SD1.5's DDPM settings).
     The VAE downsamples by 4, so 64 px images give 16x16 latents.
     """
-    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
     root = Path(root)
@@ -118,18 +137,7 @@ def build_tiny_stable_diffusion(
         return str(root)
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=sample_size,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(width, 2 * width),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=text_dim,
-        attention_head_dim=4,
-        norm_num_groups=8,
-    )
+    unet = tiny_unet(sample_size, width, text_dim)
     vae = tiny_vae(sample_size)
     text_encoder = CLIPTextModel(clip_text_config(text_dim, text_layers, heads=2, ff=2 * text_dim))
     save_stable_diffusion(root, unet, vae, text_encoder)
@@ -494,7 +502,6 @@ def build_tiny_stable_unclip(root: str | Path, embedding_dim: int = 32, sample_s
         DDPMScheduler,
         PriorTransformer,
         StableUnCLIPPipeline,
-        UNet2DConditionModel,
     )
     from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
@@ -524,17 +531,10 @@ def build_tiny_stable_unclip(root: str | Path, embedding_dim: int = 32, sample_s
         image_noising_scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2"),
         tokenizer=tokenizer,
         text_encoder=CLIPTextModel(clip_text_config(width, 2, heads=2, ff=2 * width)),
-        unet=UNet2DConditionModel(
-            sample_size=sample_size,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(width, 2 * width),
-            layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=width,
-            attention_head_dim=4,
-            norm_num_groups=8,
+        unet=tiny_unet(
+            sample_size,
+            width,
+            width,
             class_embed_type="projection",
             projection_class_embeddings_input_dim=2 * embedding_dim,
         ),
