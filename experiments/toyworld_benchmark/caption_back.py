@@ -115,7 +115,8 @@ def collect(results_dirs: list[Path], steps: dict[str, int], references_of=world
                     if step not in scored:
                         continue
                     trained, scored_as = (benchmark().SCORED_FROM[row][0], row) if row in scored_from else (row, None)
-                    run = results_dir / f"split{split_seed}" / "runs" / trained / f"seed{seed}"
+                    folder = benchmark().RUN_FOLDER.get(trained, trained)
+                    run = results_dir / f"split{split_seed}" / "runs" / folder / f"seed{seed}"
                     for split, found_pairs in caption_folder(step_images(run, step, scored_as), references).items():
                         pairs[row][split] += found_pairs
                     seen = read_at.setdefault(row, {"step": step, "seeds": set(), "worlds": set()})

@@ -147,6 +147,8 @@ ROWS: dict[str, tuple[str, list[str], str]] = {
     ),
 }
 UNCLIP_ROWS = ("unclip", "unclip_anonymise", "unclip_oracle")
+# A row whose runs live under another folder name: the oracle scores the decoder runs every unCLIP row shares.
+RUN_FOLDER = {"unclip_oracle": "unclip_decoder"}
 # Presets that train their own generator (conf/callbacks/generator.yaml: an export_pretrained folder per scored step)
 # instead of a connector on the frozen base -> the name of their final export. A row of one draws its images with
 # its own sampler (Column.render); vqvae_toy is no row, it fits the tokenizer the pixelsnail row reads.
@@ -288,7 +290,7 @@ def train_unclip(name: str, seed: int, split_seed: int, args) -> Path:
     resumes a killed run. Returns the row's run folder."""
     from sur_lightning.train import train
 
-    decoder_run = world_out(args, split_seed) / "runs" / "unclip_decoder" / f"seed{seed}"
+    decoder_run = world_out(args, split_seed) / "runs" / RUN_FOLDER["unclip_oracle"] / f"seed{seed}"
     runs = [(decoder_run, "unclip_decoder_toy", [args.decoder_steps], "decoder", [])]
     if name != "unclip_oracle":
         preset, overrides, _ = ROWS[name]
