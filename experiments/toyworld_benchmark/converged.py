@@ -40,9 +40,10 @@ READ_AT = {
     "mse_eta_one": ("summary.json", 2400),
     "sur_paper": ("summary.json", 2400),
     "denoising_only": ("summary.json", 2400),
-    # The other generators, one training seed each (issues 34, 35): unCLIP's prior through its decoder, the decoder
-    # given a true image's embedding (the bound of every prior), and the VQ + PixelSNAIL generator.
+    # The other generators (issues 34, 35): unCLIP's prior through its decoder (and with the knowledge recipe), the
+    # decoder given a true image's embedding (the bound of every prior), and the VQ + PixelSNAIL generator.
     "unclip": ("results_unclip/summary.json", 2000),
+    "unclip_anonymise": ("results_unclip/summary.json", 2000),
     "unclip_oracle": ("results_unclip/summary.json", 1500),
     "pixelsnail": ("results_pixelsnail/summary.json", 2400),
 }
@@ -86,7 +87,7 @@ def table(read_at: dict[str, tuple[str, int]] = READ_AT, root: Path = HERE) -> s
         )
     return (
         "Gap closed (colour, shape) and the valid-image rate, each row at the longest budget measured for it; means over "
-        "the training seeds in the `seeds` column (3; 1 so far for unclip, unclip_oracle and pixelsnail) with 95 % "
+        "the training seeds in the `seeds` column (3 unless it says fewer) with 95 % "
         "intervals (two-level bootstrap). The last column is the step from which the "
         f'held-out colour gap stays within ±{TOLERANCE} of that budget\'s value, or "still moving" where the last '
         "step moved it more (– with one step). Written by `converged.py` from "
