@@ -188,6 +188,11 @@ ROWS["ella_unseen_objects_4blocks"] = (
     ["connector.num_blocks=4"],
     "the preset with a TSC of 4 blocks instead of 2: more of the connector to read the fact with",
 )
+ROWS["ella_unseen_objects_wordings"] = (
+    "ella_unseen_objects",
+    ["llm.rag.vary_wording=true"],
+    "the preset with each training object's fact in 4 wordings (one per nonsense word): read by its colour and shape words",
+)
 ROWS["ella_unseen_objects_concat_clip"] = (
     "ella_unseen_objects",
     [],

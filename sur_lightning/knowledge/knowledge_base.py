@@ -1,5 +1,8 @@
 """Knowledge bases: local JSONL files of facts, one ``{"title": ..., "text": ...}`` a line (``KnowledgeBase``).
 
+An entry may add ``"wordings": [...]``: other sentences that say the same fact. Retrieval embeds only the
+``text``; a retriever with ``vary_wording`` on reads a renamed training sample's fact in one of them.
+
 ``bundled_knowledge_base("toyworld")`` is the knowledge base shipped in ``sur_lightning/knowledge/``:
 one entry per toy-world object (its colour and shape in plain words) and a few real-world entries.
 The retriever (``rag.py``) embeds and searches them; name dropout (``name_dropout.py``) reads their titles.
@@ -31,6 +34,7 @@ class Passage:
     title: str
     text: str
     score: float
+    wordings: tuple[str, ...] = ()  # the entry's text, then its other wordings
 
 
 class KnowledgeBase:
@@ -39,7 +43,8 @@ class KnowledgeBase:
     A line that is not a JSON object with string ``title`` and ``text`` is an error naming the file and
     line. Blank lines are ignored; an entry with an empty text, or the same title and text as an earlier
     one (ignoring case and spacing), is skipped and counted (``skipped``: ``path:line: reason``).
-    ``content_hash`` is the sha256 of the file's bytes.
+    ``wordings[i]`` is entry i's text followed by its optional ``"wordings"`` (a list of non-empty
+    strings, else an error naming the line). ``content_hash`` is the sha256 of the file's bytes.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -50,6 +55,7 @@ class KnowledgeBase:
         self.content_hash = hashlib.sha256(raw).hexdigest()
         self.titles: list[str] = []
         self.texts: list[str] = []
+        self.wordings: list[tuple[str, ...]] = []
         self.skipped: list[str] = []
         self.duplicates = 0
         seen = set()
@@ -68,6 +74,9 @@ class KnowledgeBase:
             ):
                 raise ValueError(f'{where}: expected an object with string "title" and "text", got {line[:80]!r}')  # noqa: TRY004 - bad data, not a bad call
             title, text = row["title"].strip(), row["text"].strip()
+            others = row.get("wordings", [])
+            if not isinstance(others, list) or not all(isinstance(w, str) and w.strip() for w in others):
+                raise ValueError(f'{where}: "wordings" must be a list of non-empty strings, got {others!r:.80}')
             if not text:
                 self.skipped.append(f"{where}: empty text")
                 continue
@@ -79,6 +88,7 @@ class KnowledgeBase:
             seen.add(identity)
             self.titles.append(title)
             self.texts.append(text)
+            self.wordings.append((text, *(w.strip() for w in others)))
         if not self.texts:
             raise ValueError(f"knowledge base {self.path} has no entries")
 

@@ -245,7 +245,7 @@ class NameDropout:
     variant(prompt, k) -> the prompt renamed by variant k, or None when it names no single object
     variants(prompt) -> its K renamed forms ([] when it names no single object)
     draw(prompt, rate, key) -> the prompt, or with probability ``rate`` one of its variants; keyed
-    invert(text) -> (original prompt, object index, placeholder) of a renamed prompt, or None
+    invert(text) -> (original prompt, object index, placeholder, variant) of a renamed prompt, or None
     rename_fact(fact, index, placeholder) -> the fact with the object's name replaced (articles agree)
 
     Which word variant k of an object gets depends on the prompt's *skeleton* (the prompt with the name
@@ -360,8 +360,8 @@ class NameDropout:
     def _singular(self, found: str) -> str:
         return found if found in self._word_index else found[:-1]
 
-    def invert(self, text: str) -> tuple[str, int, str] | None:
-        """(original prompt, object index, placeholder) when ``text`` is some prompt's renamed variant, else None."""
+    def invert(self, text: str) -> tuple[str, int, str, int] | None:
+        """(original prompt, object index, placeholder, variant) when ``text`` is some prompt's renamed variant, else None."""
         placeholders = self.placeholders_in(text)
         if len(placeholders) != 1:
             return None
@@ -375,7 +375,7 @@ class NameDropout:
         # The original must name this object alone and rename back to exactly this text.
         if self.find(original) != index or self.variant(original, variant) != text:
             return None
-        return original, index, word
+        return original, index, word, variant
 
     def rename_fact(self, fact: str, index: int, word: str) -> str:
         """``fact`` with object ``index``'s name replaced by ``word`` (plural: word + "s"); "a"/"an" just

@@ -15,7 +15,9 @@ hub id or folder (``encoder=...``), or a ready ``SentenceEncoderFeatures``. It i
 so building a ``Retriever`` for its ``fingerprint`` (the feature cache does) costs no model load.
 
 The knowledge bases: ``knowledge_base.py``. With ``name_dropout`` > 0 (training on the toy world) the retriever
-undoes a prompt's renaming to retrieve and renames the fact it found (``name_dropout.py``).
+undoes a prompt's renaming to retrieve and renames the fact it found (``name_dropout.py``); with ``vary_wording`` it reads the fact of renamed variant k in the entry's wording
+k mod W (W wordings, ``KnowledgeBase``), so that across a training object's variants the colour and shape words
+stand in different sentences.
 """
 
 from __future__ import annotations
@@ -52,6 +54,11 @@ class Retriever:
     knowledge base). With p = 0 (the default) nothing is renamed or undone, and the fingerprint is the
     one it had before name dropout existed.
 
+    ``vary_wording``: a renamed prompt's variant k reads its fact in the entry's wording k mod W, so an
+    object's K variants read its fact in up to W different sentences and only the colour and shape words
+    stay the same; variant 0 (what ``anonymise`` reads at inference) and an unrenamed prompt read the
+    entry's ``text``. Entries without wordings read their text in every variant.
+
     ``anonymise``: every prompt that names a knowledge-base object is read as its renamed variant 0, in
     training and at inference, prompt and fact alike, so the object's name serves retrieval only and the
     LLM reads a nonsense word where the name was. A connector trained with name dropout p = 1 then reads
@@ -70,6 +77,7 @@ class Retriever:
         name_dropout: float = 0.0,
         name_variants: int = 4,
         anonymise: bool = False,
+        vary_wording: bool = False,
     ) -> None:
         if top_k < 1:
             raise ValueError(f"rag.top_k must be at least 1, got {top_k}")
@@ -85,6 +93,10 @@ class Retriever:
             raise ValueError(f"rag.name_dropout is a probability in [0, 1], got {name_dropout}")
         self.name_dropout = float(name_dropout)
         self.anonymise = bool(anonymise)
+        self.vary_wording = bool(vary_wording)
+        if self.vary_wording and not (self.name_dropout > 0 or self.anonymise):
+            # The wording follows the renamed variant: without renaming every prompt would read the text.
+            raise ValueError("rag.vary_wording needs name dropout (rag.name_dropout > 0) or rag.anonymise")
         # Only with name dropout or anonymising on does a renamed prompt mean anything here.
         renames = self.name_dropout > 0 or self.anonymise
         self.renamer = NameDropout(name_lexicon(self.knowledge_base), name_variants) if renames else None
@@ -131,6 +143,7 @@ class Retriever:
             # Only with name dropout on, so every fingerprint made without it stays as it was.
             **({"name_dropout": self.renamer.fingerprint()} if self.renamer is not None else {}),
             **({"anonymise": True} if self.anonymise else {}),
+            **({"vary_wording": True} if self.vary_wording else {}),
         }
 
     # ------------------------------------------------------------------ index
@@ -209,7 +222,7 @@ class Retriever:
         kb = self.knowledge_base
         return [
             [
-                Passage(kb.titles[j], kb.texts[j], float(s))
+                Passage(kb.titles[j], kb.texts[j], float(s), kb.wordings[j])
                 for s, j in zip(row_scores.tolist(), row_index.tolist())
                 if s >= self.threshold
             ]
@@ -231,9 +244,19 @@ class Retriever:
         spans = []
         for prompt, rename, passages in zip(prompts, renamed, self.retrieve(queries)):
             if rename is not None:
-                passages = [Passage(p.title, self.renamer.rename_fact(p.text, *rename), p.score) for p in passages]
+                index, word, variant = rename
+                passages = [
+                    Passage(p.title, self.renamer.rename_fact(self.wording(p, variant), index, word), p.score)
+                    for p in passages
+                ]
             spans.append(self.fill(prompt, passages))
         return spans
+
+    def wording(self, passage: Passage, variant: int) -> str:
+        """The sentence renamed variant ``variant`` reads: wording variant mod W with ``vary_wording``, else the text."""
+        if not self.vary_wording or not passage.wordings:
+            return passage.text
+        return passage.wordings[variant % len(passage.wordings)]
 
     def anonymised(self, prompt: str) -> str:
         """``prompt`` with its object renamed (variant 0); unchanged when it names none or is renamed already."""
@@ -241,9 +264,9 @@ class Retriever:
             return prompt
         return self.renamer.variant(prompt, 0) or prompt
 
-    def undo_renaming(self, prompts: list[str]) -> tuple[list[str], list[tuple[int, str] | None]]:
+    def undo_renaming(self, prompts: list[str]) -> tuple[list[str], list[tuple[int, str, int] | None]]:
         """The prompts to retrieve with (a renamed one's original) and, per prompt, (object index,
-        placeholder) when it was renamed; without name dropout the prompts themselves and no renaming."""
+        placeholder, variant) when it was renamed; without name dropout the prompts themselves and no renaming."""
         if self.renamer is None:
             return prompts, [None] * len(prompts)
         queries, renamed = [], []

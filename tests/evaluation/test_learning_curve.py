@@ -301,6 +301,7 @@ def test_each_unseen_object_remedy_row_changes_one_thing_of_the_preset(compose):
         "ella_unseen_objects_balanced": ("data", "balance_by", "shape"),
         "ella_unseen_objects_k7": ("llm", "rag", 7),
         "ella_unseen_objects_4blocks": ("connector", "num_blocks", 4),
+        "ella_unseen_objects_wordings": ("llm", "rag", True),
     }
     for row, (group, key, value) in expected.items():
         preset, overrides, _ = run.ROWS[row]
@@ -308,7 +309,7 @@ def test_each_unseen_object_remedy_row_changes_one_thing_of_the_preset(compose):
         changed = {k for k in reference if reference[k] != cfg[k]}
         # (conf/data reads name_variants from llm.rag by interpolation: unresolved, the data node is unchanged.)
         assert changed == {group}, (row, changed)
-        found = cfg[group][key]["name_variants"] if key == "rag" else cfg[group][key]
+        found = cfg[group][key]["name_variants" if value == 7 else "vary_wording"] if key == "rag" else cfg[group][key]
         assert found == value, row
 
 

@@ -63,7 +63,7 @@ def test_no_placeholder_occurs_in_any_toy_world_prompt_or_knowledge_entry(kb, ti
     assert len(set(PLACEHOLDER_WORDS)) == len(PLACEHOLDER_WORDS) >= 4 * len(OBJECTS)
     assert all(re.fullmatch(r"[bdfgklmnprstvz][aeiou][bdfgklmnprstvz][aeiou][bfgkp]", w) for w in PLACEHOLDER_WORDS)
     texts = every_toy_prompt() + [complex_prompt(c, o.color, o.shape) for o in OBJECTS for c in COUNTS]
-    texts += kb.texts + kb.titles
+    texts += [w for wordings in kb.wordings for w in wordings] + kb.titles
     seen = set().union(*(words_of(t) for t in texts))
     assert not forms & seen
     # Nor inside a word: no object, colour or shape word hides in a placeholder ("redo" would hold "red").
@@ -92,7 +92,7 @@ def test_every_variant_of_every_prompt_is_renamed_and_undone_exactly(renamer):
         for k, variant in enumerate(variants):
             (word,) = renamer.placeholders_in(variant)
             assert not names_word(variant, singular, plural) and word in variant
-            assert renamer.invert(variant) == (prompt, index, word)
+            assert renamer.invert(variant) == (prompt, index, word, k)
             assert renamer.variant(prompt, k) == variant
     # A renamed text names its original exactly: no two prompts share a variant.
     all_variants = [v for p in every_toy_prompt() for v in renamer.all_variants(p)]
@@ -159,6 +159,42 @@ def test_anonymise_reads_every_named_prompt_as_its_variant_0_and_leaves_the_rest
         ["a violin concert", "two red circles"]
     )
     assert anonymous.fingerprint()["anonymise"] is True and "anonymise" not in plain.fingerprint()
+
+
+def test_vary_wording_reads_variant_k_in_wording_k_mod_w_and_every_wording_keeps_colour_and_shape(
+    renaming_retriever, renamer, kb
+):
+    varied = Retriever(kb, renaming_retriever.encoder, name_dropout=1.0, name_variants=4, vary_wording=True)
+    assert varied.fingerprint() == {**renaming_retriever.fingerprint(), "vary_wording": True}
+    for obj in OBJECTS:
+        prompt = narrative_prompt(obj, 2, 0)
+        facts = []
+        for k in range(4):
+            variant = renamer.variant(prompt, k)
+            (word,) = renamer.placeholders_in(variant)
+            ((text, start),) = varied.augment_spans([variant])
+            fact = text[:start].strip()
+            wording = kb.wordings[kb.titles.index(next(t for t in kb.titles if t.lower().startswith(obj.name + " (")))]
+            assert len(wording) == 4 and fact == renamer.rename_fact(wording[k], renamer.find(prompt), word)
+            # Every wording names the object (renamed here), its colour and its shape, and no other colour.
+            assert word in fact.lower() and not names_word(fact.replace(obj.color, ""), obj.name, obj.plural)
+            assert re.search(rf"\b{obj.color}\b", fact) and obj.shape in fact
+            assert not (words_of(fact) & ({o.color for o in OBJECTS} - {obj.color}))
+            facts.append(fact.replace(word, "_").replace(word.capitalize(), "_"))
+        assert len(set(facts)) == 4  # four different sentences
+        # Variant 0, what anonymise reads at inference, reads the entry's text, as without vary_wording.
+        assert varied.augment([renamer.variant(prompt, 0)]) == renaming_retriever.augment([renamer.variant(prompt, 0)])
+    with pytest.raises(ValueError, match="vary_wording needs name dropout"):
+        Retriever(kb, renaming_retriever.encoder, vary_wording=True)
+
+
+def test_a_bad_wordings_field_is_an_error_naming_the_line(tmp_path):
+    path = tmp_path / "kb.jsonl"
+    path.write_text(
+        '{"title": "Lime (limes)", "text": "A lime is green."}\n{"title": "Pea (peas)", "text": "A pea is green.", "wordings": "Peas are green."}\n'
+    )
+    with pytest.raises(ValueError, match=r"kb.jsonl:2: \"wordings\" must be a list of non-empty strings"):
+        KnowledgeBase(path)
 
 
 def test_the_unseen_objects_preset_is_the_benchmark_row_that_reads_facts_anonymised(compose):
