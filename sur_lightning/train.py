@@ -61,10 +61,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data, **datamodule_arguments(cfg))
-    if not getattr(get_class(cfg.model._target_), "takes_frozen_encoders", False):
+    takes_frozen_encoders = getattr(get_class(cfg.model._target_), "takes_frozen_encoders", None)
+    if takes_frozen_encoders is None:
         # A model that builds what it reads (the VQ tokenizer its VAE, PixelSNAIL its text encoder over its code
         # database): no frozen UNet and no feature cache to hand it.
         frozen = {}
+    elif not takes_frozen_encoders(cfg.model):
+        # One that could read them but in this config does not (a prior on its pipeline's text encoder): no
+        # backbone is loaded (SD 2.1's 5 GB for nothing).
+        frozen = {"backbone": None}
     else:
         # Name dropout renames training prompts only if the LLM's retriever undoes it (checked with the cache off too).
         check_name_dropout(datamodule, OmegaConf.select(cfg, "llm.rag"))

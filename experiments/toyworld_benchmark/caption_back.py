@@ -22,21 +22,16 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+import run as benchmark  # run.py beside this file: its rows, run folders and results
 
 SPLITS = ("adapter_train", "held_out_combinations", "held_out_objects")
 METRICS = ("bleu_1", "rouge1_f", "rougeL_f")
 BASE_COLUMNS = {"base + simple": "base", "base + complex": "base_complex"}
 
 
-def benchmark():
-    sys.path.insert(0, str(HERE))
-    import run
-
-    return run
-
-
 def load_results(results_dir: Path) -> dict:
-    return benchmark().load_results(results_dir / "results.json")
+    return benchmark.load_results(results_dir / "results.json")
 
 
 def step_images(run: Path, step: int, scored_as: str | None = None) -> Path:
@@ -93,7 +88,7 @@ def collect(results_dirs: list[Path], steps: dict[str, int], references_of=world
     pairs: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     read_at: dict[str, dict] = {}
     based = set()
-    scored_from = benchmark().SCORED_FROM
+    scored_from = benchmark.SCORED_FROM
     for results_dir in results_dirs:
         results = load_results(results_dir)
         for split_seed, world in results["splits"].items():
@@ -114,8 +109,8 @@ def collect(results_dirs: list[Path], steps: dict[str, int], references_of=world
                     step = steps.get(row, max(scored))
                     if step not in scored:
                         continue
-                    trained, scored_as = (benchmark().SCORED_FROM[row][0], row) if row in scored_from else (row, None)
-                    folder = benchmark().RUN_FOLDER.get(trained, trained)
+                    trained, scored_as = (benchmark.SCORED_FROM[row][0], row) if row in scored_from else (row, None)
+                    folder = benchmark.RUN_FOLDER.get(trained, trained)
                     run = results_dir / f"split{split_seed}" / "runs" / folder / f"seed{seed}"
                     for split, found_pairs in caption_folder(step_images(run, step, scored_as), references).items():
                         pairs[row][split] += found_pairs

@@ -193,16 +193,23 @@ ROWS["ella_unseen_objects_wordings"] = (
     ["llm.rag.vary_wording=true"],
     "the preset with each training object's fact in 4 wordings (one per nonsense word): read by its colour and shape words",
 )
-ROWS["ella_unseen_objects_concat_clip"] = (
-    "ella_unseen_objects",
-    [],
-    "the preset's runs drawn with CLIP's states before the connector's (mode=concat_clip); scored, not trained again",
-)
 # Rows with no training of their own: the runs of another row, drawn with other inference settings (build_columns'
 # keywords). Their images go to eval/<export>@<row> in the trained row's run folders.
-SCORED_FROM: dict[str, tuple[str, dict]] = {
-    "ella_unseen_objects_concat_clip": ("ella_unseen_objects", {"mode": "concat_clip"}),
-}
+SCORED_FROM: dict[str, tuple[str, dict]] = {}
+
+
+def scored_row(name: str, trained: str, settings: dict, description: str) -> None:
+    """Declare row ``name``: ``trained``'s runs scored with ``settings``."""
+    ROWS[name] = (*ROWS[trained][:2], description)
+    SCORED_FROM[name] = (trained, settings)
+
+
+scored_row(
+    "ella_unseen_objects_concat_clip",
+    "ella_unseen_objects",
+    {"mode": "concat_clip"},
+    "the preset's runs drawn with CLIP's states before the connector's (mode=concat_clip); scored, not trained again",
+)
 # Evaluation seeds of each split (seeds of the sampler's noise, not of the world).
 SPLIT_SEEDS = {"adapter_train": [0], "held_out_combinations": [0, 1], "held_out_objects": [0, 1, 2]}
 # Five worlds that together hold out every object once (found by search over make_splits(0..299)):

@@ -70,8 +70,10 @@ class ConnectorTrainingModule(L.LightningModule):
     ``sample_generators`` (with the epoch, the global step and the batch's ``id``).
     """
 
-    # train() builds the frozen backbone and LLM, or opens their feature cache, and hands them in.
-    takes_frozen_encoders = True
+    @classmethod
+    def takes_frozen_encoders(cls, config) -> bool:
+        """train() builds the frozen backbone and LLM, or opens their feature cache, and hands them in."""
+        return True
 
     def __init__(
         self,

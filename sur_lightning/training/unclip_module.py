@@ -115,8 +115,11 @@ class _StageModule(L.LightningModule):
     """What both stages share: seeding, the embedding table, the optimizer, trainable-only checkpoints."""
 
     trained_prefix = ""
-    # train() builds the frozen backbone and LLM, or opens their feature cache, and hands them in.
-    takes_frozen_encoders = True
+
+    @classmethod
+    def takes_frozen_encoders(cls, config) -> bool:
+        """train() builds the frozen backbone and LLM, or opens their feature cache, and hands them in."""
+        return True
 
     def __init__(self, image_tower, optimizer, lr_scheduler, seed: int) -> None:
         super().__init__()
@@ -276,9 +279,14 @@ class UnclipPriorModule(_StageModule):
 
     trained_prefix = "prior."
 
+    @classmethod
+    def takes_frozen_encoders(cls, config) -> bool:
+        """Not with ``text_encoder``: the prior then reads no LLM and nothing of the backbone (train() builds neither)."""
+        return config.get("text_encoder") is None
+
     def __init__(
         self,
-        backbone: StableDiffusionBackbone,
+        backbone: StableDiffusionBackbone | None,
         image_tower,
         prior: Callable[..., DiffusionPrior],
         optimizer: Callable[..., torch.optim.Optimizer],
@@ -301,6 +309,8 @@ class UnclipPriorModule(_StageModule):
                 raise ValueError("model.text_encoder replaces the LLM: set llm=null (none is read)")
             text_dim, pooled_dim = text_encoder.hidden_size, text_encoder.pooled_dim
         else:
+            if backbone is None:
+                raise ValueError("the unCLIP prior reads the backbone's pooled CLIP state: it needs the backbone")
             text_dim, pooled_dim = llm.hidden_size if llm is not None else llm_dim, backbone.cross_attention_dim
             if not isinstance(text_dim, int):
                 raise TypeError(

@@ -88,6 +88,6 @@ def test_a_row_scored_from_another_rows_runs_reads_its_own_images(tmp_path):
     scored.mkdir(parents=True)
     assert caption_back.step_images(run, 20) == run / "eval" / "adapter-step20" / "images" / "adapter"
     assert caption_back.step_images(run, 20, "r_concat") == scored
-    for row, (trained, knobs) in caption_back.benchmark().SCORED_FROM.items():
-        assert trained in caption_back.benchmark().ROWS and row in caption_back.benchmark().ROWS
+    for row, (trained, knobs) in caption_back.benchmark.SCORED_FROM.items():
+        assert trained in caption_back.benchmark.ROWS and row in caption_back.benchmark.ROWS
         assert knobs.get("mode", "replace") in MODES

@@ -62,7 +62,13 @@ def export(tmp_path_factory, cache_dir, stock_pipeline) -> Path:
     ]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
-    metrics = train(cfg)
+
+    def no_backbone(*args, **kwargs):
+        raise AssertionError("train() built the backbone, which this prior never reads")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("sur_lightning.models.backbone.StableDiffusionBackbone.__init__", no_backbone)
+        metrics = train(cfg)
     assert "train/loss" in metrics and "val/prior" in metrics
     return root / "run" / "unclip"
 
