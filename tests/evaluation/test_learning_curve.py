@@ -296,7 +296,18 @@ def test_each_unseen_object_remedy_row_changes_one_thing_of_the_preset(compose):
     from omegaconf import OmegaConf
 
     run = load_experiment_script("toyworld_benchmark/run.py", "toyworld_benchmark_run")
-    reference = OmegaConf.to_container(compose("+experiment=ella_unseen_objects", tiny=False))
+    # The recipe the remedies were measured against: the preset with one wording per fact.
+    reference = OmegaConf.to_container(compose("+experiment=ella_unseen_objects", *run.ONE_WORDING, tiny=False))
+    assert run.ROWS["ella_unseen_objects"] == (
+        "ella_unseen_objects",
+        run.ONE_WORDING,
+        run.ROWS["ella_unseen_objects"][2],
+    )
+    # The row that adds the wordings is the preset as it stands.
+    preset, overrides, _ = run.ROWS["ella_unseen_objects_wordings"]
+    assert OmegaConf.to_container(compose(f"+experiment={preset}", *overrides, tiny=False)) == OmegaConf.to_container(
+        compose("+experiment=ella_unseen_objects", tiny=False)
+    )
     expected = {
         "ella_unseen_objects_balanced": ("data", "balance_by", "shape"),
         "ella_unseen_objects_k7": ("llm", "rag", 7),

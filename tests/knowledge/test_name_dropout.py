@@ -197,7 +197,7 @@ def test_a_bad_wordings_field_is_an_error_naming_the_line(tmp_path):
         KnowledgeBase(path)
 
 
-def test_the_unseen_objects_preset_is_the_benchmark_row_that_reads_facts_anonymised(compose):
+def test_the_unseen_objects_preset_is_the_benchmark_row_that_reads_facts_anonymised_in_varied_wordings(compose):
     from conftest import load_experiment_script
     from omegaconf import OmegaConf
 
@@ -205,10 +205,16 @@ def test_the_unseen_objects_preset_is_the_benchmark_row_that_reads_facts_anonymi
     preset, overrides, _ = run.ROWS["ella_name_dropout_p1_anonymise"]
     cfg = compose("+experiment=ella_unseen_objects", tiny=False)
     row = compose(
-        f"+experiment={preset}", *overrides, "trainer.max_steps=4800", "task_name=ella_unseen_objects", tiny=False
+        f"+experiment={preset}",
+        *overrides,
+        "llm.rag.vary_wording=true",
+        "trainer.max_steps=4800",
+        "task_name=ella_unseen_objects",
+        tiny=False,
     )
     assert OmegaConf.to_container(cfg.llm) == OmegaConf.to_container(row.llm)
-    assert cfg.llm.rag.anonymise and cfg.data.name_dropout == 1.0 and cfg.trainer.max_steps == 4800
+    assert cfg.llm.rag.anonymise and cfg.llm.rag.vary_wording and cfg.data.name_dropout == 1.0
+    assert cfg.trainer.max_steps == 4800
     # Everything else too, but the tags (unresolved: the loggers interpolate the tags).
     preset_cfg, row_cfg = OmegaConf.to_container(cfg), OmegaConf.to_container(row)
     assert preset_cfg.pop("tags") != row_cfg.pop("tags") and preset_cfg == row_cfg
