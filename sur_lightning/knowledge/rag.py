@@ -15,9 +15,9 @@ hub id or folder (``encoder=...``), or a ready ``SentenceEncoderFeatures``. It i
 so building a ``Retriever`` for its ``fingerprint`` (the feature cache does) costs no model load.
 
 The knowledge bases: ``knowledge_base.py``. With ``name_dropout`` > 0 (training on the toy world) the retriever
-undoes a prompt's renaming to retrieve and renames the fact it found (``name_dropout.py``); with ``vary_wording`` it reads the fact of renamed variant k in the entry's wording
-k mod W (W wordings, ``KnowledgeBase``), so that across a training object's variants the colour and shape words
-stand in different sentences.
+undoes a prompt's renaming to retrieve and renames the fact it found (``name_dropout.py``); with ``vary_wording``
+it reads renamed variant k's fact in the entry's wording k mod W (``KnowledgeBase.wordings``), so that across a
+training object's variants the colour and shape words stand in different sentences.
 """
 
 from __future__ import annotations
@@ -94,11 +94,11 @@ class Retriever:
         self.name_dropout = float(name_dropout)
         self.anonymise = bool(anonymise)
         self.vary_wording = bool(vary_wording)
-        if self.vary_wording and not (self.name_dropout > 0 or self.anonymise):
-            # The wording follows the renamed variant: without renaming every prompt would read the text.
-            raise ValueError("rag.vary_wording needs name dropout (rag.name_dropout > 0) or rag.anonymise")
         # Only with name dropout or anonymising on does a renamed prompt mean anything here.
         renames = self.name_dropout > 0 or self.anonymise
+        if self.vary_wording and not renames:
+            # The wording follows the renamed variant: without renaming every prompt would read the text.
+            raise ValueError("rag.vary_wording needs name dropout (rag.name_dropout > 0) or rag.anonymise")
         self.renamer = NameDropout(name_lexicon(self.knowledge_base), name_variants) if renames else None
         if isinstance(encoder, SentenceEncoderFeatures):
             if encoder.pooling != "mean":
