@@ -276,6 +276,22 @@ def test_the_benchmark_report_pools_worlds_and_breaks_held_out_objects_down(tmp_
     assert len(held) == len(set(held)) == 20
 
 
+def test_a_benchmark_run_checkpoints_often_enough_to_resume_and_is_scored_at_each_step(tmp_path):
+    import argparse
+
+    from conftest import load_experiment_script
+
+    run = load_experiment_script("toyworld_benchmark/run.py", "toyworld_benchmark_run")
+    args = argparse.Namespace(threads=1, cache=tmp_path / "cache")
+    cfg = run.compose("ella_unseen_objects", [], tmp_path / "run", args, seed=0, steps=[1200, 2400, 4800], split_seed=3)
+    assert cfg.callbacks.model_checkpoint.every_n_train_steps == run.CHECKPOINT_EVERY == 200
+    assert cfg.callbacks.adapter_export.at_steps == [1200, 2400, 4800]
+    assert (cfg.trainer.max_steps, cfg.data.root.seed) == (4800, 3)
+    # A budget shorter than the interval still leaves a checkpoint at its first scored step.
+    short = run.compose("ella_demo", [], tmp_path / "short", args, seed=0, steps=[100, 150], split_seed=0)
+    assert short.callbacks.model_checkpoint.every_n_train_steps == 100
+
+
 def test_the_text_encoder_ablation_rows_differ_from_the_demo_recipe_in_the_text_model_alone(compose):
     from conftest import load_experiment_script
     from omegaconf import OmegaConf
