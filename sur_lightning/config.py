@@ -366,7 +366,8 @@ def evaluator_arguments(cfg: DictConfig) -> dict:
 def column_arguments(cfg: DictConfig) -> dict:
     """``generation.columns.grid_columns``'s arguments after the backbone and prompts, from a generate/evaluate/
     explore config: the adapters, the LLM's config node (built only for a connector that reads token states),
-    mode, η or its sweep, whether the base columns are drawn, the negative prompt's conditioning, the
+    mode, η or its sweep, whether the base columns are drawn, the negative prompt's conditioning, whether an
+    ELLA + RAG connector is read over its renamed variants (``variant_mean``), the
     PixelSNAIL exports drawn as columns of their own, and the unCLIP prior export (and the pipeline that draws it)."""
     return {
         "adapters": cfg.adapters,
@@ -376,6 +377,7 @@ def column_arguments(cfg: DictConfig) -> dict:
         "eta_sweep": list(cfg.eta_sweep or []),
         "include_base": cfg.include_base,
         "negative": cfg.get("negative", "connector"),
+        "variant_mean": bool(cfg.get("variant_mean", False)),
         "pixelsnail": list(cfg.get("pixelsnail") or []),
         "unclip": cfg.get("unclip"),
         "unclip_pipeline": cfg.get("unclip_pipeline"),

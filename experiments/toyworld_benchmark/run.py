@@ -217,6 +217,13 @@ scored_row(
     {"mode": "concat_clip"},
     "the preset's runs drawn with CLIP's states before the connector's (mode=concat_clip); scored, not trained again",
 )
+scored_row(
+    "ella_unseen_objects_variant_mean",
+    "ella_unseen_objects_wordings",
+    {"variant_mean": True},
+    "the preset's runs read as the mean of the connector's outputs over each prompt's 4 renamed variants "
+    "(placeholder k, the fact in wording k; variant_mean=true) instead of variant 0 alone; scored, not trained again",
+)
 # Evaluation seeds of each split (seeds of the sampler's noise, not of the world).
 SPLIT_SEEDS = {"adapter_train": [0], "held_out_combinations": [0, 1], "held_out_objects": [0, 1, 2]}
 # Five worlds that together hold out every object once (found by search over make_splits(0..299)):
@@ -738,7 +745,11 @@ def main() -> None:
                         score_unclip(name, run, scorer, done, on_step, split_seed)
                     else:
                         learning_curve.score_run(
-                            run, lambda path, name=name, s=split_seed: scorer.adapter(name, path, s), done, on_step
+                            run,
+                            lambda path, name=name, s=split_seed: scorer.adapter(name, path, s),
+                            done,
+                            on_step,
+                            steps=wanted,  # a scored-from row may read fewer steps than its runs exported
                         )
 
     worlds = [s for s in args.split_seeds if s in results["splits"] and results["splits"][s]["base"]]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -63,8 +63,10 @@ def score_run(
     done: dict[int, dict] | None = None,
     on_step: Callable[[int, dict], None] | None = None,
     prefix: str = "",
+    steps: Collection[int] | None = None,
 ) -> dict[int, dict]:
-    """``{step: {"train_seconds", "images": [per-image rows]}}`` for every exported adapter of a run.
+    """``{step: {"train_seconds", "images": [per-image rows]}}`` for every exported adapter of a run, or for
+    those at ``steps`` only.
 
     ``score_adapter(path)`` renders and scores one adapter and returns its per-image rows (``image_rows``).
     Steps already in ``done`` are kept as they are; ``on_step(step, result)`` is called after each new one,
@@ -73,7 +75,7 @@ def score_run(
     results = dict(done or {})
     for export in exported_adapters(run_dir, prefix):
         step = export["step"]
-        if step in results:
+        if step in results or (steps is not None and step not in steps):
             continue
         results[step] = {"train_seconds": export["train_seconds"], "images": score_adapter(export["path"])}
         if on_step is not None:

@@ -24,6 +24,7 @@ from sur_lightning.generation.conditioning import (
     ClipConditioning,
     ConnectorConditioning,
     NonFiniteConditioningError,
+    VariantMeanConditioning,
     frozen_text_features,
 )
 from sur_lightning.models.connectors import TextFeatures
@@ -104,11 +105,14 @@ def build_columns(
     eta_sweep: Sequence[float] = (),
     include_base: bool = True,
     negative: str = "connector",
+    variant_mean: bool = False,
 ) -> list[Column]:
     """The base column, then per adapter one column (η overridden by ``eta`` when set) or one per η of
     ``eta_sweep``. ``llm``: the LLM module, or a zero-argument function loading it only when a connector
     needs it (ELLA), on the backbone's device. Each adapter is checked against the backbone and LLM on
-    an empty prompt, so a mismatch fails here naming the adapter file."""
+    an empty prompt, so a mismatch fails here naming the adapter file. ``variant_mean``: an LLM connector
+    trained with name dropout is read as the mean over each prompt's renamed variants
+    (``VariantMeanConditioning``); the LLM must rename (``rag.anonymise`` or ``rag.name_dropout`` > 0)."""
 
     columns = (
         [Column("base", ClipConditioning(frozen_text_features(backbone)), {"kind": "base"})] if include_base else []
@@ -129,9 +133,25 @@ def build_columns(
         etas = list(eta_sweep) if eta_sweep else [spec.get("eta", eta)]
         for value in etas:
             label = name if value is None else f"{name} eta={value:g}"
-            conditioning = ConnectorConditioning(
-                connector, text_features, adapter_mode, value, spec.get("negative", negative)
-            )
+            if spec.get("variant_mean", variant_mean):
+                renamer = getattr(getattr(loaded_llm, "rag", None), "renamer", None) if uses_llm else None
+                if renamer is None:
+                    raise ValueError(
+                        f"adapter {path}: variant_mean reads an ELLA connector over its LLM's renamed variants; "
+                        "its LLM renames nothing (set llm.rag.anonymise=true, as +experiment=ella_unseen_objects does)"
+                    )
+                conditioning = VariantMeanConditioning(
+                    connector,
+                    text_features,
+                    renamer.variant,
+                    renamer.variants,
+                    adapter_mode,
+                    spec.get("negative", negative),
+                )
+            else:
+                conditioning = ConnectorConditioning(
+                    connector, text_features, adapter_mode, value, spec.get("negative", negative)
+                )
             check_conditioning(conditioning, backbone, path)
             columns.append(Column(label, conditioning, {"adapter": str(path), **conditioning.describe()}))
     return columns
@@ -330,6 +350,7 @@ def grid_columns(
     eta_sweep: Sequence[float] = (),
     include_base: bool = True,
     negative: str = "connector",
+    variant_mean: bool = False,
     pixelsnail: Sequence[str] = (),
     unclip: str | None = None,
     unclip_pipeline: str | None = None,
@@ -352,6 +373,7 @@ def grid_columns(
         eta_sweep=list(eta_sweep or []),
         include_base=include_base,
         negative=negative,
+        variant_mean=variant_mean,
     )
     from sur_lightning.generation.unclip import stock_prior
 

@@ -211,6 +211,67 @@ class ConnectorConditioning(ClipConditioning):
         return {"kind": type(self.connector).__name__, "mode": self.mode, "eta": self.eta, "negative": self.negative}
 
 
+class VariantMeanConditioning(ConnectorConditioning):
+    """A connector trained with name dropout (ELLA + RAG), read at inference as the mean of its outputs over
+    each prompt's K renamed variants: placeholder word k, and with ``rag.vary_wording`` the fact in wording
+    k mod W. These are the K inputs training showed the connector for every object; ``rag.anonymise`` alone
+    reads variant 0. A test-time average, so that no one placeholder word or wording decides what is drawn.
+
+    ``variant(prompt, k) -> str | None``: the prompt with its object renamed to placeholder k, None when it
+    names no object (the LLM's ``rag.renamer.variant``; K is ``rag.renamer.variants``).
+    features(prompts) -> TextFeatures: clip [B, 77, d] of the prompts; llm [K·B, T, D] and llm_mask [K·B, T],
+    variant-major (rows k·B .. k·B + B - 1 are variant k), from one LLM call so every variant has the same T.
+    output(features, t) -> tokens [B, N, d]: the mean over the K variants of the connector's output.
+    """
+
+    def __init__(
+        self,
+        connector: nn.Module,
+        text_features: TextFeaturesFn,
+        variant: Callable[[str, int], str | None],
+        variants: int,
+        mode: str = "replace",
+        negative: str = "connector",
+    ) -> None:
+        super().__init__(connector, text_features, mode, None, negative)
+        if variants < 1:
+            raise ValueError(f"variant_mean needs at least one renamed variant, got {variants}")
+        self.variant = variant
+        self.variants = variants
+
+    @torch.no_grad()
+    def features(self, prompts: Sequence[str]) -> TextFeatures:
+        prompts = list(prompts)
+        # Variant 0 is the prompt itself: the retriever anonymises it to variant 0, and its CLIP states are the
+        # prompt's own, as without averaging.
+        renamed = [self.variant(p, k) or p for k in range(1, self.variants) for p in prompts]
+        every = self.text_features(prompts + renamed)
+        batch = len(prompts)
+        clip = every.clip[:batch] if every.clip is not None else None
+        pooled = every.pooled[:batch] if every.pooled is not None else None
+        return TextFeatures(clip=clip, llm=every.llm, llm_mask=every.llm_mask, pooled=pooled, prompts=prompts)
+
+    def _output(self, features: TextFeatures, timesteps: torch.Tensor | float) -> ConnectorOutput:
+        batch = len(features.prompts)
+        outputs = []
+        for k in range(self.variants):
+            rows = slice(k * batch, (k + 1) * batch)
+            one = TextFeatures(
+                clip=features.clip,
+                llm=features.llm[rows],
+                llm_mask=None if features.llm_mask is None else features.llm_mask[rows],
+                pooled=features.pooled,
+                prompts=features.prompts,
+            )
+            outputs.append(super()._output(one, timesteps))
+        return ConnectorOutput(
+            conditioning=torch.stack([o.conditioning for o in outputs]).mean(dim=0), pooled=outputs[0].pooled
+        )
+
+    def describe(self) -> dict:
+        return {**super().describe(), "variant_mean": self.variants}
+
+
 @contextmanager
 def conditioning_hook(unet: nn.Module, conditioning: ClipConditioning, features: TextFeatures, negative: TextFeatures):
     """While active, every call of ``unet`` gets ``encoder_hidden_states`` recomputed by ``conditioning.output``

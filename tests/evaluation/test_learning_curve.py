@@ -61,6 +61,8 @@ def test_two_step_run_exports_each_step_and_every_export_is_scored(compose, back
     # Resuming: steps already scored are not rendered again.
     scored.clear()
     assert score_run(run, score_adapter, done={1: results[1], 2: results[2]}) == results and scored == []
+    # A row that reads fewer steps than the run exported scores only those.
+    assert sorted(score_run(run, score_adapter, steps=[2])) == [2] and scored == ["adapter-step2.safetensors"]
 
 
 def test_a_run_without_exports_is_named(tmp_path):
@@ -330,6 +332,18 @@ def test_each_unseen_object_remedy_row_changes_one_thing_of_the_preset(compose):
         "ella_unseen_objects_4blocks": ("connector", "num_blocks", 4),
         "ella_unseen_objects_wordings": ("llm", "rag", True),
     }
+    # Rows scored from another row's runs name a trained row and build_columns' own keywords.
+    import inspect
+
+    from sur_lightning.generation.columns import build_columns
+
+    assert run.SCORED_FROM["ella_unseen_objects_variant_mean"] == (
+        "ella_unseen_objects_wordings",
+        {"variant_mean": True},
+    )
+    for trained, settings in run.SCORED_FROM.values():
+        assert trained in run.ROWS and trained not in run.SCORED_FROM
+        inspect.signature(build_columns).bind_partial(**settings)
     for row, (group, key, value) in expected.items():
         preset, overrides, _ = run.ROWS[row]
         cfg = OmegaConf.to_container(compose(f"+experiment={preset}", *overrides, tiny=False))

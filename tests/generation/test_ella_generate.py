@@ -1,12 +1,16 @@
 """ELLA at sampling time, through generate.py's per-call conditioning hook: the TSC is recomputed at
-every step for the step's own timestep, "ELLA + CLIP" gives 77 + 64 tokens, and the unconditional
-branch is the TSC of the empty prompt."""
+every step for the step's own timestep, "ELLA + CLIP" gives 77 + 64 tokens, the unconditional
+branch is the TSC of the empty prompt, and ``variant_mean`` averages the TSC over renamed variants."""
 
 import pytest
 import torch
 from PIL import Image
 
-from sur_lightning.generation.conditioning import ConnectorConditioning, frozen_text_features
+from sur_lightning.generation.conditioning import (
+    ConnectorConditioning,
+    VariantMeanConditioning,
+    frozen_text_features,
+)
 from sur_lightning.generation.pipeline import build_pipeline, render
 from sur_lightning.models.connectors.ella import TimestepAwareSemanticConnector
 from sur_lightning.models.llm import T5EncoderFeatures
@@ -82,3 +86,52 @@ def test_ella_plus_clip_gives_77_plus_64_tokens(ella):
         torch.testing.assert_close(states[1:, 77:], tsc(ella, PROMPT, t))  # ... then the TSC of this step
         torch.testing.assert_close(states[:1, :77], backbone.encode_prompt([""]))
         torch.testing.assert_close(states[:1, 77:], tsc(ella, "", t))
+
+
+def renamed(prompt: str, k: int) -> str | None:
+    """A stand-in for name dropout's ``variant``: the apples renamed to placeholder k; None without apples."""
+    return prompt.replace("apples", f"zorbs{k}") if "apples" in prompt else None
+
+
+def test_variant_mean_conditions_on_the_mean_tsc_over_the_renamed_variants(ella):
+    backbone, t5, connector = ella
+    read = []
+    plain = frozen_text_features(backbone, t5)
+
+    def text_features(prompts):
+        read.append(list(prompts))
+        return plain(prompts)
+
+    conditioning = VariantMeanConditioning(connector, text_features, renamed, variants=3)
+    features = conditioning.features([PROMPT, "a table"])
+    # One LLM call, variant-major: the prompts themselves (variant 0), then variants 1 and 2 (a prompt that
+    # names no object stays as it is).
+    assert read == [[PROMPT, "a table", renamed(PROMPT, 1), "a table", renamed(PROMPT, 2), "a table"]]
+    torch.testing.assert_close(features.clip, backbone.encode_prompt([PROMPT, "a table"]))  # the prompts' own CLIP
+    assert features.llm.shape[0] == 6 and features.prompts == [PROMPT, "a table"]
+    t = torch.tensor([500, 500])
+    expected = torch.stack([tsc(ella, p, 500) for p in (PROMPT, renamed(PROMPT, 1), renamed(PROMPT, 2))]).mean(0)
+    out = conditioning.apply(features, t)
+    assert out.shape == (2, 64, 32)
+    # (Padded to the longest variant in one batch: equal to the separate calls up to float error.)
+    torch.testing.assert_close(out[:1], expected, rtol=1e-3, atol=5e-4)
+    torch.testing.assert_close(out[1:], tsc(ella, "a table", 500), rtol=1e-3, atol=5e-4)
+    assert (out[:1] - tsc(ella, PROMPT, 500)).abs().max() > 1e-2  # not variant 0 alone
+    # One variant is the connector read as it is.
+    single = VariantMeanConditioning(connector, plain, renamed, variants=1)
+    torch.testing.assert_close(
+        single.apply(single.features([PROMPT]), t[:1]), tsc(ella, PROMPT, 500), rtol=1e-4, atol=1e-5
+    )
+
+
+def test_variant_mean_draws_through_the_hook_and_needs_an_llm_that_renames(ella, tmp_path):
+    from sur_lightning.generation.columns import build_columns
+    from sur_lightning.models.connectors import save_connector
+
+    backbone, t5, connector = ella
+    conditioning = VariantMeanConditioning(connector, frozen_text_features(backbone, t5), renamed, variants=2)
+    images = render(build_pipeline(backbone, "ddim"), conditioning, [PROMPT], [0], num_inference_steps=2)
+    assert len(images) == 1 and images[0].size == (64, 64)
+    weights, _ = save_connector(connector, tmp_path / "adapter.safetensors")
+    with pytest.raises(ValueError, match=r"adapter\.safetensors: variant_mean .* renames nothing"):
+        build_columns(backbone, [str(weights)], llm=t5, variant_mean=True)
