@@ -56,9 +56,12 @@ def needs_llm(connector: nn.Module) -> bool:
     return getattr(connector, "reads_token_states", True)
 
 
+ADAPTER_KEYS = ("path", "mode", "eta", "format", "negative", "variant_mean")
+
+
 def adapter_entries(adapters) -> list[tuple[str, dict]]:
-    """``adapters``: a list of paths, or a mapping name -> path or name -> {path, mode, eta, format}.
-    Returns (name, {path, mode?, eta?, format?}) pairs. A mapping's keys are the names; a list's names come
+    """``adapters``: a list of paths, or a mapping name -> path or name -> {path, mode, eta, format, negative,
+    variant_mean} (``ADAPTER_KEYS``; another key is an error naming it). Returns (name, {path, ...}) pairs. A mapping's keys are the names; a list's names come
     from each adapter (``adapter_label``: ``sur-demo``), with the run folder added only to tell two apart."""
     from omegaconf import OmegaConf
 
@@ -77,6 +80,13 @@ def adapter_entries(adapters) -> list[tuple[str, dict]]:
             (name if labels.count(name) == 1 else f"{name} ({Path(spec['path']).parent.name})", spec)
             for name, spec in items
         ]
+    for name, spec in items:
+        unknown = sorted(set(spec) - set(ADAPTER_KEYS))
+        if unknown or "path" not in spec:
+            raise ValueError(
+                f"adapter {name!r}: {'unknown keys ' + str(unknown) if unknown else 'no path'}; an adapter entry "
+                f"takes {', '.join(ADAPTER_KEYS)}"
+            )
     names = [name for name, _ in items]
     return [(name if names.count(name) == 1 else f"{name}-{i}", spec) for i, (name, spec) in enumerate(items)]
 

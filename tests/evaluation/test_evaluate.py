@@ -300,6 +300,11 @@ def test_adapter_columns_are_named_by_connector_and_experiment_not_by_timestamp(
         "sur-demo (2026-11-25_09-00-00)",
     ]
     assert [name for name, _ in adapter_entries({"mine": str(first)})] == ["mine"]
+    # A misspelt setting is an error naming the adapter and the key, not a setting silently ignored.
+    with pytest.raises(ValueError, match=r"adapter 'mine': unknown keys \['varient_mean'\]"):
+        adapter_entries({"mine": {"path": str(first), "varient_mean": True}})
+    with pytest.raises(ValueError, match="adapter 'mine': no path"):
+        adapter_entries({"mine": {"mode": "replace"}})
 
 
 def test_evaluate_accepts_a_training_preset_and_picks_its_latest_adapter(tmp_path, capsys):
