@@ -377,7 +377,7 @@ def column_arguments(cfg: DictConfig) -> dict:
         "eta_sweep": list(cfg.eta_sweep or []),
         "include_base": cfg.include_base,
         "negative": cfg.get("negative", "connector"),
-        "variant_mean": bool(cfg.get("variant_mean", False)),
+        "variant_mean": cfg.get("variant_mean"),
         "pixelsnail": list(cfg.get("pixelsnail") or []),
         "unclip": cfg.get("unclip"),
         "unclip_pipeline": cfg.get("unclip_pipeline"),

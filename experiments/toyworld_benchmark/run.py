@@ -171,8 +171,10 @@ ROWS["ella_random_llm"] = (
     "the ELLA demo recipe reading a random-weight SmolLM2-135M (same shape and tokens; the parameters-not-knowledge control)",
 )
 # The unseen-objects recipe as it was measured across worlds before fact wordings (results_splits, remedies): the
-# preset with one wording per fact. Pinned, so resuming those tables trains what they measured.
-ONE_WORDING = ["llm.rag.vary_wording=false"]
+# preset with one wording per fact, read at inference as variant 0 alone. Pinned, so resuming those tables trains
+# and scores what they measured.
+VARIANT_ZERO = ["llm.rag.variant_mean=false"]
+ONE_WORDING = ["llm.rag.vary_wording=false", *VARIANT_ZERO]
 ROWS["ella_unseen_objects"] = (
     "ella_unseen_objects",
     ONE_WORDING,
@@ -194,11 +196,12 @@ ROWS["ella_unseen_objects_4blocks"] = (
     [*ONE_WORDING, "connector.num_blocks=4"],
     "one wording per fact, with a TSC of 4 blocks instead of 2: more of the connector to read the fact with",
 )
-# The remedy that worked, now the preset itself (conf/experiment/ella_unseen_objects.yaml, llm.rag.vary_wording).
+# The remedy that worked, now in the preset (conf/experiment/ella_unseen_objects.yaml, llm.rag.vary_wording), read
+# at inference as variant 0 alone, as it was measured (results_wordings).
 ROWS["ella_unseen_objects_wordings"] = (
     "ella_unseen_objects",
-    ["llm.rag.vary_wording=true"],
-    "the +experiment=ella_unseen_objects preset: each training object's fact in 4 wordings (one per nonsense word)",
+    ["llm.rag.vary_wording=true", *VARIANT_ZERO],
+    "each training object's fact in 4 wordings (one per nonsense word), read at inference as variant 0",
 )
 # Rows with no training of their own: the runs of another row, drawn with other inference settings (build_columns'
 # keywords). Their images go to eval/<export>@<row> in the trained row's run folders.
@@ -217,12 +220,14 @@ scored_row(
     {"mode": "concat_clip"},
     "the preset's runs drawn with CLIP's states before the connector's (mode=concat_clip); scored, not trained again",
 )
+# The +experiment=ella_unseen_objects preset as it stands: the wordings row's runs (training is the same) read as
+# the mean of the connector's outputs over each prompt's renamed variants (llm.rag.variant_mean).
 scored_row(
     "ella_unseen_objects_variant_mean",
     "ella_unseen_objects_wordings",
     {"variant_mean": True},
-    "the preset's runs read as the mean of the connector's outputs over each prompt's 4 renamed variants "
-    "(placeholder k, the fact in wording k; variant_mean=true) instead of variant 0 alone; scored, not trained again",
+    "the +experiment=ella_unseen_objects preset: the wordings row's runs read as the mean of the connector's outputs "
+    "over each prompt's 4 renamed variants (placeholder k, the fact in wording k); scored, not trained again",
 )
 # Evaluation seeds of each split (seeds of the sampler's noise, not of the world).
 SPLIT_SEEDS = {"adapter_train": [0], "held_out_combinations": [0, 1], "held_out_objects": [0, 1, 2]}

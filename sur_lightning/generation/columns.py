@@ -115,14 +115,15 @@ def build_columns(
     eta_sweep: Sequence[float] = (),
     include_base: bool = True,
     negative: str = "connector",
-    variant_mean: bool = False,
+    variant_mean: bool | None = None,
 ) -> list[Column]:
     """The base column, then per adapter one column (η overridden by ``eta`` when set) or one per η of
     ``eta_sweep``. ``llm``: the LLM module, or a zero-argument function loading it only when a connector
     needs it (ELLA), on the backbone's device. Each adapter is checked against the backbone and LLM on
     an empty prompt, so a mismatch fails here naming the adapter file. ``variant_mean``: an LLM connector
     trained with name dropout is read as the mean over each prompt's renamed variants
-    (``VariantMeanConditioning``); the LLM must rename (``rag.anonymise`` or ``rag.name_dropout`` > 0)."""
+    (``VariantMeanConditioning``); the LLM must rename (``rag.anonymise`` or ``rag.name_dropout`` > 0). None:
+    as the LLM's ``rag.variant_mean`` says (the adapter's recorded LLM, for generate and evaluate)."""
 
     columns = (
         [Column("base", ClipConditioning(frozen_text_features(backbone)), {"kind": "base"})] if include_base else []
@@ -141,15 +142,19 @@ def build_columns(
         text_features = frozen_text_features(backbone, loaded_llm if uses_llm else None)
         adapter_mode = spec.get("mode", mode)
         etas = list(eta_sweep) if eta_sweep else [spec.get("eta", eta)]
+        rag = getattr(loaded_llm, "rag", None) if uses_llm else None
+        mean_over_variants = spec.get("variant_mean", variant_mean)
+        if mean_over_variants is None:
+            mean_over_variants = bool(getattr(rag, "variant_mean", False))
+        renamer = getattr(rag, "renamer", None)
+        if mean_over_variants and renamer is None:
+            raise ValueError(
+                f"adapter {path}: variant_mean reads an ELLA connector over its LLM's renamed variants; "
+                "its LLM renames nothing (set llm.rag.anonymise=true, as +experiment=ella_unseen_objects does)"
+            )
         for value in etas:
             label = name if value is None else f"{name} eta={value:g}"
-            if spec.get("variant_mean", variant_mean):
-                renamer = getattr(getattr(loaded_llm, "rag", None), "renamer", None) if uses_llm else None
-                if renamer is None:
-                    raise ValueError(
-                        f"adapter {path}: variant_mean reads an ELLA connector over its LLM's renamed variants; "
-                        "its LLM renames nothing (set llm.rag.anonymise=true, as +experiment=ella_unseen_objects does)"
-                    )
+            if mean_over_variants:
                 conditioning = VariantMeanConditioning(
                     connector,
                     text_features,
@@ -360,7 +365,7 @@ def grid_columns(
     eta_sweep: Sequence[float] = (),
     include_base: bool = True,
     negative: str = "connector",
-    variant_mean: bool = False,
+    variant_mean: bool | None = None,
     pixelsnail: Sequence[str] = (),
     unclip: str | None = None,
     unclip_pipeline: str | None = None,

@@ -63,6 +63,10 @@ class Retriever:
     training and at inference, prompt and fact alike, so the object's name serves retrieval only and the
     LLM reads a nonsense word where the name was. A connector trained with name dropout p = 1 then reads
     at inference what it read in training.
+
+    ``variant_mean``: how generation reads a connector trained on this retriever's renamed prompts: as the mean
+    of its outputs over each prompt's K renamed variants (``VariantMeanConditioning``), not variant 0 alone.
+    The retriever itself reads one prompt at a time either way.
     """
 
     def __init__(
@@ -78,6 +82,7 @@ class Retriever:
         name_variants: int = 4,
         anonymise: bool = False,
         vary_wording: bool = False,
+        variant_mean: bool = False,
     ) -> None:
         if top_k < 1:
             raise ValueError(f"rag.top_k must be at least 1, got {top_k}")
@@ -99,6 +104,10 @@ class Retriever:
         if self.vary_wording and not renames:
             # The wording follows the renamed variant: without renaming every prompt would read the text.
             raise ValueError("rag.vary_wording needs name dropout (rag.name_dropout > 0) or rag.anonymise")
+        if variant_mean and not renames:
+            raise ValueError("rag.variant_mean needs name dropout (rag.name_dropout > 0) or rag.anonymise")
+        # Read by generation only (generation/columns.py): the LLM's states, and so the fingerprint, do not change.
+        self.variant_mean = bool(variant_mean)
         self.renamer = NameDropout(name_lexicon(self.knowledge_base), name_variants) if renames else None
         if isinstance(encoder, SentenceEncoderFeatures):
             if encoder.pooling != "mean":

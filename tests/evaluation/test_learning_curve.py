@@ -321,11 +321,14 @@ def test_each_unseen_object_remedy_row_changes_one_thing_of_the_preset(compose):
         run.ONE_WORDING,
         run.ROWS["ella_unseen_objects"][2],
     )
-    # The row that adds the wordings is the preset as it stands.
+    # The row that adds the wordings trains the preset as it stands and reads it as variant 0 alone; the preset
+    # reads the mean over variants, which the row scored from the wordings row's runs measures.
     preset, overrides, _ = run.ROWS["ella_unseen_objects_wordings"]
-    assert OmegaConf.to_container(compose(f"+experiment={preset}", *overrides, tiny=False)) == OmegaConf.to_container(
-        compose("+experiment=ella_unseen_objects", tiny=False)
-    )
+    wordings = OmegaConf.to_container(compose(f"+experiment={preset}", *overrides, tiny=False))
+    now = OmegaConf.to_container(compose("+experiment=ella_unseen_objects", tiny=False))
+    assert (now["llm"]["rag"]["variant_mean"], wordings["llm"]["rag"]["variant_mean"]) == (True, False)
+    wordings["llm"]["rag"]["variant_mean"] = True
+    assert wordings == now
     expected = {
         "ella_unseen_objects_balanced": ("data", "balance_by", "shape"),
         "ella_unseen_objects_k7": ("llm", "rag", 7),

@@ -2,6 +2,8 @@
 every step for the step's own timestep, "ELLA + CLIP" gives 77 + 64 tokens, the unconditional
 branch is the TSC of the empty prompt, and ``variant_mean`` averages the TSC over renamed variants."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from PIL import Image
@@ -135,3 +137,26 @@ def test_variant_mean_draws_through_the_hook_and_needs_an_llm_that_renames(ella,
     weights, _ = save_connector(connector, tmp_path / "adapter.safetensors")
     with pytest.raises(ValueError, match=r"adapter\.safetensors: variant_mean .* renames nothing"):
         build_columns(backbone, [str(weights)], llm=t5, variant_mean=True)
+
+    class RenamingLLM(torch.nn.Module):
+        """The T5 features behind a retriever that renames, as the LLM of +experiment=ella_unseen_objects is."""
+
+        def __init__(self, variant_mean: bool) -> None:
+            super().__init__()
+            self.t5 = t5
+            renamer = SimpleNamespace(variant=renamed, variants=2)
+            self.rag = SimpleNamespace(renamer=renamer, variant_mean=variant_mean)
+
+        def forward(self, prompts):
+            return self.t5(prompts)
+
+    # Unset, the LLM's rag.variant_mean decides (what generate and evaluate read from the adapter's record) ...
+    for recorded in (True, False):
+        (column,) = build_columns(backbone, [str(weights)], llm=RenamingLLM(recorded), include_base=False)
+        assert isinstance(column.conditioning, VariantMeanConditioning) == recorded
+    # ... and a setting given wins, for all adapters or one.
+    (column,) = build_columns(backbone, [str(weights)], llm=RenamingLLM(True), include_base=False, variant_mean=False)
+    assert type(column.conditioning) is ConnectorConditioning
+    adapters = {"mine": {"path": str(weights), "variant_mean": True}}
+    (column,) = build_columns(backbone, adapters, llm=RenamingLLM(False), include_base=False)
+    assert isinstance(column.conditioning, VariantMeanConditioning) and column.source["variant_mean"] == 2

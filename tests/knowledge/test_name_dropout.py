@@ -188,6 +188,17 @@ def test_vary_wording_reads_variant_k_in_wording_k_mod_w_and_every_wording_keeps
         Retriever(kb, renaming_retriever.encoder, vary_wording=True)
 
 
+def test_variant_mean_is_for_generation_and_changes_no_llm_input(renaming_retriever, renamer, kb):
+    mean = Retriever(kb, renaming_retriever.encoder, name_dropout=1.0, name_variants=4, variant_mean=True)
+    assert mean.variant_mean and not renaming_retriever.variant_mean
+    # The LLM's states (and the feature cache's key) are what they were without it.
+    assert mean.fingerprint() == renaming_retriever.fingerprint()
+    prompts = [renamer.variant("a pair of tomatoes on a table", k) for k in range(4)]
+    assert mean.augment(prompts) == renaming_retriever.augment(prompts)
+    with pytest.raises(ValueError, match="variant_mean needs name dropout"):
+        Retriever(kb, renaming_retriever.encoder, variant_mean=True)
+
+
 def test_a_bad_wordings_field_is_an_error_naming_the_line(tmp_path):
     path = tmp_path / "kb.jsonl"
     path.write_text(
@@ -208,12 +219,14 @@ def test_the_unseen_objects_preset_is_the_benchmark_row_that_reads_facts_anonymi
         f"+experiment={preset}",
         *overrides,
         "llm.rag.vary_wording=true",
+        "llm.rag.variant_mean=true",
         "trainer.max_steps=4800",
         "task_name=ella_unseen_objects",
         tiny=False,
     )
     assert OmegaConf.to_container(cfg.llm) == OmegaConf.to_container(row.llm)
-    assert cfg.llm.rag.anonymise and cfg.llm.rag.vary_wording and cfg.data.name_dropout == 1.0
+    assert cfg.llm.rag.anonymise and cfg.llm.rag.vary_wording and cfg.llm.rag.variant_mean
+    assert cfg.data.name_dropout == 1.0
     assert cfg.trainer.max_steps == 4800
     # Everything else too, but the tags (unresolved: the loggers interpolate the tags).
     preset_cfg, row_cfg = OmegaConf.to_container(cfg), OmegaConf.to_container(row)
