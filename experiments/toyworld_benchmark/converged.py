@@ -100,6 +100,7 @@ def table(read_at: dict[str, tuple[str, int]] = READ_AT, root: Path = HERE) -> s
 
 # Rows measured on several worlds (run.py --split-seeds), read from the pooled summaries: (summary file, step).
 ACROSS_WORLDS = {
+    "ella_unseen_objects_variant_mean": ("results_variant_mean/summary.json", 4800),
     "ella_unseen_objects_wordings": ("results_wordings/summary.json", 4800),
     "ella_unseen_objects": ("results_splits/summary.json", 4800),
     "ella_demo": ("results_ablation/summary.json", 2400),

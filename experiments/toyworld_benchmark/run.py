@@ -539,13 +539,19 @@ def pooled_summaries(results: dict, rows: list[str], split_seeds: list[int]) -> 
     return curves
 
 
+def seeds_in(worlds: list[dict], rows: list[str]) -> list[int]:
+    """The training seeds the given rows have results for in these worlds (not --seeds: --report-only reads
+    whatever a results file holds)."""
+    return sorted({int(seed) for world in worlds for row in rows for seed in world["runs"].get(row, {})})
+
+
 def markdown(curves: dict[str, dict], world: dict, args) -> str:
     """One world's curve table (every row × step, every split's accuracies and gaps closed, with 95 % intervals),
     after the base's bounds."""
     fmt = learning_curve.fmt
     lines = [
         (
-            f"Training seeds {args.seeds} (a row's figures average the seeds it has finished; `seeds` says how many), "
+            f"Training seeds {seeds_in([world], args.rows)} (a row's figures average the seeds it has finished; `seeds` says how many), "
             f"evaluation seeds per split {SPLIT_SEEDS}, DDIM {args.eval_steps} steps, CFG {args.guidance_scale}. "
             "Intervals: 95 %, two-level bootstrap (training seeds, then prompt × seed pairs)."
         ),
@@ -596,7 +602,7 @@ def pooled_markdown(curves: dict[str, dict], results: dict, args) -> str:
     worlds = [s for s in args.split_seeds if s in results["splits"]]
     lines = [
         (
-            f"Split seeds (worlds) {worlds}, training seeds {args.seeds}, evaluation seeds per split {SPLIT_SEEDS}, "
+            f"Split seeds (worlds) {worlds}, training seeds {seeds_in([results['splits'][s] for s in worlds], args.rows)}, evaluation seeds per split {SPLIT_SEEDS}, "
             f"DDIM {args.eval_steps} steps, CFG {args.guidance_scale}. Pooled: each world weighted equally; 95 % "
             "intervals from a three-level bootstrap (split seeds, training seeds, prompt × seed pairs). Worst: the "
             "world whose own mean gap closed is lowest."
