@@ -551,7 +551,8 @@ def markdown(curves: dict[str, dict], world: dict, args) -> str:
     fmt = learning_curve.fmt
     lines = [
         (
-            f"Training seeds {seeds_in([world], args.rows)} (a row's figures average the seeds it has finished; `seeds` says how many), "
+            f"Training seeds {seeds_in([world], list(curves))} (a row's figures average the seeds it has finished; "
+            "`seeds` says how many), "
             f"evaluation seeds per split {SPLIT_SEEDS}, DDIM {args.eval_steps} steps, CFG {args.guidance_scale}. "
             "Intervals: 95 %, two-level bootstrap (training seeds, then prompt × seed pairs)."
         ),
@@ -600,9 +601,10 @@ def pooled_markdown(curves: dict[str, dict], results: dict, args) -> str:
 
     fmt = learning_curve.fmt
     worlds = [s for s in args.split_seeds if s in results["splits"]]
+    trained = seeds_in([results["splits"][s] for s in worlds], list(curves))
     lines = [
         (
-            f"Split seeds (worlds) {worlds}, training seeds {seeds_in([results['splits'][s] for s in worlds], args.rows)}, evaluation seeds per split {SPLIT_SEEDS}, "
+            f"Split seeds (worlds) {worlds}, training seeds {trained}, evaluation seeds per split {SPLIT_SEEDS}, "
             f"DDIM {args.eval_steps} steps, CFG {args.guidance_scale}. Pooled: each world weighted equally; 95 % "
             "intervals from a three-level bootstrap (split seeds, training seeds, prompt × seed pairs). Worst: the "
             "world whose own mean gap closed is lowest."

@@ -263,9 +263,11 @@ def test_the_benchmark_report_pools_worlds_and_breaks_held_out_objects_down(tmp_
     results = {"splits": {0: world(0, 1.0), 3: world(3, 0.0)}}
     run.save_results(tmp_path / "results.json", results)
     assert run.load_results(tmp_path / "results.json") == results  # int keys survive JSON
-    args = Namespace(split_seeds=[0, 3], seeds=[0], eval_steps=15, guidance_scale=4.0)
+    # --seeds as --report-only defaults it: the table names the seeds the results hold.
+    args = Namespace(split_seeds=[0, 3], seeds=[0, 1, 2], eval_steps=15, guidance_scale=4.0)
     curves = run.pooled_summaries(results, ["ella_demo"], [0, 3])
     text = run.pooled_markdown(curves, results, args)
+    assert "training seeds [0]," in text
     assert "0: cherry, emerald, orange, sapphire; 3: grape, lemon, pine tree, traffic cone" in text
     assert "| ella_demo | 2400 | 2 | 2 | 0.50 [" in text and "0.00 (split 3)" in text
     assert "| pine tree | triangle | green | 3 | 2 | 0.00 | 1.00 | 1.00 | 1.00 |" in text
