@@ -229,6 +229,14 @@ scored_row(
     "the +experiment=ella_unseen_objects preset: the wordings row's runs read as the mean of the connector's outputs "
     "over each prompt's 4 renamed variants (placeholder k, the fact in wording k); scored, not trained again",
 )
+# Where the mean over variants gains: the one-wording recipe's runs read the same way average placeholder words only.
+scored_row(
+    "ella_unseen_objects_one_wording_variant_mean",
+    "ella_unseen_objects",
+    {"variant_mean": True},
+    "the one-wording recipe's runs read as the mean over each prompt's 4 renamed variants (placeholder words only, "
+    "one wording); scored, not trained again",
+)
 # Evaluation seeds of each split (seeds of the sampler's noise, not of the world).
 SPLIT_SEEDS = {"adapter_train": [0], "held_out_combinations": [0, 1], "held_out_objects": [0, 1, 2]}
 # Five worlds that together hold out every object once (found by search over make_splits(0..299)):
