@@ -103,6 +103,7 @@ ACROSS_WORLDS = {
     "ella_unseen_objects_variant_mean": ("results_variant_mean/summary.json", 4800),
     "ella_unseen_objects_wordings": ("results_wordings/summary.json", 4800),
     "ella_unseen_objects": ("results_splits/summary.json", 4800),
+    "ella_unseen_objects_one_wording_variant_mean": ("results_one_wording_mean/summary.json", 4800),
     "ella_demo": ("results_ablation/summary.json", 2400),
     "ella_minilm": ("results_ablation/summary.json", 2400),
     "ella_base_clip": ("results_ablation/summary.json", 2400),

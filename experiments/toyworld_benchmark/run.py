@@ -547,6 +547,17 @@ def pooled_summaries(results: dict, rows: list[str], split_seeds: list[int]) -> 
     return curves
 
 
+def row_settings(name: str) -> str:
+    """How a row was trained (its overrides, or its preset), and for a scored row what it was read with."""
+    preset, overrides, _ = ROWS[name]
+    trained = f"`{' '.join(overrides) or preset}`"
+    if name not in SCORED_FROM:
+        return trained
+    source, settings = SCORED_FROM[name]
+    read = " ".join(f"{k}={v}" for k, v in settings.items())
+    return f"the runs of `{source}` ({trained}), read with `{read}`"
+
+
 def seeds_in(worlds: list[dict], rows: list[str]) -> list[int]:
     """The training seeds the given rows have results for in these worlds (not --seeds: --report-only reads
     whatever a results file holds)."""
@@ -596,9 +607,7 @@ def markdown(curves: dict[str, dict], world: dict, args) -> str:
                     + " | ".join(values + gaps + [valid])
                     + " |"
                 )
-    lines += ["", "Rows:", ""] + [
-        f"- `{name}`: {ROWS[name][2]} (`{' '.join(ROWS[name][1]) or ROWS[name][0]}`)" for name in curves
-    ]
+    lines += ["", "Rows:", ""] + [f"- `{name}`: {ROWS[name][2]} ({row_settings(name)})" for name in curves]
     return "\n".join(lines) + "\n"
 
 
@@ -693,9 +702,7 @@ def pooled_markdown(curves: dict[str, dict], results: dict, args) -> str:
         for shape, cell in learning_curve.breakdown(images, shape_of, split).items():
             objects = sorted(o for o in by_object if OBJECTS_BY_NAME[o].shape == shape)
             lines.append(f"| {shape} | {', '.join(objects)} | {cell['images']} | {rates(cell)} |")
-    lines += ["", "Rows:", ""] + [
-        f"- `{name}`: {ROWS[name][2]} (`{' '.join(ROWS[name][1]) or ROWS[name][0]}`)" for name in curves
-    ]
+    lines += ["", "Rows:", ""] + [f"- `{name}`: {ROWS[name][2]} ({row_settings(name)})" for name in curves]
     return "\n".join(lines) + "\n"
 
 
