@@ -7,6 +7,8 @@ lazy import cannot hide a circle.
 import ast
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parent.parent / "sur_lightning"
 
 # What users type (`python -m sur_lightning.X`): short Hydra mains that compose library calls.
@@ -192,4 +194,51 @@ def test_every_conf_target_names_the_module_that_defines_it():
             obj = getattr(importlib.import_module(module), name)
             if getattr(obj, "__module__", module) != module:
                 wrong.append(f"{path.relative_to(conf)}: {target} is defined in {obj.__module__}")
+    assert not wrong
+
+
+TRAIN_GROUPS = ("backbone", "llm", "connector", "model", "eta", "loss", "rewriter", "data", "trainer", "callbacks")
+
+
+def keys_the_target_does_not_take(node, where: str) -> list[str]:
+    """Every ``_target_`` node under ``node`` whose keys its callable has no parameter for (Hydra merges keep a
+    parent file's keys, so a child that swaps ``_target_`` can inherit ones its new target rejects)."""
+    import inspect
+
+    from hydra.utils import get_object
+    from omegaconf import DictConfig, ListConfig
+
+    wrong = []
+    if isinstance(node, DictConfig):
+        target = node.get("_target_")
+        if isinstance(target, str):
+            parameters = inspect.signature(get_object(target)).parameters.values()
+            if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+                names = {p.name for p in parameters}
+                extra = sorted(k for k in node if not str(k).startswith("_") and k not in names)
+                wrong += [f"{where}: {target} takes no {extra}"] if extra else []
+        for key in node:
+            wrong += keys_the_target_does_not_take(node._get_node(key), f"{where}.{key}")
+    elif isinstance(node, ListConfig):
+        for i in range(len(node)):
+            wrong += keys_the_target_does_not_take(node._get_node(i), f"{where}[{i}]")
+    return wrong
+
+
+@pytest.mark.parametrize("group", TRAIN_GROUPS)
+def test_every_option_of_a_train_group_gives_its_targets_only_keys_they_take(compose, group):
+    conf = PACKAGE.parent / "conf"
+    wrong = []
+    for option in sorted(p.stem for p in (conf / group).glob("*.yaml")):
+        cfg = compose(f"{group}={option}", tiny=False)
+        wrong += keys_the_target_does_not_take(cfg[group], f"{group}={option}")
+    assert not wrong
+
+
+def test_every_experiment_preset_gives_its_targets_only_keys_they_take(compose):
+    conf = PACKAGE.parent / "conf"
+    wrong = []
+    for experiment in sorted(p.stem for p in (conf / "experiment").glob("*.yaml")):
+        cfg = compose(f"+experiment={experiment}", tiny=False)
+        wrong += keys_the_target_does_not_take(cfg, f"+experiment={experiment}")
     assert not wrong
