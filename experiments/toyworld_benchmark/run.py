@@ -564,6 +564,18 @@ def seeds_in(worlds: list[dict], rows: list[str]) -> list[int]:
     return sorted({int(seed) for world in worlds for row in rows for seed in world["runs"].get(row, {})})
 
 
+def base_rates(worlds: list[dict], column: str, split: str) -> list[float]:
+    """A base column's colour, shape, count and valid rates on one split, each world weighted equally (empty when
+    no world has images of that split)."""
+    per_world = []
+    for world in worlds:
+        split_rows = [r for r in world["base"][column] if r["category"] == split]
+        if not split_rows:
+            continue
+        per_world.append([sum(r.get(m, 0) for r in split_rows) / len(split_rows) for m in learning_curve.RATES])
+    return [sum(rates) / len(per_world) for rates in zip(*per_world)]
+
+
 def markdown(curves: dict[str, dict], world: dict, args) -> str:
     """One world's curve table (every row × step, every split's accuracies and gaps closed, with 95 % intervals),
     after the base's bounds."""
@@ -582,12 +594,9 @@ def markdown(curves: dict[str, dict], world: dict, args) -> str:
         "|---|---|---|---|",
     ]
     for split in SPLITS:
-        cells = []
-        for column in ("base", "base+complex"):
-            split_rows = [r for r in world["base"][column] if r["category"] == split]
-            rates = [sum(r.get(m, 0) for r in split_rows) / len(split_rows) for m in learning_curve.RATES]
-            cells.append(" / ".join(f"{v:.2f}" for v in rates))
-        lines.append(f"| {split} | {len(split_rows)} | {cells[0]} | {cells[1]} |")
+        cells = [" / ".join(f"{v:.2f}" for v in base_rates([world], c, split)) for c in ("base", "base+complex")]
+        n = sum(r["category"] == split for r in world["base"]["base"])
+        lines.append(f"| {split} | {n} | {cells[0]} | {cells[1]} |")
     for split in SPLITS:
         lines += [
             "",
@@ -628,7 +637,20 @@ def pooled_markdown(curves: dict[str, dict], results: dict, args) -> str:
         ),
         "",
         "Held-out objects of each world: " + "; ".join(f"{s}: {', '.join(held_out_objects(s))}" for s in worlds) + ".",
+        "",
+        "### Base bounds, pooled over worlds",
+        "",
+        "The frozen base read the simple prompt (the floor) and the complex one (the reference each gap is closed "
+        "towards). Its valid-image rate with the complex prompt is the rate a connector that matched it would reach.",
+        "",
+        "| split | base + simple: colour / shape / count / valid | base + complex: colour / shape / count / valid |",
+        "|---|---|---|",
     ]
+    for split in SPLITS:
+        bases = [results["splits"][s] for s in worlds if results["splits"][s]["base"]]
+        cells = [" / ".join(f"{v:.2f}" for v in base_rates(bases, c, split)) for c in ("base", "base+complex")]
+        if cells[0]:  # a split no world scored has no bounds
+            lines.append(f"| {split} | {cells[0]} | {cells[1]} |")
     for split in SPLITS[1:]:
         lines += [
             "",

@@ -255,7 +255,9 @@ def test_the_benchmark_report_pools_worlds_and_breaks_held_out_objects_down(tmp_
         return {
             "base": {
                 "base": base,
-                "base+complex": images if correct == 1.0 else [{**r, "color_accuracy": 1.0} for r in images],
+                "base+complex": images
+                if correct == 1.0
+                else [{**r, "color_accuracy": 1.0, "valid_image": 0.0} for r in images],
             },
             "runs": {"ella_demo": {0: {2400: {"train_seconds": 5.0, "images": images}}}},
         }
@@ -272,6 +274,8 @@ def test_the_benchmark_report_pools_worlds_and_breaks_held_out_objects_down(tmp_
     assert "| ella_demo | 2400 | 2 | 2 | 0.50 [" in text and "0.00 (split 3)" in text
     assert "| pine tree | triangle | green | 3 | 2 | 0.00 | 1.00 | 1.00 | 1.00 |" in text
     assert "| circle | cherry, grape, lemon, orange | 8 | 0.50 |" in text
+    # The base's bounds, each world weighted equally: world 3's complex-prompt images are all invalid.
+    assert "| held_out_objects | 0.00 / 0.00 / 1.00 / 1.00 | 1.00 / 1.00 / 1.00 / 0.50 |" in text
     # A results file from before split seeds were an axis reads as split seed 0's.
     (tmp_path / "old.json").write_text(json.dumps({"base": None, "runs": {"ella": {"1": {"300": {}}}}}))
     assert run.load_results(tmp_path / "old.json") == {"splits": {0: {"base": None, "runs": {"ella": {1: {300: {}}}}}}}
