@@ -640,8 +640,11 @@ def pooled_markdown(curves: dict[str, dict], results: dict, args) -> str:
         "",
         "### Base bounds, pooled over worlds",
         "",
-        "The frozen base read the simple prompt (the floor) and the complex one (the reference each gap is closed "
-        "towards). Its valid-image rate with the complex prompt is the rate a connector that matched it would reach.",
+        (
+            "The frozen base read the simple prompt (the floor) and the complex one (the reference each gap is closed "
+            "towards). Its valid-image rate with the complex prompt is the rate a connector that matched it would "
+            "reach."
+        ),
         "",
         "| split | base + simple: colour / shape / count / valid | base + complex: colour / shape / count / valid |",
         "|---|---|---|",

@@ -384,6 +384,12 @@ class EvaluationCallback(EveryNSteps):
 
     ``report_dir``: at the end of training, the last evaluation is written there as ``report.json`` and
     ``report.md`` (conf/callbacks: the run folder, beside ``metrics.json``).
+
+    ``retriever``: the LLM's ``llm.rag`` (a ``knowledge.rag.Retriever``), or None. When its ``variant_mean`` is
+    on, the adapter is read as the mean of its outputs over each prompt's renamed variants
+    (``VariantMeanConditioning``), as ``generate`` and ``evaluate`` read the exported adapter, so the figures
+    logged during training are the ones those commands give. The variants' features are cached with the
+    evaluation prompts (``training.feature_cache.extra_prompts``).
     """
 
     def __init__(
@@ -405,12 +411,14 @@ class EvaluationCallback(EveryNSteps):
         mode: str = "replace",
         print_table: bool = False,
         report_dir: str | None = None,
+        retriever=None,
     ) -> None:
         from sur_lightning.data.prompt_suites import load_prompt_list
 
         super().__init__(every_n_steps, at_steps)
         self.dirpath = Path(dirpath)
         self.prompts = load_prompt_list(prompts, num_prompts)
+        self.retriever = retriever
         self.seeds = list(seeds) if seeds is not None else [0]
         self.metrics = dict(metrics)
         self.reference = reference
@@ -444,16 +452,28 @@ class EvaluationCallback(EveryNSteps):
                 **self.metrics,
             )
 
+    def adapter_conditioning(self, pl_module):
+        """How the adapter column reads the connector: as the mean over renamed variants when the retriever says
+        ``variant_mean``, else directly."""
+        from sur_lightning.generation.conditioning import ConnectorConditioning, VariantMeanConditioning
+
+        if self.retriever is not None and self.retriever.variant_mean:
+            renamer = self.retriever.renamer  # the Retriever refuses variant_mean without one
+            return VariantMeanConditioning(
+                pl_module.connector, pl_module.text_features, renamer.variant, renamer.variants, self.mode
+            )
+        return ConnectorConditioning(pl_module.connector, pl_module.text_features, self.mode)
+
     @rank_zero_only
     def evaluate(self, trainer, pl_module, progress: bool = False) -> dict[str, float]:
         from sur_lightning.evaluation.evaluator import score_columns
         from sur_lightning.evaluation.report import gap_closed, gap_closed_intervals, split_rows
         from sur_lightning.generation.columns import Column, complex_prompt_column
-        from sur_lightning.generation.conditioning import ClipConditioning, ConnectorConditioning, frozen_text_features
+        from sur_lightning.generation.conditioning import ClipConditioning, frozen_text_features
         from sur_lightning.generation.pipeline import render_columns
 
         step = trainer.global_step
-        columns = [Column("adapter", ConnectorConditioning(pl_module.connector, pl_module.text_features, self.mode))]
+        columns = [Column("adapter", self.adapter_conditioning(pl_module))]
         if self.base_scores is None:  # the frozen base's images cannot change: render them once
             upper = complex_prompt_column(pl_module.backbone, self.prompts)
             columns[:0] = [Column("base", ClipConditioning(frozen_text_features(pl_module.backbone)))]

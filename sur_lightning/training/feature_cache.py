@@ -37,15 +37,29 @@ log = logging.getLogger(__name__)
 
 def extra_prompts(callbacks) -> list[str]:
     """Prompts training needs beyond the dataset's: the empty prompt of classifier-free guidance, and the
-    prompts the sample grid and the evaluation callback render (with their complex prompts, if any).
-    ``callbacks``: the callbacks' configs by name (``cfg.callbacks``), or None."""
+    prompts the sample grid and the evaluation callback render (with their complex prompts, if any); when the
+    evaluation reads the connector as the mean over renamed variants (its ``retriever`` says ``variant_mean``),
+    each evaluation prompt's renamed variants too. ``callbacks``: the callbacks' configs by name
+    (``cfg.callbacks``), or None."""
     texts = [""]
     for name in ("sample_grid", "evaluation"):
         node = (callbacks or {}).get(name) or {}
         if node.get("prompts"):
-            for prompt in load_prompt_list(node["prompts"], node.get("num_prompts")):
+            prompts = load_prompt_list(node["prompts"], node.get("num_prompts"))
+            for prompt in prompts:
                 texts += [prompt.prompt] + ([prompt.complex] if prompt.complex else [])
+            texts += renamed_variants(node.get("retriever"), [p.prompt for p in prompts])
     return unique(texts)
+
+
+def renamed_variants(retriever_cfg, prompts: list[str]) -> list[str]:
+    """Variants 1 .. K-1 of each prompt that names an object, when ``retriever_cfg`` (an ``llm.rag`` node) says
+    ``variant_mean``; variant 0 is the prompt itself (``VariantMeanConditioning``)."""
+    if not retriever_cfg or not retriever_cfg.get("variant_mean"):
+        return []
+    # Building a Retriever reads the knowledge base; it loads no encoder.
+    renamer = instantiate(retriever_cfg).renamer
+    return [v for k in range(1, renamer.variants) for p in prompts if (v := renamer.variant(p, k)) is not None]
 
 
 def unique(items) -> list:

@@ -380,6 +380,64 @@ def test_the_cache_holds_every_variant_so_a_cached_training_step_needs_no_llm(
     assert len(served) == 8 and all(p in {v for v, _ in variants} for p in served)  # p = 1: every sample renamed
 
 
+@pytest.mark.slow
+def test_the_evaluation_during_training_reads_the_mean_over_variants_from_the_cache(
+    tmp_path, cache_dir, tiny_sd, tiny_llm, monkeypatch
+):
+    from sur_lightning.generation.conditioning import VariantMeanConditioning
+    from sur_lightning.train import train
+    from sur_lightning.training.callbacks import EvaluationCallback
+    from sur_lightning.training.feature_cache import extra_prompts
+    from sur_lightning.training.feature_store import FeatureCache
+
+    overrides = [
+        "+experiment=ella_unseen_objects", "backbone=tiny", "llm=tiny", "llm.pooling=none",
+        "callbacks=toyworld_smoke", "callbacks.evaluation.prompts.per_split=2", "data.cache=auto", f"data.cache_dir={tmp_path / 'features'}",
+        "data.batch_size=4", "trainer.max_steps=2", "+trainer.limit_val_batches=0", "model.caption_dropout=0",
+    ]  # fmt: skip
+
+    def compose(*extra: str):
+        from hydra import compose, initialize_config_dir
+
+        # The toy world's own callbacks (a held-out suite), not the tiny ones' prompt list.
+        tiny = [
+            o
+            for o in tiny_overrides(tmp_path, cache_dir)
+            if not o.startswith(("data=", "data.root.", "callbacks", "connector."))
+        ]
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            return compose(config_name="train", overrides=[*tiny, "data.root.images_per_combo=1", *overrides, *extra])
+
+    cfg = compose()
+    assert cfg.callbacks.evaluation.retriever.variant_mean
+    renamer = instantiate(cfg.llm.rag).renamer
+    evaluated = [p.prompt for p in instantiate(cfg.callbacks.evaluation).prompts]
+    variants = [renamer.variant(p, k) for k in range(1, renamer.variants) for p in evaluated]
+    assert len(variants) == 3 * len(evaluated) and all(variants)  # every held-out prompt names its object
+    assert set(variants) <= set(extra_prompts(cfg.callbacks))
+    # Read as variant 0 (the setting off): nothing renamed is asked of the cache for the evaluation.
+    off = compose("llm.rag.variant_mean=false")
+    assert not set(variants) & set(extra_prompts(off.callbacks))
+
+    served, read_as = [], []
+    real_lookup, real_conditioning = FeatureCache.text_features, EvaluationCallback.adapter_conditioning
+    monkeypatch.setattr(
+        FeatureCache,
+        "text_features",
+        lambda self, prompts, device="cpu": served.extend(prompts) or real_lookup(self, prompts, device),
+    )
+    monkeypatch.setattr(
+        EvaluationCallback,
+        "adapter_conditioning",
+        lambda self, module: read_as.append(real_conditioning(self, module)) or read_as[-1],
+    )
+    metrics = train(cfg)
+    assert read_as and all(isinstance(c, VariantMeanConditioning) for c in read_as)
+    assert read_as[0].variants == renamer.variants
+    assert set(variants) <= set(served)  # from the cache: a cached run builds no LLM to read them
+    assert "eval/adapter/color_accuracy" in metrics
+
+
 # ---------------------------------------------------------------------------------------- the span probe
 
 
