@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from sur_lightning.evaluation.learning_curve import converged_step, exported_adapters, image_rows, score_run, summarise
 from sur_lightning.train import train
@@ -386,3 +387,20 @@ def test_the_across_worlds_table_shows_the_pooled_gap_beside_the_worst_world_and
         "| row_a | 4800 | 3 | 6 | 0.50 [0.40, 0.60] (0.10, world 3) | 0.50 [0.40, 0.60] | 0.50 [0.40, 0.60] |" in text
     )
     assert "Not measured yet: `row_b` (t.json, step 2400)." in text
+
+
+def test_the_encoder_spread_reads_the_last_two_real_tokens_and_measures_how_alike_objects_read():
+    from conftest import load_experiment_script
+
+    diagnostic = load_experiment_script("toyworld_benchmark/encoder_spread.py", "toyworld_encoder_spread")
+    same = diagnostic.spread(torch.tensor([[1.0, 2.0], [1.0, 2.0], [1.0, 2.0]]))
+    assert same["cosine"] == pytest.approx(1.0) and same["spread"] == pytest.approx(0.0)
+    # Two orthogonal states: cosine 0; each lies sqrt(0.5) from their mean, whose norm is sqrt(0.5).
+    apart = diagnostic.spread(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    assert apart["cosine"] == pytest.approx(0.0) and apart["spread"] == pytest.approx(1.0)
+
+    states = torch.arange(2 * 4 * 1, dtype=torch.float32).reshape(2, 4, 1)
+    mask = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    pooled = diagnostic.object_states(lambda prompts: (states, mask), ["a", "b"])
+    # Row 0: tokens 1 and 2 (token 3 is padding); row 1: tokens 2 and 3.
+    assert pooled.squeeze(-1).tolist() == [1.5, 6.5]
