@@ -100,6 +100,9 @@ def table(read_at: dict[str, tuple[str, int]] = READ_AT, root: Path = HERE) -> s
 
 # Rows measured on several worlds (run.py --split-seeds), read from the pooled summaries: (summary file, step).
 ACROSS_WORLDS = {
+    # The preset as it trains now (9,600 steps), one training seed per world: the row's name in its summary is the
+    # part before "@".
+    "ella_unseen_objects_variant_mean@9600": ("results_9600/summary.json", 9600),
     "ella_unseen_objects_variant_mean": ("results_variant_mean/summary.json", 4800),
     "ella_unseen_objects_wordings": ("results_wordings/summary.json", 4800),
     "ella_unseen_objects": ("results_splits/summary.json", 4800),
@@ -121,7 +124,8 @@ def across_worlds_table(read_at: dict[str, tuple[str, int]] = ACROSS_WORLDS, roo
     missing = []
     for name, (file, step) in read_at.items():
         path = root / file
-        entry = json.loads(path.read_text()).get(name, {}).get(str(step)) if path.exists() else None
+        row = name.split("@")[0]
+        entry = json.loads(path.read_text()).get(row, {}).get(str(step)) if path.exists() else None
         if entry is None or "worst" not in entry:
             missing.append(f"`{name}` ({file}, step {step})")
             continue

@@ -387,6 +387,10 @@ def test_the_across_worlds_table_shows_the_pooled_gap_beside_the_worst_world_and
         "| row_a | 4800 | 3 | 6 | 0.50 [0.40, 0.60] (0.10, world 3) | 0.50 [0.40, 0.60] | 0.50 [0.40, 0.60] |" in text
     )
     assert "Not measured yet: `row_b` (t.json, step 2400)." in text
+    # One row read at two budgets: "<row>@<label>" names the row in its summary.
+    (tmp_path / "u.json").write_text(json.dumps({"row_a": {"9600": entry}}))
+    text = converged.across_worlds_table({"row_a@9600": ("u.json", 9600)}, tmp_path)
+    assert "| row_a@9600 | 9600 | 3 | 6 | 0.50 [0.40, 0.60] (0.10, world 3) |" in text
 
 
 def test_the_encoder_spread_reads_the_last_two_real_tokens_and_measures_how_alike_objects_read():

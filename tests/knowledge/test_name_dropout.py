@@ -220,14 +220,14 @@ def test_the_unseen_objects_preset_is_the_benchmark_row_that_reads_facts_anonymi
         *overrides,
         "llm.rag.vary_wording=true",
         "llm.rag.variant_mean=true",
-        "trainer.max_steps=4800",
+        "trainer.max_steps=9600",
         "task_name=ella_unseen_objects",
         tiny=False,
     )
     assert OmegaConf.to_container(cfg.llm) == OmegaConf.to_container(row.llm)
     assert cfg.llm.rag.anonymise and cfg.llm.rag.vary_wording and cfg.llm.rag.variant_mean
     assert cfg.data.name_dropout == 1.0
-    assert cfg.trainer.max_steps == 4800
+    assert cfg.trainer.max_steps == 9600
     # Everything else too, but the tags (unresolved: the loggers interpolate the tags).
     preset_cfg, row_cfg = OmegaConf.to_container(cfg), OmegaConf.to_container(row)
     assert preset_cfg.pop("tags") != row_cfg.pop("tags") and preset_cfg == row_cfg
