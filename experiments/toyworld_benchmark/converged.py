@@ -60,6 +60,13 @@ def curves(read_at: dict[str, tuple[str, int]] = READ_AT, root: Path = HERE) -> 
     return rows
 
 
+def flat_from(read: dict[int, dict]) -> str:
+    """The step from which each held-out colour gap stays within TOLERANCE of the last step's, over the steps up to
+    the one read: "still moving" where the last doubling moved it more, "–" with one step."""
+    flat = [converged_step(read, split, "gap_color_accuracy", TOLERANCE) for split in HELD_OUT]
+    return "–" if len(read) < 2 else " / ".join("still moving" if s is None else str(s) for s in flat)
+
+
 def table(read_at: dict[str, tuple[str, int]] = READ_AT, root: Path = HERE) -> str:
     header = (
         "| row | step | seeds | train s |"
@@ -78,10 +85,7 @@ def table(read_at: dict[str, tuple[str, int]] = READ_AT, root: Path = HERE) -> s
                 fmt(cell.get("gap_shape_accuracy")),
                 fmt(cell.get("valid_image")),
             ]
-        # Only the steps up to the one read: "still rising" means the last doubling moved it more than TOLERANCE.
-        read = {s: e for s, e in summary.items() if s <= step}
-        flat = [converged_step(read, split, "gap_color_accuracy", TOLERANCE) for split in HELD_OUT]
-        cells.append("–" if len(read) < 2 else " / ".join("still moving" if s is None else str(s) for s in flat))
+        cells.append(flat_from({s: e for s, e in summary.items() if s <= step}))
         lines.append(
             f"| {name} | {step} | {entry['seeds']} | {entry['train_seconds']:.0f} | " + " | ".join(cells) + " |"
         )
@@ -117,15 +121,18 @@ ACROSS_WORLDS = {
 def across_worlds_table(read_at: dict[str, tuple[str, int]] = ACROSS_WORLDS, root: Path = HERE) -> str:
     """Each row pooled over its worlds (each weighted equally) with the worst world beside every gap; rows whose
     summary is not written yet are left out and named below the table."""
-    header = "| row | step | worlds | runs |" + "".join(
-        f" {split}: colour (worst) | shape (worst) | valid |" for split in HELD_OUT
+    header = (
+        "| row | step | worlds | runs |"
+        + "".join(f" {split}: colour (worst) | shape (worst) | valid |" for split in HELD_OUT)
+        + " colour flat from (held-out combinations / objects) |"
     )
-    lines = [header, "|---" * (4 + 3 * len(HELD_OUT)) + "|"]
+    lines = [header, "|---" * (5 + 3 * len(HELD_OUT)) + "|"]
     missing = []
     for name, (file, step) in read_at.items():
         path = root / file
         row = name.split("@")[0]
-        entry = json.loads(path.read_text()).get(row, {}).get(str(step)) if path.exists() else None
+        summary = json.loads(path.read_text()).get(row, {}) if path.exists() else {}
+        entry = summary.get(str(step))
         if entry is None or "worst" not in entry:
             missing.append(f"`{name}` ({file}, step {step})")
             continue
@@ -137,12 +144,13 @@ def across_worlds_table(read_at: dict[str, tuple[str, int]] = ACROSS_WORLDS, roo
                 tail = f" ({w['mean']:.2f}, world {w['split_seed']})" if "mean" in w else ""
                 cells.append(fmt(entry[split].get(metric)) + tail)
             cells.append(fmt(entry[split].get("valid_image")))
+        cells.append(flat_from({int(s): e for s, e in summary.items() if int(s) <= step}))
         lines.append(f"| {name} | {step} | {entry['split_seeds']} | {entry['seeds']} | " + " | ".join(cells) + " |")
     note = f"\n\nNot measured yet: {', '.join(missing)}.\n" if missing else "\n"
     return (
         "Across worlds: each row pooled over the worlds it ran on (each world weighted equally; 95 % intervals from a "
         "three-level bootstrap over worlds, training seeds and prompt × seed pairs), the worst world's own mean beside "
-        "each gap. `runs` counts (world, training seed) pairs. Written by `converged.py` from "
+        "each gap. `runs` counts (world, training seed) pairs; the last column as in the table above. Written by `converged.py` from "
         + ", ".join(f"`{file}`" for file in dict.fromkeys(file for file, _ in read_at.values()))
         + ".\n\n"
         + "\n".join(lines)
