@@ -22,10 +22,9 @@ from torch import nn
 from sur_lightning.data.prompt_suites import Prompt
 from sur_lightning.generation.conditioning import (
     ClipConditioning,
-    ConnectorConditioning,
     NonFiniteConditioningError,
-    VariantMeanConditioning,
     frozen_text_features,
+    read_connector,
 )
 from sur_lightning.models.connectors import TextFeatures
 
@@ -154,19 +153,14 @@ def build_columns(
             )
         for value in etas:
             label = name if value is None else f"{name} eta={value:g}"
-            if mean_over_variants:
-                conditioning = VariantMeanConditioning(
-                    connector,
-                    text_features,
-                    renamer.variant,
-                    renamer.variants,
-                    adapter_mode,
-                    spec.get("negative", negative),
-                )
-            else:
-                conditioning = ConnectorConditioning(
-                    connector, text_features, adapter_mode, value, spec.get("negative", negative)
-                )
+            conditioning = read_connector(
+                connector,
+                text_features,
+                adapter_mode,
+                value,
+                spec.get("negative", negative),
+                renamer if mean_over_variants else None,
+            )
             check_conditioning(conditioning, backbone, path)
             columns.append(Column(label, conditioning, {"adapter": str(path), **conditioning.describe()}))
     return columns

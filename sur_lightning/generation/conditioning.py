@@ -272,6 +272,22 @@ class VariantMeanConditioning(ConnectorConditioning):
         return {**super().describe(), "variant_mean": self.variants}
 
 
+def read_connector(
+    connector: nn.Module,
+    text_features: TextFeaturesFn,
+    mode: str = "replace",
+    eta: float | None = None,
+    negative: str = "connector",
+    renamer=None,
+) -> ConnectorConditioning:
+    """How generation reads a trained connector: directly, or with ``renamer`` (the LLM's ``rag.renamer``, for
+    ``variant_mean``) as the mean of its outputs over each prompt's renamed variants. Shared by ``build_columns``
+    and the evaluation during training, so both score the same reading."""
+    if renamer is not None:
+        return VariantMeanConditioning(connector, text_features, renamer.variant, renamer.variants, mode, negative)
+    return ConnectorConditioning(connector, text_features, mode, eta, negative)
+
+
 @contextmanager
 def conditioning_hook(unet: nn.Module, conditioning: ClipConditioning, features: TextFeatures, negative: TextFeatures):
     """While active, every call of ``unet`` gets ``encoder_hidden_states`` recomputed by ``conditioning.output``

@@ -455,14 +455,12 @@ class EvaluationCallback(EveryNSteps):
     def adapter_conditioning(self, pl_module):
         """How the adapter column reads the connector: as the mean over renamed variants when the retriever says
         ``variant_mean``, else directly."""
-        from sur_lightning.generation.conditioning import ConnectorConditioning, VariantMeanConditioning
+        from sur_lightning.generation.conditioning import read_connector
 
-        if self.retriever is not None and self.retriever.variant_mean:
-            renamer = self.retriever.renamer  # the Retriever refuses variant_mean without one
-            return VariantMeanConditioning(
-                pl_module.connector, pl_module.text_features, renamer.variant, renamer.variants, self.mode
-            )
-        return ConnectorConditioning(pl_module.connector, pl_module.text_features, self.mode)
+        # The Retriever refuses variant_mean without a renamer.
+        mean_over_variants = self.retriever is not None and self.retriever.variant_mean
+        renamer = self.retriever.renamer if mean_over_variants else None
+        return read_connector(pl_module.connector, pl_module.text_features, self.mode, renamer=renamer)
 
     @rank_zero_only
     def evaluate(self, trainer, pl_module, progress: bool = False) -> dict[str, float]:
